@@ -1,0 +1,95 @@
+"""Typed errors.
+
+Every error a user can meet carries enough to act on: the command that failed, where it
+ran and what the tool itself said. ``transient`` tells a scheduler whether trying again
+later can help (a dropped link) or not (a missing dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class ZettabeeError(Exception):
+    """Base of every error zettabee raises on purpose."""
+
+    transient = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a configuration file, with its place."""
+
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+class ConfigError(ZettabeeError):
+    """A configuration file (or argument) that cannot be used; lists every problem found."""
+
+    def __init__(self, problems: Sequence[Problem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [Problem("", 0, problems)]
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p).lstrip(": ") for p in self.problems))
+
+
+class UsageError(ZettabeeError):
+    """The command line asks for something that cannot be done."""
+
+
+class CommandError(ZettabeeError):
+    """A command exited non-zero; keeps its argv, host and real stderr."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        host: str,
+        returncode: int,
+        stderr: str,
+        stage: str | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.host = host
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        self.stage = stage or (argv[0] if argv else "?")
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        said = self.stderr.splitlines()[-1] if self.stderr else "no error output"
+        if len(self.stderr.splitlines()) > 1:
+            said = "; ".join(line.strip() for line in self.stderr.splitlines()[-3:])
+        return f"{self.stage} on {self.host} failed (exit {self.returncode}): {said}"
+
+
+class ZfsError(CommandError):
+    """A zfs or zpool command failed."""
+
+
+class TransportError(ZettabeeError):
+    """The control connection or the data stream failed."""
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class StateError(ZettabeeError):
+    """The pair's replicas are not in a state that lets the action go on safely."""
+
+
+class LockHeld(ZettabeeError):
+    """Another live process is working on the pair."""
+
+    transient = True
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid

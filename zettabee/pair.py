@@ -1,0 +1,103 @@
+"""A replication pair: two endpoints, their options, the fingerprint and snapshot names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+SNAPSHOT_PREFIX = "zettabee"
+_STAMP = "%Y%m%dT%H%M%SZ"
+_SNAPSHOT_RE = re.compile(r"^zettabee\.(?P<fp>[0-9a-f]{32})\.(?P<stamp>\d{8}T\d{6}Z)$")
+
+TRANSPORTS = ("ssh", "mbuffer", "local")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """``host:pool/fs``; the host is a name or address, the file system a ZFS name."""
+
+    host: str
+    fs: str
+
+    @property
+    def pool(self) -> str:
+        return self.fs.split("/", 1)[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.fs.rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.fs}"
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """Per-pair settings; every default is defined once, in the settings file's [defaults]."""
+
+    transport: str = "ssh"
+    port: int | None = None
+    sshport: int = 22
+    sshkey: str | None = None
+    user: str = "root"
+    knownhosts: str | None = None
+    wlag: int = 2 * 3600
+    clag: int = 6 * 3600
+    wrun: int = 3600
+    crun: int = 4 * 3600
+    intermediate: bool = False
+    rollback: bool = False
+    keep: int = 1
+    bwlimit: str | None = None
+    stall: int = 300
+    mbufferhost: str | None = None
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: Endpoint
+    destination: Endpoint
+    options: PairOptions = field(default_factory=PairOptions)
+    path: str = ""
+    line: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.source, self.destination)
+
+    @property
+    def name(self) -> str:
+        return str(self.destination)
+
+    def __str__(self) -> str:
+        return f"{self.source} -> {self.destination}"
+
+
+def fingerprint(source: Endpoint, destination: Endpoint) -> str:
+    """The seed's identity of a pair: MD5 of ``shost:sfs::dhost:dfs``."""
+    text = f"{source.host}:{source.fs}::{destination.host}:{destination.fs}"
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def snapshot_name(fp: str, when: datetime) -> str:
+    """``zettabee.<fp>.<UTC stamp>``: sortable, unambiguous in every time zone."""
+    if when.tzinfo is None:
+        raise ValueError("snapshot times must be aware datetimes")
+    return f"{SNAPSHOT_PREFIX}.{fp}.{when.astimezone(UTC).strftime(_STAMP)}"
+
+
+def parse_snapshot_name(name: str) -> tuple[str, datetime] | None:
+    """Fingerprint and time of one of our snapshot names (with or without ``fs@``)."""
+    match = _SNAPSHOT_RE.match(name.rsplit("@", 1)[-1])
+    if not match:
+        return None
+    when = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
+    return match["fp"], when
+
+
+def is_own_snapshot(name: str, fp: str) -> bool:
+    parsed = parse_snapshot_name(name)
+    return parsed is not None and parsed[0] == fp
