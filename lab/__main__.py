@@ -1,0 +1,5 @@
+import sys
+
+from lab.zfslab import main
+
+sys.exit(main())
