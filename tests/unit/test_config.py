@@ -1,0 +1,900 @@
+"""Unit tests for zettabee.config: settings, the pair file, names, durations, find_pair."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import socket
+from pathlib import Path
+
+import pytest
+
+from zettabee import config
+from zettabee.config import (
+    OPTION_NAMES,
+    PairFile,
+    Settings,
+    find_pair,
+    format_duration,
+    load_pairs,
+    load_settings,
+    parse_duration,
+    parse_endpoint,
+    parse_settings,
+    split_endpoint,
+    validate_dataset,
+    validate_host,
+    validate_user,
+)
+from zettabee.errors import ConfigError, UsageError
+from zettabee.pair import Endpoint, Pair, PairOptions
+
+GOOD = "src.example.com:tank/data dst.example.com:backup/data"
+
+
+def write(tmp_path: Path, text: str, name: str = "zettabee.cfg") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def load(tmp_path: Path, text: str, settings: Settings | None = None) -> PairFile:
+    return load_pairs(write(tmp_path, text), settings or Settings())
+
+
+def messages(pair_file: PairFile) -> list[str]:
+    return [str(p) for p in pair_file.problems]
+
+
+def settings_error(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text, "zettabee.ini")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return [str(p) for p in info.value.problems]
+
+
+# --------------------------------------------------------------------------------------
+# Durations
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("0", 0),
+        ("90", 90),
+        ("45s", 45),
+        ("30m", 1800),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("1d2h3m4s", 93784),
+    ],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30M", "1.5h", "-5", "m", "30m1h", "1h 30m", "h30", "2w"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration; use seconds"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0:00:00"),
+        (59, "0:00:59"),
+        (3661, "1:01:01"),
+        (86399, "23:59:59"),
+        (86400, "1d 00:00:00"),
+        (90061, "1d 01:01:01"),
+        (3 * 86400 + 5, "3d 00:00:05"),
+        (-5, "-0:00:05"),
+        (-90061, "-1d 01:01:01"),
+        (12.9, "0:00:12"),
+    ],
+)
+def test_format_duration(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+# --------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tank", "tank/data", "tank/a.b_c-d:e", "a1/b2/c3"])
+def test_validate_dataset_accepts(name: str) -> None:
+    assert validate_dataset(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "empty file system name"),
+        ("tank/da ta", "contains a space"),
+        ("tank/a;b", "contains ';'"),
+        ("tank/$(id)", "contains '$'"),
+        ("tank/`id`", "contains '`'"),
+        ("tank/a'b", 'contains "\'"'),
+        ('tank/a"b', "contains '\"'"),
+        ("tank/a|b", "contains '|'"),
+        ("tank/a\nb", "contains a newline"),
+        ("tank/a\tb", "contains a tab"),
+        ("tank/\x1b[31m", "contains a control character (U+001B)"),
+        ("tank/caf\u00e9", "(U+00E9)"),
+        ("tank/-x", "component '-x' starts with '-'"),
+        ("-tank", "component '-tank' starts with '-'"),
+        ("1tank/x", "the pool name '1tank' must start with a letter"),
+        ("tank//x", "empty component"),
+        ("tank/", "empty component"),
+        ("/tank", "empty component"),
+        ("tank/..", "component '..' is not allowed"),
+        ("tank@snap", "that names a snapshot"),
+        ("tank#mark", "that names a bookmark"),
+        ("tank/" + "a" * 300, "305 characters long; ZFS allows 255"),
+    ],
+)
+def test_validate_dataset_rejects(name: str, fragment: str) -> None:
+    message = validate_dataset(name)
+    assert message is not None and fragment in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "src.example.com",
+        "host-1",
+        "localhost",
+        "example.com.",
+        "10.0.0.1",
+        "[::1]",
+        "[fe80::1]",
+        "[fe80::1%eth0]",
+        "[2001:db8::10]",
+    ],
+)
+def test_validate_host_accepts(name: str) -> None:
+    assert validate_host(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "empty host name"),
+        ("-oProxyCommand=sh", "starts with '-'"),
+        ("a b", "contains a space"),
+        ("a;b", "contains ';'"),
+        ("$(id)", "contains '$'"),
+        ("`id`", "contains '`'"),
+        ("a'b", 'contains "\'"'),
+        ('a"b', "contains '\"'"),
+        ("a|b", "contains '|'"),
+        ("a&b", "contains '&'"),
+        ("a<b", "contains '<'"),
+        ("a>b", "contains '>'"),
+        ("a(b", "contains '('"),
+        ("a)b", "contains ')'"),
+        ("a\nb", "contains a newline"),
+        ("a\x00b", "contains a control character (U+0000)"),
+        ("fe80::1", "write an IPv6 address in brackets"),
+        ("[fe80::1", "is not an IPv6 address in brackets"),
+        ("[zz::1]", "is not an IPv6 address in brackets"),
+        ("[12345::1]", "'12345::1' is not a valid IPv6 address"),
+        ("[fe80::1;id]", "contains ';'"),
+        ("[::1] ", "contains a space"),
+        ("a..b", "empty label"),
+        ("a.-b", "label '-b' starts with '-'"),
+    ],
+)
+def test_validate_host_rejects(name: str, fragment: str) -> None:
+    message = validate_host(name)
+    assert message is not None and fragment in message
+
+
+def test_validate_user() -> None:
+    assert validate_user("root") is None
+    assert validate_user("_zb-backup2") is None
+    for bad in ("Root", "1user", "-x", "", "a" * 33):
+        assert "is not a valid login name" in (validate_user(bad) or "")
+    assert "(it contains ';')" in (validate_user("zb;id") or "")
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "fs"),
+    [
+        ("host:tank/data", "host", "tank/data"),
+        ("host:tank/a:b", "host", "tank/a:b"),
+        ("[fe80::1]:tank/data", "[fe80::1]", "tank/data"),
+        ("[::1]:tank", "[::1]", "tank"),
+    ],
+)
+def test_split_endpoint(text: str, host: str, fs: str) -> None:
+    assert split_endpoint(text) == (host, fs)
+    assert parse_endpoint(text) == Endpoint(host, fs)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("tank/data", "is not host:pool/fs (no ':')"),
+        ("[::1]tank", "no ':' after ']'"),
+        ("[::1:tank", "without a closing ']'"),
+        (":tank/data", "has an empty host"),
+        ("host:", "empty file system name"),
+    ],
+)
+def test_parse_endpoint_rejects(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        parse_endpoint(text)
+
+
+def test_parse_endpoint_reports_host_and_fs_together() -> None:
+    with pytest.raises(ValueError) as info:
+        parse_endpoint("a;b:tank/$x")
+    assert "host 'a;b' contains ';'" in str(info.value)
+    assert "file system 'tank/$x' contains '$'" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------
+# The pair file: good files
+# --------------------------------------------------------------------------------------
+
+
+def test_good_file_with_comments_blank_lines_and_options(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "# zettabee pairs\n"
+        "\n"
+        f"{GOOD}   transport=mbuffer,port=9090,wlag=30m   # the main one\n"
+        "   # an indented comment\n"
+        "src:tank/web\tdst:backup/web\n"
+        "src:tank dst:backup\n",
+    )
+    assert pair_file.problems == []
+    assert [str(p) for p in pair_file.pairs] == [
+        "src.example.com:tank/data -> dst.example.com:backup/data",
+        "src:tank/web -> dst:backup/web",
+        "src:tank -> dst:backup",
+    ]
+    first = pair_file.pairs[0]
+    assert (first.options.transport, first.options.port, first.options.wlag) == (
+        "mbuffer",
+        9090,
+        1800,
+    )
+    assert first.options.clag == PairOptions().clag
+    assert (first.path, first.line) == (str(tmp_path / "zettabee.cfg"), 3)
+    assert pair_file.pairs[1].options == PairOptions()
+    assert pair_file.pairs[2].destination.pool == "backup"
+
+
+SAMPLES: dict[str, tuple[str, object]] = {
+    "transport": ("local", "local"),
+    "port": ("9090", 9090),
+    "sshport": ("2222", 2222),
+    "sshkey": ("/root/.ssh/zb_ed25519", "/root/.ssh/zb_ed25519"),
+    "user": ("zbackup", "zbackup"),
+    "knownhosts": ("/etc/zb/known", "/etc/zb/known"),
+    "wlag": ("1h", 3600),
+    "clag": ("1d", 86400),
+    "wrun": ("90", 90),
+    "crun": ("1h30m", 5400),
+    "intermediate": ("yes", True),
+    "rollback": ("ON", True),
+    "keep": ("3", 3),
+    "bwlimit": ("10M", "10M"),
+    "stall": ("2m", 120),
+    "mbufferhost": ("[fd00::2]", "[fd00::2]"),
+    "compression": ("gzip-9", "gzip-9"),
+}
+
+
+def test_samples_cover_every_pair_option() -> None:
+    assert set(SAMPLES) == {f.name for f in dataclasses.fields(PairOptions)} == set(OPTION_NAMES)
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLES))
+def test_each_option_is_parsed_to_its_type(tmp_path: Path, key: str) -> None:
+    text, value = SAMPLES[key]
+    pair_file = load(tmp_path, f"{GOOD} {key}={text}\n")
+    assert messages(pair_file) == []
+    assert getattr(pair_file.pairs[0].options, key) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("no", False), ("false", False), ("off", False), ("0", False), ("true", True), ("1", True)],
+)
+def test_boolean_spellings(tmp_path: Path, text: str, value: bool) -> None:
+    pair_file = load(tmp_path, f"{GOOD} rollback={text}\n")
+    assert pair_file.pairs[0].options.rollback is value
+
+
+def test_crlf_file_loads(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, f"{GOOD} keep=2\r\nsrc:tank/b dst:backup/b\r\n")
+    assert messages(pair_file) == []
+    assert [p.options.keep for p in pair_file.pairs] == [2, 1]
+
+
+def test_ipv6_endpoints(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, "[fe80::1%eth0]:tank/data [::1]:backup/data mbufferhost=[::1]\n")
+    assert messages(pair_file) == []
+    pair = pair_file.pairs[0]
+    assert pair.source == Endpoint("[fe80::1%eth0]", "tank/data")
+    assert pair.destination == Endpoint("[::1]", "backup/data")
+    assert pair.name == "[::1]:backup/data"
+
+
+def test_fingerprint_of_a_known_pair(tmp_path: Path) -> None:
+    expected = hashlib.md5(
+        b"src.example.com:tank/data::dst.example.com:backup/data", usedforsecurity=False
+    ).hexdigest()
+    pair_file = load(tmp_path, GOOD + "\n")
+    assert pair_file.pairs[0].fingerprint == expected
+
+
+def test_settings_defaults_apply_and_pair_options_override(tmp_path: Path) -> None:
+    settings = parse_settings("[defaults]\ntransport = mbuffer\nwlag = 1h\nclag = 3h\n")
+    pair_file = load(tmp_path, f"{GOOD}\nsrc:tank/b dst:backup/b transport=ssh,clag=1d\n", settings)
+    assert messages(pair_file) == []
+    first, second = pair_file.pairs
+    assert (first.options.transport, first.options.wlag, first.options.clag) == (
+        "mbuffer",
+        3600,
+        10800,
+    )
+    assert (second.options.transport, second.options.wlag, second.options.clag) == (
+        "ssh",
+        3600,
+        86400,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The pair file: errors, each with its file and line
+# --------------------------------------------------------------------------------------
+
+LINE_ERRORS = [
+    ("src:tank/b", "missing destination: a pair line is 'source destination [options]'"),
+    (
+        "src:tank/b dst:backup/b transport=ssh, port=1",
+        "too many columns (4): a pair line is 'source destination [options]', options are "
+        "key=value separated by commas, without spaces",
+    ),
+    ("src/tank/b dst:backup/b", "source: endpoint 'src/tank/b' is not host:pool/fs (no ':')"),
+    ("src:tank/b :backup/b", "destination: endpoint ':backup/b' has an empty host"),
+    ("src:tank/b dst:", "destination: empty file system name"),
+    ("src:tank/b dst:backup/b", None),
+    (
+        "src:tank/b dst:backup/b transprot=ssh",
+        "unknown option 'transprot' (did you mean 'transport'?); known: transport, port,",
+    ),
+    (
+        "src:tank/b dst:backup/b transport=rsync",
+        "option transport: must be one of ssh, mbuffer, local, not 'rsync'",
+    ),
+    ("src:tank/b dst:backup/b port=0", "option port: must be a port number from 1 to 65535"),
+    ("src:tank/b dst:backup/b port=70000", "not '70000'"),
+    ("src:tank/b dst:backup/b sshport=ssh", "option sshport: must be a port number"),
+    ("src:tank/b dst:backup/b port=", "option 'port' has no value"),
+    (
+        "src:tank/b dst:backup/b sshkey=id_rsa",
+        "option sshkey: must be an absolute path: path 'id_rsa' is not absolute",
+    ),
+    ("src:tank/b dst:backup/b knownhosts=kh", "option knownhosts: must be an absolute path"),
+    ("src:tank/b dst:backup/b user=Admin", "option user: user 'Admin' is not a valid login name"),
+    ("src:tank/b dst:backup/b wlag=soon", "option wlag: 'soon' is not a duration"),
+    ("src:tank/b dst:backup/b stall=0", "option stall: must be a positive duration, not '0'"),
+    (
+        "src:tank/b dst:backup/b intermediate=maybe",
+        "option intermediate: must be yes/no, true/false, on/off or 1/0, not 'maybe'",
+    ),
+    ("src:tank/b dst:backup/b keep=0", "option keep: must be a whole number of at least 1"),
+    ("src:tank/b dst:backup/b bwlimit=10MB", "option bwlimit: must be a positive rate"),
+    ("src:tank/b dst:backup/b bwlimit=0", "not '0'"),
+    ("src:tank/b dst:backup/b compression=lz5", "'lz5' is not a ZFS compression value"),
+    ("src:tank/b dst:backup/b mbufferhost=a;b", "option mbufferhost: host 'a;b' contains ';'"),
+    ("src:tank/b dst:backup/b port=1,port=2", "option 'port' given twice"),
+    ("src:tank/b dst:backup/b keep", "option 'keep' is not key=value"),
+    ("src:tank/b dst:backup/b =3", "option '=3' has no name before '='"),
+    ("src:tank/b dst:backup/b keep=2,", "empty option (a doubled or trailing ',')"),
+    (
+        "src:tank/b dst:backup/b wlag=8h",
+        "wlag 8h is greater than clag 6h (default): the warning threshold must not exceed "
+        "the critical one",
+    ),
+    ("src:tank/b dst:backup/b wrun=2h,crun=1h30m", "wrun 2h is greater than crun 1h30m:"),
+    ("src:tank/b src:tank/b", "source and destination are both src:tank/b"),
+    ("src:tank/b#x dst:backup/b", "contains '#': that names a bookmark"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), LINE_ERRORS)
+def test_each_error_is_reported_with_file_and_line(
+    tmp_path: Path, line: str, expected: str | None
+) -> None:
+    pair_file = load(tmp_path, f"{GOOD}\n{line}\nsrc:tank/c dst:backup/c\n")
+    path = str(tmp_path / "zettabee.cfg")
+    if expected is None:  # the control row: the same line, well-formed, loads
+        assert messages(pair_file) == []
+        assert len(pair_file.pairs) == 3
+        return
+    assert len(pair_file.problems) == 1, messages(pair_file)
+    assert messages(pair_file)[0].startswith(f"{path}:2: "), messages(pair_file)
+    assert expected in messages(pair_file)[0]
+    # The broken line never prevents the good ones around it from loading.
+    assert [p.line for p in pair_file.pairs] == [1, 3]
+
+
+def test_every_problem_on_a_line_is_reported(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, "a;b:tank/x dst:$y foo=1,port=0,port=9,wlag=x\n")
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:1: source: host 'a;b' contains ';'; host names may only contain letters, "
+        "digits, '.' and '-'",
+        f"{path}:1: destination: file system '$y' contains '$'; file system names may only "
+        "contain letters, digits, '_', '.', ':', '-' and '/'",
+        f"{path}:1: unknown option 'foo'; known: " + ", ".join(OPTION_NAMES),
+        f"{path}:1: option port: must be a port number from 1 to 65535, not '0'",
+        f"{path}:1: option 'port' given twice",
+        f"{path}:1: option wlag: 'x' is not a duration; use seconds (90) or numbers with "
+        "d, h, m, s largest first (30m, 2h, 1d, 1h30m)",
+    ]
+    assert pair_file.pairs == []
+
+
+def test_errors_on_many_lines_are_all_reported_in_order(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "src:tank/a dst:backup/a\n"
+        "src:tank/b\n"
+        "# fine\n"
+        "src:tank/c dst:backup/c keep=0\n"
+        "src:tank/d dst:backup/d\n"
+        "src:tank/e dst:backup/e a b\n"
+        "src:tank/f dst:backup/f\n",
+    )
+    assert [p.line for p in pair_file.problems] == [2, 4, 6]
+    assert [p.line for p in pair_file.pairs] == [1, 5, 7]
+    with pytest.raises(ConfigError) as info:
+        pair_file.raise_for_problems()
+    text = str(info.value)
+    path = str(tmp_path / "zettabee.cfg")
+    assert f"{path}:2: missing destination" in text
+    assert f"{path}:4: option keep:" in text
+    assert f"{path}:6: too many columns (4)" in text
+
+
+def test_raise_for_problems_is_silent_for_a_clean_file(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, GOOD + "\n")
+    pair_file.raise_for_problems()
+    assert len(pair_file.pairs) == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("src:tank/$(reboot) dst:backup/x", "source: file system 'tank/$(reboot)' contains '$'"),
+        ("src:tank/`reboot` dst:backup/x", "source: file system 'tank/`reboot`' contains '`'"),
+        ("src:tank/x dst:backup/x;reboot", "destination: file system 'backup/x;reboot' contains"),
+        ("src:tank/'x' dst:backup/x", 'contains "\'"'),
+        ('src:tank/"x" dst:backup/x', "contains '\"'"),
+        ("-oProxyCommand=sh:tank/x dst:backup/x", "source: host '-oProxyCommand=sh' starts"),
+        ("src:-x dst:backup/x", "component '-x' starts with '-'"),
+        ("src:tank/x dst:backup/x\x07", "contains a control character (U+0007)"),
+        ("src:tank/x dst:backup/x\x0cy", "contains a control character (U+000C)"),
+        ("src:tank/x dst:backup/x sshkey=/k\x1b[2J", "contains a control character (U+001B)"),
+        ("src|dst:tank/x dst:backup/x", "host 'src|dst' contains '|'"),
+        ("src&:tank/x dst:backup/x", "contains '&'"),
+        ("src:tank/x<y dst:backup/x", "contains '<'"),
+        ("src:tank/x dst:backup/x>y", "contains '>'"),
+        ("src:tank/x dst:backup/(x)", "contains '('"),
+    ],
+)
+def test_hostile_names_are_refused_and_named(tmp_path: Path, line: str, fragment: str) -> None:
+    # Hostile line in the middle: the line numbers after it must not shift (a form feed
+    # or escape is not a line break for the operator's editor).
+    pair_file = load(tmp_path, f"{GOOD}\n{line}\nsrc:tank/c dst:backup/c keep=0\n")
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file)[0].startswith(f"{path}:2: ")
+    assert fragment in messages(pair_file)[0]
+    assert [p.line for p in pair_file.problems] == [2, 3]
+    assert [p.line for p in pair_file.pairs] == [1]
+
+
+def test_newline_in_a_name_cannot_smuggle_a_second_pair(tmp_path: Path) -> None:
+    # A newline simply ends the line: the tail becomes its own (broken) line 2.
+    pair_file = load(tmp_path, "src:tank/x dst:backup/x\n;reboot\n")
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:2: missing destination: a pair line is 'source destination [options]'"
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# The pair file: clashes between lines
+# --------------------------------------------------------------------------------------
+
+
+def test_duplicate_destination_invalidates_the_later_line_only(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "src:tank/a dst:backup/a\n"
+        "other:tank/b dst:backup/a\n"
+        "src:tank/a elsewhere:backup/a\n",  # same file system on another host: fine
+    )
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:2: destination dst:backup/a is already used on line 1; a file system can "
+        "receive from one pair only"
+    ]
+    assert [str(p.source) for p in pair_file.pairs] == ["src:tank/a", "src:tank/a"]
+    assert [p.line for p in pair_file.pairs] == [1, 3]
+
+
+def test_a_broken_earlier_line_does_not_block_a_later_duplicate(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, "src:tank/a dst:backup/a keep=zero\nsrc:tank/a dst:backup/a\n")
+    assert [p.line for p in pair_file.problems] == [1]
+    assert [p.line for p in pair_file.pairs] == [2]
+
+
+def test_duplicate_fingerprint(tmp_path: Path) -> None:
+    # ':' is legal inside a file system name, so two different pairs can spell the same
+    # "shost:sfs::dhost:dfs" text: "a:p::b:q::c:r" both ways.
+    pair_file = load(tmp_path, "a:p::b:q c:r\na:p b:q::c:r\n")
+    path = str(tmp_path / "zettabee.cfg")
+    fp = hashlib.md5(b"a:p::b:q::c:r", usedforsecurity=False).hexdigest()
+    assert messages(pair_file) == [f"{path}:2: fingerprint {fp} is already used on line 1"]
+    assert [p.line for p in pair_file.pairs] == [1]
+
+
+def test_duplicate_mbuffer_port(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "src:tank/a dst:backup/a transport=mbuffer,port=9090\n"
+        "src:tank/b dst:backup/b transport=ssh,port=9090\n"  # ssh ignores port: no clash
+        "src:tank/c dst:backup/c transport=mbuffer,port=9090\n"
+        "src:tank/d dst:backup/d transport=mbuffer,port=9091\n"
+        "src:tank/e dst:backup/e transport=mbuffer\n"
+        "src:tank/f dst:backup/f transport=mbuffer\n",  # both pick a free port at run time
+    )
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:3: mbuffer port 9090 is already used on line 1; give each mbuffer pair its "
+        "own port, or none to pick a free one"
+    ]
+    assert [p.line for p in pair_file.pairs] == [1, 2, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------------------
+# The pair file: unreadable
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_pair_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.cfg")
+    with pytest.raises(ConfigError) as info:
+        load_pairs(path, Settings())
+    assert str(info.value) == (
+        f"{path}: cannot read the pair file: No such file or directory; name another with -c FILE"
+    )
+
+
+def test_pair_file_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the pair file: Is a directory"):
+        load_pairs(str(tmp_path), Settings())
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No ZETTABEE_SETTINGS, and the default location pointed at an empty directory."""
+    monkeypatch.delenv(config.SETTINGS_ENV, raising=False)
+    default = tmp_path / "etc" / "zettabee.ini"
+    monkeypatch.setattr(config, "DEFAULT_SETTINGS_PATH", str(default))
+    return default
+
+
+def test_missing_default_settings_means_all_defaults(no_env: Path) -> None:
+    settings = load_settings()
+    assert settings == Settings()
+    assert settings.path is None
+    assert settings.pairs == "/etc/zettabee/zettabee.cfg"
+    assert settings.state_dir == "/var/lib/zettabee"
+    assert settings.log_dir == "/var/log/zettabee"
+    assert settings.lock_dir == "/run/zettabee"
+    assert settings.spool_dir == "/var/spool/zettabee"
+    assert settings.known_hosts == "/etc/zettabee/known_hosts"
+    assert settings.defaults == PairOptions()
+    assert settings.host_name is None
+    assert settings.service_template == "zettabee {check} {fs}"
+    assert settings.passive == ()
+    assert settings.backends == {}
+
+
+def test_default_settings_location_is_read_when_present(no_env: Path) -> None:
+    no_env.parent.mkdir()
+    no_env.write_text("[paths]\nstate_dir = /srv/zb\n")
+    settings = load_settings()
+    assert (settings.state_dir, settings.path) == ("/srv/zb", str(no_env))
+
+
+def test_explicit_missing_settings_is_an_error(no_env: Path, tmp_path: Path) -> None:
+    path = str(tmp_path / "gone.ini")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == f"{path}: settings file not found"
+
+
+def test_env_var_overrides_default(
+    no_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "[paths]\nlog_dir = /srv/log\n", "env.ini")
+    monkeypatch.setenv(config.SETTINGS_ENV, path)
+    assert load_settings().log_dir == "/srv/log"
+    # An explicit path still beats the environment.
+    other = write(tmp_path, "[paths]\nlog_dir = /srv/other\n", "other.ini")
+    assert load_settings(other).log_dir == "/srv/other"
+
+
+def test_env_var_naming_a_missing_file_is_an_error(
+    no_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "gone.ini")
+    monkeypatch.setenv(config.SETTINGS_ENV, path)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == f"{path}: settings file not found (named by ZETTABEE_SETTINGS)"
+
+
+FULL_SETTINGS = """\
+# zettabee settings
+[paths]
+pairs = /srv/zb/pairs.cfg
+state_dir = /srv/zb/state
+log_dir = /srv/zb/log
+lock_dir = /srv/zb/lock
+spool_dir = /srv/zb/spool
+known_hosts = /srv/zb/known_hosts
+
+[defaults]
+transport = mbuffer
+wlag = 30m
+clag = 2h
+keep = 3
+rollback = yes
+compression = lz4
+
+[monitoring]
+host_name = backup01.example.com
+service_template = zb {check} {destination} {source} {fingerprint}
+passive = nsca, icinga2-api
+
+[nsca]
+host = nagios.example.com
+password = se#cret;x
+
+[icinga2-api]
+url = https://icinga.example.com:5665
+"""
+
+
+def test_full_settings_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL_SETTINGS, "zettabee.ini")
+    settings = load_settings(path)
+    assert settings.path == path
+    assert (settings.pairs, settings.state_dir, settings.log_dir) == (
+        "/srv/zb/pairs.cfg",
+        "/srv/zb/state",
+        "/srv/zb/log",
+    )
+    assert (settings.lock_dir, settings.spool_dir, settings.known_hosts) == (
+        "/srv/zb/lock",
+        "/srv/zb/spool",
+        "/srv/zb/known_hosts",
+    )
+    assert settings.defaults == PairOptions(
+        transport="mbuffer", wlag=1800, clag=7200, keep=3, rollback=True, compression="lz4"
+    )
+    assert settings.host_name == "backup01.example.com"
+    assert settings.monitoring_host() == "backup01.example.com"
+    assert settings.passive == ("nsca", "icinga2-api")
+    # Passwords keep their '#' and ';': no inline comments in the settings file.
+    assert settings.backends == {
+        "nsca": {"host": "nagios.example.com", "password": "se#cret;x"},
+        "icinga2-api": {"url": "https://icinga.example.com:5665"},
+    }
+
+
+def test_service_name() -> None:
+    pair = Pair(Endpoint("src", "tank/data"), Endpoint("dst", "backup/data"))
+    assert Settings().service_name(pair, "lag") == "zettabee lag backup/data"
+    assert Settings().service_name(pair, "runtime") == "zettabee runtime backup/data"
+    custom = parse_settings("[monitoring]\nservice_template = zb {check} {destination} {source}\n")
+    assert custom.service_name(pair, "lag") == "zb lag dst:backup/data src:tank/data"
+    by_fp = parse_settings("[monitoring]\nservice_template = zb-{check}-{fingerprint}\n")
+    assert by_fp.service_name(pair, "lag") == f"zb-lag-{pair.fingerprint}"
+    with pytest.raises(ValueError, match="unknown check 'size'; known: lag, runtime"):
+        Settings().service_name(pair, "size")
+
+
+def test_monitoring_host_defaults_to_fqdn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "zb.example.net")
+    config._fqdn.cache_clear()
+    try:
+        assert Settings().monitoring_host() == "zb.example.net"
+        assert parse_settings("[monitoring]\nhost_name =\n").monitoring_host() == "zb.example.net"
+    finally:
+        config._fqdn.cache_clear()
+
+
+SETTINGS_ERRORS = [
+    ("[paths]\nstate_dir = /a\nbogus = 1\n", 3, "unknown key 'bogus' in [paths]; known: pairs,"),
+    ("[paths]\nlog_dir = var/log\n", 2, "log_dir: path 'var/log' is not absolute"),
+    ("[path]\npairs = /x\n", 1, "unknown section [path] (did you mean 'paths'?); known: paths,"),
+    ("[DEFAULT]\nwlag = 1h\n", 1, "unknown section [DEFAULT] (did you mean 'defaults'?)"),
+    (
+        "[defaults]\nkeep = 2\ntransport = rsync\n",
+        3,
+        "option transport: must be one of ssh, mbuffer, local, not 'rsync'",
+    ),
+    ("[defaults]\nwlg = 1h\n", 2, "unknown option 'wlg' (did you mean 'wlag'?)"),
+    ("[defaults]\nwlag = 30m # half an hour\n", 2, "option wlag: '30m # half an hour' is not"),
+    ("[defaults]\nclag = 1h\n", 2, "wlag 2h (default) is greater than clag 1h: the warning"),
+    ("[defaults]\nport = 9090\n", 2, "port cannot have a default: each mbuffer pair needs"),
+    (
+        "[monitoring]\nservice_template = zb {check} {fs} {host}\n",
+        2,
+        "service_template 'zb {check} {fs} {host}': unknown field {host}; allowed: {check}, "
+        "{fs}, {destination}, {source}, {fingerprint}",
+    ),
+    ("[monitoring]\nservice_template = zb {fs!r} {check}\n", 2, "unknown field {fs!r}"),
+    ("[monitoring]\nservice_template = zb {fs:>9} {check}\n", 2, "unknown field {fs:>9}"),
+    ("[monitoring]\nservice_template = zb {fs}\n", 2, "lacks {check}: lag and runtime would"),
+    ("[monitoring]\nservice_template = zb {check} {source}\n", 2, "names no pair: use {fs}"),
+    ("[monitoring]\nservice_template = zb {check {fs}\n", 2, "service_template 'zb {check {fs}':"),
+    ("[monitoring]\nservice_template = zb! {check} {fs}\n", 2, "contains '!', which Nagios"),
+    ("[monitoring]\nhost_name = mon$x\n", 2, "host_name 'mon$x' contains '$', which Nagios"),
+    ("[monitoring]\nhostname = x\n", 2, "unknown key 'hostname' in [monitoring] (did you mean"),
+    (
+        "[monitoring]\npassive = nsca, carrier\n[nsca]\nhost = x\n",
+        2,
+        "passive: unknown back end 'carrier'; known: nsca, send_nsca, icinga2-api",
+    ),
+    (
+        "[send_nsca]\n[monitoring]\npassive = send_nsca,send_nsca\n",
+        3,
+        "'send_nsca' is listed twice",
+    ),
+    (
+        "[monitoring]\n\npassive = icinga2-api\n",
+        3,
+        "passive back end 'icinga2-api' is listed but has no [icinga2-api] section",
+    ),
+    ("[paths]\nstate_dir = /a\nstate_dir = /b\n", 3, "key 'state_dir' given twice in [paths]"),
+    ("[paths]\n[paths]\n", 2, "section [paths] given twice"),
+    ("pairs = /x\n[paths]\n", 1, "a key outside any section"),
+    ("[paths]\nthis is not a key\n", 2, "cannot parse 'this is not a key': expected 'key = value'"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "expected"), SETTINGS_ERRORS)
+def test_settings_errors_have_file_and_line(
+    tmp_path: Path, text: str, line: int, expected: str
+) -> None:
+    found = settings_error(tmp_path, text)
+    path = str(tmp_path / "zettabee.ini")
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}:{line}: "), found[0]
+    assert expected in found[0]
+
+
+def test_settings_report_every_problem_at_once_in_line_order(tmp_path: Path) -> None:
+    found = settings_error(
+        tmp_path,
+        "[monitoring]\n"
+        "passive = nsca\n"
+        "[paths]\n"
+        "State_Dir = relative\n"  # keys are case-insensitive; the line is still found
+        "  continued value line\n"
+        "bogus = 1\n"
+        "[defaults]\n"
+        "keep = 0\n",
+    )
+    path = str(tmp_path / "zettabee.ini")
+    assert [f.split(": ", 1)[0] for f in found] == [f"{path}:{n}" for n in (2, 4, 6, 8)]
+    assert "no [nsca] section" in found[0]
+    assert "state_dir: path 'relative\\ncontinued value line' contains a newline" in found[1]
+    assert "unknown key 'bogus'" in found[2]
+    assert "option keep: must be a whole number of at least 1" in found[3]
+
+
+def test_settings_key_line_is_found_within_its_own_section(tmp_path: Path) -> None:
+    found = settings_error(tmp_path, "[nsca]\nhost = a\n\n[monitoring]\nhost = b\n")
+    path = str(tmp_path / "zettabee.ini")
+    assert found == [
+        f"{path}:5: unknown key 'host' in [monitoring] (did you mean 'host_name'?); known: "
+        "host_name, service_template, passive"
+    ]
+
+
+def test_bad_default_is_reported_like_a_bad_pair_option(tmp_path: Path) -> None:
+    ini = write(tmp_path, "[defaults]\nbwlimit = fast\n", "zettabee.ini")
+    with pytest.raises(ConfigError) as ini_info:
+        load_settings(ini)
+    pair_file = load(tmp_path, f"{GOOD} bwlimit=fast\n")
+    ini_message = str(ini_info.value.problems[0]).split(": ", 1)[1]
+    pair_message = messages(pair_file)[0].split(": ", 1)[1]
+    assert ini_message == pair_message
+    assert ini_message.startswith("option bwlimit: must be a positive rate")
+
+
+# --------------------------------------------------------------------------------------
+# find_pair
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> list[Pair]:
+    pair_file = load(
+        tmp_path,
+        "src:tank/data dst:backup/data\n"
+        "src:tank/web dst:backup/web\n"
+        "src2:tank/data dst:archive/data\n"
+        "src:tank/logs other:backup/data\n",
+    )
+    assert pair_file.problems == []
+    return pair_file.pairs
+
+
+@pytest.mark.parametrize(
+    ("arg", "line"),
+    [
+        ("dst:backup/data", 1),
+        ("other:backup/data", 4),
+        ("dst:backup/web", 2),
+        ("backup/web", 2),
+        ("web", 2),
+        ("archive/data", 3),
+    ],
+)
+def test_find_pair(pairs: list[Pair], arg: str, line: int) -> None:
+    assert find_pair(pairs, arg).line == line
+
+
+def test_find_pair_by_fingerprint(pairs: list[Pair]) -> None:
+    fp = hashlib.md5(b"src2:tank/data::dst:archive/data", usedforsecurity=False).hexdigest()
+    assert find_pair(pairs, fp).line == 3
+    assert find_pair(pairs, fp.upper()).line == 3
+
+
+def test_find_pair_ambiguous_names_the_candidates(pairs: list[Pair]) -> None:
+    with pytest.raises(UsageError) as info:
+        find_pair(pairs, "backup/data")
+    assert str(info.value) == (
+        "'backup/data' matches 2 pairs: dst:backup/data, other:backup/data; name one of them"
+    )
+    with pytest.raises(UsageError, match="'data' matches 3 pairs: dst:backup/data, dst:archive"):
+        find_pair(pairs, "data")
+
+
+def test_find_pair_absent(pairs: list[Pair], tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as info:
+        find_pair(pairs, "nope")
+    path = tmp_path / "zettabee.cfg"
+    assert str(info.value) == f"no pair 'nope' in {path}; `zettabee fingerprint` lists them"
+    with pytest.raises(UsageError, match="no pair 'x' in /etc/zb.cfg; `zettabee fingerprint`"):
+        find_pair([], "x", "/etc/zb.cfg")
+
+
+def test_find_pair_exact_file_system_beats_last_component(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, "src:tank/a dst:data\nsrc:tank/b dst:backup/data\n")
+    assert find_pair(pair_file.pairs, "data").line == 1
+    assert find_pair(pair_file.pairs, "backup/data").line == 2
