@@ -1,0 +1,387 @@
+"""The ``zettabee`` command: the seed's actions, quiet on success, exit codes for cron.
+
+Exit codes: 0 success; 1 a pair failed (the message says why); 2 usage or configuration
+error; 3 the pair is busy (another run holds its lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from zettabee import __version__
+from zettabee.config import (
+    Settings,
+    find_pair,
+    format_duration,
+    load_pairs,
+    load_settings,
+)
+from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError
+from zettabee.health import Health, read_health
+from zettabee.pair import Pair
+from zettabee.state import StateStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+
+log = logging.getLogger("zettabee")
+
+ACTIONS = {
+    "setup": "create zettabee's directories and check each pair end to end (SSH, host key, zfs, mbuffer, datasets)",
+    "check-config": "validate the settings and the pair file; report every problem with file and line",
+    "initialize": "full transfer of the source into a destination that does not exist yet",
+    "update": "incremental transfer from the newest snapshot both sides share",
+    "status": "show source, destination, state, lag, snapshot:port and run status of pairs",
+    "runstatus": "follow a running transfer: bytes, rate, percentage and ETA where known (Ctrl-C quits; the transfer goes on)",
+    "unlock": "clear what an interrupted run left behind; refuses while a live process holds the pair",
+    "logfile": "print the path of a pair's log file (tail -f $(zettabee logfile DEST))",
+    "fingerprint": "print source, destination and MD5 fingerprint of one pair or all",
+    "purge": "destroy obsolete zettabee snapshots on both sides, never the newest common one",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    opts = common.add_argument_group("common options")
+    opts.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                      help="pair file (default: [paths] pairs of the settings, /etc/zettabee/zettabee.cfg)")  # fmt: skip
+    opts.add_argument("--settings", metavar="FILE", default=argparse.SUPPRESS,
+                      help="settings file (default: $ZETTABEE_SETTINGS or /etc/zettabee/zettabee.ini)")  # fmt: skip
+    opts.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                      help="log every command as one could paste it, and timings")  # fmt: skip
+    opts.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="say what is done, not only what fails")  # fmt: skip
+    opts.add_argument("--nagios", action="store_true", default=argparse.SUPPRESS,
+                      help="also submit the result as a passive check result (back ends from the settings)")  # fmt: skip
+    parser = _Parser(
+        prog="zettabee",
+        parents=[common],
+        description="ZFS remote replication: zfs send | zfs recv pulled over SSH (or mbuffer), "
+        "one pair per line of the pair file, watched by Nagios or Icinga.",
+        epilog="Exit status: 0 success, 1 a pair failed, 2 usage or configuration error, "
+        "3 the pair is busy with another run. Under cron nothing is printed on success.",
+    )
+    parser.add_argument("--version", action="version", version=f"zettabee {__version__}")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    sub.required = True
+    for name, text in ACTIONS.items():
+        p = sub.add_parser(name, parents=[common], help=text, description=text)
+        if name in ("initialize", "runstatus", "unlock", "logfile", "purge"):
+            p.add_argument("destination", help="host:pool/fs, pool/fs, or its last component")
+        elif name in ("update",):
+            p.add_argument("destination", nargs="*", help="pairs to update (or --all)")
+            p.add_argument("--all", action="store_true", help="every pair of the pair file")
+        elif name in ("status", "fingerprint", "setup"):
+            p.add_argument("destination", nargs="*", help="pairs (default: all)")
+        if name == "initialize":
+            p.add_argument("--force", action="store_true",
+                           help="DESTROYS the existing destination file system, all its "
+                           "snapshots and descendants (zfs destroy -r), then sends everything anew")  # fmt: skip
+        if name == "status":
+            p.add_argument("--fullstatus", "--full-status", action="store_true",
+                           help="add the fingerprint and mbuffer port")  # fmt: skip
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "purge":
+            p.add_argument("--dry-run", "-n", action="store_true",
+                           help="print exactly what would be destroyed, destroy nothing")  # fmt: skip
+        if name == "setup":
+            p.add_argument("--accept-new-host-key", action="store_true",
+                           help="pin the source host's key in the known_hosts file if it is not there yet "
+                           "(a changed key is still refused)")  # fmt: skip
+    return parser
+
+
+class App:
+    """Loaded settings and pairs, and the state store, for one invocation."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.settings: Settings = load_settings(getattr(args, "settings", None))
+        path = getattr(args, "config", None) or self.settings.pairs
+        self.pairfile = load_pairs(path, self.settings)
+        self.store = StateStore(
+            self.settings.state_dir, self.settings.lock_dir, self.settings.log_dir
+        )
+
+    def report_problems(self) -> None:
+        for problem in self.pairfile.problems:
+            print(f"zettabee: {problem}", file=sys.stderr)
+
+    def select(self, names: Sequence[str], all_when_empty: bool) -> list[Pair]:
+        if not names:
+            if all_when_empty:
+                return list(self.pairfile.pairs)
+            raise UsageError("name a destination (or --all)")
+        return [find_pair(self.pairfile.pairs, name) for name in names]
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.INFO
+    if getattr(args, "debug", False):
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("zettabee: %(message)s"))
+    root = logging.getLogger("zettabee")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG)
+    handler.setLevel(level)
+    if level > logging.DEBUG:
+        logging.getLogger("paramiko").setLevel(logging.WARNING)
+
+
+class _PairLog:
+    """Appends a run's log lines to the pair's own log file (``zettabee logfile``)."""
+
+    def __init__(self, app: App, pair: Pair, debug: bool) -> None:
+        self.handler: logging.Handler | None = None
+        try:
+            app.store.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.handler = logging.FileHandler(app.store.log_path(pair.fingerprint))
+        except OSError as exc:
+            log.warning("cannot write the log of %s: %s", pair.name, exc)
+            return
+        self.handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [{pair.name}] %(message)s")
+        )
+        self.handler.setLevel(logging.DEBUG if debug else logging.INFO)
+        logging.getLogger("zettabee").addHandler(self.handler)
+
+    def close(self) -> None:
+        if self.handler is not None:
+            logging.getLogger("zettabee").removeHandler(self.handler)
+            self.handler.close()
+
+
+def run_actions(app: App, pairs: list[Pair], action: str) -> int:
+    from zettabee.replicator import Hosts, Replicator
+
+    args = app.args
+    hosts = Hosts(app.settings.known_hosts)
+    replicator = Replicator(app.store, hosts)
+    code = EXIT_OK
+    try:
+        for pair in pairs:
+            pairlog = _PairLog(app, pair, getattr(args, "debug", False))
+            try:
+                if action == "initialize":
+                    report = replicator.initialize(pair, force=args.force)
+                    log.info("%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds))
+                elif action == "update":
+                    report = replicator.update(pair)
+                    log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
+                elif action == "purge":
+                    doomed = replicator.purge(pair, dry_run=args.dry_run)
+                    verb = "would destroy" if args.dry_run else "destroyed"
+                    for name in doomed:
+                        print(f"{verb} {name}") if args.dry_run else log.info("%s %s", verb, name)
+                    if args.dry_run and not doomed:
+                        print(f"{pair.name}: nothing to purge")
+                _submit(app, pair, action, None)
+            except LockHeld as exc:
+                log.error("%s", exc)
+                _submit(app, pair, action, exc)
+                code = max(code, EXIT_BUSY) if code != EXIT_FAILED else code
+            except ZettabeeError as exc:
+                log.error("%s", exc)
+                _submit(app, pair, action, exc)
+                code = EXIT_FAILED
+            finally:
+                pairlog.close()
+    finally:
+        hosts.close()
+    return code
+
+
+def _summary(count: int, seconds: float) -> str:
+    rate = count / seconds if seconds > 0 else 0.0
+    return f"{_bytes(count)} in {seconds:.1f}s ({_bytes(int(rate))}/s)"
+
+
+def _bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def _submit(app: App, pair: Pair, action: str, error: ZettabeeError | None) -> None:
+    """``--nagios``: hand the pair's result to the passive back ends."""
+    if not getattr(app.args, "nagios", False):
+        return
+    try:
+        from zettabee.passive import submit_pair_results
+    except ImportError:  # pragma: no cover - the monitoring suite ships with the core
+        log.error("--nagios: passive submission is not available in this installation")
+        return
+    submit_pair_results(app.settings, app.store, [pair], {pair.fingerprint: error}, action)
+
+
+def status_lines(healths: list[Health], full: bool) -> list[str]:
+    rows = []
+    for h in healths:
+        opts = h.pair.options
+        flag = " "
+        if h.lag is not None:
+            if h.lag >= opts.clag:
+                flag = "!"
+            elif h.lag >= opts.wlag:
+                flag = "+"
+        if h.running:
+            flag = "L"
+        lag = format_duration(h.lag) + flag if h.lag is not None else "-"
+        port = str(opts.port) if opts.port else "-"
+        snap = f"{h.lastsnap or '-'}:{port}"
+        run = h.run_state.capitalize()
+        if h.running and h.status and h.status.action == "initialize":
+            run = "Initializing"
+        runtime = format_duration(h.runtime) if h.runtime is not None else "-"
+        row = [str(h.pair.source), str(h.pair.destination), h.state, lag, snap, f"{run} ({runtime})"]
+        if full:
+            row += [h.pair.fingerprint, h.pair.options.transport]
+        rows.append(row)
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def health_json(h: Health) -> dict[str, object]:
+    st = h.status
+    return {
+        "source": str(h.pair.source),
+        "destination": str(h.pair.destination),
+        "fingerprint": h.pair.fingerprint,
+        "state": h.state,
+        "reason": h.reason,
+        "lag": h.lag,
+        "lastsnap": h.lastsnap,
+        "run_state": h.run_state,
+        "runtime": h.runtime,
+        "transport": h.pair.options.transport,
+        "port": h.pair.options.port,
+        "last_result": st.result if st else "",
+        "last_error": st.error if st else "",
+        "last_bytes": st.bytes if st else 0,
+    }
+
+
+def do_status(app: App) -> int:
+    args = app.args
+    pairs = app.select(args.destination, all_when_empty=True)
+    healths = read_health(pairs, app.store)
+    if args.json:
+        print(json.dumps([health_json(h) for h in healths], indent=1))
+    else:
+        for line in status_lines(healths, args.fullstatus):
+            print(line)
+        for h in healths:
+            if h.reason and h.state != "Uninitialized":
+                print(f"  {h.pair.name}: {h.reason}")
+            if h.last_error:
+                print(f"  {h.pair.name}: last run {h.run_state}: {h.last_error}")
+    return EXIT_OK
+
+
+def do_runstatus(app: App, pair: Pair) -> int:
+    fp = pair.fingerprint
+    if app.store.lock_holder(fp) is None:
+        print(f"{pair.name}: no transfer running")
+        return EXIT_OK
+    try:
+        while app.store.lock_holder(fp) is not None:
+            prog = app.store.read_progress(fp) or {}
+            done = int(prog.get("bytes", 0))
+            rate = float(prog.get("rate", 0.0))
+            total = prog.get("total")
+            line = f"{pair.name}: {_bytes(done)} at {_bytes(int(rate))}/s"
+            if total:
+                pct = 100.0 * done / float(total)
+                eta = (float(total) - done) / rate if rate > 0 else 0
+                line += f", {pct:.0f}% of {_bytes(int(total))}, ETA {format_duration(int(eta))}"
+            print(f"\r{line}\033[K", end="", flush=True)
+            time.sleep(1)
+        print(f"\n{pair.name}: transfer finished")
+    except KeyboardInterrupt:
+        print()
+    return EXIT_OK
+
+
+def do_setup(app: App) -> int:
+    from zettabee.preflight import check_pairs
+
+    app.store.ensure_dirs()
+    pairs = app.select(app.args.destination, all_when_empty=True)
+    ok = check_pairs(app.settings, pairs, accept_new_host_key=app.args.accept_new_host_key)
+    return EXIT_OK if ok and not app.pairfile.problems else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args)
+    try:
+        app = App(args)
+    except ConfigError as exc:
+        print(f"zettabee: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    action = args.action
+    try:
+        if action == "check-config":
+            app.report_problems()
+            if app.pairfile.problems:
+                return EXIT_USAGE
+            print(f"{len(app.pairfile.pairs)} pairs, no problems")
+            return EXIT_OK
+        app.report_problems()
+        if action == "fingerprint":
+            for pair in app.select(args.destination, all_when_empty=True):
+                print(f"{pair.source}  {pair.destination}  {pair.fingerprint}")
+            return EXIT_OK
+        if action == "status":
+            return do_status(app)
+        if action == "setup":
+            return do_setup(app)
+        if action == "update":
+            if args.all and args.destination:
+                raise UsageError("give destinations or --all, not both")
+            pairs = app.select(args.destination, all_when_empty=args.all)
+            code = run_actions(app, pairs, action)
+            return EXIT_FAILED if app.pairfile.problems and code == EXIT_OK else code
+        pair = find_pair(app.pairfile.pairs, args.destination)
+        if action == "logfile":
+            print(app.store.log_path(pair.fingerprint))
+            return EXIT_OK
+        if action == "unlock":
+            print(app.store.unlock(pair.fingerprint, pair.name))
+            return EXIT_OK
+        if action == "runstatus":
+            return do_runstatus(app, pair)
+        return run_actions(app, [pair], action)
+    except LockHeld as exc:
+        print(f"zettabee: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except (UsageError, ConfigError) as exc:
+        print(f"zettabee: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ZettabeeError as exc:
+        print(f"zettabee: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""How every pair stands, read from ZFS on this host and the local state: never SSH.
+
+``status``, the check plugins and ``replicate``'s passive results all read this, so they
+agree. One ``zfs get`` answers for every pair at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from zettabee import zfs
+from zettabee.host import Host, LocalHost
+from zettabee.pair import Pair, is_own_snapshot
+from zettabee.state import FAILED, INTERRUPTED, RUNNING, StateStore, Status
+
+SYNCHRONIZED, UNINITIALIZED, INCONSISTENT, UNREADABLE = (
+    "Synchronized",
+    "Uninitialized",
+    "Inconsistent!",
+    "Unreadable",
+)
+
+
+@dataclass
+class Health:
+    pair: Pair
+    state: str
+    reason: str = ""
+    lastsnap: str = ""
+    lag: int | None = None
+    status: Status | None = None
+    run_state: str = "idle"
+    runtime: int | None = None
+    lock_pid: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.run_state == RUNNING
+
+    @property
+    def last_error(self) -> str:
+        return self.status.error if self.status and self.run_state in (FAILED, INTERRUPTED) else ""
+
+
+def read_health(
+    pairs: Sequence[Pair], store: StateStore, host: Host | None = None, now: float | None = None
+) -> list[Health]:
+    """The health of ``pairs``, in their order, from one ``zfs get`` on this host."""
+    host = host or LocalHost()
+    now = time.time() if now is None else now
+    table: dict[str, dict[str, str]] = {}
+    zfs_error = ""
+    if pairs:
+        props = ["creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+        targets = sorted({p.destination.fs for p in pairs})
+        result = host.run(zfs.get(targets, props, depth=1), check=False)
+        try:
+            table = zfs.parse_get(result.stdout)
+        except ValueError as exc:
+            zfs_error = str(exc)
+        if result.returncode != 0 and not table:
+            zfs_error = result.stderr.strip() or f"zfs get exited {result.returncode}"
+    return [_one(p, table, zfs_error, store, now) for p in pairs]
+
+
+def _one(
+    pair: Pair, table: dict[str, dict[str, str]], zfs_error: str, store: StateStore, now: float
+) -> Health:
+    fp = pair.fingerprint
+    fs = pair.destination.fs
+    status = store.read_status(fp)
+    holder = store.lock_holder(fp)
+    run_state = status.effective_state(lock_held=holder is not None)
+    if holder is not None:
+        run_state = RUNNING
+    health = Health(pair, UNINITIALIZED, status=status, run_state=run_state)
+    if holder is not None:
+        health.lock_pid = holder.get("pid")
+        started = holder.get("started") or status.started
+        health.runtime = int(now - started) if started else None
+    elif status.last_duration is not None:
+        health.runtime = int(status.last_duration)
+    if status.corrupt:
+        health.reason = status.corrupt
+    if zfs_error:
+        health.state, health.reason = UNREADABLE, f"cannot read ZFS: {zfs_error}"
+        return health
+    props = table.get(fs)
+    if props is None:
+        health.reason = health.reason or f"{fs} does not exist: run `zettabee initialize`"
+        return health
+    owner = zfs.user_prop(props.get(zfs.PROP_FINGERPRINT))
+    lastsnap = zfs.user_prop(props.get(zfs.PROP_LASTSNAP)) or ""
+    health.lastsnap = lastsnap
+    if owner is None and not lastsnap:
+        health.reason = f"{fs} exists but zettabee has not completed an initialize"
+        return health
+    if owner != pair.fingerprint:
+        health.state = INCONSISTENT
+        health.reason = f"{fs} carries fingerprint {owner}, not this pair's {fp}"
+        return health
+    snaps = {n.split("@", 1)[1]: p for n, p in table.items() if n.startswith(f"{fs}@")}
+    if lastsnap not in snaps:
+        health.state = INCONSISTENT
+        health.reason = f"the recorded snapshot {fs}@{lastsnap} is missing on the destination"
+        return health
+    own = sorted(
+        (n for n in snaps if is_own_snapshot(n, fp)), key=lambda n: int(snaps[n]["creation"])
+    )
+    if own and own[-1] != lastsnap and not health.running:
+        health.state = INCONSISTENT
+        health.reason = (
+            f"the newest zettabee snapshot {own[-1]} is not the recorded one {lastsnap}; "
+            "the next update reconciles it"
+        )
+    else:
+        health.state = SYNCHRONIZED
+    health.lag = int(now) - int(snaps[lastsnap]["creation"])
+    return health

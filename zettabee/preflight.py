@@ -1,0 +1,58 @@
+"""``setup``: check each pair end to end and say what is missing and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from zettabee import zfs
+from zettabee.config import Settings
+from zettabee.errors import ZettabeeError
+from zettabee.host import Host
+from zettabee.pair import Pair
+from zettabee.replicator import Hosts
+
+
+def _check(label: str, host: Host, argv: list[str], fix: str) -> tuple[bool, str]:
+    try:
+        result = host.run(argv, check=False, timeout=30)
+    except ZettabeeError as exc:
+        return False, f"  FAIL {label}: {exc}\n       fix: {fix}"
+    if result.returncode != 0:
+        said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        return False, f"  FAIL {label} on {host.name}: {said or 'exit ' + str(result.returncode)}\n       fix: {fix}"
+    return True, f"  ok   {label} on {host.name}"
+
+
+def check_pairs(settings: Settings, pairs: Sequence[Pair], accept_new_host_key: bool) -> bool:
+    hosts = Hosts(settings.known_hosts, accept_new_host_key=accept_new_host_key)
+    all_ok = True
+    try:
+        for pair in pairs:
+            print(f"{pair}:")
+            src = hosts.get(pair.source, pair)
+            dst = hosts.get(pair.destination, pair)
+            checks = [
+                ("zfs", src, ["zfs", "list", "-H", "-o", "name", pair.source.pool],
+                 f"install ZFS on {pair.source.host} and import pool {pair.source.pool}"),
+                ("source dataset", src, zfs.get([pair.source.fs], ["type"]),
+                 f"create {pair.source.fs} on {pair.source.host} or fix the pair file"),
+                ("zfs", dst, ["zfs", "list", "-H", "-o", "name", pair.destination.pool],
+                 f"import pool {pair.destination.pool} on {pair.destination.host}"),
+            ]  # fmt: skip
+            parent = pair.destination.fs.rsplit("/", 1)[0]
+            if parent != pair.destination.fs:
+                checks.append(("destination parent", dst, zfs.get([parent], ["type"]),
+                               f"zfs create -p {parent}"))  # fmt: skip
+            if pair.options.transport == "mbuffer":
+                for host in (src, dst):
+                    checks.append(("mbuffer", host, ["mbuffer", "-V"],
+                                   f"apt-get install mbuffer on {host.name}"))  # fmt: skip
+            for label, host, argv, fix in checks:
+                ok, line = _check(label, host, argv, fix)
+                print(line)
+                all_ok &= ok
+                if not ok and label == "zfs" and host is src:
+                    break
+    finally:
+        hosts.close()
+    return all_ok

@@ -1,0 +1,389 @@
+"""initialize, update and purge of one pair, with its lock and status around each run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from zettabee import transport, zfs
+from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
+from zettabee.host import Host, LocalHost, SshHost, SshTarget, is_local_host
+from zettabee.pair import Endpoint, Pair, is_own_snapshot, snapshot_name
+from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    pair: Pair
+    action: str
+    snapshot: str = ""
+    base: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    destroyed: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+class Hosts:
+    """One host object per (host, port, user, key) for the whole run: pairs from the same
+    source share one control connection."""
+
+    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
+        self.known_hosts = known_hosts
+        self.accept_new_host_key = accept_new_host_key
+        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
+
+    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
+        opts = pair.options
+        known = opts.knownhosts or self.known_hosts
+        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+        if key not in self._hosts:
+            if pair.options.transport == "local" or is_local_host(endpoint.host):
+                self._hosts[key] = LocalHost(endpoint.host)
+            else:
+                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+                self._hosts[key] = SshHost(target, self.accept_new_host_key)
+        return self._hosts[key]
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Replicator:
+    def __init__(self, store: StateStore, hosts: Hosts) -> None:
+        self.store = store
+        self.hosts = hosts
+
+    # -- the run around every mutating action ------------------------------------------
+
+    @contextmanager
+    def _run(self, pair: Pair, action: str) -> Iterator[Status]:
+        fp = pair.fingerprint
+        with self.store.lock(fp, pair.name, action):
+            status = self.store.read_status(fp)
+            previous = status.state
+            status.pair = str(pair)
+            status.state, status.action, status.pid = RUNNING, action, os.getpid()
+            status.started, status.ended, status.error, status.corrupt = time.time(), None, "", ""
+            status.extra["previous_state"] = previous
+            self.store.write_status(status)
+            try:
+                yield status
+            except BaseException as exc:
+                status.state, status.result = FAILED, "failed"
+                status.error = str(exc) if isinstance(exc, ZettabeeError) else repr(exc)
+                status.ended, status.pid = time.time(), None
+                self.store.write_status(status)
+                self.store.clear_progress(fp)
+                raise
+            status.state, status.result, status.pid = IDLE, "ok", None
+            status.ended = time.time()
+            status.last_success = status.ended
+            status.last_duration = status.ended - (status.started or status.ended)
+            status.extra.pop("previous_state", None)
+            self.store.write_status(status)
+            self.store.clear_progress(fp)
+
+    def _progress(self, pair: Pair, total: int | None = None) -> transport.ProgressFn:
+        fp = pair.fingerprint
+
+        def report(count: int, elapsed: float) -> None:
+            rate = count / elapsed if elapsed > 0 else 0.0
+            data: dict[str, object] = {"bytes": count, "elapsed": elapsed, "rate": rate}
+            data["updated"] = time.time()
+            if total:
+                data["total"] = total
+            self.store.write_progress(fp, data)
+
+        return report
+
+    def _stream(
+        self, pair: Pair, src: Host, dst: Host, send: list[str], recv: list[str]
+    ) -> transport.StreamResult:
+        opts = pair.options
+        progress = self._progress(pair)
+        if opts.transport == "mbuffer":
+            if not isinstance(src, SshHost):
+                raise StateError(f"{pair.name}: transport=mbuffer needs a remote source host")
+            connect = opts.mbufferhost or pair.destination.host
+            return transport.stream_via_mbuffer(
+                src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress
+            )
+        return transport.stream_via_processes(src, dst, send, recv, opts.stall, progress)
+
+    # -- reading both sides ------------------------------------------------------------
+
+    def _dest_view(self, pair: Pair, dst: Host) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
+        """The destination's zettabee properties and snapshots, in one zfs call."""
+        fs = pair.destination.fs
+        props = ["guid", "creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+        result = dst.run(zfs.get([fs], props, depth=1), check=False)
+        if result.returncode != 0:
+            if zfs.missing_dataset(result.stderr):
+                return None
+            raise CommandError(result.argv, dst.name, result.returncode, result.stderr, "zfs get")
+        table = zfs.parse_get(result.stdout)
+        return table.get(fs, {}), zfs.parse_snapshots(fs, result.stdout)
+
+    def _source_snapshots(self, pair: Pair, src: Host) -> list[zfs.Snapshot]:
+        fs = pair.source.fs
+        result = src.run(zfs.list_snapshots(fs), check=False)
+        if result.returncode != 0:
+            if zfs.missing_dataset(result.stderr):
+                raise StateError(
+                    f"{pair.name}: the source {pair.source} does not exist "
+                    f"({result.stderr.strip()}); check the pair file"
+                )
+            raise CommandError(result.argv, src.name, result.returncode, result.stderr, "zfs get")
+        return zfs.parse_snapshots(fs, result.stdout)
+
+    def _new_snapshot(self, pair: Pair, src: Host, existing: list[zfs.Snapshot]) -> str:
+        names = {s.name for s in existing}
+        name = snapshot_name(pair.fingerprint, _now())
+        while name in names:  # two runs within one second
+            time.sleep(0.2)
+            name = snapshot_name(pair.fingerprint, _now())
+        src.run(zfs.snapshot(pair.source.fs, name))
+        log.info("%s: snapshot %s@%s", pair.name, pair.source.fs, name)
+        return name
+
+    def _record(self, pair: Pair, dst: Host, snap: str, first: bool) -> None:
+        fs = pair.destination.fs
+        dst.run(zfs.set_prop(fs, zfs.PROP_LASTSNAP, snap))
+        if first:
+            dst.run(zfs.set_prop(fs, zfs.PROP_FINGERPRINT, pair.fingerprint))
+            dst.run(zfs.set_prop(fs, zfs.PROP_SOURCE, str(pair.source)))
+            dst.run(zfs.set_prop(fs, "readonly", "on"))
+
+    # -- actions -----------------------------------------------------------------------
+
+    def initialize(self, pair: Pair, force: bool = False) -> RunReport:
+        report = RunReport(pair, "initialize")
+        with self._run(pair, "initialize") as status:
+            src = self.hosts.get(pair.source, pair)
+            dst = self.hosts.get(pair.destination, pair)
+            ssnaps = self._source_snapshots(pair, src)
+            view = self._dest_view(pair, dst)
+            fs = pair.destination.fs
+            if view is not None:
+                if not force:
+                    raise StateError(
+                        f"{pair.name}: the destination {pair.destination} already exists; "
+                        "`zettabee update` continues a replica, and `initialize --force` "
+                        f"destroys {fs} with all its snapshots and descendants and starts over"
+                    )
+                log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
+                dst.run(zfs.destroy(fs, recursive=True))
+            snap = self._new_snapshot(pair, src, ssnaps)
+            send = zfs.send(f"{pair.source.fs}@{snap}")
+            recv = zfs.recv(fs)
+            try:
+                stream = self._stream(pair, src, dst, send, recv)
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc) from exc
+            self._record(pair, dst, snap, first=True)
+            report.snapshot, report.bytes, report.seconds = snap, stream.bytes, stream.seconds
+            status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
+            log.info(
+                "%s: initialized from %s@%s, %d bytes in %.1fs",
+                pair.name, pair.source.fs, snap, stream.bytes, stream.seconds,
+            )  # fmt: skip
+        return report
+
+    def update(self, pair: Pair) -> RunReport:
+        report = RunReport(pair, "update")
+        timings = report.timings
+        with self._run(pair, "update") as status:
+            t0 = time.monotonic()
+            src = self.hosts.get(pair.source, pair)
+            dst = self.hosts.get(pair.destination, pair)
+            view = self._dest_view(pair, dst)
+            if view is None:
+                raise StateError(
+                    f"{pair.name}: not initialized (the destination {pair.destination} does not "
+                    "exist); run `zettabee initialize` first"
+                )
+            props, dsnaps = view
+            self._check_identity(pair, props)
+            ssnaps = self._source_snapshots(pair, src)
+            timings["listing"] = time.monotonic() - t0
+            common = zfs.common_snapshot(ssnaps, dsnaps)
+            if common is None:
+                raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
+            newer = [s for s in dsnaps if s.creation > common.creation or (
+                s.creation == common.creation and dsnaps.index(s) > dsnaps.index(common))]
+            if newer and not pair.options.rollback:
+                raise StateError(
+                    f"{pair.name}: the destination has snapshots the source does not have "
+                    f"after the common snapshot {common.name}: "
+                    f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
+                    "the pair to let zettabee roll the destination back"
+                )
+            t1 = time.monotonic()
+            snap = self._new_snapshot(pair, src, ssnaps)
+            timings["snapshot"] = time.monotonic() - t1
+            send = zfs.send(
+                f"{pair.source.fs}@{snap}",
+                base=f"{pair.source.fs}@{common.name}",
+                intermediate=pair.options.intermediate,
+            )
+            recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
+            t2 = time.monotonic()
+            try:
+                stream = self._stream(pair, src, dst, send, recv)
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc, common.name) from exc
+            timings["stream"] = time.monotonic() - t2
+            t3 = time.monotonic()
+            self._record(pair, dst, snap, first=False)
+            timings["record"] = time.monotonic() - t3
+            report.snapshot, report.base = snap, common.name
+            report.bytes, report.seconds = stream.bytes, stream.seconds
+            status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
+            t4 = time.monotonic()
+            listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
+            report.destroyed = self._prune(pair, src, dst, dry_run=False, listing=listing)
+            timings["prune"] = time.monotonic() - t4
+        log.info(
+            "%s: updated %s -> %s, %d bytes in %.1fs",
+            pair.name, common.name, snap, report.bytes, report.seconds,
+        )  # fmt: skip
+        log.debug(
+            "%s: timings %s", pair.name, " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
+        )
+        return report
+
+    def purge(self, pair: Pair, dry_run: bool = False) -> list[str]:
+        """Destroy obsolete zettabee snapshots on both sides; never the newest common one."""
+        if dry_run:
+            src = self.hosts.get(pair.source, pair)
+            dst = self.hosts.get(pair.destination, pair)
+            return self._prune(pair, src, dst, dry_run=True)
+        with self._run(pair, "purge"):
+            src = self.hosts.get(pair.source, pair)
+            dst = self.hosts.get(pair.destination, pair)
+            return self._prune(pair, src, dst, dry_run=False)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _check_identity(self, pair: Pair, props: dict[str, str]) -> None:
+        owner = zfs.user_prop(props.get(zfs.PROP_FINGERPRINT))
+        if owner is None:
+            raise StateError(
+                f"{pair.name}: {pair.destination.fs} exists but was not made by zettabee "
+                f"(no {zfs.PROP_FINGERPRINT} property); refusing to touch it"
+            )
+        if owner != pair.fingerprint:
+            raise StateError(
+                f"{pair.name}: {pair.destination.fs} belongs to another pair (fingerprint "
+                f"{owner}, this pair is {pair.fingerprint}); check the pair file"
+            )
+
+    def _no_common_message(
+        self, pair: Pair, ssnaps: list[zfs.Snapshot], dsnaps: list[zfs.Snapshot]
+    ) -> str:
+        dnew = dsnaps[-1].name if dsnaps else "none"
+        snew = ssnaps[-1].name if ssnaps else "none"
+        return (
+            f"{pair.name}: no common snapshot between {pair.source} (newest {snew}) and "
+            f"{pair.destination} (newest {dnew}); an incremental update is impossible and "
+            "zettabee will not resend over existing data: `zettabee initialize --force` "
+            "starts the replica over (destroying the destination)"
+        )
+
+    def _explain_receive(
+        self, pair: Pair, exc: CommandError | TransportError, base: str | None = None
+    ) -> ZettabeeError:
+        text = str(exc)
+        if "has been modified" in text:
+            return StateError(
+                f"{pair.name}: the destination {pair.destination.fs} was modified since the "
+                f"common snapshot {base}; set rollback=yes on the pair to discard those "
+                f"changes, or inspect them first (zfs diff {pair.destination.fs}@{base}). "
+                f"zfs said: {text}"
+            )
+        if isinstance(exc, TransportError):
+            return TransportError(f"{pair.name}: {text}", exc.transient)
+        exc.args = (f"{pair.name}: {text}",)
+        return exc
+
+    def _prune(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        dry_run: bool,
+        listing: tuple[list[str], list[str], str] | None = None,
+    ) -> list[str]:
+        """Destroy what :func:`plan_prune` marks; ``listing`` spares a fresh look when the
+        caller has just listed both sides (source names, destination names, common)."""
+        if listing is None:
+            view = self._dest_view(pair, dst)
+            if view is None:
+                raise StateError(f"{pair.name}: not initialized; nothing to purge")
+            dsnaps = view[1]
+            ssnaps = self._source_snapshots(pair, src)
+            common = zfs.common_snapshot(ssnaps, dsnaps)
+            listing = ([s.name for s in ssnaps], [s.name for s in dsnaps], common.name if common else "")
+        src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
+        names = []
+        for host, fs, doomed in ((src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)):
+            for name in doomed:
+                full = f"{fs}@{name}"
+                names.append(f"{host.name}:{full}")
+                if not dry_run:
+                    host.run(zfs.destroy(full))
+                    log.info("%s: destroyed %s:%s", pair.name, host.name, full)
+        return names
+
+
+def plan_prune(
+    fp: str, source: list[str], dest: list[str], common: str, keep: int
+) -> tuple[list[str], list[str]]:
+    """Which of the pair's own snapshots can go (names oldest first on both sides).
+
+    The newest common snapshot is never chosen: it is the base of the next update. On the
+    source every older zettabee snapshot of the pair goes; on the destination the newest
+    ``keep`` stay. Without a common snapshot nothing is chosen at all.
+    """
+    if not common:
+        return [], []
+    src_own = [n for n in source if is_own_snapshot(n, fp)]
+    cut = source.index(common) if common in source else -1
+    src_doomed = [n for n in src_own if n != common and source.index(n) < cut]
+    dst_own = [n for n in dest if is_own_snapshot(n, fp)]
+    kept = set(dst_own[-max(1, keep):]) | {common}
+    dst_doomed = [n for n in dst_own if n not in kept and dest.index(n) < dest.index(common)]
+    return src_doomed, dst_doomed
+
+
+def each_pair(
+    pairs: list[Pair], action: Callable[[Pair], object]
+) -> list[tuple[Pair, ZettabeeError | None]]:
+    """Run ``action`` on every pair; one failing pair never stops the others."""
+    outcome: list[tuple[Pair, ZettabeeError | None]] = []
+    for pair in pairs:
+        try:
+            action(pair)
+        except ZettabeeError as exc:
+            log.error("%s", exc)
+            outcome.append((pair, exc))
+        else:
+            outcome.append((pair, None))
+    return outcome

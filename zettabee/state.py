@@ -1,0 +1,230 @@
+"""What ZFS cannot hold: per-pair locks, status files, progress and log files.
+
+File names come from the pair's fingerprint, as in the seed: ``<fp>.lock``,
+``<fp>.json``, ``<fp>.progress``, ``<fp>.log``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zettabee.errors import LockHeld, StateError
+
+IDLE, RUNNING, FAILED, INTERRUPTED = "idle", "running", "failed", "interrupted"
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
+    """Write a whole file or nothing: readers never see half a status."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Status:
+    """The status file of one pair; unknown keys from newer versions are kept."""
+
+    fingerprint: str
+    pair: str = ""
+    state: str = IDLE
+    action: str = ""
+    pid: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    result: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    snapshot: str = ""
+    error: str = ""
+    last_success: float | None = None
+    last_duration: float | None = None
+    corrupt: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    def effective_state(self, lock_held: bool) -> str:
+        """A 'running' file whose process is gone means the run was interrupted."""
+        if self.state == RUNNING and not lock_held and not pid_alive(self.pid):
+            return INTERRUPTED
+        return self.state
+
+
+class StateStore:
+    """Directories for status, locks and logs; created by ``setup`` (or on first use)."""
+
+    def __init__(self, state_dir: str | Path, lock_dir: str | Path, log_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.lock_dir = Path(lock_dir)
+        self.log_dir = Path(log_dir)
+
+    def ensure_dirs(self) -> None:
+        for path in (self.state_dir, self.lock_dir, self.log_dir):
+            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+            os.chmod(path, 0o750)
+
+    def status_path(self, fp: str) -> Path:
+        return self.state_dir / f"{fp}.json"
+
+    def progress_path(self, fp: str) -> Path:
+        return self.state_dir / f"{fp}.progress"
+
+    def lock_path(self, fp: str) -> Path:
+        return self.lock_dir / f"{fp}.lock"
+
+    def log_path(self, fp: str) -> Path:
+        return self.log_dir / f"{fp}.log"
+
+    def read_status(self, fp: str) -> Status:
+        path = self.status_path(fp)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return Status(fingerprint=fp)
+        except (OSError, ValueError) as exc:
+            return Status(fingerprint=fp, corrupt=f"status file {path} unreadable: {exc}")
+        if not isinstance(data, dict):
+            return Status(fingerprint=fp, corrupt=f"status file {path} is not a JSON object")
+        known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
+        extra = {k: v for k, v in data.items() if k not in Status.__dataclass_fields__}
+        known["fingerprint"] = fp
+        try:
+            status = Status(**known)
+        except TypeError as exc:
+            return Status(fingerprint=fp, corrupt=f"status file {path} malformed: {exc}")
+        status.extra = extra
+        return status
+
+    def write_status(self, status: Status) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        data = asdict(status)
+        extra = data.pop("extra")
+        data.pop("corrupt")
+        data.update(extra)
+        write_atomic(self.status_path(status.fingerprint), json.dumps(data, indent=1) + "\n")
+
+    def write_progress(self, fp: str, progress: dict[str, Any]) -> None:
+        write_atomic(self.progress_path(fp), json.dumps(progress) + "\n")
+
+    def read_progress(self, fp: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.progress_path(fp).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def clear_progress(self, fp: str) -> None:
+        self.progress_path(fp).unlink(missing_ok=True)
+
+    def lock_holder(self, fp: str) -> dict[str, Any] | None:
+        """Who holds the pair's lock right now (None when nobody does)."""
+        path = self.lock_path(fp)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    info = json.loads(os.read(fd, 4096) or b"{}")
+                except ValueError:
+                    info = {}
+                return info if isinstance(info, dict) else {}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def lock(self, fp: str, pair: str, action: str) -> Iterator[None]:
+        """An flock the kernel releases when the process dies, however it dies."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path = self.lock_path(fp)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    info = {}
+                since = info.get("started")
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+                raise LockHeld(
+                    f"{pair}: another {info.get('action', 'run')} is in progress "
+                    f"(pid {info.get('pid', '?')}, since {when}); not starting a second one",
+                    pid=info.get("pid"),
+                ) from None
+            record = json.dumps({"pid": os.getpid(), "started": time.time(), "action": action})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def unlock(self, fp: str, pair: str) -> str:
+        """Clear what an interrupted run left behind; refuse while a live process works."""
+        holder = self.lock_holder(fp)
+        if holder is not None:
+            raise LockHeld(
+                f"{pair}: pid {holder.get('pid', '?')} is running {holder.get('action', 'a run')}"
+                " right now; unlock refuses (stop that process first if it is really stuck)",
+                pid=holder.get("pid"),
+            )
+        status = self.read_status(fp)
+        self.lock_path(fp).unlink(missing_ok=True)
+        self.clear_progress(fp)
+        if status.state in (RUNNING, INTERRUPTED) or status.corrupt:
+            previous = status.corrupt or f"state {status.state} (pid {status.pid})"
+            status.state = FAILED if status.state != IDLE else IDLE
+            status.error = f"unlocked by operator after {previous}"
+            status.pid = None
+            status.corrupt = ""
+            self.write_status(status)
+            return f"{pair}: cleared {previous}; the next update checks consistency first"
+        return f"{pair}: not locked"
+
+
+def require_not_running(store: StateStore, fp: str, pair: str) -> None:
+    holder = store.lock_holder(fp)
+    if holder is not None:
+        raise StateError(f"{pair}: busy, pid {holder.get('pid', '?')} holds the lock")

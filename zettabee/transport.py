@@ -1,0 +1,425 @@
+"""The data path: a ``zfs send`` stream carried into ``zfs receive``.
+
+Every transport ends on this machine in a relay that splices the stream from the
+sending process into the receiving one, counting bytes: that count gives progress, rate
+and ETA for ``runstatus`` and feeds the stall watchdog, whatever carries the stream.
+
+- ``ssh``: the sender is the OpenSSH client running ``zfs send`` on the source (paramiko
+  streams at a third of its speed, see DESIGN.md);
+- ``mbuffer``: the source pipes ``zfs send`` into ``mbuffer -O`` (started over the control
+  connection), and a local ``mbuffer -I`` is the sender here;
+- ``local``: ``zfs send`` runs here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from zettabee.errors import CommandError, TransportError
+from zettabee.host import Host, SshHost, SshTarget
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
+STAGE_MARK = "@@zettabee-stage"
+MBUFFER_BLOCK = "128k"
+MBUFFER_MEMORY = "64M"
+
+ProgressFn = Callable[[int, float], None]
+
+
+@dataclass
+class Stage:
+    """One process of the stream, with its stderr kept apart for the error message."""
+
+    label: str
+    host: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    errfile: IO[bytes] | None = None
+    returncode: int | None = None
+    stderr: str = ""
+    killed: bool = False
+
+    def finish(self, timeout: float | None = None) -> None:
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.returncode = self.proc.wait()
+        if self.errfile is not None:
+            self.errfile.seek(0)
+            self.stderr = self.errfile.read().decode(errors="replace").strip()
+            self.errfile.close()
+            self.errfile = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode not in (0, None)
+
+
+@dataclass
+class StreamResult:
+    bytes: int
+    seconds: float
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def pipeline_script(stages: Sequence[Sequence[str]]) -> str:
+    """A POSIX sh pipeline that reports every stage's exit status and stderr.
+
+    Each command is quoted once here. After the pipeline, the script prints for each
+    stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
+    stderr, so the caller can say which stage failed and quote it.
+    """
+    parts = []
+    for i, argv in enumerate(stages):
+        parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
+    report = " ".join(str(i) for i in range(len(stages)))
+    return (
+        "d=$(mktemp -d) || exit 125; "
+        + " | ".join(parts)
+        + f"; for i in {report}; do "
+        + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
+        + 'cat "$d/e$i" >&2; done; '
+        + 'rc=0; for i in '
+        + report
+        + '; do s=$(cat "$d/s$i" 2>/dev/null || echo 255); [ "$s" = 0 ] || rc=$s; done; '
+        + 'rm -rf "$d"; exit $rc'
+    )
+
+
+def parse_pipeline_stderr(text: str, count: int) -> tuple[list[int], list[str], str]:
+    """Exit statuses and stderr per stage from :func:`pipeline_script`'s report."""
+    codes = [255] * count
+    errs = [""] * count
+    head, *blocks = text.split(f"\n{STAGE_MARK} ")
+    for block in blocks:
+        first, _, rest = block.partition("\n")
+        try:
+            index, code = (int(x) for x in first.split())
+        except ValueError:
+            continue
+        if 0 <= index < count:
+            codes[index] = code
+            errs[index] = rest.strip()
+    return codes, errs, head.strip()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Is anything on this machine listening on TCP ``port``? (no connection made:
+    mbuffer -I accepts exactly one.)"""
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                next(handle)
+                for line in handle:
+                    cols = line.split()
+                    if cols[1].endswith(want) and cols[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def _grow_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
+
+
+class Relay:
+    """Moves the stream between two processes, counting bytes, watching for stalls."""
+
+    def __init__(self, src: IO[bytes], dst: IO[bytes], stall: float, progress: ProgressFn | None):
+        self.src = src
+        self.dst = dst
+        self.stall = stall
+        self.progress = progress
+        self.count = 0
+        self.started = time.monotonic()
+        self.last_move = self.started
+        self.stalled = False
+        self.error: str | None = None
+        self._done = threading.Event()
+
+    def run(self, on_stall: Callable[[], None]) -> None:
+        watchdog = threading.Thread(target=self._watch, args=(on_stall,), daemon=True)
+        watchdog.start()
+        try:
+            self._copy()
+        finally:
+            self._done.set()
+            with contextlib.suppress(OSError):
+                self.dst.close()
+            with contextlib.suppress(OSError):
+                self.src.close()
+            watchdog.join()
+            if self.progress:
+                self.progress(self.count, time.monotonic() - self.started)
+
+    def _copy(self) -> None:
+        fin, fout = self.src.fileno(), self.dst.fileno()
+        _grow_pipe(fin)
+        _grow_pipe(fout)
+        use_splice = hasattr(os, "splice")
+        while True:
+            try:
+                if use_splice:
+                    moved = os.splice(fin, fout, CHUNK)
+                else:
+                    data = os.read(fin, CHUNK)
+                    moved = len(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fout, view) :]
+            except BrokenPipeError:
+                self.error = "the receiving side closed the stream"
+                return
+            except OSError as exc:
+                if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: not splicable
+                    use_splice = False
+                    continue
+                self.error = f"stream relay: {exc.strerror}"
+                return
+            if moved == 0:
+                return
+            self.count += moved
+            self.last_move = time.monotonic()
+
+    def _watch(self, on_stall: Callable[[], None]) -> None:
+        while not self._done.wait(1.0):
+            now = time.monotonic()
+            if self.progress:
+                self.progress(self.count, now - self.started)
+            if self.stall and now - self.last_move > self.stall:
+                self.stalled = True
+                log.error("no data moved for %.0fs: aborting the stream", now - self.last_move)
+                on_stall()
+                return
+
+
+def _spawn(stage: Stage, stdin: int | IO[bytes] | None, stdout: int | None) -> None:
+    stage.errfile = tempfile.TemporaryFile()
+    log.debug("start %s on %s: %s", stage.label, stage.host, shlex.join(stage.argv))
+    try:
+        stage.proc = subprocess.Popen(
+            stage.argv,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,
+            stderr=stage.errfile,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(stage.argv, stage.host, 127, f"{stage.argv[0]}: not installed") from exc
+
+
+def remote_argv(host: Host, argv: Sequence[str], stall: int) -> list[str]:
+    """argv that runs ``argv`` on ``host``: directly here, or through the OpenSSH client."""
+    if host.is_local:
+        return list(argv)
+    assert isinstance(host, SshHost)
+    return host.target.ssh_client_argv(shlex.join(argv), stall=stall)
+
+
+def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportError | CommandError:
+    """One error naming the stage that failed first, quoting what the tools said."""
+    if relay is not None and relay.stalled:
+        return TransportError(
+            f"the stream stalled: no data for {relay.stall:.0f}s after {relay.count} bytes; "
+            "aborted (raise the pair's stall= option if the link is that slow)"
+        )
+    failed = [s for s in stages if s.failed and not s.killed]
+    if not failed:
+        failed = [s for s in stages if s.failed]
+    if not failed:
+        return TransportError(relay.error if relay and relay.error else "the stream failed")
+    first = failed[0]
+    notes = [
+        f"{s.label} on {s.host}: {s.stderr.splitlines()[-1] if s.stderr else f'exit {s.returncode}'}"
+        for s in failed[1:]
+        if s.stderr
+    ]
+    said = first.stderr or f"no error output (exit {first.returncode})"
+    if first.label == "ssh" or (first.argv and first.argv[0] == "ssh" and first.returncode == 255):
+        return TransportError(
+            f"ssh to {first.host} failed (exit {first.returncode}): {said}"
+            + (f"; then {'; '.join(notes)}" if notes else "")
+        )
+    err = CommandError(first.argv, first.host, first.returncode or 1, said, stage=first.label)
+    if notes:
+        err.args = (f"{err}; then {'; '.join(notes)}",)
+    return err
+
+
+def _finish(stages: Sequence[Stage], relay: Relay | None, started: float) -> StreamResult:
+    for stage in reversed(stages):
+        stage.finish(timeout=None)
+    result = StreamResult(relay.count if relay else 0, time.monotonic() - started, list(stages))
+    if any(s.failed for s in stages) or (relay and (relay.stalled or relay.error)):
+        raise describe_failure(stages, relay)
+    return result
+
+
+def _kill_all(stages: Sequence[Stage]) -> Callable[[], None]:
+    def kill() -> None:
+        for stage in stages:
+            stage.kill()
+
+    return kill
+
+
+def stream_via_processes(
+    source: Host,
+    dest: Host,
+    send_argv: list[str],
+    recv_argv: list[str],
+    stall: int,
+    progress: ProgressFn | None = None,
+) -> StreamResult:
+    """``ssh`` and ``local``: sender process -> relay -> receiver process."""
+    started = time.monotonic()
+    sender = Stage("zfs send", source.name, remote_argv(source, send_argv, stall))
+    if not source.is_local:
+        sender.label = "zfs send (over ssh)"
+    receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
+    stages = [sender, receiver]
+    _spawn(receiver, subprocess.PIPE, None)
+    try:
+        _spawn(sender, None, subprocess.PIPE)
+    except BaseException:
+        receiver.kill()
+        receiver.finish()
+        raise
+    assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
+    relay = Relay(sender.proc.stdout, receiver.proc.stdin, stall, progress)
+    relay.run(_kill_all(stages))
+    if relay.error:  # the receiver went away: the sender must not wait forever
+        sender.kill()
+    _classify_ssh(sender, source)
+    return _finish(stages, relay, started)
+
+
+def _classify_ssh(stage: Stage, host: Host) -> None:
+    """The OpenSSH client exits 255 for its own failures, else with the remote status."""
+    if not host.is_local and stage.returncode is None and stage.proc is not None:
+        stage.finish()
+    if not host.is_local and stage.returncode == 255:
+        stage.label = "ssh"
+
+
+def stream_via_mbuffer(
+    source: SshHost,
+    dest: Host,
+    send_argv: list[str],
+    recv_argv: list[str],
+    stall: int,
+    port: int | None,
+    connect_host: str,
+    bwlimit: str | None = None,
+    progress: ProgressFn | None = None,
+) -> StreamResult:
+    """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
+
+    The local listener is up before the source is told to connect (no fixed sleep), and
+    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run.
+    """
+    if not dest.is_local:
+        raise TransportError("mbuffer transport needs the destination on this machine", False)
+    started = time.monotonic()
+    port = port or free_port()
+    listen = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+    listen += ["-I", f"{source.target.address}:{port}"]
+    listener = Stage("mbuffer -I", dest.name, listen)
+    receiver = Stage("zfs receive", dest.name, list(recv_argv))
+    stages = [listener, receiver]
+    _spawn(receiver, subprocess.PIPE, None)
+    try:
+        _spawn(listener, None, subprocess.PIPE)
+    except BaseException:
+        receiver.kill()
+        receiver.finish()
+        raise
+    deadline = time.monotonic() + 10
+    while not listening(port):
+        if listener.proc and listener.proc.poll() is not None:
+            receiver.kill()
+            for stage in stages:
+                stage.finish()
+            raise describe_failure(stages, None)
+        if time.monotonic() > deadline:
+            _kill_all(stages)()
+            raise TransportError(f"mbuffer did not listen on port {port} within 10s")
+        time.sleep(0.01)
+    out = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+    if bwlimit:
+        out += ["-r", bwlimit]
+    out += ["-O", f"{connect_host}:{port}"]
+    script = pipeline_script([send_argv, out])
+    remote: dict[str, object] = {}
+
+    def run_remote() -> None:
+        try:
+            remote["result"] = source.run_command(script, check=False, timeout=None)
+        except BaseException as exc:  # reported after the local side ends
+            remote["error"] = exc
+            _kill_all(stages)()
+
+    sender_thread = threading.Thread(target=run_remote, daemon=True)
+    sender_thread.start()
+    assert listener.proc and listener.proc.stdout and receiver.proc and receiver.proc.stdin
+    relay = Relay(listener.proc.stdout, receiver.proc.stdin, stall, progress)
+    relay.run(_kill_all(stages))
+    if relay.error:
+        listener.kill()
+    for stage in reversed(stages):
+        stage.finish()
+    sender_thread.join(timeout=stall + 30)
+    remote_stages = [
+        Stage("zfs send", source.name, list(send_argv)),
+        Stage("mbuffer -O", source.name, out),
+    ]
+    if "error" in remote:
+        raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
+    res = remote.get("result")
+    if res is not None:
+        codes, errs, _ = parse_pipeline_stderr(res.stderr, 2)  # type: ignore[attr-defined]
+        for stage, code, err in zip(remote_stages, codes, errs, strict=True):
+            stage.returncode, stage.stderr = code, err
+    all_stages = remote_stages + stages
+    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
+    if any(s.failed for s in all_stages) or relay.stalled or relay.error:
+        raise describe_failure(all_stages, relay)
+    return result
+
