@@ -180,7 +180,9 @@ class DirectorLab:
 
     def sql(self, statement: str, database: str | None = DB_NAME) -> list[list[str]]:
         """Run SQL as root over the socket; rows of tab-separated columns, no header."""
-        proc = run(*self._client_argv(database), "--batch", "--skip-column-names", "-e", statement)
+        proc = run(
+            *self._client_argv(database), "--batch", "--raw", "--skip-column-names", "-e", statement
+        )
         return [line.split("\t") for line in proc.stdout.splitlines()]
 
     # -- Icinga Web 2 and the Director ----------------------------------------------
