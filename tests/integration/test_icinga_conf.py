@@ -243,8 +243,16 @@ def icinga2(tmp_path: Path) -> Icinga2Sandbox:
     return Icinga2Sandbox(tmp_path / "icinga2")
 
 
+SUDO_COMMAND = """
+object CheckCommand "zettabee_lag_sudo" {
+	import "zettabee_lag"
+	command = [ "/usr/bin/sudo", "-n", PluginDir + "/check_zettabee_lag" ]
+}
+"""
+
+
 def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sandbox) -> None:
-    distributed_layout(icinga2)
+    distributed_layout(icinga2, SUDO_COMMAND)  # the README's sudo variant too
     proc = icinga2.validate()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -313,6 +321,10 @@ def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sand
     assert commands["zettabee_runtime"]["command"] == [
         f"{SYSTEM_PLUGIN_DIR}/check_zettabee_runtime"
     ]
+
+    sudo = commands["zettabee_lag_sudo"]
+    assert sudo["command"] == ["/usr/bin/sudo", "-n", f"{SYSTEM_PLUGIN_DIR}/check_zettabee_lag"]
+    assert set(sudo["arguments"]) == set(lag_command["arguments"])
 
     assert "zettabee" in icinga2.objects("ServiceGroup")
     api_user = icinga2.dumped_objects("ApiUser")["zettabee"]
