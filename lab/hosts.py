@@ -19,7 +19,9 @@ ZFS_FUSE_PIDFILE = Path("/run/zettabee-lab-zfs-fuse.pid")
 ZFS_FUSE_LOG = Path("/var/tmp/zettabee-lab-zfs-fuse.log")
 
 
-def sh(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a lab command without a shell; failures carry the tool's own message."""
     proc = subprocess.run(argv, capture_output=True, text=True, input=input)
     if check and proc.returncode != 0:
@@ -185,13 +187,14 @@ class NetnsSshHost:
         os.chmod(self.root, 0o700)
         (self.root / "authorized_keys").write_text((self.root / "client_ed25519.pub").read_text())
         host_pub = (self.root / "host_ed25519.pub").read_text().split()
-        (self.root / "known_hosts").write_text(f"{self.remote_address} {host_pub[0]} {host_pub[1]}\n")
+        (self.root / "known_hosts").write_text(
+            f"{self.remote_address} {host_pub[0]} {host_pub[1]}\n"
+        )
         # The lab host's root gets /bin/sh as login shell: a developer's heavy .bashrc
         # would otherwise run before every remote command (0.3 s each, measured).
         passwd = Path("/etc/passwd").read_text().splitlines()
         lines = [
-            ":".join(f.split(":")[:6] + ["/bin/sh"]) if f.startswith("root:") else f
-            for f in passwd
+            ":".join(f.split(":")[:6] + ["/bin/sh"]) if f.startswith("root:") else f for f in passwd
         ]
         (self.root / "passwd").write_text("\n".join(lines) + "\n")
         (self.root / "sshd_config").write_text(

@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     opts = common.add_argument_group("common options")
     opts.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                       help="pair file (default: [paths] pairs of the settings, /etc/zettabee/zettabee.cfg)")  # fmt: skip
@@ -178,7 +178,9 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
             try:
                 if action == "initialize":
                     report = replicator.initialize(pair, force=args.force)
-                    log.info("%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds))
+                    log.info(
+                        "%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds)
+                    )
                 elif action == "update":
                     report = replicator.update(pair)
                     log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
@@ -250,7 +252,14 @@ def status_lines(healths: list[Health], full: bool) -> list[str]:
         if h.running and h.status and h.status.action == "initialize":
             run = "Initializing"
         runtime = format_duration(h.runtime) if h.runtime is not None else "-"
-        row = [str(h.pair.source), str(h.pair.destination), h.state, lag, snap, f"{run} ({runtime})"]
+        row = [
+            str(h.pair.source),
+            str(h.pair.destination),
+            h.state,
+            lag,
+            snap,
+            f"{run} ({runtime})",
+        ]
         if full:
             row += [h.pair.fingerprint, h.pair.options.transport]
         rows.append(row)

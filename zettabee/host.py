@@ -178,7 +178,7 @@ class SshHost:
         else:
             client.load_system_host_keys()
         if self.accept_new_host_key:
-            client.set_missing_host_key_policy(_PinNewKey(known))
+            client.set_missing_host_key_policy(_pin_new_key_policy(known))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         started = time.monotonic()
@@ -276,7 +276,7 @@ class SshHost:
             err = chan.makefile_stderr("rb").read()
             code = chan.recv_exit_status()
             chan.close()
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise TransportError(
                 f"command on {self.name} gave no answer for {timeout:.0f}s: {command}"
             ) from exc
@@ -284,7 +284,9 @@ class SshHost:
             self._client = None
             raise TransportError(f"ssh connection to {self.name} failed: {exc}") from exc
         log.debug("  exit %d in %.3fs", code, time.monotonic() - started)
-        result = Result(argv, self.name, code, out.decode(errors="replace"), err.decode(errors="replace"))
+        result = Result(
+            argv, self.name, code, out.decode(errors="replace"), err.decode(errors="replace")
+        )
         if check and code != 0:
             raise error_for(argv, self.name, code, result.stderr)
         return result
@@ -295,26 +297,31 @@ class SshHost:
             self._client = None
 
 
-class _PinNewKey:
-    """Missing-host-key policy used only by ``setup --accept-new-host-key``."""
+def _pin_new_key_policy(known_hosts: str | None) -> paramiko.MissingHostKeyPolicy:
+    """Missing-host-key policy used only by ``setup --accept-new-host-key``: a key that
+    is not known yet is written to the known_hosts file; a changed key is still refused
+    (paramiko raises BadHostKeyException before asking the policy)."""
+    import os
 
-    def __init__(self, known_hosts: str | None) -> None:
-        self.known_hosts = known_hosts
+    import paramiko
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        import os
+    class PinNewKey(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(
+            self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+        ) -> None:
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            if known_hosts:
+                os.makedirs(os.path.dirname(known_hosts) or ".", exist_ok=True)
+                with open(known_hosts, "a") as handle:
+                    handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            log.warning(
+                "pinned new host key for %s: %s %s",
+                hostname,
+                key.get_name(),
+                key.get_fingerprint().hex(),
+            )
 
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        if self.known_hosts:
-            os.makedirs(os.path.dirname(self.known_hosts) or ".", exist_ok=True)
-            with open(self.known_hosts, "a") as handle:
-                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        log.warning(
-            "pinned new host key for %s: %s %s",
-            hostname,
-            key.get_name(),
-            key.get_fingerprint().hex(),
-        )
+    return PinNewKey()
 
 
 def is_local_host(name: str) -> bool:

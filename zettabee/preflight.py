@@ -19,7 +19,10 @@ def _check(label: str, host: Host, argv: list[str], fix: str) -> tuple[bool, str
         return False, f"  FAIL {label}: {exc}\n       fix: {fix}"
     if result.returncode != 0:
         said = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-        return False, f"  FAIL {label} on {host.name}: {said or 'exit ' + str(result.returncode)}\n       fix: {fix}"
+        return (
+            False,
+            f"  FAIL {label} on {host.name}: {said or 'exit ' + str(result.returncode)}\n       fix: {fix}",
+        )
     return True, f"  ok   {label} on {host.name}"
 
 

@@ -132,7 +132,7 @@ class Replicator:
     def _dest_view(self, pair: Pair, dst: Host) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
         """The destination's zettabee properties and snapshots, in one zfs call."""
         fs = pair.destination.fs
-        props = ["guid", "creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+        props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
         result = dst.run(zfs.get([fs], props, depth=1), check=False)
         if result.returncode != 0:
             if zfs.missing_dataset(result.stderr):
@@ -189,7 +189,7 @@ class Replicator:
                         f"destroys {fs} with all its snapshots and descendants and starts over"
                     )
                 log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
-                dst.run(zfs.destroy(fs, recursive=True))
+                destroy(dst, fs, recursive=True)
             snap = self._new_snapshot(pair, src, ssnaps)
             send = zfs.send(f"{pair.source.fs}@{snap}")
             recv = zfs.recv(fs)
@@ -226,8 +226,7 @@ class Replicator:
             common = zfs.common_snapshot(ssnaps, dsnaps)
             if common is None:
                 raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
-            newer = [s for s in dsnaps if s.creation > common.creation or (
-                s.creation == common.creation and dsnaps.index(s) > dsnaps.index(common))]
+            newer = dsnaps[dsnaps.index(common) + 1 :]
             if newer and not pair.options.rollback:
                 raise StateError(
                     f"{pair.name}: the destination has snapshots the source does not have "
@@ -340,15 +339,22 @@ class Replicator:
             dsnaps = view[1]
             ssnaps = self._source_snapshots(pair, src)
             common = zfs.common_snapshot(ssnaps, dsnaps)
-            listing = ([s.name for s in ssnaps], [s.name for s in dsnaps], common.name if common else "")
+            listing = (
+                [s.name for s in ssnaps],
+                [s.name for s in dsnaps],
+                common.name if common else "",
+            )
         src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
         names = []
-        for host, fs, doomed in ((src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)):
+        for host, fs, doomed in (
+            (src, pair.source.fs, src_doomed),
+            (dst, pair.destination.fs, dst_doomed),
+        ):
             for name in doomed:
                 full = f"{fs}@{name}"
                 names.append(f"{host.name}:{full}")
                 if not dry_run:
-                    host.run(zfs.destroy(full))
+                    destroy(host, full)
                     log.info("%s: destroyed %s:%s", pair.name, host.name, full)
         return names
 
@@ -368,9 +374,23 @@ def plan_prune(
     cut = source.index(common) if common in source else -1
     src_doomed = [n for n in src_own if n != common and source.index(n) < cut]
     dst_own = [n for n in dest if is_own_snapshot(n, fp)]
-    kept = set(dst_own[-max(1, keep):]) | {common}
+    kept = set(dst_own[-max(1, keep) :]) | {common}
     dst_doomed = [n for n in dst_own if n not in kept and dest.index(n) < dest.index(common)]
     return src_doomed, dst_doomed
+
+
+def destroy(host: Host, target: str, recursive: bool = False, attempts: int = 10) -> None:
+    """``zfs destroy``, tried again while ZFS says the dataset is busy: a mount change or a
+    process passing through it holds it for a moment (seen often on zfs-fuse)."""
+    for attempt in range(attempts):
+        result = host.run(zfs.destroy(target, recursive), check=False)
+        if result.ok:
+            return
+        if "busy" not in result.stderr or attempt == attempts - 1:
+            raise CommandError(
+                result.argv, host.name, result.returncode, result.stderr, "zfs destroy"
+            )
+        time.sleep(0.3 * (attempt + 1))
 
 
 def each_pair(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from zettabee.errors import CommandError, TransportError
-from zettabee.host import Host, SshHost, SshTarget
+from zettabee.host import Host, SshHost
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def pipeline_script(stages: Sequence[Sequence[str]]) -> str:
         + f"; for i in {report}; do "
         + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
         + 'cat "$d/e$i" >&2; done; '
-        + 'rc=0; for i in '
+        + "rc=0; for i in "
         + report
         + '; do s=$(cat "$d/s$i" 2>/dev/null || echo 255); [ "$s" = 0 ] || rc=$s; done; '
         + 'rm -rf "$d"; exit $rc'
@@ -422,4 +422,3 @@ def stream_via_mbuffer(
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result
-

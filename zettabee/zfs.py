@@ -12,6 +12,8 @@ from dataclasses import dataclass
 PROP_FINGERPRINT = "zettabee:fingerprint"
 PROP_LASTSNAP = "zettabee:lastsnap"
 PROP_SOURCE = "zettabee:source"
+# createtxg orders snapshots exactly; creation has a resolution of one second.
+SNAPSHOT_PROPS = ["guid", "creation", "createtxg"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Snapshot:
     name: str
     guid: int
     creation: int
+    txg: int = 0
 
     @property
     def full(self) -> str:
@@ -42,7 +45,7 @@ def get(targets: Sequence[str], props: Iterable[str], depth: int | None = None) 
 def list_snapshots(fs: str) -> list[str]:
     """guid and creation of ``fs`` and its snapshots (depth 1 also lists child file systems,
     which :func:`parse_snapshots` drops)."""
-    return get([fs], ["guid", "creation"], depth=1)
+    return get([fs], SNAPSHOT_PROPS, depth=1)
 
 
 def send(
@@ -108,14 +111,15 @@ def parse_get(text: str) -> dict[str, dict[str, str]]:
 
 
 def parse_snapshots(fs: str, text: str) -> list[Snapshot]:
-    """The snapshots of ``fs`` itself, oldest first (by creation, then guid order kept)."""
+    """The snapshots of ``fs`` itself, oldest first (by the transaction that made them)."""
     snaps = []
     for name, props in parse_get(text).items():
         base, _, snapname = name.partition("@")
         if base != fs or not snapname:
             continue
-        snaps.append(Snapshot(fs, snapname, int(props["guid"]), int(props["creation"])))
-    snaps.sort(key=lambda s: (s.creation, s.name))
+        txg = int(props.get("createtxg", 0))
+        snaps.append(Snapshot(fs, snapname, int(props["guid"]), int(props["creation"]), txg))
+    snaps.sort(key=lambda s: (s.txg, s.creation, s.name))
     return snaps
 
 

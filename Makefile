@@ -1,0 +1,45 @@
+# zettabee: `make demo` runs the main job on a built-in lab; `make test` runs every check.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+
+.PHONY: deps demo demo-clean test lint unit integration bench clean
+
+deps: $(STAMPS)/apt $(STAMPS)/venv
+
+$(STAMPS)/apt: scripts/apt-packages.txt scripts/install-deps
+	./scripts/install-deps
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/venv: setup.cfg pyproject.toml $(STAMPS)/apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@mkdir -p $(STAMPS) && touch $@
+
+demo: deps
+	$(PY) -m lab.demo
+
+demo-clean: deps
+	$(PY) -m lab.demo --clean
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy zettabee nsca
+
+unit: deps
+	$(PY) -m pytest tests/unit
+
+integration: deps
+	$(PY) -m pytest -m integration
+
+test: lint
+	$(PY) -m pytest
+
+bench: deps
+	$(PY) bench/bench_update.py
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

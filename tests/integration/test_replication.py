@@ -1,0 +1,286 @@
+"""The engine on the real lab: zfs-fuse pools, the source reached over real SSH."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Zb, write_random
+
+pytestmark = pytest.mark.integration
+
+
+def snapshots(fs: str) -> list[str]:
+    out = subprocess.run(
+        ["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", fs],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return [n.split("@", 1)[1] for n in out if n.startswith(f"{fs}@")]
+
+
+def zget(target: str, prop: str) -> str:
+    return subprocess.run(
+        ["zfs", "get", "-Hp", "-o", "value", prop, target], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_remote_snapshot_and_full_stream_over_ssh(zb: Zb) -> None:
+    """The lab's promise: a snapshot made over SSH, a full stream received, same files."""
+    fs = zb.make_source(mb=8)
+    zb.src.run("zfs", "snapshot", f"{fs}@lab")
+    assert "lab" in snapshots(fs)
+    send = zb.src.ssh_argv("zfs", "send", f"{fs}@lab")
+    sender = subprocess.Popen(send, stdout=subprocess.PIPE)
+    recv = subprocess.run(["zfs", "receive", zb.dst_fs()], stdin=sender.stdout, capture_output=True)
+    assert sender.wait() == 0 and recv.returncode == 0, recv.stderr
+    zb.assert_same_data()
+
+
+@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+def test_initialize_then_updates_keep_the_data_identical(zb: Zb, transport: str) -> None:
+    zb.make_source(mb=100)
+    zb.write_pairs(zb.pair_line(options=f"transport={transport}"))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""  # quiet on success
+    zb.assert_same_data()
+    with pytest.raises(OSError, match="Read-only"):
+        (zb.dst_dir() / "intruder").write_text("x")  # the replica is read-only
+    assert zget(zb.dst_fs(), "zettabee:fingerprint") == zb.fingerprint()
+
+    src = zb.src_dir()
+    write_random(src / "added.bin", 3)
+    (src / "note.txt").write_text("changed\n")
+    with open(src / "random.bin", "r+b") as handle:
+        handle.seek(1 << 20)
+        handle.write(os.urandom(4096))
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    zb.assert_same_data()
+
+    (src / "added.bin").unlink()
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    assert not (zb.dst_dir() / "added.bin").exists()
+
+    # nothing changed: still correct, and our old snapshots are pruned on both sides
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    assert len(snapshots(zb.src_fs())) == 1
+    assert len(snapshots(zb.dst_fs())) == 1
+    assert snapshots(zb.src_fs()) == snapshots(zb.dst_fs())
+    assert zget(zb.dst_fs(), "zettabee:lastsnap") == snapshots(zb.dst_fs())[0]
+
+
+def test_local_transport(zb: Zb) -> None:
+    zb.make_source(mb=4)
+    line = f"localhost:{zb.src_fs()}  localhost:{zb.dst_fs()}  transport=local"
+    zb.write_pairs(line)
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    (zb.src_dir() / "x").write_text("x")
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+
+
+def test_status_columns_json_and_all_pairs(zb: Zb) -> None:
+    zb.make_source("a", mb=1)
+    zb.make_source("b", mb=1)
+    zb.write_pairs(zb.pair_line("a"), zb.pair_line("b", "transport=mbuffer,port=19555"))
+    assert zb.run("initialize", zb.dst_fs("a")).returncode == 0
+    out = zb.run("status")
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    first = lines[0].split()
+    assert first[0] == f"{zb.src.address}:{zb.src_fs('a')}"
+    assert first[2] == "Synchronized"
+    assert first[4].startswith("zettabee.") and first[4].endswith(":-")
+    assert "Uninitialized" in lines[1] and ":19555" in lines[1]
+    full = zb.run("status", "--fullstatus", zb.dst_fs("a")).stdout
+    assert zb.fingerprint("a") in full
+    data = json.loads(zb.run("status", "--json").stdout)
+    assert [d["state"] for d in data] == ["Synchronized", "Uninitialized"]
+    assert data[0]["lag"] is not None and 0 <= data[0]["lag"] < 120
+
+
+def test_actions_output_and_exit_codes(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line())
+    fp = zb.fingerprint()
+    assert len(fp) == 32
+    log = zb.run("logfile", zb.dst_fs().split("/")[-1])  # last component, as the seed allowed
+    assert log.returncode == 0 and log.stdout.strip().endswith(f"{fp}.log")
+    assert zb.run("update", zb.dst_fs()).returncode == 1  # not initialized yet
+    assert "zettabee initialize" in zb.run("update", zb.dst_fs()).stderr
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    again = zb.run("initialize", zb.dst_fs())
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert Path(log.stdout.strip()).read_text().count("initialized") >= 1
+    unknown = zb.run("update", "no-such-pair")
+    assert unknown.returncode == 2 and "no-such-pair" in unknown.stderr
+    assert zb.run("bogus-action").returncode == 2
+    assert zb.run("unlock", zb.dst_fs()).stdout.strip().endswith("not locked")
+    help_text = zb.run("initialize", "--help").stdout
+    assert "DESTROYS" in help_text
+
+
+def test_initialize_force_replaces_destination(zb: Zb) -> None:
+    zb.make_source(mb=2)
+    zb.write_pairs(zb.pair_line())
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    out = zb.run("initialize", "--force", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+
+
+def test_bad_config_reported_and_good_pairs_still_replicate(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(
+        zb.pair_line(),
+        "badhost;rm:tank/x  localhost:tdstpool/y",
+        f"{zb.src.address}:{zb.src_fs('other')}  localhost:$(reboot)/x",
+        f"{zb.src.address}:{zb.src_fs('z')}  localhost:tdstpool/z  transport=pigeon",
+    )
+    check = zb.run("check-config")
+    assert check.returncode == 2
+    assert f"{zb.pairfile}:2" in check.stderr and f"{zb.pairfile}:4" in check.stderr
+    assert "pigeon" in check.stderr
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    (zb.src_dir() / "more").write_text("more")
+    upd = zb.run("update", "--all")
+    assert upd.returncode == 1  # the broken lines are reported: not a silent success
+    assert f"{zb.pairfile}:3" in upd.stderr
+    zb.assert_same_data()
+
+
+def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line())
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    subprocess.run(["zfs", "snapshot", f"{zb.dst_fs()}@local-extra"], check=True)
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 1
+    assert "local-extra" in out.stderr and "rollback=yes" in out.stderr
+    assert "local-extra" in snapshots(zb.dst_fs())  # nothing destroyed silently
+    zb.write_pairs(zb.pair_line(options="rollback=yes"))
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+
+
+def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line())
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    for snap in snapshots(zb.src_fs()):
+        zb.src.run("zfs", "destroy", f"{zb.src_fs()}@{snap}")
+    before = snapshots(zb.dst_fs())
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 1
+    assert "no common snapshot" in out.stderr and "initialize --force" in out.stderr
+    assert snapshots(zb.dst_fs()) == before
+
+
+def test_purge_keeps_the_common_snapshot_and_dry_run_destroys_nothing(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line(options="keep=3"))
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    for _ in range(4):
+        time.sleep(1.05)
+        assert zb.run("update", zb.dst_fs()).returncode == 0
+    assert len(snapshots(zb.dst_fs())) == 3
+    zb.write_pairs(zb.pair_line(options="keep=1"))
+    dry = zb.run("purge", "--dry-run", zb.dst_fs())
+    assert dry.returncode == 0
+    assert dry.stdout.count("would destroy") == 2
+    assert len(snapshots(zb.dst_fs())) == 3
+    assert zb.run("purge", zb.dst_fs()).returncode == 0
+    assert snapshots(zb.dst_fs()) == snapshots(zb.src_fs())
+    assert len(snapshots(zb.dst_fs())) == 1
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+
+
+def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line(options="bwlimit=2M,transport=mbuffer"))
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    write_random(zb.src_dir() / "big.bin", 40)
+    proc = zb.popen("zettabee", "update", zb.dst_fs())
+    fp = zb.fingerprint()
+    progress = zb.tmp / "state" / f"{fp}.progress"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("bytes", 0) > 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the transfer never started")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = zb.run("status", zb.dst_fs())
+    assert "Interrupted" in status.stdout
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    assert "Idle" in zb.run("status", zb.dst_fs()).stdout
+
+
+def test_two_concurrent_updates_of_one_pair(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line(options="bwlimit=1M,transport=mbuffer"))
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    write_random(zb.src_dir() / "big.bin", 8)
+    first = zb.popen("zettabee", "update", zb.dst_fs())
+    lock = zb.tmp / "run" / f"{zb.fingerprint()}.lock"
+    deadline = time.monotonic() + 30
+    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = zb.run("update", zb.dst_fs())
+    assert second.returncode == 3
+    assert "in progress" in second.stderr and str(first.pid) in second.stderr
+    unlock = zb.run("unlock", zb.dst_fs())
+    assert unlock.returncode == 3 and "refuses" in unlock.stderr
+    assert first.wait(timeout=120) == 0, first.stderr.read() if first.stderr else ""
+    zb.assert_same_data()
+
+
+def test_stage_errors_quote_the_tool(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    zb.write_pairs(zb.pair_line())
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    subprocess.run(["zfs", "set", "readonly=off", zb.dst_fs()], check=True)
+    (zb.dst_dir() / "local-change").write_text("oops")
+    (zb.src_dir() / "x").write_text("x")
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 1
+    assert "modified" in out.stderr and "rollback=yes" in out.stderr
+    assert (zb.dst_dir() / "local-change").exists()  # nothing discarded without consent
+
+
+def test_unknown_host_key_is_refused(zb: Zb) -> None:
+    zb.make_source(mb=1)
+    empty = zb.tmp / "empty_known_hosts"
+    empty.write_text("")
+    zb.write_pairs(zb.pair_line(options=f"knownhosts={empty}"))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 1
+    assert "unknown" in out.stderr and "--accept-new-host-key" in out.stderr
+    setup = zb.run("setup", "--accept-new-host-key", zb.dst_fs())
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert zb.src.address in empty.read_text()
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    zb.assert_same_data()
