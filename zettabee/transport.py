@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import shlex
 import signal
 import socket
@@ -194,7 +195,16 @@ class Relay:
         _grow_pipe(fin)
         _grow_pipe(fout)
         use_splice = hasattr(os, "splice")
+        poller = select.poll()
+        poller.register(fin, select.POLLIN | select.POLLHUP | select.POLLERR)
         while True:
+            # Wait with a timeout, so a stall aborts the relay even when the stuck writer
+            # is a grandchild that killing our child does not reach.
+            if not poller.poll(500):
+                if self.stalled:
+                    self.error = "aborted: the stream stalled"
+                    return
+                continue
             try:
                 if use_splice:
                     moved = os.splice(fin, fout, CHUNK)

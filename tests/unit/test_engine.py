@@ -1,0 +1,256 @@
+"""Unit tests of the engine's pure parts: argv builders, parsers, pruning, pipelines, state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from zettabee import transport, zfs
+from zettabee.errors import LockHeld
+from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, read_health
+from zettabee.host import Result, SshTarget, error_for
+from zettabee.pair import Endpoint, Pair, fingerprint, parse_snapshot_name, snapshot_name
+from zettabee.replicator import plan_prune
+from zettabee.state import INTERRUPTED, RUNNING, StateStore, Status
+
+FP = "0123456789abcdef0123456789abcdef"
+
+
+def snap(fp: str, stamp: str) -> str:
+    return f"zettabee.{fp}.{stamp}"
+
+
+# -- zfs argv builders ---------------------------------------------------------------
+
+
+def test_send_argv() -> None:
+    assert zfs.send("p/fs@b") == ["zfs", "send", "p/fs@b"]
+    assert zfs.send("p/fs@b", base="p/fs@a") == ["zfs", "send", "-i", "p/fs@a", "p/fs@b"]
+    assert zfs.send("p/fs@b", base="p/fs@a", intermediate=True, raw=True) == [
+        "zfs", "send", "-w", "-I", "p/fs@a", "p/fs@b",
+    ]  # fmt: skip
+
+
+def test_recv_get_destroy_argv() -> None:
+    assert zfs.recv("d/fs") == ["zfs", "receive", "d/fs"]
+    assert zfs.recv("d/fs", force=True, resumable=True) == ["zfs", "receive", "-F", "-s", "d/fs"]
+    assert zfs.get(["a", "b"], ["guid", "creation"], depth=1) == [
+        "zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", "guid,creation", "--", "a", "b",
+    ]  # fmt: skip
+    assert zfs.destroy("p/fs@s") == ["zfs", "destroy", "p/fs@s"]
+    with pytest.raises(ValueError, match="without -r"):
+        zfs.destroy("p/fs")
+    assert zfs.set_prop("p/fs", "readonly", "on") == ["zfs", "set", "readonly=on", "p/fs"]
+
+
+ZFS_GET = (
+    "p/fs\tguid\t111\n"
+    "p/fs\tcreation\t1000\n"
+    "p/fs@b\tguid\t3\n"
+    "p/fs@b\tcreation\t1005\n"
+    "p/fs@b\tcreatetxg\t40\n"
+    "p/fs@a\tguid\t2\n"
+    "p/fs@a\tcreation\t1005\n"
+    "p/fs@a\tcreatetxg\t30\n"
+    "p/fs/child\tguid\t9\n"
+    "p/fs/child\tcreation\t1006\n"
+)
+
+
+def test_parse_snapshots_orders_by_txg_and_drops_children() -> None:
+    snaps = zfs.parse_snapshots("p/fs", ZFS_GET)
+    assert [s.name for s in snaps] == ["a", "b"]
+    assert snaps[1].full == "p/fs@b" and snaps[1].guid == 3 and snaps[1].creation == 1005
+
+
+def test_parse_get_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="unexpected"):
+        zfs.parse_get("no tabs here\n")
+
+
+def test_common_snapshot_by_guid_not_name() -> None:
+    src = [zfs.Snapshot("s", "a", 1, 10), zfs.Snapshot("s", "b", 2, 20)]
+    dst = [zfs.Snapshot("d", "a", 1, 10), zfs.Snapshot("d", "b", 99, 20)]
+    common = zfs.common_snapshot(src, dst)
+    assert common is not None and common.name == "a"
+    assert zfs.common_snapshot(src, [zfs.Snapshot("d", "x", 5, 1)]) is None
+
+
+# -- pair identity and snapshot names ------------------------------------------------
+
+
+def test_fingerprint_is_the_seeds_md5() -> None:
+    import hashlib
+
+    fp = fingerprint(Endpoint("src", "tank/a"), Endpoint("dst", "backup/a"))
+    assert fp == hashlib.md5(b"src:tank/a::dst:backup/a").hexdigest()
+
+
+def test_snapshot_names_are_utc_and_round_trip() -> None:
+    from datetime import timedelta, timezone
+
+    when = datetime(2026, 3, 29, 2, 30, 0, tzinfo=timezone(timedelta(hours=2)))
+    name = snapshot_name(FP, when)
+    assert name == f"zettabee.{FP}.20260329T003000Z"
+    parsed = parse_snapshot_name(f"tank/a@{name}")
+    assert parsed == (FP, datetime(2026, 3, 29, 0, 30, tzinfo=UTC))
+    assert parse_snapshot_name("zettabee.nothex.20260329T003000Z") is None
+    with pytest.raises(ValueError):
+        snapshot_name(FP, datetime(2026, 1, 1))
+
+
+# -- pruning -------------------------------------------------------------------------
+
+
+def test_plan_prune_never_takes_the_common_snapshot() -> None:
+    a, b, c = (snap(FP, f"2026010{i}T000000Z") for i in (1, 2, 3))
+    other = snap("f" * 32, "20260101T000000Z")
+    src_doomed, dst_doomed = plan_prune(FP, [a, "manual", b, c], [a, other, b, c], c, keep=2)
+    assert src_doomed == [a, b]
+    assert dst_doomed == [a]  # keeps b and c; never touches other pairs' or manual snapshots
+    assert plan_prune(FP, [a, b], [a, b], "", keep=1) == ([], [])
+    _, dst_doomed = plan_prune(FP, [a, b, c], [a, b, c], b, keep=1)
+    assert dst_doomed == [a]  # c is newer than the common snapshot: not ours to judge here
+
+
+# -- remote pipelines ------------------------------------------------------------------
+
+
+def test_pipeline_script_reports_each_stage(tmp_path: Path) -> None:
+    script = transport.pipeline_script(
+        [["sh", "-c", "echo data; echo send-broke >&2; exit 3"], ["cat"]]
+    )
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == "data\n"
+    codes, errs, _ = transport.parse_pipeline_stderr(proc.stderr, 2)
+    assert codes == [3, 0]
+    assert errs == ["send-broke", ""]
+
+
+def test_pipeline_script_quotes_hostile_arguments(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    hostile = f"x; touch {target}; $(touch {target}) `touch {target}` 'q\" \n"
+    script = transport.pipeline_script([["printf", "%s", hostile], ["cat"]])
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert proc.stdout == hostile
+    assert not target.exists()
+
+
+def test_ssh_client_argv_quotes_once() -> None:
+    argv = SshTarget("[fe80::1]", 2222, "zb", "/k", "/kh").ssh_client_argv("zfs send 'a b'")
+    assert argv[:3] == ["ssh", "-p", "2222"]
+    assert argv[-3:] == ["fe80::1", "--", "zfs send 'a b'"]
+    assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/kh" in argv
+
+
+def test_errors_carry_the_tools_message() -> None:
+    err = error_for(["zfs", "destroy", "p@s"], "h", 1, "cannot destroy 'p@s': dataset is busy\n")
+    assert "zfs destroy on h failed (exit 1): cannot destroy 'p@s': dataset is busy" == str(err)
+
+
+def test_relay_counts_and_detects_stall() -> None:
+    sender = subprocess.Popen(
+        ["sh", "-c", "head -c 3000000 /dev/zero; sleep 30"], stdout=subprocess.PIPE
+    )
+    receiver = subprocess.Popen(["wc", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert sender.stdout and receiver.stdin
+    relay = transport.Relay(sender.stdout, receiver.stdin, stall=1.5, progress=None)
+    relay.run(on_stall=sender.kill)
+    assert relay.stalled and relay.count == 3000000
+    assert receiver.stdout and receiver.stdout.read().strip() == b"3000000"
+    receiver.wait()
+    sender.wait()
+
+
+# -- state ---------------------------------------------------------------------------
+
+
+def store(tmp_path: Path) -> StateStore:
+    return StateStore(tmp_path / "state", tmp_path / "run", tmp_path / "log")
+
+
+def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path) -> None:
+    st = store(tmp_path)
+    child = subprocess.Popen(
+        ["python3", "-c", "import fcntl,os,sys,time,json;"
+         f"fd=os.open('{tmp_path}/run/{FP}.lock', os.O_RDWR|os.O_CREAT);"
+         "fcntl.flock(fd, fcntl.LOCK_EX);"
+         "os.write(fd, json.dumps({'pid': os.getpid(), 'action': 'update'}).encode());"
+         "print('locked', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    (tmp_path / "run").mkdir(exist_ok=True)
+    try:
+        assert child.stdout and child.stdout.readline().strip() == "locked"
+        with pytest.raises(LockHeld, match=f"pid {child.pid}"), st.lock(FP, "p", "update"):
+            pass
+        holder = st.lock_holder(FP)
+        assert holder is not None and holder["pid"] == child.pid
+        with pytest.raises(LockHeld, match="refuses"):
+            st.unlock(FP, "p")
+    finally:
+        child.kill()
+        child.wait()
+    assert st.lock_holder(FP) is None  # the kernel released it with the process
+    with st.lock(FP, "p", "update"):
+        assert st.lock_holder(FP) is not None
+
+
+def test_status_file_is_atomic_and_survives_corruption(tmp_path: Path) -> None:
+    st = store(tmp_path)
+    st.write_status(Status(FP, pair="a -> b", state=RUNNING, pid=999999999))
+    data = json.loads(st.status_path(FP).read_text())
+    assert data["state"] == "running" and data["pid"] == 999999999
+    status = st.read_status(FP)
+    assert status.effective_state(lock_held=False) == INTERRUPTED
+    assert oct(os.stat(st.status_path(FP)).st_mode & 0o777) == "0o640"
+    st.status_path(FP).write_text('{"state": "idl')
+    broken = st.read_status(FP)
+    assert "unreadable" in broken.corrupt and broken.state == "idle"
+    assert "cleared" in st.unlock(FP, "p")
+    assert st.read_status(FP).corrupt == ""
+
+
+# -- health from one zfs get ---------------------------------------------------------
+
+
+class FakeHost:
+    name = "localhost"
+    is_local = True
+
+    def __init__(self, stdout: str, returncode: int = 0, stderr: str = "") -> None:
+        self.stdout, self.returncode, self.stderr = stdout, returncode, stderr
+        self.calls: list[list[str]] = []
+
+    def run(self, argv: list[str], **_: object) -> Result:
+        self.calls.append(list(argv))
+        return Result(list(argv), self.name, self.returncode, self.stdout, self.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def test_health_reads_every_pair_with_one_zfs_call(tmp_path: Path) -> None:
+    pairs = [Pair(Endpoint("s", f"t/{n}"), Endpoint("d", f"b/{n}")) for n in ("x", "y", "z")]
+    x, y = pairs[0], pairs[1]
+    sx = snap(x.fingerprint, "20260101T000000Z")
+    sy = snap(y.fingerprint, "20260101T000000Z")
+    out = (
+        f"b/x\tcreation\t900\nb/x\tzettabee:fingerprint\t{x.fingerprint}\n"
+        f"b/x\tzettabee:lastsnap\t{sx}\nb/x@{sx}\tcreation\t1000\n"
+        f"b/y\tcreation\t900\nb/y\tzettabee:fingerprint\t{'e' * 32}\n"
+        f"b/y\tzettabee:lastsnap\t{sy}\nb/y@{sy}\tcreation\t1000\n"
+    )
+    host = FakeHost(out, 1, "cannot open 'b/z': dataset does not exist")
+    healths = read_health(pairs, store(tmp_path), host=host, now=1300)  # type: ignore[arg-type]
+    assert len(host.calls) == 1
+    assert [h.state for h in healths] == [SYNCHRONIZED, INCONSISTENT, UNINITIALIZED]
+    assert healths[0].lag == 300 and healths[0].lastsnap == sx
+    assert "fingerprint" in healths[1].reason
+    assert "initialize" in healths[2].reason
