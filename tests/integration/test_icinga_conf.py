@@ -625,3 +625,85 @@ def test_nagios_rejects_a_service_without_its_command(nagios: NagiosSandbox) -> 
     assert proc.returncode != 0
     assert "zettabee-no-result" in proc.stdout
     assert "Total Errors:   0" not in proc.stdout
+
+
+RUN_HOST = """
+define host {
+    host_name               backup1
+    address                 127.0.0.1
+    check_command           check-host-alive
+    check_period            24x7
+    max_check_attempts      1
+    active_checks_enabled   0
+    notification_period     24x7
+    contact_groups          admins
+}
+
+define service {
+    use                     zettabee-passive-service
+    host_name               backup1
+    service_description     zettabee lag backup/data
+    contact_groups          admins
+    freshness_threshold     2
+}
+
+define service {
+    use                     zettabee-passive-service
+    host_name               backup1
+    service_description     zettabee lag backup/home
+    contact_groups          admins
+}
+"""
+
+
+def test_nagios_raises_the_stale_alarm_and_takes_results(nagios: NagiosSandbox) -> None:
+    """Nagios 4 run for a few seconds: a passive service without results goes UNKNOWN
+    through the freshness check (active checks disabled); a submitted result under
+    the agreed name is taken as it is."""
+    hosts = nagios.root / "run-hosts.cfg"
+    hosts.write_text(RUN_HOST)
+    config = nagios.write_config(NAGIOS_CONF / "commands.cfg", NAGIOS_CONF / "templates.cfg", hosts)
+    with config.open("a") as cfg:
+        cfg.write(
+            "service_freshness_check_interval=1\n"
+            "additional_freshness_latency=0\n"
+            "check_result_reaper_frequency=1\n"
+            "retain_state_information=0\n"
+            "log_passive_checks=1\n"
+        )
+    log = nagios.root / "nagios.log"
+    pipe = nagios.root / "nagios.cmd"
+    stale = "SERVICE ALERT: backup1;zettabee lag backup/data;UNKNOWN;HARD;1;UNKNOWN: No result"
+    # Nagios 4.4 logs the output of a passive result as "(null)": the state must do.
+    passive = "PASSIVE SERVICE CHECK: backup1;zettabee lag backup/home;0;"
+    daemon = subprocess.Popen(
+        ["nagios4", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not pipe.exists():
+            assert daemon.poll() is None, log.read_text() if log.exists() else "nagios4 exited"
+            assert time.monotonic() < deadline, "nagios4 did not open its command file"
+            time.sleep(0.1)
+        with pipe.open("w") as command:
+            command.write(
+                f"[{int(time.time())}] PROCESS_SERVICE_CHECK_RESULT;backup1;"
+                "zettabee lag backup/home;0;ZETTABEE_LAG OK - backup/home lag 300s"
+                " | lag=300s;3600;7200;0\n"
+            )
+        while time.monotonic() < deadline:
+            text = log.read_text()
+            if stale in text and passive in text:
+                break
+            time.sleep(0.2)
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    text = log.read_text()
+    assert stale in text, text
+    assert "for 'zettabee lag backup/data' in time: the cron job stopped running" in text
+    assert passive in text, text
+    assert "SERVICE ALERT: backup1;zettabee lag backup/home" not in text
