@@ -103,6 +103,7 @@ class ZfsLab:
         record = LabRecord(name=self.layout.name, root=str(self.root))
         record.zfs_fuse_pid = ZfsServer.ensure()
         record.save(self.record_path)
+        self._shared_mount_root()
         for pool in (self.layout.src_pool, self.layout.dst_pool):
             ZfsServer.create_pool(
                 pool, self.root / "pools" / f"{pool}.img", self.root / "mnt" / pool, self.pool_size
@@ -132,9 +133,22 @@ class ZfsLab:
                 stop_pid(record.zfs_fuse_pid, wait=20)
             else:
                 self._hand_over_zfs_fuse(record.zfs_fuse_pid)
+        mnt = self.root / "mnt"
+        while sh("mountpoint", "-q", str(mnt), check=False).returncode == 0:
+            sh("umount", "-l", str(mnt), check=False)
         for leftover in ("pools", "mnt"):
             shutil.rmtree(self.root / leftover, ignore_errors=True)
         self.record_path.unlink(missing_ok=True)
+
+    def _shared_mount_root(self) -> None:
+        """The pools mount below a shared bind mount, so that mounts zfs-fuse makes later
+        reach the source host's sshd (its mount namespace is a slave of this one) and
+        unmounts leave nothing pinned there."""
+        mnt = self.root / "mnt"
+        mnt.mkdir(parents=True, exist_ok=True)
+        if sh("mountpoint", "-q", str(mnt), check=False).returncode != 0:
+            sh("mount", "--bind", str(mnt), str(mnt))
+        sh("mount", "--make-shared", str(mnt))
 
     def _hand_over_zfs_fuse(self, pid: int) -> None:
         """Another lab still has pools: the last one down stops the daemon."""
