@@ -220,7 +220,11 @@ class Icinga2Daemon:
     # life cycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> Icinga2Daemon:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # __exit__ will not run: do not leave the directory behind
+            raise
 
     def __exit__(
         self,

@@ -137,7 +137,11 @@ class NscaDaemon:
     # life cycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> NscaDaemon:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # __exit__ will not run: do not leave the directory behind
+            raise
 
     def __exit__(
         self,
