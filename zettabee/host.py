@@ -10,6 +10,7 @@ import logging
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,9 +117,21 @@ class SshTarget:
     def address(self) -> str:
         return self.host[1:-1] if self.host.startswith("[") else self.host
 
-    def ssh_client_argv(self, remote_command: str, stall: int = 300) -> list[str]:
-        """The OpenSSH client argv for the data stream: same key, port and known_hosts."""
+    def ssh_client_argv(
+        self,
+        remote_command: str | None,
+        stall: int = 300,
+        control_path: str | None = None,
+        master: bool = False,
+    ) -> list[str]:
+        """The OpenSSH client argv for the data stream: same key, port and known_hosts.
+
+        With ``control_path`` the stream rides on a master connection opened earlier (and
+        falls back to a connection of its own when that master is not there)."""
         argv = ["ssh", "-p", str(self.port)]
+        if control_path:
+            argv += ["-o", f"ControlPath={control_path}"]
+            argv += ["-o", f"ControlMaster={'yes' if master else 'no'}"]
         if self.key:
             argv += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
         if self.known_hosts:
@@ -132,11 +145,10 @@ class SshTarget:
             "-o", f"ServerAliveCountMax={max(2, stall // interval)}",
             "-o", "Compression=no",
             "-l", self.user,
-            self.address,
-            "--",
-            remote_command,
         ]  # fmt: skip
-        return argv
+        if remote_command is None:
+            return [*argv, "-N", self.address]
+        return [*argv, self.address, "--", remote_command]
 
 
 class SshHost:
@@ -154,8 +166,18 @@ class SshHost:
         self.accept_new_host_key = accept_new_host_key
         self._client: paramiko.SSHClient | None = None
         self.connections = 0
+        # replicate's worker threads share this host. paramiko's Transport is safe for
+        # channels opened and used from several threads; the lazy connect here is not:
+        # without the lock two threads would each open a connection.
+        self._connect_lock = threading.Lock()
+        self._master: subprocess.Popen[bytes] | None = None
+        self._mux_dir: str | None = None
 
     def _connect(self) -> paramiko.SSHClient:
+        with self._connect_lock:
+            return self._connect_once()
+
+    def _connect_once(self) -> paramiko.SSHClient:
         if self._client is not None:
             transport = self._client.get_transport()
             if transport is not None and transport.is_active():
@@ -291,10 +313,56 @@ class SshHost:
             raise error_for(argv, self.name, code, result.stderr)
         return result
 
+    def open_stream_master(self) -> None:
+        """Start the OpenSSH connection the data stream will use, in the background.
+
+        Its handshake (0.2-0.3 s) then overlaps the control work (listing, snapshot)
+        instead of adding to every update."""
+        import tempfile
+
+        with self._connect_lock:
+            if self._master is not None:
+                return
+            self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
+            argv = self.target.ssh_client_argv(None, control_path=self._control_path(), master=True)
+            log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
+            self._master = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def _control_path(self) -> str:
+        assert self._mux_dir is not None
+        return f"{self._mux_dir}/m"
+
+    def stream_argv(self, remote_command: str, stall: int) -> list[str]:
+        """argv of an OpenSSH client that runs ``remote_command`` for the data stream."""
+        if self._master is not None and self._master.poll() is None:
+            return self.target.ssh_client_argv(
+                remote_command, stall, control_path=self._control_path()
+            )
+        return self.target.ssh_client_argv(remote_command, stall)
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._master is not None:
+            self._master.terminate()
+            try:
+                self._master.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._master.kill()
+                self._master.wait()
+            self._master = None
+        if self._mux_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._mux_dir, ignore_errors=True)
+            self._mux_dir = None
 
 
 def _pin_new_key_policy(known_hosts: str | None) -> paramiko.MissingHostKeyPolicy:

@@ -113,6 +113,10 @@ class Replicator:
 
         return report
 
+    def _early_stream_connection(self, pair: Pair, src: Host) -> None:
+        if pair.options.transport == "ssh" and isinstance(src, SshHost):
+            src.open_stream_master()
+
     def _stream(
         self, pair: Pair, src: Host, dst: Host, send: list[str], recv: list[str]
     ) -> transport.StreamResult:
@@ -178,6 +182,7 @@ class Replicator:
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
+            self._early_stream_connection(pair, src)
             ssnaps = self._source_snapshots(pair, src)
             view = self._dest_view(pair, dst)
             fs = pair.destination.fs
@@ -213,6 +218,7 @@ class Replicator:
             t0 = time.monotonic()
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
+            self._early_stream_connection(pair, src)
             view = self._dest_view(pair, dst)
             if view is None:
                 raise StateError(

@@ -260,7 +260,7 @@ def remote_argv(host: Host, argv: Sequence[str], stall: int) -> list[str]:
     if host.is_local:
         return list(argv)
     assert isinstance(host, SshHost)
-    return host.target.ssh_client_argv(shlex.join(argv), stall=stall)
+    return host.stream_argv(shlex.join(argv), stall=stall)
 
 
 def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportError | CommandError:
