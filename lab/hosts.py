@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from zettabee.state import pid_alive
+
 ZFS_FUSE_PIDFILE = Path("/run/zettabee-lab-zfs-fuse.pid")
 ZFS_FUSE_LOG = Path("/var/tmp/zettabee-lab-zfs-fuse.log")
 
@@ -27,22 +29,6 @@ def sh(
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().split(") ", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def stop_pid(pid: int | None, wait: float = 10.0) -> None:

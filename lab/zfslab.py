@@ -89,7 +89,7 @@ class ZfsLab:
         record = LabRecord.load(self.record_path)
         if record is None:
             return False
-        from lab.hosts import pid_alive
+        from zettabee.state import pid_alive
 
         pools = ZfsServer.pools()
         return pid_alive(record.sshd_pid) and all(p in pools for p in record.pools)
