@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Wall time and peak memory of the check plugins, run as Nagios runs them, on a lab pair.
+
+Each plugin file is executed directly (shebang, bare environment, ``--settings``) 50 times
+after two warm-up runs; wall time is measured around fork-exec-wait, and the peak RSS is
+the child's own ``ru_maxrss`` from ``wait4``. For scale, the same is measured for a bare
+``python3 -c pass`` and for importing ``zettabee.checks`` alone.
+
+Appends one JSON line to bench/results/plugins.jsonl and prints a table.
+Targets (issue 4): median <= 80 ms and peak RSS <= 25 MB per plugin run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lab.zfslab import ZfsLab  # noqa: E402
+
+TARGET_MS = 80.0
+TARGET_MB = 25.0
+
+
+def describe_machine() -> dict[str, object]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "",
+    )
+    zfs = "zfs-fuse" if Path("/usr/sbin/zfs-fuse").exists() else "openzfs"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "zfs": zfs,
+    }
+
+
+def measure(argv: list[str], env: dict[str, str], runs: int, warmup: int = 2) -> dict[str, object]:
+    """Median/p90 wall milliseconds and peak RSS (MiB) of ``argv`` over ``runs`` runs."""
+    walls: list[float] = []
+    rss: list[float] = []
+    codes: dict[str, int] = {}
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if i < warmup:
+            continue
+        walls.append(elapsed * 1000)
+        rss.append(usage.ru_maxrss / 1024)  # KiB on Linux
+        codes[str(proc.returncode)] = codes.get(str(proc.returncode), 0) + 1
+    walls.sort()
+    return {
+        "runs": runs,
+        "median_ms": round(statistics.median(walls), 1),
+        "p90_ms": round(walls[int(len(walls) * 0.9) - 1], 1),
+        "min_ms": round(walls[0], 1),
+        "peak_rss_mib": round(max(rss), 1),
+        "median_rss_mib": round(statistics.median(rss), 1),
+        "exit_codes": codes,
+    }
+
+
+def set_up_pair(lab: ZfsLab, tmp: Path) -> tuple[Path, str]:
+    src, name = lab.source, "bench-plugins"
+    ssh = Path(src.key).parent
+    settings = tmp / "zettabee.ini"
+    settings.write_text(
+        f"[paths]\npairs = {tmp}/pairs.cfg\nstate_dir = {tmp}/state\nlog_dir = {tmp}/log\n"
+        f"lock_dir = {tmp}/run\nspool_dir = {tmp}/spool\nknown_hosts = {ssh}/known_hosts\n"
+        f"[defaults]\nsshkey = {ssh}/client_ed25519\n"
+    )
+    dst = f"{lab.dst_pool}/{name}"
+    (tmp / "pairs.cfg").write_text(f"{src.address}:{src.pool}/{name} {lab.dest_address}:{dst}\n")
+    tear_down_pair(lab, dst, f"{src.pool}/{name}")
+    src.run("zfs", "create", f"{src.pool}/{name}")
+    env = dict(os.environ, ZETTABEE_SETTINGS=str(settings), PYTHONPATH=str(REPO))
+    for action in ("initialize", "update"):
+        subprocess.run(
+            [sys.executable, "-m", "zettabee.cli", action, dst], env=env, check=True, cwd=REPO
+        )
+    return settings, dst
+
+
+def tear_down_pair(lab: ZfsLab, dst: str, src: str) -> None:
+    subprocess.run(["zfs", "destroy", "-r", dst], capture_output=True)
+    lab.source.run("zfs", "destroy", "-r", src, check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plugins.jsonl"))
+    args = parser.parse_args()
+
+    lab = ZfsLab("test", pool_size="3G")
+    started_lab = not lab.is_up()
+    if started_lab:
+        lab.up()
+    tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
+    dst = ""
+    try:
+        settings, dst = set_up_pair(lab, tmp)
+        python_bin = str(Path(sys.executable).parent)
+        # What the nagios user has: a PATH, nothing else (PYTHONPATH stands in for an install).
+        env = {"PATH": f"{python_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)}
+        plugins = REPO / "plugins"
+        cases = {
+            "python3 -c pass": [sys.executable, "-c", "pass"],
+            "import zettabee.checks": [sys.executable, "-c", "import zettabee.checks"],
+            "check_zettabee_lag": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), dst],
+            "check_zettabee_runtime": [str(plugins / "check_zettabee_runtime"), "--settings", str(settings), dst],
+            "check_zettabee_lag --all": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), "--all"],
+        }  # fmt: skip
+        results = {label: measure(argv, env, args.runs) for label, argv in cases.items()}
+    finally:
+        if dst:
+            tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
+        if started_lab:
+            lab.down()
+
+    print(f"{'case':<26}{'median ms':>10}{'p90 ms':>8}{'peak MiB':>10}  exit codes")
+    for label, row in results.items():
+        print(
+            f"{label:<26}{row['median_ms']:>10}{row['p90_ms']:>8}{row['peak_rss_mib']:>10}  "
+            f"{row['exit_codes']}"
+        )
+    record = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": describe_machine(),
+        "targets": {"median_ms": TARGET_MS, "peak_rss_mib": TARGET_MB},
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

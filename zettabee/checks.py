@@ -1,0 +1,683 @@
+"""The checks Nagios and Icinga see: lag and run time of pairs, as nagiosplugin compositions.
+
+The active plugins (``check_zettabee_lag``, ``check_zettabee_runtime``) and the passive
+results that ``replicate`` submits after a run are built from the same compositions here,
+so a service reads the same whichever way its result arrived. :func:`evaluate` runs a
+check without nagiosplugin's process-wide ``Runtime`` (which prints and exits), for the
+passive side; the plugins call ``check.main()`` as usual.
+
+A plugin runs thousands of times a day and reads only this host: local state files and
+one ``zfs get``. This module must never import paramiko (0.2 s and 40 MB), directly or
+through what it imports; a unit test holds it to that.
+
+States, as documented in the plugins' ``--help``:
+
+- lag: OK within the pair's ``wlag``/``clag`` (or ``-w``/``-c``), WARNING/CRITICAL
+  beyond; CRITICAL when the replica is inconsistent; UNKNOWN when the pair is unknown,
+  not initialized, or ZFS cannot be read; WARNING for a negative lag (this host's clock
+  is behind the source's: the lag cannot be measured, and the clock needs fixing).
+- runtime: OK within ``wrun``/``crun`` for the running run (or the last one, when idle);
+  CRITICAL when the last run failed (with its error) or was interrupted (with the fix,
+  ``zettabee unlock``); UNKNOWN when no run is recorded or the status file is unreadable.
+- ``--all`` ranks states CRITICAL > WARNING > UNKNOWN > OK, as the monitoring plugins'
+  ``max_state_alt`` does: a new or unreadable pair must not hide a late one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import re
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import nagiosplugin
+from nagiosplugin.output import Output
+from nagiosplugin.state import Critical, Ok, ServiceState, Unknown, Warn
+
+from zettabee import __version__
+from zettabee.config import find_pair, format_duration, load_pairs, load_settings, parse_duration
+from zettabee.errors import ZettabeeError
+from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, Health, read_health
+from zettabee.pair import Pair
+from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore
+
+LAG = "ZETTABEE_LAG"
+RUNTIME = "ZETTABEE_RUNTIME"
+UNKNOWN_EXIT = 3
+DEFAULT_TIMEOUT = 10
+
+PERMISSIONS = (
+    "The plugins need no root. The user that runs them (nagios) must be able to read the "
+    "settings and the pair file, read the state directory ([paths] state_dir, "
+    "/var/lib/zettabee: the status files) and open the lock files in [paths] lock_dir "
+    "(/run/zettabee) for reading; zettabee creates both 0750 and the files 0640, so "
+    "`chgrp -R nagios` them and keep the group. It must also be able to run `zfs get` on "
+    "the destination pool: OpenZFS lets every user read properties; with zfs-fuse or a "
+    "restricted /dev/zfs, give it a sudo rule for the plugin and put `sudo` in front of "
+    "the command line. Nothing is written, and no SSH connection is made."
+)
+
+# A replica that is known to be late matters more than one that cannot be judged.
+_SEVERITY = {Ok: 0, Unknown: 1, Warn: 2, Critical: 3}
+
+
+# --------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+
+
+def threshold(spec: str) -> nagiosplugin.Range:
+    """A Nagios range (``[@][start:][end]``, ``~`` for minus infinity) of seconds.
+
+    Bounds may also be durations as in the pair file (``2h``, ``30m``, ``1h30m``): an
+    operator who wrote ``wlag=2h`` should not have to multiply for ``-w``. Perfdata always
+    carries plain seconds.
+    """
+    text = spec.strip()
+    if not text:
+        raise ValueError("an empty range is not a threshold")
+    invert = text.startswith("@")
+    body = text[1:] if invert else text
+    start, colon, end = body.rpartition(":") if ":" in body else ("", "", body)
+    atoms = []
+    for atom in (start, end):
+        if atom in ("", "~") or _NUMBER.fullmatch(atom):
+            atoms.append(atom)
+        else:
+            atoms.append(str(parse_duration(atom)))
+    rendered = ("@" if invert else "") + (f"{atoms[0]}{colon}" if colon else "") + atoms[1]
+    return nagiosplugin.Range(rendered)
+
+
+def _range_arg(text: str) -> nagiosplugin.Range:
+    try:
+        return threshold(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range: {exc}") from None
+
+
+def _describe_violation(value: int, limit: nagiosplugin.Range) -> str:
+    """``over 2:00:00`` for the usual ``0:N`` range; the range's bounds otherwise."""
+    if limit.invert:
+        return f"inside {_bound(limit.start, str)}:{_bound(limit.end, str)}"
+    if value > limit.end:
+        return f"over {_bound(limit.end)}"
+    return f"under {_bound(limit.start)}"
+
+
+def _bound(value: float, show: Callable[[float], str] = format_duration) -> str:
+    if value in (float("inf"), float("-inf")):
+        return "~" if value < 0 else ""
+    return show(value)
+
+
+# --------------------------------------------------------------------------------------
+# Results ranked for replicas
+# --------------------------------------------------------------------------------------
+
+
+class ReplicaResults(nagiosplugin.Results):
+    """Results whose worst state is CRITICAL > WARNING > UNKNOWN > OK.
+
+    nagiosplugin ranks UNKNOWN above CRITICAL (it compares exit codes); in a check over
+    many pairs that would let one new pair hide a broken one.
+    """
+
+    def _states(self) -> list[ServiceState]:
+        present = [state for state, results in self.by_state.items() if results]
+        return sorted(present, key=_SEVERITY.__getitem__, reverse=True)
+
+    def __iter__(self) -> Iterator[nagiosplugin.Result]:
+        for state in self._states():
+            yield from self.by_state[state]
+
+    @property
+    def most_significant_state(self) -> ServiceState:
+        states = self._states()
+        if not states:
+            raise ValueError("no results")
+        return states[0]
+
+
+def _problems(results: nagiosplugin.Results) -> list[nagiosplugin.Result]:
+    return [r for r in results if r.state != Ok]
+
+
+class PairSummary(nagiosplugin.Summary):
+    """The first line names the pair and says what is wrong in words, not ranges."""
+
+    def __init__(self, every: bool = False) -> None:
+        self.every = every
+
+    def ok(self, results: nagiosplugin.Results) -> str:
+        if self.every:
+            lags = [r.metric for r in results if r.metric is not None and r.metric.uom == "s"]
+            pairs = sum(
+                1 for r in results if r.metric is not None and r.metric.context == "replica"
+            )
+            if not lags:
+                return f"{pairs} pairs"
+            worst = max(lags, key=lambda m: m.value)
+            return (
+                f"{pairs} pairs synchronized, highest lag {format_duration(worst.value)} "
+                f"({worst.name})"
+            )
+        return "; ".join(r.hint for r in results if r.hint)
+
+    def problem(self, results: nagiosplugin.Results) -> str:
+        problems = _problems(results)
+        text = str(problems[0].hint or problems[0])
+        if len(problems) > 1:
+            text += f" (+{len(problems) - 1} more)"
+        return text
+
+    def verbose(self, results: nagiosplugin.Results) -> list[str]:
+        return [f"{r.state.text}: {r.hint}" for r in results if r.hint]
+
+
+# --------------------------------------------------------------------------------------
+# Where the pairs come from
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Survey:
+    """What a check looks at: the pairs' health, and pair-file lines that did not load."""
+
+    healths: list[Health]
+    broken: list[str] = field(default_factory=list)
+
+
+HealthSource = Callable[[], Survey]
+
+
+def configured(
+    settings_path: str | None, pairs_path: str | None, destination: str | None
+) -> HealthSource:
+    """Load settings and pairs and read one pair's health (every pair's when ``None``).
+
+    Returned as a function so that it runs inside the check, under its timeout: a hung
+    ``zfs get`` (a suspended pool) must end as UNKNOWN, not as a plugin killed by Nagios.
+    """
+
+    def survey() -> Survey:
+        settings = load_settings(settings_path)
+        pairfile = load_pairs(pairs_path or settings.pairs, settings)
+        store = StateStore(settings.state_dir, settings.lock_dir, settings.log_dir)
+        broken = [str(problem) for problem in pairfile.problems]
+        if destination is None:
+            return Survey(read_health(pairfile.pairs, store), broken)
+        try:
+            pair = find_pair(pairfile.pairs, destination, pairfile.path)
+        except ZettabeeError as exc:
+            if not broken:
+                raise
+            raise ZettabeeError(
+                f"{exc}; {len(broken)} line(s) of the pair file are broken and may hold it: "
+                f"{broken[0]}"
+            ) from exc
+        return Survey(read_health([pair], store))
+
+    return survey
+
+
+def given(healths: Sequence[Health]) -> HealthSource:
+    """A source for healths already read (the passive results after a run)."""
+    return lambda: Survey(list(healths))
+
+
+def label(pair: Pair) -> str:
+    """How outputs name a pair: its destination file system."""
+    return pair.destination.fs
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _without_pair_prefix(text: str, pair: Pair) -> str:
+    """Errors start with the pair (``host:pool/fs: ...``); the summary names it already."""
+    for prefix in (f"{pair.name}: ", f"{pair.destination.fs}: "):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
+    return text
+
+
+class PairResource(nagiosplugin.Resource):
+    """Reads the survey once; contexts find a metric's pair through :meth:`health`."""
+
+    def __init__(self, source: HealthSource) -> None:
+        self.source = source
+        self.by_metric: dict[str, Health] = {}
+
+    def survey(self) -> Survey:
+        try:
+            survey = self.source()
+        except ZettabeeError as exc:
+            # The core's hint names the zettabee command's option; here -c is a threshold.
+            message = str(exc).replace("with -c FILE", "with --config PAIRFILE")
+            raise nagiosplugin.CheckError(_one_line(message)) from exc
+        except OSError as exc:
+            raise nagiosplugin.CheckError(
+                f"{_one_line(str(exc))} (see --help for the permissions the plugin needs)"
+            ) from exc
+        if not survey.healths and not survey.broken:
+            raise nagiosplugin.CheckError("no pairs in the pair file")
+        return survey
+
+    def health(self, metric_name: str) -> Health:
+        return self.by_metric[metric_name]
+
+    def broken_lines(self, survey: Survey) -> Iterator[nagiosplugin.Metric]:
+        if survey.broken:
+            yield nagiosplugin.Metric("pairfile", survey.broken, context="pairfile")
+
+
+# --------------------------------------------------------------------------------------
+# Lag
+# --------------------------------------------------------------------------------------
+
+
+class Lag(PairResource):
+    """Seconds since the newest snapshot both sides hold was taken, per pair."""
+
+    def __init__(self, source: HealthSource, every: bool = False) -> None:
+        super().__init__(source)
+        self.every = every
+
+    def probe(self) -> Iterator[nagiosplugin.Metric]:
+        survey = self.survey()
+        counts = Counter(label(h.pair) for h in survey.healths)
+        for health in survey.healths:
+            name = label(health.pair)
+            if self.every and counts[name] > 1:
+                name = health.pair.name  # the same pool/fs on two hosts: keep labels apart
+            metric = name if self.every else "lag"
+            self.by_metric[metric] = health
+            yield nagiosplugin.Metric(f"{name} replica", health, context="replica")
+            if health.lag is not None:
+                yield nagiosplugin.Metric(metric, health.lag, "s", min=0, context="lag")
+        yield from self.broken_lines(survey)
+
+
+class ReplicaContext(nagiosplugin.Context):
+    """Whether the destination is a replica of this pair at all (no perfdata)."""
+
+    def __init__(self) -> None:
+        super().__init__("replica")
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        health: Health = metric.value
+        name = label(health.pair)
+        reason = _one_line(health.reason)
+        if health.state == SYNCHRONIZED:
+            return nagiosplugin.Result(Ok, None, metric)
+        if health.state == INCONSISTENT:
+            return nagiosplugin.Result(Critical, f"{name} inconsistent: {reason}", metric)
+        if health.state == UNINITIALIZED:
+            text = reason if name in reason else f"{name} not initialized: {reason}"
+            if health.running and health.runtime is not None:
+                action = health.status.action if health.status else "run"
+                text += f"; {action or 'run'} running for {format_duration(health.runtime)}"
+            return nagiosplugin.Result(Unknown, text, metric)
+        return nagiosplugin.Result(Unknown, f"{name}: {reason}", metric)
+
+
+class PairThresholds(nagiosplugin.ScalarContext):
+    """A ScalarContext whose ranges default to each pair's own options.
+
+    ``warning``/``critical`` given (``-w``/``-c``) replace the pair's values for every pair.
+    Ranges from the pair file are ``0:N``: a value below zero is out of range, and is
+    reported as what it is (see :meth:`negative`) before any range is applied.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        options: tuple[str, str],
+        warning: nagiosplugin.Range | None = None,
+        critical: nagiosplugin.Range | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.options = options
+        self.override = (warning, critical)
+
+    def ranges(self, health: Health) -> tuple[nagiosplugin.Range, nagiosplugin.Range]:
+        opts = health.pair.options
+        warning, critical = self.override
+        return (
+            warning
+            if warning is not None
+            else nagiosplugin.Range(str(getattr(opts, self.options[0]))),
+            critical
+            if critical is not None
+            else nagiosplugin.Range(str(getattr(opts, self.options[1]))),
+        )
+
+    def describe_value(self, health: Health, value: int) -> str:
+        raise NotImplementedError
+
+    def negative(self, health: Health, value: int) -> str:
+        raise NotImplementedError
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        health = resource.health(metric.name)
+        value = metric.value
+        text = self.describe_value(health, value)
+        if value < 0:
+            return nagiosplugin.Result(Warn, self.negative(health, value), metric)
+        warning, critical = self.ranges(health)
+        if not critical.match(value):
+            return nagiosplugin.Result(
+                Critical, f"{text} ({_describe_violation(value, critical)})", metric
+            )
+        if not warning.match(value):
+            return nagiosplugin.Result(
+                Warn, f"{text} ({_describe_violation(value, warning)})", metric
+            )
+        return nagiosplugin.Result(Ok, text, metric)
+
+    def performance(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Performance:
+        warning, critical = self.ranges(resource.health(metric.name))
+        return nagiosplugin.Performance(
+            metric.name, metric.value, metric.uom, warning, critical, metric.min, metric.max
+        )
+
+
+class LagThresholds(PairThresholds):
+    def __init__(
+        self, warning: nagiosplugin.Range | None = None, critical: nagiosplugin.Range | None = None
+    ) -> None:
+        super().__init__("lag", ("wlag", "clag"), warning, critical)
+
+    def describe_value(self, health: Health, value: int) -> str:
+        return f"{label(health.pair)} lag {format_duration(value)}"
+
+    def negative(self, health: Health, value: int) -> str:
+        return (
+            f"{label(health.pair)} lag {format_duration(value)} is negative: this host's "
+            "clock is behind the source's (clock stepped back, or not synchronized); "
+            "fix the clock, the lag cannot be measured"
+        )
+
+
+class PairFileContext(nagiosplugin.Context):
+    """Lines of the pair file that did not load: their pairs are checked by nobody."""
+
+    def __init__(self) -> None:
+        super().__init__("pairfile")
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        broken: list[str] = metric.value
+        more = f" (+{len(broken) - 1} more broken lines)" if len(broken) > 1 else ""
+        return nagiosplugin.Result(
+            Unknown, f"pair not checked: {_one_line(broken[0])}{more}", metric
+        )
+
+
+def lag_check(
+    source: HealthSource | Sequence[Health],
+    warning: nagiosplugin.Range | None = None,
+    critical: nagiosplugin.Range | None = None,
+    every: bool = False,
+) -> nagiosplugin.Check:
+    """The lag of one pair (``lag=...`` perfdata) or, with ``every``, of all pairs (one
+    perfdata label per pair: its destination file system)."""
+    if not callable(source):
+        source = given(source)
+    check = nagiosplugin.Check(
+        Lag(source, every),
+        ReplicaContext(),
+        LagThresholds(warning, critical),
+        PairFileContext(),
+        PairSummary(every),
+        ReplicaResults(),
+    )
+    check.name = LAG  # an attribute, not Check(name=): Debian's nagiosplugin 1.3.2 lacks it
+    return check
+
+
+# --------------------------------------------------------------------------------------
+# Run time
+# --------------------------------------------------------------------------------------
+
+
+class Runtime(PairResource):
+    """How long the running run has been going, or how long the last one took."""
+
+    def probe(self) -> Iterator[nagiosplugin.Metric]:
+        survey = self.survey()
+        for health in survey.healths:
+            self.by_metric["runtime"] = health
+            yield nagiosplugin.Metric(f"{label(health.pair)} run", health, context="run")
+            if health.runtime is not None:
+                yield nagiosplugin.Metric("runtime", health.runtime, "s", min=0, context="runtime")
+
+
+def _action(health: Health) -> str:
+    return (health.status.action if health.status else "") or "run"
+
+
+class RunContext(nagiosplugin.Context):
+    """The run's own state: failed and interrupted runs are CRITICAL whatever they took."""
+
+    def __init__(self) -> None:
+        super().__init__("run")
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        health: Health = metric.value
+        name = label(health.pair)
+        status = health.status
+        action = _action(health)
+        if health.run_state == INTERRUPTED:
+            pid = status.pid if status else None
+            gone = f" (pid {pid} is gone)" if pid else ""
+            return nagiosplugin.Result(
+                Critical,
+                f"{name} {action} was interrupted{gone} and left its lock behind: "
+                f"run `zettabee unlock {name}`, then update",
+                metric,
+            )
+        if health.run_state == FAILED:
+            error = _without_pair_prefix(
+                _one_line(health.last_error or "no error recorded"), health.pair
+            )
+            return nagiosplugin.Result(Critical, f"{name} last {action} failed: {error}", metric)
+        if status is not None and status.corrupt:
+            return nagiosplugin.Result(
+                Unknown,
+                f"{name}: {_one_line(status.corrupt)} (`zettabee unlock {name}` resets it)",
+                metric,
+            )
+        if health.run_state == RUNNING and health.runtime is None:
+            holder = f" (pid {health.lock_pid})" if health.lock_pid else ""
+            return nagiosplugin.Result(Ok, f"{name} {action} running{holder}", metric)
+        if health.run_state == IDLE and health.runtime is None:
+            text = f"{name}: no completed run recorded"
+            if health.state == UNINITIALIZED:
+                text += " (not initialized yet: run `zettabee initialize`)"
+            return nagiosplugin.Result(Unknown, text, metric)
+        return nagiosplugin.Result(Ok, None, metric)
+
+
+class RuntimeThresholds(PairThresholds):
+    def __init__(
+        self, warning: nagiosplugin.Range | None = None, critical: nagiosplugin.Range | None = None
+    ) -> None:
+        super().__init__("runtime", ("wrun", "crun"), warning, critical)
+
+    def describe_value(self, health: Health, value: int) -> str:
+        name, action, took = label(health.pair), _action(health), format_duration(value)
+        if health.running:
+            pid = f", pid {health.lock_pid}" if health.lock_pid else ""
+            return f"{name} {action} running for {took}{pid}"
+        return f"{name} last {action} took {took}"
+
+    def negative(self, health: Health, value: int) -> str:
+        return (
+            f"{label(health.pair)} run time {format_duration(value)} is negative: the clock "
+            "stepped back during the run"
+        )
+
+
+def runtime_check(
+    source: HealthSource | Sequence[Health],
+    warning: nagiosplugin.Range | None = None,
+    critical: nagiosplugin.Range | None = None,
+) -> nagiosplugin.Check:
+    """The run time and run state of one pair (``runtime=...`` perfdata)."""
+    if not callable(source):
+        source = given(source)
+    check = nagiosplugin.Check(
+        Runtime(source),
+        RunContext(),
+        RuntimeThresholds(warning, critical),
+        PairSummary(),
+        ReplicaResults(),
+    )
+    check.name = RUNTIME
+    return check
+
+
+# --------------------------------------------------------------------------------------
+# Evaluating without the Runtime singleton (passive results)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A check's outcome as the active plugin prints it at verbosity 0."""
+
+    code: int
+    text: str  # the whole output: status line | perfdata (and warning lines, if any)
+    output: str  # the same without the perfdata
+    perfdata: tuple[str, ...]
+
+
+def evaluate(check: nagiosplugin.Check) -> Evaluation:
+    """Run ``check`` and format it as ``check.main()`` would, without printing or exiting.
+
+    nagiosplugin's ``Runtime`` is a process-wide singleton that prints, exits and keeps
+    earlier output; a run that reports many pairs evaluates checks here instead.
+    """
+    check()
+    out = Output(logging.StreamHandler(io.StringIO()))
+    out.add(check)
+    text = str(out).rstrip("\n")
+    first, newline, rest = text.partition("\n")
+    status = first.partition(" | ")[0] if check.perfdata else first
+    return Evaluation(check.exitcode, text, status + newline + rest, tuple(check.perfdata))
+
+
+# --------------------------------------------------------------------------------------
+# Plugin command lines
+# --------------------------------------------------------------------------------------
+
+
+class PluginParser(argparse.ArgumentParser):
+    """argparse as the plugin guidelines want it: every exit is UNKNOWN, on stdout.
+
+    argparse exits 2 (CRITICAL to Nagios) on a usage error and writes it to stderr, which
+    Nagios does not show; ``--help`` and ``--version`` exit 0.
+    """
+
+    def __init__(self, check_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check_name = check_name
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(UNKNOWN_EXIT, f"{self.check_name} UNKNOWN - {message}\n{self.format_usage()}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stdout.write(message)
+        sys.stdout.flush()
+        sys.exit(UNKNOWN_EXIT)
+
+
+def _timeout(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def plugin_parser(
+    check_name: str, prog: str, description: str, thresholds: str, every: bool = False
+) -> PluginParser:
+    """The command line shared by the check plugins."""
+    what = "(DESTINATION | --all)" if every else "DESTINATION"
+    parser = PluginParser(
+        check_name,
+        prog=prog,
+        usage=f"%(prog)s [--config PAIRFILE] [--settings INIFILE] [-w RANGE] [-c RANGE] "
+        f"[-t SECONDS] [-v] {what}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(prog, thresholds, every),
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PAIRFILE",
+        help="the pair file (default: [paths] pairs of the settings)",
+    )
+    parser.add_argument("--settings", metavar="INIFILE",
+                        help="the settings file (default: $ZETTABEE_SETTINGS, else /etc/zettabee/zettabee.ini)")  # fmt: skip
+    parser.add_argument("-w", "--warning", metavar="RANGE", type=_range_arg,
+                        help="warning range in seconds (default: the pair's own threshold)")  # fmt: skip
+    parser.add_argument("-c", "--critical", metavar="RANGE", type=_range_arg,
+                        help="critical range in seconds (default: the pair's own threshold)")  # fmt: skip
+    parser.add_argument("-t", "--timeout", metavar="SECONDS", type=_timeout, default=DEFAULT_TIMEOUT,
+                        help=f"give up after this long, UNKNOWN (default {DEFAULT_TIMEOUT}; 0: never)")  # fmt: skip
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more output: -v every finding, -vv and -vvv the commands run")  # fmt: skip
+    parser.add_argument(
+        "-V", "--version", action="version", version=f"{prog} (zettabee {__version__})"
+    )
+    if every:
+        target = parser.add_mutually_exclusive_group(required=True)
+        target.add_argument("destination", metavar="DESTINATION", nargs="?",
+                            help="the pair's destination: pool/fs, host:pool/fs, fingerprint or last component")  # fmt: skip
+        target.add_argument(
+            "--all", action="store_true", help="check every pair of the pair file at once"
+        )
+    else:
+        parser.add_argument("destination", metavar="DESTINATION",
+                            help="the pair's destination: pool/fs, host:pool/fs, fingerprint or last component")  # fmt: skip
+    return parser
+
+
+def _epilog(prog: str, thresholds: str, every: bool) -> str:
+    paragraphs = [
+        thresholds,
+        "RANGE is a Nagios range, [@][start:][end] in seconds (~ for minus infinity); the "
+        "bounds may also be durations such as 90m, 2h or 1h30m.",
+        "Exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (also for usage errors, "
+        "--help and --version).",
+        f"Permissions: {PERMISSIONS}",
+    ]
+    examples = [f"  {prog} backup/data", f"  {prog} -w 1h -c 3h backup/data"]
+    if every:
+        examples.append(f"  {prog} --all")
+    text = "\n\n".join(textwrap.fill(p, width=79) for p in paragraphs)
+    return text + "\n\nExamples:\n" + "\n".join(examples)
+
+
+def run_plugin(check: nagiosplugin.Check, verbose: int, timeout: int) -> NoReturn:
+    """``check.main()`` with zettabee's own log lines (the commands run) in the output
+    from ``-vv`` on."""
+    runtime = nagiosplugin.Runtime()
+    zlog = logging.getLogger("zettabee")
+    if runtime.logchan is not None and runtime.logchan not in zlog.handlers:
+        zlog.addHandler(runtime.logchan)
+        zlog.setLevel(logging.DEBUG)
+    check.main(verbose=verbose, timeout=timeout)
+    raise AssertionError("unreachable: Check.main() exits")
