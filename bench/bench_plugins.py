@@ -113,30 +113,31 @@ def main() -> int:
     args = parser.parse_args()
 
     lab = ZfsLab("test", pool_size="3G")
-    started_lab = not lab.is_up()
-    if started_lab:
-        lab.up()
-    tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
-    dst = ""
-    try:
-        settings, dst = set_up_pair(lab, tmp)
-        python_bin = str(Path(sys.executable).parent)
-        # What the nagios user has: a PATH, nothing else (PYTHONPATH stands in for an install).
-        env = {"PATH": f"{python_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)}
-        plugins = REPO / "plugins"
-        cases = {
-            "python3 -c pass": [sys.executable, "-c", "pass"],
-            "import zettabee.checks": [sys.executable, "-c", "import zettabee.checks"],
-            "check_zettabee_lag": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), dst],
-            "check_zettabee_runtime": [str(plugins / "check_zettabee_runtime"), "--settings", str(settings), dst],
-            "check_zettabee_lag --all": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), "--all"],
-        }  # fmt: skip
-        results = {label: measure(argv, env, args.runs) for label, argv in cases.items()}
-    finally:
-        if dst:
-            tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
+    with lab.held():
+        started_lab = not lab.is_up()
         if started_lab:
-            lab.down()
+            lab.up()
+        tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
+        dst = ""
+        try:
+            settings, dst = set_up_pair(lab, tmp)
+            python_bin = str(Path(sys.executable).parent)
+            # What the nagios user has: a PATH, nothing else (PYTHONPATH stands in for an install).
+            env = {"PATH": f"{python_bin}:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)}
+            plugins = REPO / "plugins"
+            cases = {
+                "python3 -c pass": [sys.executable, "-c", "pass"],
+                "import zettabee.checks": [sys.executable, "-c", "import zettabee.checks"],
+                "check_zettabee_lag": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), dst],
+                "check_zettabee_runtime": [str(plugins / "check_zettabee_runtime"), "--settings", str(settings), dst],
+                "check_zettabee_lag --all": [str(plugins / "check_zettabee_lag"), "--settings", str(settings), "--all"],
+            }  # fmt: skip
+            results = {label: measure(argv, env, args.runs) for label, argv in cases.items()}
+        finally:
+            if dst:
+                tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
+            if started_lab:
+                lab.down()
 
     print(f"{'case':<26}{'median ms':>10}{'p90 ms':>8}{'peak MiB':>10}  exit codes")
     for label, row in results.items():

@@ -154,15 +154,17 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
     args = parser.parse_args()
     lab = ZfsLab("test", pool_size="3G")
-    started_lab = not lab.is_up()
-    if started_lab:
-        lab.up()
-    try:
-        bench = Bench(lab, args.transport)
-        result = bench.measure(args.full_mb, args.add_mb, args.repeats)
-    finally:
+    with lab.held():
+        started_lab = not lab.is_up()
         if started_lab:
-            lab.down()
+            lab.up()
+        try:
+            bench = Bench(lab, args.transport)
+            result = bench.measure(args.full_mb, args.add_mb, args.repeats)
+        finally:
+            if started_lab:
+                lab.down()
+
     print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}   ({args.transport})")
     for label, cols in result.items():
         print(f"{label:<14}{cols['raw']:>9.3f}{cols['zettabee']:>12.3f}{cols['ratio']:>8.2f}")

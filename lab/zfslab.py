@@ -6,8 +6,12 @@ tests ``test`` (pools ``tsrcpool`` and ``tdstpool``), so both can be up at once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +88,19 @@ class ZfsLab:
             root=self.root / "ssh",
             sshd_pid=record.sshd_pid if record else None,
         )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lab for a whole test session or benchmark: a second user waits here
+        instead of tearing the lab down under the first one's feet."""
+        LAB_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(LAB_ROOT / f"{self.layout.name}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"lab {self.layout.name}: in use by another run, waiting", file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def is_up(self) -> bool:
         record = LabRecord.load(self.record_path)

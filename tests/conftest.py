@@ -55,12 +55,13 @@ def lab() -> Iterator[ZfsLab]:
     if missing:
         pytest.skip(missing)
     zlab = ZfsLab("test", pool_size="3G")
-    zlab.up()
-    try:
-        yield zlab
-    finally:
-        if not os.environ.get("ZETTABEE_KEEP_LAB"):
-            zlab.down()
+    with zlab.held():
+        zlab.up()
+        try:
+            yield zlab
+        finally:
+            if not os.environ.get("ZETTABEE_KEEP_LAB"):
+                zlab.down()
 
 
 class Zb:
