@@ -262,9 +262,7 @@ class PairResource(nagiosplugin.Resource):
         try:
             survey = self.source()
         except ZettabeeError as exc:
-            # The core's hint names the zettabee command's option; here -c is a threshold.
-            message = str(exc).replace("with -c FILE", "with --config PAIRFILE")
-            raise nagiosplugin.CheckError(_one_line(message)) from exc
+            raise nagiosplugin.CheckError(_one_line(str(exc))) from exc
         except OSError as exc:
             raise nagiosplugin.CheckError(
                 f"{_one_line(str(exc))} (see --help for the permissions the plugin needs)"

@@ -61,7 +61,10 @@ def read_health(
         except ValueError as exc:
             zfs_error = str(exc)
         if result.returncode != 0 and not table:
-            zfs_error = result.stderr.strip() or f"zfs get exited {result.returncode}"
+            errors = [line for line in result.stderr.splitlines() if line.strip()]
+            # Missing destinations are uninitialized pairs, not an unreadable ZFS.
+            if not errors or not all(zfs.missing_dataset(line) for line in errors):
+                zfs_error = result.stderr.strip() or f"zfs get exited {result.returncode}"
     return [_one(p, table, zfs_error, store, now) for p in pairs]
 
 

@@ -308,7 +308,7 @@ def test_unknown_pair_and_bad_config_are_unknown(tmp_path: Path) -> None:
     assert result.code == 3 and "settings file not found" in result.output
     result = evaluate(lag_check(checks.configured(settings, str(tmp_path / "none.cfg"), "a")))
     assert (
-        result.code == 3 and "--config PAIRFILE" in result.output and "-c FILE" not in result.output
+        result.code == 3 and "--config FILE" in result.output and "-c FILE" not in result.output
     )
 
 

@@ -254,3 +254,13 @@ def test_health_reads_every_pair_with_one_zfs_call(tmp_path: Path) -> None:
     assert healths[0].lag == 300 and healths[0].lastsnap == sx
     assert "fingerprint" in healths[1].reason
     assert "initialize" in healths[2].reason
+
+
+def test_a_lone_uninitialized_pair_is_not_an_unreadable_zfs(tmp_path: Path) -> None:
+    pair = Pair(Endpoint("s", "t/x"), Endpoint("d", "b/x"))
+    host = FakeHost("", 1, "cannot open 'b/x': dataset does not exist\n")
+    [health] = read_health([pair], store(tmp_path), host=host)  # type: ignore[arg-type]
+    assert health.state == UNINITIALIZED and "zettabee initialize" in health.reason
+    broken = FakeHost("", 1, "internal error: out of memory\n")
+    [health] = read_health([pair], store(tmp_path), host=broken)  # type: ignore[arg-type]
+    assert health.state == "Unreadable" and "out of memory" in health.reason
