@@ -782,7 +782,11 @@ def load_pairs(path: str, settings: Settings) -> PairFile:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
-            [Problem(path, 0, f"cannot read the pair file: {reason}; name another with --config FILE")]
+            [
+                Problem(
+                    path, 0, f"cannot read the pair file: {reason}; name another with --config FILE"
+                )
+            ]
         ) from exc
     return parse_pairs(text, path, settings)
 

@@ -307,9 +307,7 @@ def test_unknown_pair_and_bad_config_are_unknown(tmp_path: Path) -> None:
     result = evaluate(runtime_check(checks.configured(str(tmp_path / "missing.ini"), None, "a")))
     assert result.code == 3 and "settings file not found" in result.output
     result = evaluate(lag_check(checks.configured(settings, str(tmp_path / "none.cfg"), "a")))
-    assert (
-        result.code == 3 and "--config FILE" in result.output and "-c FILE" not in result.output
-    )
+    assert result.code == 3 and "--config FILE" in result.output and "-c FILE" not in result.output
 
 
 def test_unknown_pair_mentions_broken_lines(tmp_path: Path) -> None:

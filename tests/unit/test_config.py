@@ -579,7 +579,7 @@ def test_missing_pair_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_pairs(path, Settings())
     assert str(info.value) == (
-        f"{path}: cannot read the pair file: No such file or directory; name another with -c FILE"
+        f"{path}: cannot read the pair file: No such file or directory; name another with --config FILE"
     )
 
 
