@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,33 +29,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.record import machine  # noqa: E402
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon  # noqa: E402
 from nsca.client import NscaClient  # noqa: E402
 from nsca.result import PassiveResult  # noqa: E402
 from nsca.sendnsca import SendNscaBackend  # noqa: E402
 
 RESULTS_FILE = REPO / "bench" / "results" / "nsca.jsonl"
-
-
-def machine() -> dict[str, object]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    version = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Version}", "nsca"], capture_output=True, text=True
-    ).stdout
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "nsca_deb": version or None,
-    }
 
 
 def make_results(count: int) -> list[PassiveResult]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,30 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.record import machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET_MS = 80.0
 TARGET_MB = 25.0
-
-
-def describe_machine() -> dict[str, object]:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "",
-    )
-    zfs = "zfs-fuse" if Path("/usr/sbin/zfs-fuse").exists() else "openzfs"
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": model,
-        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "zfs": zfs,
-    }
 
 
 def measure(argv: list[str], env: dict[str, str], runs: int, warmup: int = 2) -> dict[str, object]:
@@ -147,7 +127,7 @@ def main() -> int:
         )
     record = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": describe_machine(),
+        "machine": machine(),
         "targets": {"median_ms": TARGET_MS, "peak_rss_mib": TARGET_MB},
         "results": results,
     }
