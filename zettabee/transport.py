@@ -255,6 +255,18 @@ def _spawn(stage: Stage, stdin: int | IO[bytes] | None, stdout: int | None) -> N
         raise CommandError(stage.argv, stage.host, 127, f"{stage.argv[0]}: not installed") from exc
 
 
+def _start_pipe(sender: Stage, receiver: Stage) -> None:
+    """Start the receiver, then the process feeding it; a sender that cannot start
+    leaves no receiver behind."""
+    _spawn(receiver, subprocess.PIPE, None)
+    try:
+        _spawn(sender, None, subprocess.PIPE)
+    except BaseException:
+        receiver.kill()
+        receiver.finish()
+        raise
+
+
 def remote_argv(host: Host, argv: Sequence[str], stall: int) -> list[str]:
     """argv that runs ``argv`` on ``host``: directly here, or through the OpenSSH client."""
     if host.is_local:
@@ -325,13 +337,7 @@ def stream_via_processes(
         sender.label = "zfs send (over ssh)"
     receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
     stages = [sender, receiver]
-    _spawn(receiver, subprocess.PIPE, None)
-    try:
-        _spawn(sender, None, subprocess.PIPE)
-    except BaseException:
-        receiver.kill()
-        receiver.finish()
-        raise
+    _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
     relay = Relay(sender.proc.stdout, receiver.proc.stdin, stall, progress)
     relay.run(_kill_all(stages))
@@ -374,13 +380,7 @@ def stream_via_mbuffer(
     listener = Stage("mbuffer -I", dest.name, listen)
     receiver = Stage("zfs receive", dest.name, list(recv_argv))
     stages = [listener, receiver]
-    _spawn(receiver, subprocess.PIPE, None)
-    try:
-        _spawn(listener, None, subprocess.PIPE)
-    except BaseException:
-        receiver.kill()
-        receiver.finish()
-        raise
+    _start_pipe(listener, receiver)
     deadline = time.monotonic() + 10
     while not listening(port):
         if listener.proc and listener.proc.poll() is not None:
