@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.record import machine  # noqa: E402
-from lab.zfslab import ZfsLab  # noqa: E402
+from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
 TARGET_MS = 80.0
 TARGET_MB = 25.0
@@ -92,7 +92,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plugins.jsonl"))
     args = parser.parse_args()
 
-    lab = ZfsLab("test", pool_size="3G")
+    lab = ZfsLab(test_lab_name(), pool_size="3G")
     with lab.held():
         started_lab = not lab.is_up()
         if started_lab:

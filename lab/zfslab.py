@@ -42,6 +42,19 @@ LAYOUTS = {
     "demo": LabLayout("demo", "srcpool", "dstpool", "zbdemo", "zbdemo0", 1),
     "test": LabLayout("test", "tsrcpool", "tdstpool", "zbtest", "zbtest0", 2),
 }
+# Spare labs, so that several working trees can run their suites at once
+# (ZETTABEE_LAB=w1 make test); every lab shares the one zfs-fuse daemon.
+for _n in range(1, 5):
+    LAYOUTS[f"w{_n}"] = LabLayout(f"w{_n}", f"w{_n}src", f"w{_n}dst", f"zbw{_n}", f"zbw{_n}v", 10 + _n)
+
+
+def test_lab_name() -> str:
+    """The lab the test suite and the benchmarks use: ``test`` unless ZETTABEE_LAB names
+    another one."""
+    name = os.environ.get("ZETTABEE_LAB", "test")
+    if name not in LAYOUTS:
+        raise RuntimeError(f"ZETTABEE_LAB={name!r}: not a lab name ({', '.join(sorted(LAYOUTS))})")
+    return name
 
 
 class ZfsLab:

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lab.zfslab import ZfsLab  # noqa: E402
+from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
 
 def _ci() -> bool:
@@ -54,7 +54,7 @@ def lab() -> Iterator[ZfsLab]:
     missing = lab_missing()
     if missing:
         pytest.skip(missing)
-    zlab = ZfsLab("test", pool_size="3G")
+    zlab = ZfsLab(test_lab_name(), pool_size="3G")
     with zlab.held():
         zlab.up()
         try:
