@@ -135,6 +135,9 @@ def _monitoring_options(p: argparse.ArgumentParser, icinga: bool) -> None:
                    help="passive: how often cron runs replicate (templates: 15m)")  # fmt: skip
     p.add_argument("--slack", metavar="DURATION", type=_duration,
                    help="passive: how late a result may be before the stale alarm (templates: 10m)")  # fmt: skip
+    p.add_argument("--sudo", action="store_true",
+                   help="active: run the plugins through sudo -n (for a monitoring user that "
+                   "cannot read ZFS; needs the sudoers rule in icinga-conf/README.md)")  # fmt: skip
     if icinga:
         p.add_argument("--endpoint", metavar="NAME",
                        help="active: the Endpoint (agent on the destination host) that runs the plugins")  # fmt: skip
@@ -391,6 +394,7 @@ def do_monitoring_config(app: App) -> int:
         host_template=args.host_template,
         endpoint=getattr(args, "endpoint", None),
         freshness=monconf.freshness(args.cron_period, args.slack),
+        sudo=args.sudo,
         settings_file=settings_file,
         pair_file=pair_file,
     )

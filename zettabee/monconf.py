@@ -18,6 +18,9 @@ Modes:
 - ``active``: the server runs ``check_zettabee_lag`` and ``check_zettabee_runtime``, with
   the settings and pair file this run read, so the plugins see the same pairs;
 - ``both``: the active checks, and replicate's results for the same services in between.
+
+Where the monitoring user cannot read ZFS itself, ``sudo`` selects the shipped commands
+that run the plugins through ``sudo -n`` (``zettabee_lag_sudo``, ``check_zettabee_lag_sudo``).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Request:
     host_template: str | None = None  # Nagios default: linux-server; Icinga: none
     endpoint: str | None = None  # Icinga: the agent that runs the active checks
     freshness: int | None = None  # seconds without a result before the stale alarm
+    sudo: bool = False  # active: the plugins run through sudo (the *_sudo commands)
     settings_file: str | None = None  # --settings for the plugins
     pair_file: str | None = None  # --config for the plugins
 
@@ -212,6 +216,8 @@ def _check_request(request: Request, kind: str) -> None:
             f"--mode {request.mode} the server checks the pairs itself"
         )
     if request.mode == PASSIVE:
+        if request.sudo:
+            raise UsageError("--sudo runs the check plugins; --mode passive runs none")
         return
     for option, path in (("--settings", request.settings_file), ("--config", request.pair_file)):
         if path is None:
@@ -286,7 +292,8 @@ def icinga_config(found: Sequence[Service], request: Request) -> str:
                 lines += [f"\tcheck_interval = {interval}", f"\tretry_interval = {interval}"]
         else:
             command = ICINGA_COMMANDS[service.check]
-            lines += [f"\timport {q(ACTIVE_TEMPLATE)}", f"\tcheck_command = {q(command)}"]
+            check_command = f"{command}_sudo" if request.sudo else command
+            lines += [f"\timport {q(ACTIVE_TEMPLATE)}", f"\tcheck_command = {q(check_command)}"]
             if request.mode == BOTH:
                 lines.append("\tenable_passive_checks = true")
             if request.endpoint:
@@ -353,7 +360,8 @@ def nagios_config(found: Sequence[Service], request: Request) -> str:
             if request.freshness is not None:
                 attributes.append(("freshness_threshold", str(request.freshness)))
         else:
-            args = [NAGIOS_COMMANDS[service.check], service.argument]
+            command = NAGIOS_COMMANDS[service.check]
+            args = [f"{command}_sudo" if request.sudo else command, service.argument]
             if options:
                 args.append(" ".join(options))
             attributes.append(("check_command", "!".join(args)))

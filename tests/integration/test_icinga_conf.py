@@ -257,16 +257,16 @@ def icinga2(tmp_path: Path) -> Icinga2Sandbox:
     return Icinga2Sandbox(tmp_path / "icinga2")
 
 
-SUDO_COMMAND = """
-object CheckCommand "zettabee_lag_sudo" {
-	import "zettabee_lag"
-	command = [ "/usr/bin/sudo", "-n", PluginDir + "/check_zettabee_lag" ]
-}
-"""
-
-
 def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sandbox) -> None:
-    distributed_layout(icinga2, SUDO_COMMAND)  # the README's sudo variant too
+    distributed_layout(
+        icinga2,
+        'object Host "backup3.example.com" {\n'
+        '  check_command = "dummy"\n'
+        '  vars.zettabee_mode = "active"\n'
+        "  vars.zettabee_sudo = true\n"
+        '  vars.zettabee_pairs["tank/db"] = { }\n'
+        "}\n",
+    )
     proc = icinga2.validate()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -278,6 +278,8 @@ def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sand
         "backup1.example.com!zettabee runtime backup/home",
         "backup2.example.com!zettabee lag tank/vm",
         "backup2.example.com!zettabee runtime tank/vm",
+        "backup3.example.com!zettabee lag tank/db",
+        "backup3.example.com!zettabee runtime tank/db",
     ]
 
     # backup/data: the example host's mode, passive, with freshness 15m + 10m.
@@ -336,9 +338,15 @@ def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sand
         f"{SYSTEM_PLUGIN_DIR}/check_zettabee_runtime"
     ]
 
-    sudo = commands["zettabee_lag_sudo"]
-    assert sudo["command"] == ["/usr/bin/sudo", "-n", f"{SYSTEM_PLUGIN_DIR}/check_zettabee_lag"]
-    assert set(sudo["arguments"]) == set(lag_command["arguments"])
+    for kind in ("lag", "runtime"):
+        sudo = commands[f"zettabee_{kind}_sudo"]
+        plugin = f"{SYSTEM_PLUGIN_DIR}/check_zettabee_{kind}"
+        assert sudo["command"] == ["/usr/bin/sudo", "-n", plugin]
+        assert set(sudo["arguments"]) == set(commands[f"zettabee_{kind}"]["arguments"])
+        # backup3: vars.zettabee_sudo picks them, with the same variables.
+        service = services[f"backup3.example.com!zettabee {kind} tank/db"]
+        assert service["check_command"] == f"zettabee_{kind}_sudo"
+        assert service["vars"][f"zettabee_{kind}_destination"] == "tank/db"
 
     assert "zettabee" in icinga2.objects("ServiceGroup")
     api_user = icinga2.dumped_objects("ApiUser")["zettabee"]

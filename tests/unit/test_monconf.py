@@ -377,6 +377,19 @@ def test_paths_a_command_line_cannot_carry_are_refused() -> None:
     assert render("nagios", settings(), pairs(), Request("b1", settings_file="/a b"))
 
 
+def test_sudo_picks_the_shipped_sudo_commands() -> None:
+    request = Request("b1", mode=BOTH, host_object=False, sudo=True)
+    icinga = render("icinga", settings(), pairs()[:1], request)
+    assert '\tcheck_command = "zettabee_lag_sudo"\n' in icinga
+    assert '\tcheck_command = "zettabee_runtime_sudo"\n' in icinga
+    assert '\tvars.zettabee_lag_destination = "backup/data"\n' in icinga  # same variables
+    nagios = render("nagios", settings(), pairs()[:1], request)
+    assert "check_zettabee_lag_sudo!backup/data\n" in nagios
+    assert "check_zettabee_runtime_sudo!backup/data\n" in nagios
+    with pytest.raises(UsageError, match="--mode passive runs none"):
+        render("icinga", settings(), pairs(), Request("b1", sudo=True))
+
+
 def test_options_that_do_not_fit_the_mode_or_the_server_are_refused() -> None:
     with pytest.raises(UsageError, match="Nagios has no agents"):
         render("nagios", settings(), pairs(), Request("b1", mode=ACTIVE, endpoint="agent"))
