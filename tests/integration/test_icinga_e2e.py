@@ -9,7 +9,11 @@ which settings to read. Every state is read back through the API.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pwd
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +212,71 @@ def test_icinga2_runs_the_plugins_and_takes_replicates_results(pair: Zb, tmp_pat
         assert lag["output"].startswith(f"ZETTABEE_LAG OK - {fs} lag 0:00:0")
         runtime = icinga.query_service(HOST, runtime_service)
         assert runtime["output"].startswith(f"ZETTABEE_RUNTIME OK - {fs} last update took")
+
+
+def sudoers_rule(plugins: Path) -> str:
+    """The README's rule: the monitoring user may run the two plugins as root, no more."""
+    commands = ", ".join(str(plugins / name) for name in PLUGINS)
+    return f"nagios ALL=(root) NOPASSWD: {commands}\n"
+
+
+@contextlib.contextmanager
+def sudoers_dropin(name: str, rule: str) -> Iterator[None]:
+    """``rule`` in /etc/sudoers.d/NAME while the block runs, checked by visudo first
+    (a broken file there would lock sudo out for everyone)."""
+    path = Path("/etc/sudoers.d") / name
+    candidate = path.with_name(f".{name}.new")  # sudo skips names with a dot
+    candidate.write_text(rule)
+    candidate.chmod(0o440)
+    try:
+        check = subprocess.run(["visudo", "-cf", str(candidate)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        candidate.replace(path)
+        yield
+    finally:
+        candidate.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def test_icinga2_as_nagios_runs_the_plugins_through_sudo(pair: Zb, tmp_path: Path) -> None:
+    """Icinga as Debian runs it, as the user nagios, which cannot read zfs-fuse's pools:
+    the --sudo objects run the plugins through sudo -n, and the sudoers rule of
+    icinga-conf/README.md is all they need (without it the check says why it failed)."""
+    if not Path(ICINGA2_BINARY).exists():
+        pytest.skip(f"{ICINGA2_BINARY} missing (apt-get install icinga2)")
+    for tool, package in (("sudo", "sudo"), ("visudo", "sudo")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} missing (apt-get install {package})")
+    try:
+        pwd.getpwnam("nagios")
+    except KeyError:
+        pytest.skip("no user nagios (the icinga2 package creates it)")
+    zb = pair
+    fs = zb.dst_fs()
+    plugins = plugin_dir(tmp_path)
+    generated = zb.run(
+        "icinga-config", "--mode=active", "--sudo", "--host-template=lab-host", "--no-host"
+    )
+    assert generated.returncode == 0, generated.stderr
+    objects = icinga_objects(zb, plugins, generated.stdout)
+    objects += 'object Host "zb-e2e" {\n\timport "lab-host"\n}\n'
+    lag_service = f"zettabee lag {fs}"
+    with Icinga2Daemon(
+        objects, users=[OPERATOR], checker=True, user="nagios", environment=SERVICE_ENVIRONMENT
+    ) as icinga:
+        refused = checked(icinga, lag_service, time.time())
+        assert refused["last_check_result"]["command"][:3] == [
+            "/usr/bin/sudo",
+            "-n",
+            str(plugins / "check_zettabee_lag"),
+        ]
+        assert refused["state"] != 0
+        assert "password is required" in refused["output"], refused
+
+        with sudoers_dropin(f"zettabee-test-{zb.lab.layout.name}", sudoers_rule(plugins)):
+            lag = checked(icinga, lag_service, time.time())
+            runtime = checked(icinga, f"zettabee runtime {fs}", time.time())
+        assert lag["state"] == 0, lag
+        assert lag["output"].startswith(f"ZETTABEE_LAG OK - {fs} lag 0:00:"), lag["output"]
+        assert runtime["state"] == 0, runtime
+        assert runtime["output"].startswith(f"ZETTABEE_RUNTIME OK - {fs} last initialize took")
