@@ -176,14 +176,32 @@ def settle() -> None:
 
 
 def destroy(fs: str) -> None:
-    """zfs-fuse answers 'dataset is busy' for a moment after a mount change: retry."""
+    """zfs-fuse answers 'dataset is busy' for a moment after a mount change: retry. A
+    snapshot held by a pair is busy for good: its hold is released first."""
     import time
 
+    release_holds(fs)
     for _ in range(30):
         if subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
     raise RuntimeError(f"cannot destroy {fs}")
+
+
+def release_holds(fs: str) -> None:
+    """Release the pairs' holds (tag ``zettabee.<fingerprint>``, read from the snapshot
+    name: zfs-fuse cannot list holds) on every snapshot below ``fs``."""
+    out = subprocess.run(
+        ["zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs],
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        name, _, refs = line.partition("\t")
+        snap = name.partition("@")[2]
+        if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
+            tag = ".".join(snap.split(".")[:2])
+            subprocess.run(["zfs", "release", tag, name], capture_output=True)
 
 
 def executable(name: str) -> list[str]:

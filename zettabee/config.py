@@ -258,6 +258,16 @@ def format_duration(seconds: float) -> str:
     return f"{sign}{hours}:{minutes:02d}:{secs:02d}"
 
 
+def format_bytes(count: float) -> str:
+    """``512 B``, ``1.5 MiB``: sizes as status lines, runstatus and the checks show them."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
 def _short_duration(seconds: int) -> str:
     """The inverse of parse_duration (``1h30m``), to quote thresholds back in messages."""
     parts = []
@@ -370,6 +380,10 @@ _OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "stall": _positive_duration,
     "mbufferhost": _host,
     "compression": _compression,
+    "resume": _boolean,
+    "hold": _boolean,
+    "bookmark": _boolean,
+    "raw": _boolean,
 }
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from zettabee import zfs
+from zettabee.capabilities import Capabilities
+from zettabee.config import format_bytes
 from zettabee.host import Host, LocalHost
 from zettabee.pair import Pair, is_own_snapshot
 from zettabee.state import FAILED, INTERRUPTED, RUNNING, StateStore, Status
@@ -42,6 +45,54 @@ class Health:
     @property
     def last_error(self) -> str:
         return self.status.error if self.status and self.run_state in (FAILED, INTERRUPTED) else ""
+
+    @property
+    def resume(self) -> dict[str, Any] | None:
+        """The resumable receive the last run left (or the running one works on)."""
+        entry = self.status.extra.get("resume") if self.status else None
+        return entry if isinstance(entry, dict) and entry.get("snapshot") else None
+
+    @property
+    def resume_note(self) -> str:
+        """One sentence about a partial receive kept on the destination, for people."""
+        entry = self.resume
+        if entry is None or self.running:
+            return ""
+        since = entry.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(since)) if since else "?"
+        runs = int(entry.get("runs", 1))
+        kept = int(entry.get("kept", 0))
+        size = f"about {format_bytes(kept)}" if kept else "a part"
+        tried = f", {runs} runs so far" if runs > 1 else ""
+        return (
+            f"partial receive of {entry['snapshot']} kept since {when} ({size} received"
+            f"{tried}); the next update resumes it"
+        )
+
+    @property
+    def features(self) -> dict[str, Any] | None:
+        entry = self.status.extra.get("features") if self.status else None
+        return entry if isinstance(entry, dict) else None
+
+    def feature_lines(self) -> list[str]:
+        """What each side offers and what the pair uses, as the last run probed them."""
+        entry = self.features
+        if entry is None:
+            return [
+                "features: not probed yet (`zettabee setup` shows them; every run records them)"
+            ]
+        lines = []
+        for side in ("source", "destination"):
+            data = entry.get(side)
+            caps = Capabilities.from_dict(data) if isinstance(data, dict) else None
+            if caps is not None:
+                lines.append(f"{side} {caps.host}: {caps.describe()}")
+        uses = entry.get("uses") or []
+        lines.append(
+            f"uses: {', '.join(uses) if uses else 'none of the extras (plain send and receive)'}"
+        )
+        lines.extend(f"problem: {problem}" for problem in entry.get("problems") or [])
+        return lines
 
 
 def read_health(

@@ -289,6 +289,10 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "stall": ("2m", 120),
     "mbufferhost": ("[fd00::2]", "[fd00::2]"),
     "compression": ("gzip-9", "gzip-9"),
+    "resume": ("no", False),
+    "hold": ("off", False),
+    "bookmark": ("yes", True),
+    "raw": ("true", True),
 }
 
 
