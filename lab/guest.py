@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in clean_cache():
                 print(f"removed {path}")
         else:
-            ssh = guest.source.ssh_argv(shlex.join(args.command))
+            ssh = guest.source.ssh_argv(" ".join(args.command))  # as ssh joins them
             if not args.command:  # an interactive shell
                 ssh = [ssh[0], "-t", *ssh[1:-2]]
             os.execvp("ssh", ssh)
