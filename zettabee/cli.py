@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "so that nothing of the pair pins a snapshot (a pair being retired)")  # fmt: skip
         if name == "setup":
             p.add_argument("--accept-new-host-key", action="store_true",
-                           help="pin the source host's key in the known_hosts file if it is not there yet "
-                           "(a changed key is still refused)")  # fmt: skip
+                           help="pin the key of each remote host (source, destination) in the "
+                           "known_hosts file if it is not there yet (a changed key is still "
+                           "refused)")  # fmt: skip
     return parser
 
 
@@ -291,7 +292,13 @@ def health_json(h: Health) -> dict[str, object]:
 def do_status(app: App) -> int:
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
-    healths = read_health(pairs, app.store)
+    from zettabee.replicator import Hosts
+
+    hosts = Hosts(app.settings.known_hosts)
+    try:  # one zfs get per destination host, over SSH for the remote ones
+        healths = read_health(pairs, app.store, hosts=lambda p: hosts.get(p.destination, p))
+    finally:
+        hosts.close()
     if args.json:
         print(json.dumps([health_json(h) for h in healths], indent=1))
     else:

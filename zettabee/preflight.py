@@ -47,9 +47,17 @@ def check_pairs(settings: Settings, pairs: Sequence[Pair], accept_new_host_key: 
                 checks.append(("destination parent", dst, zfs.get([parent], ["type"]),
                                f"zfs create -p {parent}"))  # fmt: skip
             if pair.options.transport == "mbuffer":
-                for host in (src, dst):
+                for host in (src, dst) if src is not dst else (src,):
                     checks.append(("mbuffer", host, ["mbuffer", "-V"],
                                    f"apt-get install mbuffer on {host.name}"))  # fmt: skip
+            if pair.options.transport == "local" and not (
+                src is dst or (src.is_local and dst.is_local)
+            ):
+                print(
+                    f"  FAIL transport=local: the source is on {src.name}, the destination on "
+                    f"{dst.name}\n       fix: use transport=ssh (or mbuffer) for two hosts"
+                )
+                all_ok = False
             zfs_ok = True
             for label, host, argv, fix in checks:
                 ok, line = _check(label, host, argv, fix)

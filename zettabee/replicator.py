@@ -57,7 +57,7 @@ class PurgeStep:
 
 class Hosts:
     """One host object per (host, port, user, key) for the whole run: pairs from the same
-    source share one control connection."""
+    host share one control connection, whichever end of a pair it is."""
 
     def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
         self.known_hosts = known_hosts
@@ -70,7 +70,7 @@ class Hosts:
         known = opts.knownhosts or self.known_hosts
         key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
         if key not in self._hosts:
-            if pair.options.transport == "local" or is_local_host(endpoint.host):
+            if is_local_host(endpoint.host):
                 self._hosts[key] = LocalHost(endpoint.host)
             else:
                 target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
@@ -146,9 +146,13 @@ class Replicator:
 
         return report
 
-    def _early_stream_connection(self, pair: Pair, src: Host) -> None:
+    def _early_stream_connection(self, pair: Pair, src: Host, dst: Host) -> None:
+        """Open the OpenSSH masters the stream will ride on: the source's for ``ssh``, a
+        remote destination's for ``ssh`` and ``mbuffer`` (its listener)."""
         if pair.options.transport == "ssh" and isinstance(src, SshHost):
             src.open_stream_master()
+        if pair.options.transport in ("ssh", "mbuffer") and isinstance(dst, SshHost):
+            dst.open_stream_master()
 
     def _stream(
         self,
@@ -168,6 +172,15 @@ class Replicator:
             return transport.stream_via_mbuffer(
                 src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress
             )
+        if opts.transport == "local":
+            if not (src is dst or (src.is_local and dst.is_local)):
+                raise StateError(
+                    f"{pair.name}: transport=local runs zfs send | zfs receive on one host, "
+                    f"but the source is on {pair.source.host} and the destination on "
+                    f"{pair.destination.host}; use transport=ssh or mbuffer"
+                )
+            if isinstance(src, SshHost):
+                return transport.stream_on_host(src, send, recv, progress)
         return transport.stream_via_processes(src, dst, send, recv, opts.stall, progress)
 
     # -- what both sides can do ----------------------------------------------------------
@@ -467,7 +480,7 @@ class Replicator:
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src)
+            self._early_stream_connection(pair, src, dst)
             feats = self._features(pair, src, dst, status)
             ssnaps, _marks = self._source_view(pair, src, feats)
             view = self._dest_view(pair, dst, feats)
@@ -545,7 +558,7 @@ class Replicator:
             t0 = time.monotonic()
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src)
+            self._early_stream_connection(pair, src, dst)
             feats = self._features(pair, src, dst, status)
             timings["probe"] = time.monotonic() - t0
             view = self._dest_view(pair, dst, feats)
