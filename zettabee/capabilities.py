@@ -137,7 +137,7 @@ class Capabilities:
 # Parsers
 # --------------------------------------------------------------------------------------
 
-_VERSION_RE = re.compile(r"^zfs-(\d+\.\d+[0-9A-Za-z.\-_]*)$", re.MULTILINE)
+_VERSION_RE = re.compile(r"^zfs-(\d+\.\d+\S*)$", re.MULTILINE)
 _COMMAND_RE = re.compile(r"^\t([a-z][a-z-]*)\b(.*)$")
 _OPTION_RE = re.compile(r"(?:^|[\s\[|])-\[?([A-Za-z]+)")
 

@@ -1,4 +1,5 @@
-"""Capability probing: the probe's own output, recorded on zfs-fuse and on OpenZFS 2.1."""
+"""Capability probing: the probe's own output, recorded on zfs-fuse (the lab) and on
+OpenZFS 2.1.11 (Debian 12's, the lab guest)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ def caps(text: str, pool: str, host: str = "h") -> capabilities.Capabilities:
 
 
 def test_openzfs_21_offers_every_extra() -> None:
-    c = caps(OPENZFS_PROBE, "tank")
-    assert c.zfs == "OpenZFS 2.1.11-1"
+    c = caps(OPENZFS_PROBE, "gsrc")
+    assert c.zfs == "OpenZFS 2.1.11-1+deb12u1"
     assert (c.holds, c.bookmarks, c.resumable, c.estimates, c.raw, c.compressed) == (
         True, True, True, True, True, True,
     )  # fmt: skip
     assert c.absent() == []
-    assert c.describe().startswith("OpenZFS 2.1.11-1 (pool tank): holds, bookmarks")
+    assert c.describe().startswith("OpenZFS 2.1.11-1+deb12u1 (pool gsrc): holds, bookmarks")
 
 
 def test_zfs_fuse_has_holds_and_nothing_else() -> None:
@@ -53,7 +54,7 @@ def test_a_compatibility_pool_under_openzfs_lacks_what_its_features_lack() -> No
     legacy = legacy.replace(
         "feature@encryption             enabled", "feature@encryption             disabled"
     )
-    c = caps(legacy, "tank")
+    c = caps(legacy, "gsrc")
     assert c.holds and c.estimates and c.compressed
     assert not c.bookmarks and not c.resumable and not c.raw
 
@@ -107,7 +108,7 @@ class CountingHost:
         self.calls.append(list(argv))
         if argv[0] == "zpool":
             pools = self.text.split("@@zettabee-probe pools\n")[1]
-            return Result(list(argv), self.name, 0, pools.replace("tank", argv[-1]), "")
+            return Result(list(argv), self.name, 0, pools.replace("gsrc", argv[-1]), "")
         return Result(list(argv), self.name, 0, self.text, "")
 
     def close(self) -> None:
@@ -118,7 +119,7 @@ def test_prober_asks_each_host_once_per_run() -> None:
     host = CountingHost(OPENZFS_PROBE)
     prober = Prober()
     for _ in range(3):
-        assert prober.of(host, "tank").resumable  # type: ignore[arg-type]
+        assert prober.of(host, "gsrc").resumable  # type: ignore[arg-type]
     assert len(host.calls) == 1
     assert prober.of(host, "other").bookmarks  # type: ignore[arg-type]
     assert host.calls[1] == ["zpool", "get", "all", "other"]
@@ -126,9 +127,9 @@ def test_prober_asks_each_host_once_per_run() -> None:
 
 
 def test_plan_features_uses_what_both_sides_have() -> None:
-    modern = caps(OPENZFS_PROBE, "tank", "src")
+    modern = caps(OPENZFS_PROBE, "gsrc", "src")
     fuse = caps(FUSE_PROBE, "tdstpool", "dst")
-    both = plan_features(modern, caps(OPENZFS_PROBE, "tank", "dst"))
+    both = plan_features(modern, caps(OPENZFS_PROBE, "gsrc", "dst"))
     assert both.uses() == ["holds (source and destination)", "resumable receive", "size estimates"]
     mixed = plan_features(modern, fuse)
     assert mixed.resume is False  # the destination cannot receive -s
@@ -138,7 +139,7 @@ def test_plan_features_uses_what_both_sides_have() -> None:
 
 
 def test_demanded_options_a_side_cannot_honour_are_problems() -> None:
-    modern = caps(OPENZFS_PROBE, "tank", "src")
+    modern = caps(OPENZFS_PROBE, "gsrc", "src")
     fuse = caps(FUSE_PROBE, "tdstpool", "backup1")
     raw = plan_features(modern, fuse, raw=True)
     assert not raw.raw
@@ -147,12 +148,12 @@ def test_demanded_options_a_side_cannot_honour_are_problems() -> None:
     assert "encryption" in problem
     mark = plan_features(fuse, modern, bookmark=True)
     assert any("bookmark=yes" in p and "source backup1" in p for p in mark.problems)
-    fine = plan_features(modern, caps(OPENZFS_PROBE, "tank", "dst"), raw=True, bookmark=True)
+    fine = plan_features(modern, caps(OPENZFS_PROBE, "gsrc", "dst"), raw=True, bookmark=True)
     assert fine.problems == () and fine.raw and fine.bookmark
 
 
 def test_capabilities_survive_the_status_file() -> None:
-    c = caps(OPENZFS_PROBE, "tank")
+    c = caps(OPENZFS_PROBE, "gsrc")
     assert capabilities.Capabilities.from_dict(c.as_dict()) == c
     assert capabilities.Capabilities.from_dict({"host": "h"}) is None
 

@@ -1,7 +1,8 @@
 """The engine with modern ZFS and without it, on hosts that replay recorded zfs output.
 
-The OpenZFS 2.1 answers (probe, ``send -nvP``, resume token contents, error messages)
-are those of its command line; the zfs-fuse probe was recorded on the lab. The stream
+Both probes were recorded (zfs-fuse on the lab, OpenZFS 2.1.11 in the lab guest); the
+other OpenZFS answers (``send -nvP``, resume token contents, error messages) follow its
+command line. The stream
 itself is replaced: what is checked is which commands run, in which order, with which
 options, and what the pair's status and checks then say.
 """
@@ -81,7 +82,7 @@ class ScriptedHost:
 
 
 def _probe_for(text: str, pool: str) -> str:
-    for recorded in ("tank", "tdstpool"):
+    for recorded in ("gsrc", "tdstpool"):
         text = text.replace(f"\n{recorded} ", f"\n{pool} ")
     return text
 
