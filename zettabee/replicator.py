@@ -269,7 +269,7 @@ class Replicator:
         """Release the pair's hold on ``snap``; False when it carried none."""
         result = host.run(zfs.release(hold_tag(pair.fingerprint), snap), check=False)
         if result.ok:
-            log.info("%s: released hold on %s:%s", pair.name, host.name, snap)
+            log.debug("%s: released hold on %s:%s", pair.name, host.name, snap)
             return True
         if zfs.tag_missing(result.stderr) or zfs.missing_dataset(result.stderr):
             return False
@@ -282,8 +282,8 @@ class Replicator:
         one of its own) except ``keep``. Only snapshots that carry holds are asked: one
         command each, normally just the previous base."""
         for snap in self._held(pair, snaps, base):
-            if snap.name != keep:
-                self._release(pair, host, snap.full)
+            if snap.name != keep and self._release(pair, host, snap.full):
+                log.info("%s: released hold on %s:%s", pair.name, host.name, snap.full)
 
     @staticmethod
     def _held(pair: Pair, snaps: list[zfs.Snapshot], base: str = "") -> list[zfs.Snapshot]:
@@ -411,9 +411,9 @@ class Replicator:
         status: Status,
         token: str,
         force: bool = False,
-    ) -> str | None:
-        """Go on with an interrupted receive from its token. Returns the snapshot received,
-        or None when the token no longer applies (then it is cleared, and the caller goes
+    ) -> tuple[str, transport.StreamResult] | None:
+        """Go on with an interrupted receive from its token. Returns the snapshot received
+        and the stream that finished it, or None when the token no longer applies (then it is cleared, and the caller goes
         on as if there had been none)."""
         fs = pair.destination.fs
         toname, kept, total = "", 0, None
@@ -443,7 +443,7 @@ class Replicator:
         )  # fmt: skip
         entry = self._note_transfer(status, target or "?", kept)
         try:
-            self._stream(
+            stream = self._stream(
                 pair,
                 src,
                 dst,
@@ -470,8 +470,11 @@ class Replicator:
         if not target:
             view = self._dest_view(pair, dst)
             target = view[1][-1].name if view and view[1] else ""
-        log.info("%s: resumed receive of %s completed", pair.name, target)
-        return target or None
+        log.info(
+            "%s: resumed receive of %s completed, %s more in %.1fs",
+            pair.name, target, format_bytes(stream.bytes), stream.seconds,
+        )  # fmt: skip
+        return (target, stream) if target else None
 
     # -- actions -----------------------------------------------------------------------
 
@@ -496,9 +499,20 @@ class Replicator:
                             f"{pair.name}: {fs} holds a partial receive, and this pair does not "
                             f"resume (resume=no); `zfs receive -A {fs}` discards it"
                         )
-                    snap = self._resume(pair, src, dst, feats, status, token)
-                    if snap is not None:
-                        self._finish_initialize(pair, src, dst, feats, status, report, snap, 0, 0.0)
+                    done = self._resume(pair, src, dst, feats, status, token)
+                    if done is not None:
+                        snap, stream = done
+                        self._finish_initialize(
+                            pair,
+                            src,
+                            dst,
+                            feats,
+                            status,
+                            report,
+                            snap,
+                            stream.bytes,
+                            stream.seconds,
+                        )
                         return report
                     view = self._dest_view(pair, dst, feats)
             if view is not None:
@@ -580,8 +594,9 @@ class Replicator:
                     )
                     timings["resume"] = time.monotonic() - t
                     if resumed is not None:
-                        self._record(pair, dst, resumed, first=False)
-                        report.resumed = resumed
+                        self._record(pair, dst, resumed[0], first=False)
+                        report.resumed = resumed[0]
+                        report.bytes, report.seconds = resumed[1].bytes, resumed[1].seconds
                     view = self._dest_view(pair, dst, feats)
                     assert view is not None
                     dsnaps = view[1]
@@ -632,8 +647,9 @@ class Replicator:
                 self._bookmark(pair, src, snap, marks)
             timings["record"] = time.monotonic() - t3
             report.snapshot, report.base = snap, common.name
-            report.bytes, report.seconds = stream.bytes, stream.seconds
-            status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
+            report.bytes += stream.bytes  # after what a resume moved, if anything
+            report.seconds += stream.seconds
+            status.snapshot, status.bytes, status.seconds = snap, report.bytes, report.seconds
             t4 = time.monotonic()
             listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
             report.destroyed = self._prune(pair, src, dst, dry_run=False, listing=listing)

@@ -229,6 +229,7 @@ def test_an_interrupted_receive_resumes_then_the_update_goes_on(tmp_path: Path) 
     report = lab.replicator.update(PAIR)
     new = lab.new_snapshot()
     assert report.resumed == S2
+    assert report.bytes == 2000  # the resumed stream counts with the new one
     resumed, incremental = lab.streams
     assert resumed == (["zfs", "send", "-t", TOKEN], ["zfs", "receive", "-s", DST_FS], 27393408)
     assert incremental[0] == ["zfs", "send", "-i", f"{SRC_FS}@{S2}", f"{SRC_FS}@{new}"]
