@@ -266,6 +266,20 @@ class Prober:
         self._tools: dict[int, ZfsTool] = {}
         self._pools: dict[tuple[int, str], PoolFeatures] = {}
 
+    def of_both(
+        self, src: Host, src_pool: str, dst: Host, dst_pool: str
+    ) -> tuple[Capabilities, Capabilities]:
+        """Both sides of a pair; two hosts not probed yet are asked at the same time (a
+        remote probe is a round trip, and the two are independent)."""
+        if src is not dst and id(src) not in self._tools and id(dst) not in self._tools:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                remote = pool.submit(self.of, src, src_pool)
+                local = self.of(dst, dst_pool)
+                return remote.result(), local
+        return self.of(src, src_pool), self.of(dst, dst_pool)
+
     def of(self, host: Host, pool: str) -> Capabilities:
         key = id(host)
         if key not in self._tools:

@@ -80,9 +80,10 @@ class Hosts:
     def features(self, pair: Pair, src: Host, dst: Host) -> PairFeatures:
         """What the pair can use: each host is probed once per run."""
         opts = pair.options
+        src_caps, dst_caps = self.prober.of_both(src, pair.source.pool, dst, pair.destination.pool)
         return plan_features(
-            self.prober.of(src, pair.source.pool),
-            self.prober.of(dst, pair.destination.pool),
+            src_caps,
+            dst_caps,
             resume=opts.resume,
             hold=opts.hold,
             bookmark=opts.bookmark,
@@ -574,7 +575,7 @@ class Replicator:
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
             feats = self._features(pair, src, dst, status)
-            timings["probe"] = time.monotonic() - t0
+            timings["connect+probe"] = time.monotonic() - t0
             view = self._dest_view(pair, dst, feats)
             if view is None:
                 raise StateError(
@@ -584,7 +585,7 @@ class Replicator:
             props, dsnaps = view
             self._check_identity(pair, props)
             ssnaps, marks = self._source_view(pair, src, feats)
-            timings["listing"] = time.monotonic() - t0 - timings["probe"]
+            timings["listing"] = time.monotonic() - t0 - timings["connect+probe"]
             token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
             if token:
                 if feats.resume:

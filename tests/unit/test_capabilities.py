@@ -260,3 +260,15 @@ def test_common_base_falls_back_to_a_bookmark() -> None:
     src.append(zfs.Snapshot("s", "b", 2, 20))
     assert zfs.common_base(src, marks, dst) == (dst[1], "s@b")  # a snapshot is preferred
     assert zfs.common_base([], [], dst) is None
+
+
+def test_both_sides_of_a_pair_are_probed_once_each() -> None:
+    src, dst = CountingHost(OPENZFS_PROBE), CountingHost(FUSE_PROBE.replace("tdstpool", "gsrc"))
+    prober = Prober()
+    for _ in range(2):
+        s, d = prober.of_both(src, "gsrc", dst, "gsrc")  # type: ignore[arg-type]
+        assert s.resumable and not d.resumable and d.zfs == "zfs-fuse"
+    assert len(src.calls) == len(dst.calls) == 1
+    same = CountingHost(OPENZFS_PROBE)
+    s, d = prober.of_both(same, "gsrc", same, "gsrc")  # type: ignore[arg-type]
+    assert s == d and len(same.calls) == 1
