@@ -373,12 +373,11 @@ class Replicator:
         target: str,
         estimate: list[str] | None,
         base: str | None = None,
-        kept: int = 0,
     ) -> transport.StreamResult:
         """One stream, with its size estimated first where the source can, and the
         resume bookkeeping around it where the receive is resumable."""
         total = self._estimate(pair, src, estimate) if estimate and feats.estimate else None
-        entry = self._note_transfer(status, target, kept) if feats.resume else None
+        entry = self._note_transfer(status, target) if feats.resume else None
         try:
             stream = self._stream(pair, src, dst, send, recv, total)
         except (CommandError, TransportError) as exc:
@@ -413,9 +412,13 @@ class Replicator:
         token: str,
         force: bool = False,
     ) -> tuple[str, transport.StreamResult] | None:
-        """Go on with an interrupted receive from its token. Returns the snapshot received
-        and the stream that finished it, or None when the token no longer applies (then it is cleared, and the caller goes
-        on as if there had been none)."""
+        """Go on with an interrupted receive from its token.
+
+        Returns the snapshot received and the stream that finished it, or None when the
+        token no longer applies: then it is cleared, and the caller goes on as if there had
+        been none. ``zfs send -nvP -t`` checks the token first where it can (and says what
+        it names and how much is left); a token that ``send -t`` itself refuses is cleared
+        the same way."""
         fs = pair.destination.fs
         toname, kept, total = "", 0, None
         if feats.estimate:

@@ -119,7 +119,7 @@ class Side:
             f"for s in $(zfs list -H -t snapshot -o name -r {quoted}); do "
             't=$(echo "${s#*@}" | cut -d. -f1,2); zfs release "$t" "$s" 2>/dev/null; done; '
             f"zfs unmount {quoted} 2>/dev/null; "
-            f"for i in 1 2 3 4 5 6 7 8 9 10; do zfs destroy -r {quoted} && exit 0; sleep 0.3; done; "
+            f"for i in $(seq 10); do zfs destroy -r {quoted} && exit 0; sleep 0.3; done; "
             "exit 1"
         )
 

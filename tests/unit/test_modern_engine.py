@@ -9,7 +9,7 @@ options, and what the pair's status and checks then say.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,8 @@ def listing(
     token: str | None = None,
     owner: str | None = FP,
     lastsnap: str = "",
-    marks: list[tuple[str, int]] = (),
-) -> str:  # type: ignore[assignment]
+    marks: Sequence[tuple[str, int]] = (),
+) -> str:
     """``zfs get -Hp -d 1`` output: (name, guid, userrefs) per snapshot, oldest first."""
     lines = [f"{fs}\tguid\t900", f"{fs}\tcreation\t1000", f"{fs}\tuserrefs\t-"]
     if owner is not None:
@@ -266,7 +266,10 @@ def test_a_token_refused_by_the_stream_itself_is_cleared_too(tmp_path: Path) -> 
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)], token=TOKEN))
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
     lab.src.on(["zfs", "send", "-nvP", "-t"], resume_contents(S2))
-    said = f"cannot resume send: '{SRC_FS}@{S2}' is no longer the same snapshot used in the initial send"
+    said = (
+        f"cannot resume send: '{SRC_FS}@{S2}' is no longer the same snapshot used in the "
+        "initial send"
+    )
 
     def refuse() -> None:
         raise CommandError(["zfs", "send", "-t", TOKEN], "src", 255, said, "zfs send (over ssh)")
