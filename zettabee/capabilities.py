@@ -14,6 +14,7 @@ the pool feature that backs it.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -265,6 +266,14 @@ class Prober:
     def __init__(self) -> None:
         self._tools: dict[int, ZfsTool] = {}
         self._pools: dict[tuple[int, str], PoolFeatures] = {}
+        # replicate's workers share one prober: a host is probed once even when two
+        # pairs of it start together
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+
+    def _lock(self, host: Host) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(id(host), threading.Lock())
 
     def of_both(
         self, src: Host, src_pool: str, dst: Host, dst_pool: str
@@ -281,6 +290,10 @@ class Prober:
         return self.of(src, src_pool), self.of(dst, dst_pool)
 
     def of(self, host: Host, pool: str) -> Capabilities:
+        with self._lock(host):
+            return self._of(host, pool)
+
+    def _of(self, host: Host, pool: str) -> Capabilities:
         key = id(host)
         if key not in self._tools:
             result = host.run(probe_argv([pool]), check=False, timeout=60)

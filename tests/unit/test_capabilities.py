@@ -272,3 +272,16 @@ def test_both_sides_of_a_pair_are_probed_once_each() -> None:
     same = CountingHost(OPENZFS_PROBE)
     s, d = prober.of_both(same, "gsrc", same, "gsrc")  # type: ignore[arg-type]
     assert s == d and len(same.calls) == 1
+
+
+def test_pairs_of_one_host_starting_together_probe_it_once() -> None:
+    import threading
+
+    host = CountingHost(OPENZFS_PROBE)
+    prober = Prober()
+    workers = [threading.Thread(target=prober.of, args=(host, "gsrc")) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len(host.calls) == 1
