@@ -4,6 +4,7 @@ OpenZFS 2.1.11 (Debian 12's, the lab guest)."""
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 from zettabee import capabilities, zfs
@@ -277,7 +278,12 @@ def test_both_sides_of_a_pair_are_probed_once_each() -> None:
 def test_pairs_of_one_host_starting_together_probe_it_once() -> None:
     import threading
 
-    host = CountingHost(OPENZFS_PROBE)
+    class SlowHost(CountingHost):
+        def run(self, argv: list[str], **kw: object) -> Result:
+            time.sleep(0.05)  # a probe takes a while: the other workers arrive meanwhile
+            return super().run(argv, **kw)
+
+    host = SlowHost(OPENZFS_PROBE)
     prober = Prober()
     workers = [threading.Thread(target=prober.of, args=(host, "gsrc")) for _ in range(8)]
     for worker in workers:
