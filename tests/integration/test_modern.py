@@ -324,12 +324,12 @@ def test_purge_releases_the_holds(env: Env) -> None:
     env.src.sh(f"for i in 1 2 3 4 5; do zfs destroy {target} && exit 0; sleep 0.5; done; exit 1")
 
 
-def _kill_mid_transfer(env: Env) -> str:
-    """Start an update over a throttled link, read runstatus while it runs, SIGKILL it."""
+def _kill_mid_transfer(env: Env, action: str = "update") -> str:
+    """Start ``action`` over a throttled link, read runstatus while it runs, SIGKILL it."""
     fp = env.fingerprint()
     progress = env.tmp / "state" / f"{fp}.progress"
     with env.throttled():
-        proc = env.popen("update", env.dst_fs())
+        proc = env.popen(action, env.dst_fs())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if (
@@ -381,6 +381,25 @@ def test_a_killed_transfer_resumes_and_the_data_verifies(env: Env) -> None:
         assert env.dst.zget(env.dst_fs(), "receive_resume_token") == "-"
     assert "partial receive" not in env.ok("status", env.dst_fs())
     assert "resume" not in env.status_file()
+
+
+def test_a_killed_initialize_goes_on_where_it_broke(env: Env) -> None:
+    """The full stream is the long one: on OpenZFS a second `initialize` resumes it; on
+    zfs-fuse the partial receive is gone and it starts over, as before."""
+    env.make_source(mb=16)
+    env.pair()
+    _kill_mid_transfer(env, "initialize")
+    if env.modern:
+        assert env.dst.zget(env.dst_fs(), "receive_resume_token").startswith("1-")
+        assert "partial receive of zettabee." in env.run("status", env.dst_fs()).stdout
+    out = env.run("--verbose", "initialize", env.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert ("resuming the interrupted receive" in out.stderr) is env.modern
+    env.assert_same_data()
+    assert env.dst.zget(env.dst_fs(), "zettabee:fingerprint") == env.fingerprint()
+    env.src.write_random(env.src_fs(), "more.bin", 1)
+    env.ok("update", env.dst_fs())
+    env.assert_same_data()
 
 
 def test_a_stale_token_is_cleared_and_the_pair_falls_back(env: Env) -> None:
