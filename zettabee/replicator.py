@@ -527,7 +527,7 @@ class Replicator:
                         f"destroys {fs} with all its snapshots and descendants and starts over"
                     )
                 log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
-                if feats.hold_destination:
+                if feats.destination.holds:
                     self._move_holds(pair, dst, view[1], keep="")
                 destroy(dst, fs, recursive=True)
             snap = self._new_snapshot(pair, src, ssnaps)
@@ -644,9 +644,14 @@ class Replicator:
             self._record(pair, dst, snap, first=False)
             if feats.hold_destination:
                 self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
-                self._move_holds(pair, dst, dsnaps, keep=snap, base=common.name)
-            if feats.hold_source:
-                self._move_holds(pair, src, ssnaps, keep=snap, base=common.name)
+            # Where the host has holds, earlier ones go even when the pair stopped using
+            # them (hold=no): a forgotten hold would pin its snapshot for good.
+            if feats.destination.holds:
+                keep = snap if feats.hold_destination else ""
+                self._move_holds(pair, dst, dsnaps, keep=keep, base=common.name)
+            if feats.source.holds:
+                keep = snap if feats.hold_source else ""
+                self._move_holds(pair, src, ssnaps, keep=keep, base=common.name)
             if feats.bookmark:
                 self._bookmark(pair, src, snap, marks)
             timings["record"] = time.monotonic() - t3

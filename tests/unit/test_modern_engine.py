@@ -435,3 +435,36 @@ def test_runtime_critical_names_the_partial_receive_after_a_failure() -> None:
     assert outcome.code == 2
     assert "last update failed: zfs send failed; partial receive of" in outcome.output
     assert S2 in outcome.output
+
+
+def test_a_pair_that_stops_holding_releases_its_earlier_holds(tmp_path: Path) -> None:
+    """hold=no after a time with holds: nothing held is left behind to pin a snapshot."""
+    lab = Lab(tmp_path)
+    pair = make_pair(hold=False)
+    fp = pair.fingerprint
+    old = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(old, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)], owner=fp))
+    lab.replicator.update(pair)
+    assert not lab.src.calls("zfs", "hold") and not lab.dst.calls("zfs", "hold")
+    tag = hold_tag(fp)
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", tag, f"{SRC_FS}@{old}"]]
+    assert lab.dst.calls("zfs", "release") == [["zfs", "release", tag, f"{DST_FS}@{old}"]]
+    # released before the prune destroys the old snapshot
+    assert lab.index("src", "zfs", "release", tag, f"{SRC_FS}@{old}") < lab.index(
+        "src", "zfs", "destroy", f"{SRC_FS}@{old}"
+    )
+
+
+def test_a_token_on_a_pair_that_does_not_resume_is_discarded(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    pair = make_pair(resume=False)
+    fp = pair.fingerprint
+    base = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(base, 1, 1)], owner=fp, token=TOKEN))
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.replicator.update(pair)
+    assert lab.dst.calls("zfs", "receive", "-A") == [["zfs", "receive", "-A", DST_FS]]
+    [(send, recv, _)] = lab.streams
+    assert "-t" not in send and recv == ["zfs", "receive", DST_FS]  # not resumable either
