@@ -99,17 +99,18 @@ def guest() -> Iterator[Guest]:
     if missing:
         pytest.skip(missing)
     vm = Guest(test_lab_name())
-    try:
-        vm.build()
-        vm.up()
-    except GuestError as exc:
-        vm.down()
-        pytest.fail(str(exc), pytrace=False)
-    try:
-        yield vm
-    finally:
-        if not os.environ.get("ZETTABEE_KEEP_LAB"):
+    with vm.held():
+        try:
+            vm.build()
+            vm.up()
+        except GuestError as exc:
             vm.down()
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield vm
+        finally:
+            if not os.environ.get("ZETTABEE_KEEP_LAB"):
+                vm.down()
 
 
 @dataclass
