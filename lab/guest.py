@@ -13,6 +13,7 @@ From Python::
     guest.address, guest.port, guest.user, guest.key, guest.known_hosts
     guest.src_pool, guest.dst_pool; guest.source / guest.dest (SourceHost views)
     guest.down()
+    with guest.held(): ...     # one test session at a time per lab
 
 From the shell: ``python -m lab.guest build|up|down|status|clean|ssh [COMMAND...]``
 (``--name`` picks the lab, as ZETTABEE_LAB does).
@@ -33,6 +34,7 @@ sparse files on every ``up``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,6 +232,19 @@ class Guest:
             remote_address=self.address,
             root=self.runtime,
         )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold this lab's guest for a whole test session: a second session waits here
+        instead of rebooting the guest under the first one."""
+        LAB_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(LAB_ROOT / f"{self.lab}.guest.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"guest {self.lab}: in use by another run, waiting", file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def is_up(self) -> bool:
         record = self._record()

@@ -181,7 +181,7 @@ class Replicator:
                     f"{pair.destination.host}; use transport=ssh or mbuffer"
                 )
             if isinstance(src, SshHost):
-                return transport.stream_on_host(src, send, recv, progress)
+                return transport.stream_on_host(src, send, recv, opts.stall, progress)
         return transport.stream_via_processes(src, dst, send, recv, opts.stall, progress)
 
     # -- what both sides can do ----------------------------------------------------------

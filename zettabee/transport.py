@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from zettabee.errors import CommandError, TransportError
-from zettabee.host import Host, Result, SshHost
+from zettabee.host import Host, Result, SshHost, tied_to_us
 
 log = logging.getLogger(__name__)
 
@@ -208,19 +208,27 @@ def mbuffer_bytes(text: str) -> int | None:
     return found
 
 
-def dd_bytes(text: str) -> int:
-    """The byte count in dd's summary (``N bytes ... copied`` in GNU and BSD alike)."""
-    match = re.search(r"^([0-9]+) bytes", text, re.MULTILINE)
-    return int(match[1]) if match else 0
+def dd_bytes(text: str) -> int | None:
+    """The last byte count dd printed: ``N bytes ...`` starts its progress lines and its
+    summary, in GNU and BSD dd alike."""
+    found = re.findall(r"(?:^|[\r\n])([0-9]+) bytes", text)
+    return int(found[-1]) if found else None
 
 
 class StderrMeter:
-    """Progress read from a remote mbuffer's status line as it lands in a stage's stderr
-    file: the only count there is when the stream does not pass through this machine."""
+    """Progress read from a remote counter's status line (mbuffer's, dd's) as it lands in
+    a stage's stderr file: the only count there is when the stream does not pass through
+    this machine."""
 
-    def __init__(self, stage: Stage, progress: ProgressFn | None) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        progress: ProgressFn | None,
+        parse: Callable[[str], int | None] = mbuffer_bytes,
+    ) -> None:
         self.stage = stage
         self.progress = progress
+        self.parse = parse
         self.count = 0
         self.started = time.monotonic()
         self._offset = 0
@@ -239,7 +247,7 @@ class StderrMeter:
             while chunk := os.pread(errfile.fileno(), 1 << 16, self._offset):
                 self._offset += len(chunk)
                 self._tail = (self._tail + chunk.decode(errors="replace"))[-4096:]
-        found = mbuffer_bytes(self._tail)
+        found = self.parse(self._tail)
         if found is not None:
             self.count = found
 
@@ -347,7 +355,7 @@ def _spawn(stage: Stage, stdin: int | IO[bytes] | None, stdout: int | None) -> N
     log.debug("start %s on %s: %s", stage.label, stage.host, shlex.join(stage.argv))
     try:
         stage.proc = subprocess.Popen(
-            stage.argv,
+            tied_to_us(stage.argv),
             stdin=stdin if stdin is not None else subprocess.DEVNULL,
             stdout=stdout if stdout is not None else subprocess.DEVNULL,
             stderr=stage.errfile,
@@ -456,30 +464,38 @@ def stream_on_host(
     host: SshHost,
     send_argv: list[str],
     recv_argv: list[str],
+    stall: int,
     progress: ProgressFn | None = None,
 ) -> StreamResult:
-    """``local`` on a remote host: ``zfs send | zfs receive`` runs there as one command and
-    the stream never leaves that host. A ``dd`` between the two counts the bytes for the
-    status; there is no live progress, and no stall watchdog beyond the SSH keepalive."""
+    """``local`` on a remote host: ``zfs send | dd | zfs receive`` runs there as one
+    command through an OpenSSH client, and the stream never leaves that host.
+
+    ``dd status=progress`` (GNU and FreeBSD dd) writes its count every second to the
+    client's stderr: that is the progress here, and the write that fails when this side
+    goes away is what stops the remote pipeline instead of leaving it running."""
     started = time.monotonic()
-    count = ["dd", "bs=1048576"]
+    count = ["dd", "bs=1048576", "status=progress"]
+    script = pipeline_script([send_argv, count, recv_argv], live=1)
+    runner = Stage("zfs send | zfs receive", host.name, host.stream_argv(script, stall))
+    _spawn(runner, None, None)
+    meter = StderrMeter(runner, progress, dd_bytes)
+    meter.start()
+    runner.finish()
+    meter.stop()
     stages = [
         Stage("zfs send", host.name, list(send_argv)),
         Stage("dd", host.name, count),
         Stage("zfs receive", host.name, list(recv_argv)),
     ]
-    res = host.run_command(
-        pipeline_script([send_argv, count, recv_argv]), check=False, timeout=None
-    )
-    codes, errs, head = parse_pipeline_stderr(res.stderr, len(stages))
-    for stage, code, err in zip(stages, codes, errs, strict=True):
-        stage.returncode, stage.stderr = code, err
-    if all(code == 255 for code in codes) and head:
-        stages[0].stderr = head  # the pipeline never ran: the shell said why
-    moved = dd_bytes(stages[1].stderr)
-    result = StreamResult(moved, time.monotonic() - started, stages)
-    if progress:
-        progress(moved, result.seconds)
+    if STAGE_MARK not in runner.stderr:
+        runner.label = "ssh" if runner.returncode == 255 else runner.label
+        stages = [runner]
+    else:
+        codes, errs, head = parse_pipeline_stderr(runner.stderr, len(stages))
+        errs[1] = head.replace("\r", "\n")
+        for stage, code, err in zip(stages, codes, errs, strict=True):
+            stage.returncode, stage.stderr = code, err
+    result = StreamResult(meter.count, time.monotonic() - started, stages)
     if any(s.failed for s in stages):
         raise describe_failure(stages, None)
     return result
@@ -534,9 +550,6 @@ def stream_via_mbuffer(
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
         time.sleep(0.01)
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
-    if bwlimit:
-        out += ["-r", bwlimit]
-    out += ["-O", f"{connect_host}:{port}"]
     script = pipeline_script([send_argv, out])
     remote: dict[str, object] = {}
 
