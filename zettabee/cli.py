@@ -191,11 +191,9 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                     log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
                 elif action == "purge":
                     steps = replicator.purge(pair, dry_run=args.dry_run, release=args.release)
-                    for step in steps:
-                        if args.dry_run:
+                    if args.dry_run:  # a real purge logs each step as it takes it
+                        for step in steps:
                             print(step.describe(done=False))
-                        else:
-                            log.info("%s: %s", pair.name, step.describe(done=True))
                     if args.dry_run and not steps:
                         print(f"{pair.name}: nothing to purge")
                 _submit(app, pair, action, None)

@@ -618,6 +618,17 @@ class Replicator:
                     f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
                     "the pair to let zettabee roll the destination back"
                 )
+            if newer:
+                # rollback=yes allows it. Done here, not left to `receive -F`: old ZFS
+                # (zfs-fuse) receives on top of a newer snapshot that holds no changes and
+                # keeps it, so the replica would go on diverged.
+                fs = pair.destination.fs
+                log.warning(
+                    "%s: rollback=yes: rolling %s back to %s, destroying %s",
+                    pair.name, fs, common.name, ", ".join(s.name for s in newer),
+                )  # fmt: skip
+                dst.run(zfs.rollback(f"{fs}@{common.name}"))
+                dsnaps = dsnaps[: dsnaps.index(common) + 1]
             if "#" in source_base:
                 log.warning(
                     "%s: the source no longer has %s@%s; sending from its bookmark %s",
@@ -705,11 +716,14 @@ class Replicator:
                 if snap.name != keep:
                     if dry_run or self._release(pair, host, snap.full):
                         steps.append(PurgeStep("release", f"{host.name}:{snap.full}", tag))
+                        if not dry_run:
+                            log.info("%s: %s", pair.name, steps[-1].describe(done=True))
         own = [m.name for m in marks if is_own_snapshot(m.name, pair.fingerprint)]
         for mark in self._old_bookmarks(pair, marks, own[-1] if own else ""):
+            steps.append(PurgeStep("destroy", f"{src.name}:{mark.full}"))
             if not dry_run:
                 destroy(src, mark.full)
-            steps.append(PurgeStep("destroy", f"{src.name}:{mark.full}"))
+                log.info("%s: %s", pair.name, steps[-1].describe(done=True))
         listing = (
             [s.name for s in ssnaps],
             [s.name for s in dsnaps],

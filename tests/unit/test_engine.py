@@ -411,3 +411,16 @@ def test_local_transport_needs_one_host(tmp_path: Path) -> None:
     hosts = Hosts(str(tmp_path / "known_hosts"))
     assert hosts.get(same.source, same) is hosts.get(same.destination, same)
     assert not hosts.get(same.source, same).is_local  # the pipeline runs on that host
+
+
+def test_a_remote_counter_is_read_even_when_the_stream_ends_within_a_tick() -> None:
+    """dd's (or mbuffer's) last count is in the stderr the finished stage kept."""
+    stage = transport.Stage(
+        "dd", "h", ["sh", "-c", "printf '3000000 bytes (3.0 MB) copied\\n' >&2"]
+    )
+    transport._spawn(stage, None, None)
+    meter = transport.StderrMeter(stage, None, transport.dd_bytes)
+    meter.start()
+    stage.finish()
+    meter.stop()
+    assert meter.count == 3000000

@@ -468,3 +468,18 @@ def test_a_token_on_a_pair_that_does_not_resume_is_discarded(tmp_path: Path) -> 
     assert lab.dst.calls("zfs", "receive", "-A") == [["zfs", "receive", "-A", DST_FS]]
     [(send, recv, _)] = lab.streams
     assert "-t" not in send and recv == ["zfs", "receive", DST_FS]  # not resumable either
+
+
+def test_rollback_yes_rolls_the_destination_back_before_receiving(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    pair = make_pair(rollback=True)
+    fp = pair.fingerprint
+    base = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
+    dst_view = listing(DST_FS, [(base, 1, 1), ("local-extra", 7, 0)], owner=fp, lastsnap=base)
+    lab.dst.on(["zfs", "get"], dst_view)
+    lab.replicator.update(pair)
+    [(send, recv, _)] = lab.streams
+    rollback = lab.index("dst", "zfs", "rollback", "-r", f"{DST_FS}@{base}")
+    assert rollback < lab.index("stream", *send, "|", *recv)
+    assert recv == ["zfs", "receive", "-F", DST_FS]
