@@ -263,9 +263,12 @@ class StderrMeter:
                 self.progress(self.count, time.monotonic() - self.started)
 
     def stop(self) -> None:
+        """Call after the stage finished: its whole stderr holds the final count."""
         self._done.set()
         self._thread.join()
-        self.read()
+        found = self.parse(self.stage.stderr)
+        if found is not None:
+            self.count = found
         if self.progress:
             self.progress(self.count, time.monotonic() - self.started)
 

@@ -80,11 +80,19 @@ def test_prune_and_rollback_happen_on_the_remote_destination(rzb: Zb) -> None:
         refused.returncode == 1 and "extra" in refused.stderr and "rollback=yes" in refused.stderr
     )
     assert "extra" in zb.dstside.snapshots(zb.dst_fs())
+    zb.dstside.run("zfs", "destroy", f"{zb.dst_fs()}@extra")
+
+    # a change made on the destination is refused, then rolled back there when allowed
+    zb.dstside.run("zfs", "set", "readonly=off", zb.dst_fs())
+    zb.dstside.write_text(zb.dst_dir() / "local-change", "oops")
+    zb.srcside.write_text(zb.src_dir() / "x", "x")
+    refused = zb.run("update", zb.dst_fs())
+    assert refused.returncode == 1 and "modified" in refused.stderr
+    assert "local-change" in zb.dstside.checksums(zb.dst_dir())
     zb.write_pairs(zb.pair_line(options="keep=1,rollback=yes"))
     out = zb.run("update", zb.dst_fs())
     assert out.returncode == 0, out.stderr
-    assert "extra" not in zb.dstside.snapshots(zb.dst_fs())
-    zb.assert_same_data()
+    zb.assert_same_data()  # local-change is gone, x arrived
 
 
 def test_local_transport_between_two_hosts_is_refused(rzb: Zb) -> None:
