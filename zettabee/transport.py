@@ -242,11 +242,6 @@ class StderrMeter:
     def read(self) -> None:
         errfile = self.stage.errfile
         if errfile is None:
-            # The stage has ended and closed its file, keeping the whole text: a stream
-            # shorter than one tick of the watcher has its only count there.
-            found = self.parse(self.stage.stderr.replace("\r", "\n"))
-            if found is not None:
-                self.count = found
             return
         with contextlib.suppress(OSError, ValueError):
             while chunk := os.pread(errfile.fileno(), 1 << 16, self._offset):

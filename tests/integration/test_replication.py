@@ -179,6 +179,7 @@ def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -
     out = zb.run("update", zb.dst_fs())
     assert out.returncode == 0, out.stderr
     zb.assert_same_data()
+    assert "local-extra" not in zb.dstside.snapshots(zb.dst_fs())  # rolled back, as allowed
 
 
 def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
