@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: deps demo demo-clean test lint unit integration bench clean
+.PHONY: deps demo demo-clean test lint unit integration guest bench clean
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -32,10 +32,15 @@ lint: deps
 unit: deps
 	$(PY) -m pytest tests/unit
 
-integration: deps
+integration: deps guest
 	$(PY) -m pytest -m integration
 
-test: lint
+# The OpenZFS lab guest's image: built once per recipe (lab/guest-build.sh), then cached in
+# /var/tmp/zettabee-lab/guest/ (about 5-8 minutes the first time).
+guest: deps
+	$(PY) -m lab.guest build
+
+test: lint guest
 	$(PY) -m pytest
 
 bench: deps

@@ -117,11 +117,19 @@ class SourceHost:
     known_hosts: str
     pool: str
     mountpoint: str
+    control_path: str | None = None
 
     def ssh_argv(self, *command: str) -> list[str]:
-        """OpenSSH client argv that runs ``command`` on the host (used by tests for set-up)."""
+        """OpenSSH client argv that runs ``command`` on the host (used by tests for set-up).
+
+        With ``control_path`` the commands share one master connection: a handshake with
+        the emulated guest costs a second or more."""
+        mux = []
+        if self.control_path:
+            mux = ["-o", "ControlMaster=auto", "-o", f"ControlPath={self.control_path}",
+                   "-o", "ControlPersist=300"]  # fmt: skip
         return [
-            "ssh", "-i", self.key, "-p", str(self.port),
+            "ssh", "-i", self.key, "-p", str(self.port), *mux,
             "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
             f"{self.user}@{self.address}", "--", *command,
@@ -150,6 +158,12 @@ class NetnsSshHost:
         return self.veth[:-1] + "1"
 
     def up(self) -> None:
+        self.up_network()
+        self._keys()
+        self._start_sshd()
+
+    def up_network(self) -> None:
+        """The namespace and its veth link only (the OpenZFS guest brings its own sshd)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.down_network()
         sh("ip", "netns", "add", self.netns)
@@ -161,8 +175,6 @@ class NetnsSshHost:
         sh(*ns, "addr", "add", f"{self.remote_address}/30", "dev", self.peer)
         sh(*ns, "link", "set", self.peer, "up")
         sh(*ns, "link", "set", "lo", "up")
-        self._keys()
-        self._start_sshd()
 
     def _keys(self) -> None:
         for name in ("host_ed25519", "client_ed25519"):

@@ -192,7 +192,8 @@ class ZfsLab:
                 rec.save(path)
                 return
 
-    def checksum_tree(self, top: Path) -> dict[str, str]:
+    @staticmethod
+    def checksum_tree(top: Path) -> dict[str, str]:
         """SHA-256 of every regular file below ``top``, by relative path."""
         import hashlib
 

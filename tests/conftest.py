@@ -1,25 +1,41 @@
-"""Shared fixtures: the real two-host lab, and a per-test zettabee environment.
+"""Shared fixtures: the real lab back ends, and a per-test zettabee environment.
 
-When CI=true, an integration test that skips (no root, no zfs-fuse, no sshd, no daemon)
-fails the run: a CI that skipped the real parts has proven nothing.
+Two back ends carry the same integration tests:
+
+- ``zfs-fuse``: the two-host lab (``lab``), a source host in a network namespace reached
+  over SSH, the destination on this machine;
+- ``openzfs``: the OpenZFS 2.1 QEMU guest (``guest``), source and destination pools both
+  in the guest, so every pair there has two remote ends.
+
+A test module runs on both by asking for ``zb`` through :func:`backend_zb` (see
+``test_replication.py``); the other modules use the zfs-fuse lab only.
+
+When CI=true, an integration test that skips (no root, no zfs-fuse, no sshd, no daemon,
+no guest) fails the run: a CI that skipped the real parts has proven nothing.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lab.guest import Guest, GuestError  # noqa: E402
+from lab.hosts import SourceHost  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+
+BACKENDS = ("zfs-fuse", "openzfs")
 
 
 def _ci() -> bool:
@@ -64,14 +80,151 @@ def lab() -> Iterator[ZfsLab]:
                 zlab.down()
 
 
-class Zb:
-    """One test's pairs, settings and state, on the shared lab; runs the real executables."""
+def guest_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the OpenZFS guest needs root (debootstrap, network namespaces)"
+    for tool in ("qemu-system-x86_64", "debootstrap", "mkfs.ext4", "ssh", "ip", "nsenter"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (make deps)"
+    return None
 
-    def __init__(self, lab: ZfsLab, tmp: Path, name: str) -> None:
-        self.lab = lab
+
+@pytest.fixture(scope="session")
+def guest() -> Iterator[Guest]:
+    """The OpenZFS guest, booted once for the session (built first unless cached).
+
+    A guest that cannot be built or booted is an error, not a skip: the test that needed
+    it fails with the build log's or the console's last lines."""
+    missing = guest_missing()
+    if missing:
+        pytest.skip(missing)
+    vm = Guest(test_lab_name())
+    with vm.held():
+        try:
+            vm.build()
+            vm.up()
+        except GuestError as exc:
+            vm.down()
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield vm
+        finally:
+            if not os.environ.get("ZETTABEE_KEEP_LAB"):
+                vm.down()
+
+
+@dataclass
+class Side:
+    """One end of the lab's pairs as a test reaches it: the host as pair files name it,
+    its pool, and shell commands run there (locally, or over SSH)."""
+
+    address: str
+    pool: str
+    mountpoint: str
+    argv: Callable[[str], list[str]]  # the argv that runs a shell command line there
+    local_files: bool
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(script), capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{script}: exit {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.sh(shlex.join(argv), check=check)
+
+    def snapshots(self, fs: str) -> list[str]:
+        out = self.run("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", fs).stdout
+        return [n.split("@", 1)[1] for n in out.split() if n.startswith(f"{fs}@")]
+
+    def zget(self, target: str, prop: str) -> str:
+        return self.run("zfs", "get", "-Hp", "-o", "value", prop, target).stdout.strip()
+
+    def write_random(self, path: PurePosixPath, mb: int) -> None:
+        if self.local_files:
+            write_random(Path(path), mb)
+        else:
+            self.sh(f"mkdir -p {shlex.quote(str(path.parent))} && "
+                    f"head -c {mb << 20} /dev/urandom >{shlex.quote(str(path))}")  # fmt: skip
+
+    def write_text(self, path: PurePosixPath, text: str) -> None:
+        if self.local_files:
+            Path(path).write_text(text)
+        else:
+            self.sh(f"printf %s {shlex.quote(text)} >{shlex.quote(str(path))}")
+
+    def checksums(self, top: PurePosixPath) -> dict[str, str]:
+        """SHA-256 of every regular file below ``top``, by relative path."""
+        if self.local_files:
+            return ZfsLab.checksum_tree(Path(top))
+        out = self.sh(
+            f"cd {shlex.quote(str(top))} && find . -type f -exec sha256sum {{}} +", check=False
+        ).stdout
+        sums = {}
+        for line in out.splitlines():
+            digest, _, name = line.partition("  ")
+            sums[name.removeprefix("./")] = digest
+        return sums
+
+
+@dataclass
+class Backend:
+    """A lab back end as the tests see it: a source and a destination side, the SSH
+    host of the source, and pair options the back end needs."""
+
+    name: str
+    src_host: SourceHost
+    src: Side
+    dst: Side
+    mbuffer_options: str = ""
+
+
+def _local_argv(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def zfs_fuse_backend(zlab: ZfsLab) -> Backend:
+    """The source host is reached over SSH by zettabee; the tests look at both pools
+    here, where the one zfs-fuse daemon serves them all (a destroy through the source
+    host's sshd would unmount in its mount namespace only and leave the dataset busy)."""
+    src = zlab.source
+    return Backend(
+        name="zfs-fuse",
+        src_host=src,
+        src=Side(src.address, src.pool, src.mountpoint, _local_argv, local_files=True),
+        dst=Side(
+            zlab.dest_address,
+            zlab.dst_pool,
+            str(zlab.dst_mountpoint),
+            _local_argv,
+            local_files=True,
+        ),  # fmt: skip
+    )
+
+
+def openzfs_backend(vm: Guest) -> Backend:
+    """Both pools in the guest: every pair has two remote ends on one host."""
+    src, dst = vm.source, vm.dest
+    return Backend(
+        name="openzfs",
+        src_host=src,
+        src=Side(src.address, src.pool, src.mountpoint, src.ssh_argv, local_files=False),
+        dst=Side(dst.address, dst.pool, dst.mountpoint, dst.ssh_argv, local_files=False),
+        # The guest's only network is QEMU's: its mbuffers meet on its loopback.
+        mbuffer_options="mbufferhost=127.0.0.1",
+    )
+
+
+class Zb:
+    """One test's pairs, settings and state, on one back end; runs the real executables."""
+
+    def __init__(self, backend: Backend, tmp: Path, name: str) -> None:
+        self.backend = backend
         self.tmp = tmp
         self.name = name
-        self.src = lab.source
+        self.src = backend.src_host
+        self.srcside = backend.src
+        self.dstside = backend.dst
         self.settings = tmp / "zettabee.ini"
         self.pairfile = tmp / "pairs.cfg"
         self.extra_settings = ""
@@ -79,41 +232,44 @@ class Zb:
 
     # datasets -------------------------------------------------------------------------
     def src_fs(self, leaf: str = "data") -> str:
-        return f"{self.lab.source.pool}/{self.name}-{leaf}"
+        return f"{self.srcside.pool}/{self.name}-{leaf}"
 
     def dst_fs(self, leaf: str = "data") -> str:
-        return f"{self.lab.dst_pool}/{self.name}-{leaf}"
+        return f"{self.dstside.pool}/{self.name}-{leaf}"
 
     def src_dir(self, leaf: str = "data") -> Path:
-        return Path(self.src.mountpoint) / f"{self.name}-{leaf}"
+        return Path(self.srcside.mountpoint) / f"{self.name}-{leaf}"
 
     def dst_dir(self, leaf: str = "data") -> Path:
-        return self.lab.dst_mountpoint / f"{self.name}-{leaf}"
+        return Path(self.dstside.mountpoint) / f"{self.name}-{leaf}"
 
     def make_source(self, leaf: str = "data", mb: int = 4) -> str:
         fs = self.src_fs(leaf)
         self.src.run("zfs", "create", fs)
         if mb:
-            write_random(self.src_dir(leaf) / "random.bin", mb)
+            self.srcside.write_random(self.src_dir(leaf) / "random.bin", mb)
         return fs
 
     # configuration --------------------------------------------------------------------
     def write_settings(self, extra: str | None = None) -> None:
         if extra is not None:
             self.extra_settings = extra
-        ssh = Path(self.src.key).parent
         self.settings.write_text(
             f"[paths]\npairs = {self.pairfile}\nstate_dir = {self.tmp}/state\n"
             f"log_dir = {self.tmp}/log\nlock_dir = {self.tmp}/run\n"
-            f"spool_dir = {self.tmp}/spool\nknown_hosts = {ssh}/known_hosts\n\n"
-            f"[defaults]\nsshkey = {ssh}/client_ed25519\n" + self.extra_settings
+            f"spool_dir = {self.tmp}/spool\nknown_hosts = {self.src.known_hosts}\n\n"
+            f"[defaults]\nsshkey = {self.src.key}\n" + self.extra_settings
         )
 
     def pair_line(self, leaf: str = "data", options: str = "") -> str:
-        line = (
-            f"{self.src.address}:{self.src_fs(leaf)}  {self.lab.dest_address}:{self.dst_fs(leaf)}"
-        )
+        line = f"{self.srcside.address}:{self.src_fs(leaf)}  {self.dstside.address}:{self.dst_fs(leaf)}"
         return f"{line}  {options}" if options else line
+
+    def mbuffer(self, options: str = "") -> str:
+        """Pair options for the mbuffer transport on this back end."""
+        return ",".join(
+            o for o in ("transport=mbuffer", self.backend.mbuffer_options, options) if o
+        )
 
     def write_pairs(self, *lines: str) -> None:
         self.pairfile.write_text("\n".join(lines) + "\n")
@@ -153,19 +309,18 @@ class Zb:
 
     def assert_same_data(self, leaf: str = "data") -> None:
         settle()
-        src = self.lab.checksum_tree(self.src_dir(leaf))
-        dst = self.lab.checksum_tree(self.dst_dir(leaf))
+        src = self.srcside.checksums(self.src_dir(leaf))
+        dst = self.dstside.checksums(self.dst_dir(leaf))
         assert src, "the source tree is empty: nothing was compared"
         assert dst == src
 
     def cleanup(self) -> None:
-        for fs in (f"{self.lab.dst_pool}/{self.name}-", f"{self.lab.source.pool}/{self.name}-"):
-            out = subprocess.run(
-                ["zfs", "list", "-H", "-o", "name"], capture_output=True, text=True
-            ).stdout.split()
-            for name in out:
-                if name.startswith(fs) and name.count("/") == 1:
-                    destroy(name)
+        for side in (self.dstside, self.srcside):
+            prefix = f"{side.pool}/{self.name}-"
+            names = side.run("zfs", "list", "-H", "-o", "name", "-r", side.pool).stdout.split()
+            for name in names:
+                if name.startswith(prefix) and name.count("/") == 1:
+                    destroy(name, side)
 
 
 def settle() -> None:
@@ -175,15 +330,38 @@ def settle() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def destroy(fs: str) -> None:
-    """zfs-fuse answers 'dataset is busy' for a moment after a mount change: retry."""
+def destroy(fs: str, side: Side | None = None) -> None:
+    """zfs-fuse answers 'dataset is busy' for a moment after a mount change: retry. A
+    snapshot held by a pair is busy for good: its hold is released first."""
     import time
 
+    release_holds(fs, side)
     for _ in range(30):
-        if subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0:
+        if side is not None:
+            done = side.run("zfs", "destroy", "-r", fs, check=False).returncode == 0
+        else:
+            done = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0
+        if done:
             return
         time.sleep(0.2)
     raise RuntimeError(f"cannot destroy {fs}")
+
+
+def release_holds(fs: str, side: Side | None = None) -> None:
+    """Release the pairs' holds (tag ``zettabee.<fingerprint>``, read from the snapshot
+    name: zfs-fuse cannot list holds) on every snapshot below ``fs``."""
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        if side is not None:
+            return side.run(*argv, check=False)
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    out = run("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs).stdout
+    for line in out.splitlines():
+        name, _, refs = line.partition("\t")
+        snap = name.partition("@")[2]
+        if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
+            run("zfs", "release", ".".join(snap.split(".")[:2]), name)
 
 
 def executable(name: str) -> list[str]:
@@ -203,15 +381,31 @@ def write_random(path: Path, mb: int) -> None:
             handle.write(os.urandom(1 << 20))
 
 
-@pytest.fixture
-def zb(lab: ZfsLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Zb]:
+def _zb(backend: Backend, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Zb]:
     import hashlib
 
     words = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:28]
     name = f"{words}-{hashlib.md5(request.node.nodeid.encode()).hexdigest()[:6]}"
-    env = Zb(lab, tmp_path, name)
+    env = Zb(backend, tmp_path, name)
     env.cleanup()
     try:
         yield env
     finally:
         env.cleanup()
+
+
+@pytest.fixture
+def zb(lab: ZfsLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Zb]:
+    """A test's environment on the zfs-fuse lab."""
+    yield from _zb(zfs_fuse_backend(lab), tmp_path, request)
+
+
+def backend_zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
+    """A test's environment on the back end ``request.param`` names; a module that runs
+    on every back end overrides ``zb`` with a fixture parametrised over BACKENDS that
+    yields from this."""
+    if request.param == "openzfs":
+        backend = openzfs_backend(request.getfixturevalue("guest"))
+    else:
+        backend = zfs_fuse_backend(request.getfixturevalue("lab"))
+    yield from _zb(backend, tmp_path, request)

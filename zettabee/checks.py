@@ -18,7 +18,9 @@ States, as documented in the plugins' ``--help``:
   is behind the source's: the lag cannot be measured, and the clock needs fixing).
 - runtime: OK within ``wrun``/``crun`` for the running run (or the last one, when idle);
   CRITICAL when the last run failed (with its error) or was interrupted (with the fix,
-  ``zettabee unlock``); UNKNOWN when no run is recorded or the status file is unreadable.
+  ``zettabee unlock``), naming the partial receive a resumable transfer left behind;
+  WARNING when such a partial receive outlives a run that did not fail; UNKNOWN when no
+  run is recorded or the status file is unreadable.
 - ``--all`` ranks states CRITICAL > WARNING > UNKNOWN > OK, as the monitoring plugins'
   ``max_state_alt`` does: a new or unreadable pair must not hide a late one.
 """
@@ -475,20 +477,29 @@ class RunContext(nagiosplugin.Context):
         name = label(health.pair)
         status = health.status
         action = _action(health)
+        kept = f"; {health.resume_note}" if health.resume_note else ""
         if health.run_state == INTERRUPTED:
             pid = status.pid if status else None
             gone = f" (pid {pid} is gone)" if pid else ""
             return nagiosplugin.Result(
                 Critical,
                 f"{name} {action} was interrupted{gone} and left its lock behind: "
-                f"run `zettabee unlock {name}`, then update",
+                f"run `zettabee unlock {name}`, then update{kept}",
                 metric,
             )
         if health.run_state == FAILED:
             error = _without_pair_prefix(
                 _one_line(health.last_error or "no error recorded"), health.pair
             )
-            return nagiosplugin.Result(Critical, f"{name} last {action} failed: {error}", metric)
+            if kept and "resumable" in error:
+                kept = ""  # the error says it already
+            return nagiosplugin.Result(
+                Critical, f"{name} last {action} failed: {error}{kept}", metric
+            )
+        if kept:
+            # A partial receive outlived a run that did not fail: it pins space on the
+            # destination until an update resumes or discards it.
+            return nagiosplugin.Result(Warn, f"{name}: {health.resume_note}", metric)
         if status is not None and status.corrupt:
             return nagiosplugin.Result(
                 Unknown,

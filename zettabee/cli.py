@@ -18,6 +18,7 @@ from zettabee import __version__
 from zettabee.config import (
     Settings,
     find_pair,
+    format_bytes,
     format_duration,
     load_pairs,
     load_settings,
@@ -43,7 +44,7 @@ ACTIONS = {
     "unlock": "clear what an interrupted run left behind; refuses while a live process holds the pair",
     "logfile": "print the path of a pair's log file (tail -f $(zettabee logfile DEST))",
     "fingerprint": "print source, destination and MD5 fingerprint of one pair or all",
-    "purge": "destroy obsolete zettabee snapshots on both sides, never the newest common one",
+    "purge": "destroy obsolete zettabee snapshots on both sides, never the newest common one; release holds no longer needed",
     "icinga-config": "print Icinga 2 host and service objects for the pairs, named as replicate submits them",
     "nagios-config": "print Nagios host and service definitions for the pairs, named as replicate submits them",
 }
@@ -98,11 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "purge":
             p.add_argument("--dry-run", "-n", action="store_true",
-                           help="print exactly what would be destroyed, destroy nothing")  # fmt: skip
+                           help="print exactly what would be destroyed or released, change nothing")  # fmt: skip
+            p.add_argument("--release", action="store_true",
+                           help="also release the pair's hold on the newest common snapshot, "
+                           "so that nothing of the pair pins a snapshot (a pair being retired)")  # fmt: skip
         if name == "setup":
             p.add_argument("--accept-new-host-key", action="store_true",
-                           help="pin the source host's key in the known_hosts file if it is not there yet "
-                           "(a changed key is still refused)")  # fmt: skip
+                           help="pin the key of each remote host (source, destination) in the "
+                           "known_hosts file if it is not there yet (a changed key is still "
+                           "refused)")  # fmt: skip
         if name in ("icinga-config", "nagios-config"):
             _monitoring_options(p, icinga=name == "icinga-config")
     return parser
@@ -226,11 +231,11 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                     report = replicator.update(pair)
                     log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
                 elif action == "purge":
-                    doomed = replicator.purge(pair, dry_run=args.dry_run)
-                    verb = "would destroy" if args.dry_run else "destroyed"
-                    for name in doomed:
-                        print(f"{verb} {name}") if args.dry_run else log.info("%s %s", verb, name)
-                    if args.dry_run and not doomed:
+                    steps = replicator.purge(pair, dry_run=args.dry_run, release=args.release)
+                    if args.dry_run:  # a real purge logs each step as it takes it
+                        for step in steps:
+                            print(step.describe(done=False))
+                    if args.dry_run and not steps:
                         print(f"{pair.name}: nothing to purge")
                 _submit(app, pair, action, None)
             except LockHeld as exc:
@@ -250,16 +255,7 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
 
 def _summary(count: int, seconds: float) -> str:
     rate = count / seconds if seconds > 0 else 0.0
-    return f"{_bytes(count)} in {seconds:.1f}s ({_bytes(int(rate))}/s)"
-
-
-def _bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
+    return f"{format_bytes(count)} in {seconds:.1f}s ({format_bytes(int(rate))}/s)"
 
 
 def _submit(app: App, pair: Pair, action: str, error: ZettabeeError | None) -> None:
@@ -327,13 +323,21 @@ def health_json(h: Health) -> dict[str, object]:
         "last_result": st.result if st else "",
         "last_error": st.error if st else "",
         "last_bytes": st.bytes if st else 0,
+        "resume": h.resume,
+        "features": h.features,
     }
 
 
 def do_status(app: App) -> int:
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
-    healths = read_health(pairs, app.store)
+    from zettabee.replicator import Hosts
+
+    hosts = Hosts(app.settings.known_hosts)
+    try:  # one zfs get per destination host, over SSH for the remote ones
+        healths = read_health(pairs, app.store, hosts=lambda p: hosts.get(p.destination, p))
+    finally:
+        hosts.close()
     if args.json:
         print(json.dumps([health_json(h) for h in healths], indent=1))
     else:
@@ -344,6 +348,11 @@ def do_status(app: App) -> int:
                 print(f"  {h.pair.name}: {h.reason}")
             if h.last_error:
                 print(f"  {h.pair.name}: last run {h.run_state}: {h.last_error}")
+            if h.resume_note:
+                print(f"  {h.pair.name}: {h.resume_note}")
+            if args.fullstatus:
+                for line in h.feature_lines():
+                    print(f"  {h.pair.name}: {line}")
     return EXIT_OK
 
 
@@ -358,11 +367,13 @@ def do_runstatus(app: App, pair: Pair) -> int:
             done = int(prog.get("bytes", 0))
             rate = float(prog.get("rate", 0.0))
             total = prog.get("total")
-            line = f"{pair.name}: {_bytes(done)} at {_bytes(int(rate))}/s"
+            line = f"{pair.name}: {format_bytes(done)} at {format_bytes(int(rate))}/s"
             if total:
                 pct = 100.0 * done / float(total)
                 eta = (float(total) - done) / rate if rate > 0 else 0
-                line += f", {pct:.0f}% of {_bytes(int(total))}, ETA {format_duration(int(eta))}"
+                line += (
+                    f", {pct:.0f}% of {format_bytes(int(total))}, ETA {format_duration(int(eta))}"
+                )
             print(f"\r{line}\033[K", end="", flush=True)
             time.sleep(1)
         print(f"\n{pair.name}: transfer finished")

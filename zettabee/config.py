@@ -258,6 +258,16 @@ def format_duration(seconds: float) -> str:
     return f"{sign}{hours}:{minutes:02d}:{secs:02d}"
 
 
+def format_bytes(count: float) -> str:
+    """``512 B``, ``1.5 MiB``: sizes as status lines, runstatus and the checks show them."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
 def _short_duration(seconds: int) -> str:
     """The inverse of parse_duration (``1h30m``), to quote thresholds back in messages."""
     parts = []
@@ -370,6 +380,10 @@ _OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "stall": _positive_duration,
     "mbufferhost": _host,
     "compression": _compression,
+    "resume": _boolean,
+    "hold": _boolean,
+    "bookmark": _boolean,
+    "raw": _boolean,
 }
 
 
@@ -797,7 +811,7 @@ def parse_pairs(text: str, path: str, settings: Settings) -> PairFile:
     problems: list[Problem] = []
     destinations: dict[Endpoint, int] = {}
     fingerprints: dict[str, int] = {}
-    ports: dict[int, int] = {}
+    ports: dict[tuple[str, int], int] = {}
     # split("\n"), not splitlines(): a stray form feed or U+2028 must not shift every
     # following line number away from what the operator's editor shows.
     for number, raw in enumerate(text.split("\n"), 1):
@@ -814,7 +828,7 @@ def parse_pairs(text: str, path: str, settings: Settings) -> PairFile:
         destinations[pair.destination] = number
         fingerprints[pair.fingerprint] = number
         if pair.options.transport == "mbuffer" and pair.options.port is not None:
-            ports[pair.options.port] = number
+            ports[(pair.destination.host, pair.options.port)] = number
     return PairFile(path=path, pairs=pairs, problems=problems)
 
 
@@ -878,7 +892,7 @@ def _clashes(
     pair: Pair,
     destinations: dict[Endpoint, int],
     fingerprints: dict[str, int],
-    ports: dict[int, int],
+    ports: dict[tuple[str, int], int],
     path: str,
     number: int,
 ) -> list[Problem]:
@@ -901,14 +915,15 @@ def _clashes(
                 f"{fingerprints[pair.fingerprint]}",
             )
         )
-    port = pair.options.port
-    if pair.options.transport == "mbuffer" and port is not None and port in ports:
+    # mbuffer listens on the destination host: a port is taken per destination host.
+    port = (pair.destination.host, pair.options.port or 0)
+    if pair.options.transport == "mbuffer" and port in ports:
         problems.append(
             Problem(
                 path,
                 number,
-                f"mbuffer port {port} is already used on line {ports[port]}; give each "
-                "mbuffer pair its own port, or none to pick a free one",
+                f"mbuffer port {port[1]} on {port[0]} is already used on line {ports[port]}; "
+                "give each mbuffer pair its own port, or none to pick a free one",
             )
         )
     return problems

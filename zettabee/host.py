@@ -6,8 +6,10 @@ quoted exactly once, here, where it becomes the single string SSH carries.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
+import shutil
 import socket
 import subprocess
 import threading
@@ -46,6 +48,22 @@ def error_for(argv: Sequence[str], host: str, returncode: int, stderr: str) -> C
     kind = ZfsError if argv and argv[0] in ("zfs", "zpool") else CommandError
     stage = " ".join(argv[:2]) if argv and argv[0] in ("zfs", "zpool") else None
     return kind(argv, host, returncode, stderr, stage=stage)
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    return shutil.which("setpriv")
+
+
+def tied_to_us(argv: list[str]) -> list[str]:
+    """``argv`` run so that the kernel sends it SIGTERM when zettabee dies (Linux
+    ``setpriv --pdeathsig``). A stage is a new session, out of reach of a signal to ours;
+    a killed run must still not leave an SSH client feeding a remote ``zfs receive``
+    that the next run would find busy."""
+    setpriv = _setpriv()
+    if setpriv is None or shutil.which(argv[0]) is None:
+        return argv
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 class Host(Protocol):
@@ -327,7 +345,7 @@ class SshHost:
             argv = self.target.ssh_client_argv(None, control_path=self._control_path(), master=True)
             log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
             self._master = subprocess.Popen(
-                argv,
+                tied_to_us(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

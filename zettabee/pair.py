@@ -54,6 +54,12 @@ class PairOptions:
     stall: int = 300
     mbufferhost: str | None = None
     compression: str | None = None
+    # Modern ZFS: used where both hosts have it (resume, hold), demanded when set (raw,
+    # bookmark): a replica's safety must not change silently with the host.
+    resume: bool = True
+    hold: bool = True
+    bookmark: bool = False
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,11 @@ def parse_snapshot_name(name: str) -> tuple[str, datetime] | None:
         return None
     when = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
     return match["fp"], when
+
+
+def hold_tag(fp: str) -> str:
+    """The tag of the pair's holds: ``zfs holds`` names the pair that placed it."""
+    return f"{SNAPSHOT_PREFIX}.{fp}"
 
 
 def is_own_snapshot(name: str, fp: str) -> bool:

@@ -47,15 +47,43 @@ def check_pairs(settings: Settings, pairs: Sequence[Pair], accept_new_host_key: 
                 checks.append(("destination parent", dst, zfs.get([parent], ["type"]),
                                f"zfs create -p {parent}"))  # fmt: skip
             if pair.options.transport == "mbuffer":
-                for host in (src, dst):
+                for host in (src, dst) if src is not dst else (src,):
                     checks.append(("mbuffer", host, ["mbuffer", "-V"],
                                    f"apt-get install mbuffer on {host.name}"))  # fmt: skip
+            if pair.options.transport == "local" and not (
+                src is dst or (src.is_local and dst.is_local)
+            ):
+                print(
+                    f"  FAIL transport=local: the source is on {src.name}, the destination on "
+                    f"{dst.name}\n       fix: use transport=ssh (or mbuffer) for two hosts"
+                )
+                all_ok = False
+            zfs_ok = True
             for label, host, argv, fix in checks:
                 ok, line = _check(label, host, argv, fix)
                 print(line)
                 all_ok &= ok
+                zfs_ok &= ok or label != "zfs"
                 if not ok and label == "zfs" and host is src:
                     break
+            if zfs_ok:
+                all_ok &= _features(hosts, pair, src, dst)
     finally:
         hosts.close()
     return all_ok
+
+
+def _features(hosts: Hosts, pair: Pair, src: Host, dst: Host) -> bool:
+    """What each side's ZFS offers and what the pair will use; a demanded option that a
+    side cannot honour (raw, bookmark) fails the check."""
+    try:
+        feats = hosts.features(pair, src, dst)
+    except ZettabeeError as exc:
+        print(f"  FAIL zfs features: {exc}")
+        return False
+    for side, caps in (("source", feats.source), ("destination", feats.destination)):
+        print(f"  ok   {side} zfs on {caps.host}: {caps.describe()}")
+    print(f"  uses {feats.describe()}")
+    for problem in feats.problems:
+        print(f"  FAIL {problem}")
+    return not feats.problems

@@ -9,11 +9,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from zettabee import transport, zfs
+from zettabee.capabilities import PairFeatures, Prober, plan_features
+from zettabee.config import format_bytes
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.host import Host, LocalHost, SshHost, SshTarget, is_local_host
-from zettabee.pair import Endpoint, Pair, is_own_snapshot, snapshot_name
+from zettabee.pair import Endpoint, Pair, hold_tag, is_own_snapshot, snapshot_name
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
 
 log = logging.getLogger(__name__)
@@ -29,32 +32,63 @@ class RunReport:
     seconds: float = 0.0
     destroyed: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    resumed: str = ""
 
     @property
     def rate(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class PurgeStep:
+    """One thing purge does (or, dry, would do): destroy a snapshot or bookmark, or
+    release the pair's hold on a snapshot."""
+
+    action: str  # "destroy" or "release"
+    target: str  # host:fs@snap or host:fs#mark
+    tag: str = ""
+
+    def describe(self, done: bool) -> str:
+        if self.action == "release":
+            verb = "released" if done else "would release"
+            return f"{verb} hold {self.tag} on {self.target}"
+        return f"{'destroyed' if done else 'would destroy'} {self.target}"
+
+
 class Hosts:
     """One host object per (host, port, user, key) for the whole run: pairs from the same
-    source share one control connection."""
+    host share one control connection, whichever end of a pair it is."""
 
     def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
         self.known_hosts = known_hosts
         self.accept_new_host_key = accept_new_host_key
         self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
+        self.prober = Prober()
 
     def get(self, endpoint: Endpoint, pair: Pair) -> Host:
         opts = pair.options
         known = opts.knownhosts or self.known_hosts
         key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
         if key not in self._hosts:
-            if pair.options.transport == "local" or is_local_host(endpoint.host):
+            if is_local_host(endpoint.host):
                 self._hosts[key] = LocalHost(endpoint.host)
             else:
                 target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
                 self._hosts[key] = SshHost(target, self.accept_new_host_key)
         return self._hosts[key]
+
+    def features(self, pair: Pair, src: Host, dst: Host) -> PairFeatures:
+        """What the pair can use: each host is probed once per run."""
+        opts = pair.options
+        src_caps, dst_caps = self.prober.of_both(src, pair.source.pool, dst, pair.destination.pool)
+        return plan_features(
+            src_caps,
+            dst_caps,
+            resume=opts.resume,
+            hold=opts.hold,
+            bookmark=opts.bookmark,
+            raw=opts.raw,
+        )
 
     def close(self) -> None:
         for host in self._hosts.values():
@@ -113,15 +147,25 @@ class Replicator:
 
         return report
 
-    def _early_stream_connection(self, pair: Pair, src: Host) -> None:
+    def _early_stream_connection(self, pair: Pair, src: Host, dst: Host) -> None:
+        """Open the OpenSSH masters the stream will ride on: the source's for ``ssh``, a
+        remote destination's for ``ssh`` and ``mbuffer`` (its listener)."""
         if pair.options.transport == "ssh" and isinstance(src, SshHost):
             src.open_stream_master()
+        if pair.options.transport in ("ssh", "mbuffer") and isinstance(dst, SshHost):
+            dst.open_stream_master()
 
     def _stream(
-        self, pair: Pair, src: Host, dst: Host, send: list[str], recv: list[str]
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        send: list[str],
+        recv: list[str],
+        total: int | None = None,
     ) -> transport.StreamResult:
         opts = pair.options
-        progress = self._progress(pair)
+        progress = self._progress(pair, total)
         if opts.transport == "mbuffer":
             if not isinstance(src, SshHost):
                 raise StateError(f"{pair.name}: transport=mbuffer needs a remote source host")
@@ -129,14 +173,41 @@ class Replicator:
             return transport.stream_via_mbuffer(
                 src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress
             )
+        if opts.transport == "local":
+            if not (src is dst or (src.is_local and dst.is_local)):
+                raise StateError(
+                    f"{pair.name}: transport=local runs zfs send | zfs receive on one host, "
+                    f"but the source is on {pair.source.host} and the destination on "
+                    f"{pair.destination.host}; use transport=ssh or mbuffer"
+                )
+            if isinstance(src, SshHost):
+                return transport.stream_on_host(src, send, recv, opts.stall, progress)
         return transport.stream_via_processes(src, dst, send, recv, opts.stall, progress)
+
+    # -- what both sides can do ----------------------------------------------------------
+
+    def _features(self, pair: Pair, src: Host, dst: Host, status: Status) -> PairFeatures:
+        """Probe both sides (once per host and run), record what the pair uses in its
+        status, and refuse an option the pair demands but a side cannot honour."""
+        feats = self.hosts.features(pair, src, dst)
+        status.extra["features"] = {**feats.as_dict(), "probed": time.time()}
+        if feats.problems:
+            raise StateError(f"{pair.name}: {'; '.join(feats.problems)}")
+        log.debug("%s: uses %s", pair.name, feats.describe())
+        return feats
 
     # -- reading both sides ------------------------------------------------------------
 
-    def _dest_view(self, pair: Pair, dst: Host) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
-        """The destination's zettabee properties and snapshots, in one zfs call."""
+    def _dest_view(
+        self, pair: Pair, dst: Host, feats: PairFeatures | None = None
+    ) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
+        """The destination's zettabee properties, resume token and snapshots, in one call."""
         fs = pair.destination.fs
         props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+        if feats is not None and feats.destination.resumable:
+            props.append(zfs.PROP_RESUME_TOKEN)
+        if feats is not None and feats.destination.holds:
+            props.append(zfs.PROP_USERREFS)
         result = dst.run(zfs.get([fs], props, depth=1), check=False)
         if result.returncode != 0:
             if zfs.missing_dataset(result.stderr):
@@ -145,9 +216,14 @@ class Replicator:
         table = zfs.parse_get(result.stdout)
         return table.get(fs, {}), zfs.parse_snapshots(fs, result.stdout)
 
-    def _source_snapshots(self, pair: Pair, src: Host) -> list[zfs.Snapshot]:
+    def _source_view(
+        self, pair: Pair, src: Host, feats: PairFeatures | None = None
+    ) -> tuple[list[zfs.Snapshot], list[zfs.Bookmark]]:
+        """The source's snapshots (with their hold counts) and bookmarks, in one call."""
         fs = pair.source.fs
-        result = src.run(zfs.list_snapshots(fs), check=False)
+        holds = feats is not None and feats.source.holds
+        marks = feats is not None and feats.source.bookmarks
+        result = src.run(zfs.list_snapshots(fs, holds=holds, bookmarks=marks), check=False)
         if result.returncode != 0:
             if zfs.missing_dataset(result.stderr):
                 raise StateError(
@@ -155,7 +231,10 @@ class Replicator:
                     f"({result.stderr.strip()}); check the pair file"
                 )
             raise CommandError(result.argv, src.name, result.returncode, result.stderr, "zfs get")
-        return zfs.parse_snapshots(fs, result.stdout)
+        return zfs.parse_snapshots(fs, result.stdout), zfs.parse_bookmarks(fs, result.stdout)
+
+    def _source_snapshots(self, pair: Pair, src: Host) -> list[zfs.Snapshot]:
+        return self._source_view(pair, src)[0]
 
     def _new_snapshot(self, pair: Pair, src: Host, existing: list[zfs.Snapshot]) -> str:
         names = {s.name for s in existing}
@@ -175,6 +254,232 @@ class Replicator:
             dst.run(zfs.set_prop(fs, zfs.PROP_SOURCE, str(pair.source)))
             dst.run(zfs.set_prop(fs, "readonly", "on"))
 
+    # -- holds and bookmarks -------------------------------------------------------------
+
+    def _hold(self, pair: Pair, host: Host, snap: str) -> None:
+        """Keep ``snap`` from being destroyed by anyone until zettabee releases it."""
+        result = host.run(zfs.hold(hold_tag(pair.fingerprint), snap), check=False)
+        if result.ok or zfs.tag_exists(result.stderr):
+            log.debug(
+                "%s: hold %s on %s:%s", pair.name, hold_tag(pair.fingerprint), host.name, snap
+            )
+            return
+        raise CommandError(result.argv, host.name, result.returncode, result.stderr, "zfs hold")
+
+    def _release(self, pair: Pair, host: Host, snap: str) -> bool:
+        """Release the pair's hold on ``snap``; False when it carried none."""
+        result = host.run(zfs.release(hold_tag(pair.fingerprint), snap), check=False)
+        if result.ok:
+            log.debug("%s: released hold on %s:%s", pair.name, host.name, snap)
+            return True
+        if zfs.tag_missing(result.stderr) or zfs.missing_dataset(result.stderr):
+            return False
+        raise CommandError(result.argv, host.name, result.returncode, result.stderr, "zfs release")
+
+    def _move_holds(
+        self, pair: Pair, host: Host, snaps: list[zfs.Snapshot], keep: str, base: str = ""
+    ) -> None:
+        """Release the pair's holds on its snapshots (and on ``base``, which need not be
+        one of its own) except ``keep``. Only snapshots that carry holds are asked: one
+        command each, normally just the previous base."""
+        for snap in self._held(pair, snaps, base):
+            if snap.name != keep and self._release(pair, host, snap.full):
+                log.info("%s: released hold on %s:%s", pair.name, host.name, snap.full)
+
+    @staticmethod
+    def _held(pair: Pair, snaps: list[zfs.Snapshot], base: str = "") -> list[zfs.Snapshot]:
+        """Snapshots that may carry the pair's hold: its own and ``base``, when held at all
+        (other tags on other snapshots are none of zettabee's business)."""
+        fp = pair.fingerprint
+        return [
+            s for s in snaps if s.userrefs > 0 and (is_own_snapshot(s.name, fp) or s.name == base)
+        ]
+
+    def _bookmark(self, pair: Pair, src: Host, snap: str, marks: list[zfs.Bookmark]) -> None:
+        """Bookmark ``snap`` (the new base) and drop the pair's older bookmarks: should
+        another tool prune the snapshot, the next update still sends from the bookmark."""
+        fs = pair.source.fs
+        result = src.run(zfs.bookmark(f"{fs}@{snap}", f"{fs}#{snap}"), check=False)
+        if not result.ok and "exists" not in result.stderr:
+            raise CommandError(
+                result.argv, src.name, result.returncode, result.stderr, "zfs bookmark"
+            )
+        for mark in self._old_bookmarks(pair, marks, snap):
+            destroy(src, mark.full)
+            log.info("%s: destroyed bookmark %s:%s", pair.name, src.name, mark.full)
+
+    @staticmethod
+    def _old_bookmarks(pair: Pair, marks: list[zfs.Bookmark], keep: str) -> list[zfs.Bookmark]:
+        return [m for m in marks if is_own_snapshot(m.name, pair.fingerprint) and m.name != keep]
+
+    # -- resumable receive ---------------------------------------------------------------
+
+    def _abort_receive(self, pair: Pair, dst: Host, status: Status, why: str) -> None:
+        fs = pair.destination.fs
+        log.warning(
+            "%s: %s; discarding the partial receive (zfs receive -A %s)", pair.name, why, fs
+        )
+        dst.run(zfs.recv_abort(fs))
+        status.extra.pop("resume", None)
+        self.store.write_status(status)
+
+    def _note_transfer(self, status: Status, target: str, kept: int = 0) -> dict[str, Any]:
+        """Record in the status, before the stream starts, that the receive is resumable:
+        a run killed in the middle leaves a token, and status and the runtime check say so."""
+        entry = status.extra.get("resume")
+        if not isinstance(entry, dict) or entry.get("snapshot") != target:
+            entry = {"snapshot": target, "since": time.time(), "runs": 0}
+        entry["runs"] = int(entry.get("runs", 0)) + 1
+        entry["kept"] = max(int(entry.get("kept", 0)), kept)
+        status.extra["resume"] = entry
+        self.store.write_status(status)
+        return entry
+
+    def _kept_after_failure(
+        self, pair: Pair, dst: Host, status: Status, entry: dict[str, Any]
+    ) -> str:
+        """After a resumable stream failed: is there a token? Say what the next run does."""
+        fs = pair.destination.fs
+        try:
+            result = dst.run(zfs.get([fs], [zfs.PROP_RESUME_TOKEN]), check=False)
+        except ZettabeeError:
+            return ""
+        value = (
+            zfs.parse_get(result.stdout).get(fs, {}).get(zfs.PROP_RESUME_TOKEN)
+            if result.ok
+            else None
+        )
+        if not zfs.resume_token(value):
+            status.extra.pop("resume", None)
+            return ""
+        progress = self.store.read_progress(pair.fingerprint) or {}
+        entry["kept"] = int(entry.get("kept", 0)) + int(progress.get("bytes", 0))
+        entry["token"] = True
+        status.extra["resume"] = entry
+        return (
+            f"; the receive is resumable: about {format_bytes(entry['kept'])} of "
+            f"{entry['snapshot']} are kept on {dst.name}, and the next update resumes from there"
+        )
+
+    def _transfer(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        status: Status,
+        send: list[str],
+        recv: list[str],
+        target: str,
+        estimate: list[str] | None,
+        base: str | None = None,
+    ) -> transport.StreamResult:
+        """One stream, with its size estimated first where the source can, and the
+        resume bookkeeping around it where the receive is resumable."""
+        total = self._estimate(pair, src, estimate) if estimate and feats.estimate else None
+        entry = self._note_transfer(status, target) if feats.resume else None
+        try:
+            stream = self._stream(pair, src, dst, send, recv, total)
+        except (CommandError, TransportError) as exc:
+            error = self._explain_receive(pair, exc, base)
+            if entry is not None:
+                note = self._kept_after_failure(pair, dst, status, entry)
+                if note:
+                    error.args = (f"{error}{note}",)
+            raise error from exc
+        status.extra.pop("resume", None)
+        return stream
+
+    def _estimate(self, pair: Pair, src: Host, argv: list[str]) -> int | None:
+        """The stream's size from ``zfs send -nvP``; progress shows a percentage with it.
+        An estimate that fails never fails the run."""
+        try:
+            result = src.run(argv, check=False)
+        except ZettabeeError as exc:
+            log.debug("%s: no size estimate: %s", pair.name, exc)
+            return None
+        size = zfs.parse_estimate(result.stdout + "\n" + result.stderr) if result.ok else None
+        log.debug("%s: estimated stream size %s", pair.name, size)
+        return size
+
+    def _resume(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        status: Status,
+        token: str,
+        force: bool = False,
+    ) -> tuple[str, transport.StreamResult] | None:
+        """Go on with an interrupted receive from its token.
+
+        Returns the snapshot received and the stream that finished it, or None when the
+        token no longer applies: then it is cleared, and the caller goes on as if there had
+        been none. ``zfs send -nvP -t`` checks the token first where it can (and says what
+        it names and how much is left); a token that ``send -t`` itself refuses is cleared
+        the same way."""
+        fs = pair.destination.fs
+        toname, kept, total = "", 0, None
+        if feats.estimate:
+            result = src.run(zfs.send_resume(token, estimate=True), check=False)
+            said = result.stdout + "\n" + result.stderr
+            if not result.ok:
+                if zfs.stale_token(result.stderr):
+                    self._abort_receive(
+                        pair,
+                        dst,
+                        status,
+                        f"the resume token no longer applies ({result.stderr.strip()})",
+                    )
+                    return None
+                raise CommandError(
+                    result.argv, src.name, result.returncode, result.stderr, "zfs send"
+                )
+            fields = zfs.parse_resume_contents(said)
+            toname = fields.get("toname", "")
+            kept = zfs.hex_or_int(fields.get("bytes")) or 0
+            total = zfs.parse_estimate(said)
+        target = toname.partition("@")[2] or str(status.extra.get("resume", {}).get("snapshot", ""))
+        log.info(
+            "%s: resuming the interrupted receive of %s (%s already on %s)",
+            pair.name, target or "?", format_bytes(kept), dst.name,
+        )  # fmt: skip
+        entry = self._note_transfer(status, target or "?", kept)
+        try:
+            stream = self._stream(
+                pair,
+                src,
+                dst,
+                zfs.send_resume(token),
+                zfs.recv(fs, force=force, resumable=True),
+                total,
+            )
+        except (CommandError, TransportError) as exc:
+            if (
+                isinstance(exc, CommandError)
+                and exc.stage.startswith("zfs send")
+                and zfs.stale_token(exc.stderr)
+            ):
+                self._abort_receive(
+                    pair, dst, status, f"the resume token no longer applies ({exc.stderr})"
+                )
+                return None
+            error = self._explain_receive(pair, exc)
+            note = self._kept_after_failure(pair, dst, status, entry)
+            error.args = (f"{error}{note}",)
+            raise error from exc
+        status.extra.pop("resume", None)
+        self.store.write_status(status)
+        if not target:
+            view = self._dest_view(pair, dst)
+            target = view[1][-1].name if view and view[1] else ""
+        log.info(
+            "%s: resumed receive of %s completed, %s more in %.1fs",
+            pair.name, target, format_bytes(stream.bytes), stream.seconds,
+        )  # fmt: skip
+        return (target, stream) if target else None
+
     # -- actions -----------------------------------------------------------------------
 
     def initialize(self, pair: Pair, force: bool = False) -> RunReport:
@@ -182,10 +487,38 @@ class Replicator:
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src)
-            ssnaps = self._source_snapshots(pair, src)
-            view = self._dest_view(pair, dst)
+            self._early_stream_connection(pair, src, dst)
+            feats = self._features(pair, src, dst, status)
+            ssnaps, _marks = self._source_view(pair, src, feats)
+            view = self._dest_view(pair, dst, feats)
             fs = pair.destination.fs
+            if view is not None:
+                props, dsnaps = view
+                token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
+                ours = zfs.user_prop(props.get(zfs.PROP_FINGERPRINT))
+                if token and ours is None and not dsnaps and not force:
+                    # An initialize that was interrupted: its full stream goes on.
+                    if not feats.resume:
+                        raise StateError(
+                            f"{pair.name}: {fs} holds a partial receive, and this pair does not "
+                            f"resume (resume=no); `zfs receive -A {fs}` discards it"
+                        )
+                    done = self._resume(pair, src, dst, feats, status, token)
+                    if done is not None:
+                        snap, stream = done
+                        self._finish_initialize(
+                            pair,
+                            src,
+                            dst,
+                            feats,
+                            status,
+                            report,
+                            snap,
+                            stream.bytes,
+                            stream.seconds,
+                        )
+                        return report
+                    view = self._dest_view(pair, dst, feats)
             if view is not None:
                 if not force:
                     raise StateError(
@@ -194,22 +527,47 @@ class Replicator:
                         f"destroys {fs} with all its snapshots and descendants and starts over"
                     )
                 log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
+                if feats.destination.holds:
+                    self._move_holds(pair, dst, view[1], keep="")
                 destroy(dst, fs, recursive=True)
             snap = self._new_snapshot(pair, src, ssnaps)
-            send = zfs.send(f"{pair.source.fs}@{snap}")
-            recv = zfs.recv(fs)
-            try:
-                stream = self._stream(pair, src, dst, send, recv)
-            except (CommandError, TransportError) as exc:
-                raise self._explain_receive(pair, exc) from exc
-            self._record(pair, dst, snap, first=True)
-            report.snapshot, report.bytes, report.seconds = snap, stream.bytes, stream.seconds
-            status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
-            log.info(
-                "%s: initialized from %s@%s, %d bytes in %.1fs",
-                pair.name, pair.source.fs, snap, stream.bytes, stream.seconds,
-            )  # fmt: skip
+            if feats.hold_source:
+                self._hold(pair, src, f"{pair.source.fs}@{snap}")
+            raw = pair.options.raw
+            send = zfs.send(f"{pair.source.fs}@{snap}", raw=raw)
+            estimate = zfs.send(f"{pair.source.fs}@{snap}", raw=raw, estimate=True)
+            recv = zfs.recv(fs, resumable=feats.resume)
+            stream = self._transfer(pair, src, dst, feats, status, send, recv, snap, estimate)
+            self._finish_initialize(
+                pair, src, dst, feats, status, report, snap, stream.bytes, stream.seconds
+            )
         return report
+
+    def _finish_initialize(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        status: Status,
+        report: RunReport,
+        snap: str,
+        count: int,
+        seconds: float,
+    ) -> None:
+        self._record(pair, dst, snap, first=True)
+        if feats.hold_source:
+            self._hold(pair, src, f"{pair.source.fs}@{snap}")
+        if feats.hold_destination:
+            self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
+        if feats.bookmark:
+            self._bookmark(pair, src, snap, [])
+        report.snapshot, report.bytes, report.seconds = snap, count, seconds
+        status.snapshot, status.bytes, status.seconds = snap, count, seconds
+        log.info(
+            "%s: initialized from %s@%s, %d bytes in %.1fs",
+            pair.name, pair.source.fs, snap, count, seconds,
+        )  # fmt: skip
 
     def update(self, pair: Pair) -> RunReport:
         report = RunReport(pair, "update")
@@ -218,8 +576,10 @@ class Replicator:
             t0 = time.monotonic()
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src)
-            view = self._dest_view(pair, dst)
+            self._early_stream_connection(pair, src, dst)
+            feats = self._features(pair, src, dst, status)
+            timings["connect+probe"] = time.monotonic() - t0
+            view = self._dest_view(pair, dst, feats)
             if view is None:
                 raise StateError(
                     f"{pair.name}: not initialized (the destination {pair.destination} does not "
@@ -227,11 +587,29 @@ class Replicator:
                 )
             props, dsnaps = view
             self._check_identity(pair, props)
-            ssnaps = self._source_snapshots(pair, src)
-            timings["listing"] = time.monotonic() - t0
-            common = zfs.common_snapshot(ssnaps, dsnaps)
-            if common is None:
+            ssnaps, marks = self._source_view(pair, src, feats)
+            timings["listing"] = time.monotonic() - t0 - timings["connect+probe"]
+            token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
+            if token:
+                if feats.resume:
+                    t = time.monotonic()
+                    resumed = self._resume(
+                        pair, src, dst, feats, status, token, force=pair.options.rollback
+                    )
+                    timings["resume"] = time.monotonic() - t
+                    if resumed is not None:
+                        self._record(pair, dst, resumed[0], first=False)
+                        report.resumed = resumed[0]
+                        report.bytes, report.seconds = resumed[1].bytes, resumed[1].seconds
+                    view = self._dest_view(pair, dst, feats)
+                    assert view is not None
+                    dsnaps = view[1]
+                else:
+                    self._abort_receive(pair, dst, status, "this pair does not resume (resume=no)")
+            found = zfs.common_base(ssnaps, marks, dsnaps)
+            if found is None:
                 raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
+            common, source_base = found
             newer = dsnaps[dsnaps.index(common) + 1 :]
             if newer and not pair.options.rollback:
                 raise StateError(
@@ -240,50 +618,119 @@ class Replicator:
                     f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
                     "the pair to let zettabee roll the destination back"
                 )
+            if newer:
+                # rollback=yes allows it. Done here, not left to `receive -F`: old ZFS
+                # (zfs-fuse) receives on top of a newer snapshot that holds no changes and
+                # keeps it, so the replica would go on diverged.
+                fs = pair.destination.fs
+                log.warning(
+                    "%s: rollback=yes: rolling %s back to %s, destroying %s",
+                    pair.name, fs, common.name, ", ".join(s.name for s in newer),
+                )  # fmt: skip
+                dst.run(zfs.rollback(f"{fs}@{common.name}"))
+                dsnaps = dsnaps[: dsnaps.index(common) + 1]
+            if "#" in source_base:
+                log.warning(
+                    "%s: the source no longer has %s@%s; sending from its bookmark %s",
+                    pair.name, pair.source.fs, common.name, source_base,
+                )  # fmt: skip
             t1 = time.monotonic()
             snap = self._new_snapshot(pair, src, ssnaps)
+            if feats.hold_source:
+                self._hold(pair, src, f"{pair.source.fs}@{snap}")
             timings["snapshot"] = time.monotonic() - t1
-            send = zfs.send(
-                f"{pair.source.fs}@{snap}",
-                base=f"{pair.source.fs}@{common.name}",
-                intermediate=pair.options.intermediate,
+            target = f"{pair.source.fs}@{snap}"
+            raw, intermediate = pair.options.raw, pair.options.intermediate
+            send = zfs.send(target, source_base, intermediate, raw=raw)
+            estimate = zfs.send(target, source_base, intermediate, raw=raw, estimate=True)
+            recv = zfs.recv(
+                pair.destination.fs, force=pair.options.rollback, resumable=feats.resume
             )
-            recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
             t2 = time.monotonic()
-            try:
-                stream = self._stream(pair, src, dst, send, recv)
-            except (CommandError, TransportError) as exc:
-                raise self._explain_receive(pair, exc, common.name) from exc
+            stream = self._transfer(
+                pair, src, dst, feats, status, send, recv, snap, estimate, base=common.name
+            )
             timings["stream"] = time.monotonic() - t2
             t3 = time.monotonic()
             self._record(pair, dst, snap, first=False)
+            if feats.hold_destination:
+                self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
+            # Where the host has holds, earlier ones go even when the pair stopped using
+            # them (hold=no): a forgotten hold would pin its snapshot for good.
+            if feats.destination.holds:
+                keep = snap if feats.hold_destination else ""
+                self._move_holds(pair, dst, dsnaps, keep=keep, base=common.name)
+            if feats.source.holds:
+                keep = snap if feats.hold_source else ""
+                self._move_holds(pair, src, ssnaps, keep=keep, base=common.name)
+            if feats.bookmark:
+                self._bookmark(pair, src, snap, marks)
             timings["record"] = time.monotonic() - t3
             report.snapshot, report.base = snap, common.name
-            report.bytes, report.seconds = stream.bytes, stream.seconds
-            status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
+            report.bytes += stream.bytes  # after what a resume moved, if anything
+            report.seconds += stream.seconds
+            status.snapshot, status.bytes, status.seconds = snap, report.bytes, report.seconds
             t4 = time.monotonic()
             listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
             report.destroyed = self._prune(pair, src, dst, dry_run=False, listing=listing)
             timings["prune"] = time.monotonic() - t4
         log.info(
             "%s: updated %s -> %s, %d bytes in %.1fs",
-            pair.name, common.name, snap, report.bytes, report.seconds,
+            pair.name, report.base, report.snapshot, report.bytes, report.seconds,
         )  # fmt: skip
         log.debug(
             "%s: timings %s", pair.name, " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
         )
         return report
 
-    def purge(self, pair: Pair, dry_run: bool = False) -> list[str]:
-        """Destroy obsolete zettabee snapshots on both sides; never the newest common one."""
+    def purge(self, pair: Pair, dry_run: bool = False, release: bool = False) -> list[PurgeStep]:
+        """Destroy obsolete zettabee snapshots and bookmarks on both sides, never the
+        newest common snapshot, and release the pair's holds that no longer protect a
+        base. ``release`` also lets go of the base itself (a pair being retired)."""
         if dry_run:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            return self._prune(pair, src, dst, dry_run=True)
-        with self._run(pair, "purge"):
+            feats = self.hosts.features(pair, src, dst)
+            return self._purge(pair, src, dst, feats, dry_run=True, release=release)
+        with self._run(pair, "purge") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
-            return self._prune(pair, src, dst, dry_run=False)
+            feats = self._features(pair, src, dst, status)
+            return self._purge(pair, src, dst, feats, dry_run=False, release=release)
+
+    def _purge(
+        self, pair: Pair, src: Host, dst: Host, feats: PairFeatures, dry_run: bool, release: bool
+    ) -> list[PurgeStep]:
+        view = self._dest_view(pair, dst, feats)
+        if view is None:
+            raise StateError(f"{pair.name}: not initialized; nothing to purge")
+        dsnaps = view[1]
+        ssnaps, marks = self._source_view(pair, src, feats)
+        common = zfs.common_snapshot(ssnaps, dsnaps)
+        base = common.name if common else ""
+        keep = "" if release else base
+        tag = hold_tag(pair.fingerprint)
+        steps = []
+        for host, snaps in ((src, ssnaps), (dst, dsnaps)):
+            for snap in self._held(pair, snaps, base):
+                if snap.name != keep:
+                    if dry_run or self._release(pair, host, snap.full):
+                        steps.append(PurgeStep("release", f"{host.name}:{snap.full}", tag))
+                        if not dry_run:
+                            log.info("%s: %s", pair.name, steps[-1].describe(done=True))
+        own = [m.name for m in marks if is_own_snapshot(m.name, pair.fingerprint)]
+        for mark in self._old_bookmarks(pair, marks, own[-1] if own else ""):
+            steps.append(PurgeStep("destroy", f"{src.name}:{mark.full}"))
+            if not dry_run:
+                destroy(src, mark.full)
+                log.info("%s: %s", pair.name, steps[-1].describe(done=True))
+        listing = (
+            [s.name for s in ssnaps],
+            [s.name for s in dsnaps],
+            common.name if common else "",
+        )
+        doomed = self._prune(pair, src, dst, dry_run=dry_run, listing=listing)
+        return steps + [PurgeStep("destroy", name) for name in doomed]
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -322,6 +769,12 @@ class Replicator:
                 f"common snapshot {base}; set rollback=yes on the pair to discard those "
                 f"changes, or inspect them first (zfs diff {pair.destination.fs}@{base}). "
                 f"zfs said: {text}"
+            )
+        if "partially-complete state" in text:
+            return StateError(
+                f"{pair.name}: {pair.destination.fs} holds a partial receive (zfs receive -s) "
+                "that this run could not resume; the next update resumes it, or "
+                f"`zfs receive -A {pair.destination.fs}` discards it. zfs said: {text}"
             )
         if isinstance(exc, TransportError):
             return TransportError(f"{pair.name}: {text}", exc.transient)

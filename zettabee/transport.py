@@ -1,14 +1,17 @@
 """The data path: a ``zfs send`` stream carried into ``zfs receive``.
 
-Every transport ends on this machine in a relay that splices the stream from the
-sending process into the receiving one, counting bytes: that count gives progress, rate
-and ETA for ``runstatus`` and feeds the stall watchdog, whatever carries the stream.
+Where the stream passes through this machine, a relay splices it from the sending
+process into the receiving one, counting bytes: that count gives progress, rate and ETA
+for ``runstatus`` and feeds the stall watchdog, whatever carries the stream.
 
-- ``ssh``: the sender is the OpenSSH client running ``zfs send`` on the source (paramiko
-  streams at a third of its speed, see DESIGN.md);
+- ``ssh``: each remote end is an OpenSSH client (paramiko streams at a third of its
+  speed, see DESIGN.md) running ``zfs send`` on the source and ``zfs receive`` on the
+  destination; with both ends remote the stream is relayed through this machine;
 - ``mbuffer``: the source pipes ``zfs send`` into ``mbuffer -O`` (started over the control
-  connection), and a local ``mbuffer -I`` is the sender here;
-- ``local``: ``zfs send`` runs here.
+  connection) and ``mbuffer -I`` listens on the destination: here, feeding the relay, or
+  on a remote destination, where its own status line is the byte count;
+- ``local``: ``zfs send | zfs receive`` on one host: here through the relay, or on a
+  remote host as one command, so the stream never crosses the network.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import select
 import shlex
 import signal
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from zettabee.errors import CommandError, TransportError
-from zettabee.host import Host, SshHost
+from zettabee.host import Host, Result, SshHost, tied_to_us
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +95,20 @@ class StreamResult:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_script(stages: Sequence[Sequence[str]]) -> str:
+def pipeline_script(stages: Sequence[Sequence[str]], live: int | None = None) -> str:
     """A POSIX sh pipeline that reports every stage's exit status and stderr.
 
     Each command is quoted once here. After the pipeline, the script prints for each
     stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
-    stderr, so the caller can say which stage failed and quote it.
+    stderr, so the caller can say which stage failed and quote it. The stage numbered
+    ``live`` keeps its stderr on the script's own, as it is written (a status line read
+    while the stream runs), and reports an empty one.
     """
     parts = []
     for i, argv in enumerate(stages):
+        if i == live:
+            parts.append(f'{{ {shlex.join(argv)}; echo $? >"$d/s{i}"; : >"$d/e{i}"; }}')
+            continue
         parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
     report = " ".join(str(i) for i in range(len(stages)))
     return (
@@ -141,18 +150,122 @@ def free_port() -> int:
 def listening(port: int) -> bool:
     """Is anything on this machine listening on TCP ``port``? (no connection made:
     mbuffer -I accepts exactly one.)"""
-    want = f":{port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as handle:
-                next(handle)
-                for line in handle:
-                    cols = line.split()
-                    if cols[1].endswith(want) and cols[3] == "0A":
-                        return True
+                if proc_net_listening(handle.read(), port):
+                    return True
         except OSError:
             continue
     return False
+
+
+def proc_net_listening(text: str, port: int) -> bool:
+    """Does a Linux ``/proc/net/tcp`` table show a listener on ``port``?"""
+    want = f":{port:04X}"
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":
+            return True
+    return False
+
+
+def netstat_listening(text: str, port: int) -> bool:
+    """Does ``netstat -an`` (BSD, illumos) show a TCP listener on ``port``?"""
+    for line in text.splitlines():
+        cols = line.split()
+        if "LISTEN" in cols and any(re.search(rf"[.:]{port}$", col) for col in cols):
+            return True
+    return False
+
+
+def remote_listening(host: SshHost, port: int) -> bool:
+    """Is anything listening on TCP ``port`` on a remote host? Read over the control
+    connection: /proc/net/tcp on Linux, ``netstat -an`` elsewhere."""
+    res = host.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"], check=False, timeout=30)
+    if res.stdout.strip():
+        return proc_net_listening(res.stdout, port)
+    res = host.run(["netstat", "-an"], check=False, timeout=30)
+    return netstat_listening(res.stdout, port)
+
+
+_MBUFFER_COUNT = re.compile(
+    r"(?:(?P<total>[0-9]+(?:\.[0-9]+)?) (?P<tunit>[kMGT]?)i?B total"
+    r"|summary: +(?P<sum>[0-9]+(?:\.[0-9]+)?) (?P<sunit>[kMGT]?)i?Byte)"
+)
+_UNITS = {"": 1, "k": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def mbuffer_bytes(text: str) -> int | None:
+    """The bytes an mbuffer has moved, from the last status or summary line it printed
+    (``... 47.6 MiB total ...``, ``summary: 47.7 MiByte in 2.4sec``): three significant
+    digits, enough for progress and rate."""
+    found = None
+    for match in _MBUFFER_COUNT.finditer(text):
+        number = match["total"] or match["sum"]
+        unit = match["tunit"] if match["total"] else match["sunit"]
+        found = int(float(number) * _UNITS[unit or ""])
+    return found
+
+
+def dd_bytes(text: str) -> int | None:
+    """The last byte count dd printed: ``N bytes ...`` starts its progress lines and its
+    summary, in GNU and BSD dd alike."""
+    found = re.findall(r"(?:^|[\r\n])([0-9]+) bytes", text)
+    return int(found[-1]) if found else None
+
+
+class StderrMeter:
+    """Progress read from a remote counter's status line (mbuffer's, dd's) as it lands in
+    a stage's stderr file: the only count there is when the stream does not pass through
+    this machine."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        progress: ProgressFn | None,
+        parse: Callable[[str], int | None] = mbuffer_bytes,
+    ) -> None:
+        self.stage = stage
+        self.progress = progress
+        self.parse = parse
+        self.count = 0
+        self.started = time.monotonic()
+        self._offset = 0
+        self._tail = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def read(self) -> None:
+        errfile = self.stage.errfile
+        if errfile is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.pread(errfile.fileno(), 1 << 16, self._offset):
+                self._offset += len(chunk)
+                self._tail = (self._tail + chunk.decode(errors="replace"))[-4096:]
+        found = self.parse(self._tail)
+        if found is not None:
+            self.count = found
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            self.read()
+            if self.progress:
+                self.progress(self.count, time.monotonic() - self.started)
+
+    def stop(self) -> None:
+        """Call after the stage finished: its whole stderr holds the final count."""
+        self._done.set()
+        self._thread.join()
+        found = self.parse(self.stage.stderr)
+        if found is not None:
+            self.count = found
+        if self.progress:
+            self.progress(self.count, time.monotonic() - self.started)
 
 
 def _grow_pipe(fd: int) -> None:
@@ -245,7 +358,7 @@ def _spawn(stage: Stage, stdin: int | IO[bytes] | None, stdout: int | None) -> N
     log.debug("start %s on %s: %s", stage.label, stage.host, shlex.join(stage.argv))
     try:
         stage.proc = subprocess.Popen(
-            stage.argv,
+            tied_to_us(stage.argv),
             stdin=stdin if stdin is not None else subprocess.DEVNULL,
             stdout=stdout if stdout is not None else subprocess.DEVNULL,
             stderr=stage.errfile,
@@ -336,6 +449,8 @@ def stream_via_processes(
     if not source.is_local:
         sender.label = "zfs send (over ssh)"
     receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
+    if not dest.is_local:
+        receiver.label = "zfs receive (over ssh)"
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -344,7 +459,49 @@ def stream_via_processes(
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
     _classify_ssh(sender, source)
+    _classify_ssh(receiver, dest)
     return _finish(stages, relay, started)
+
+
+def stream_on_host(
+    host: SshHost,
+    send_argv: list[str],
+    recv_argv: list[str],
+    stall: int,
+    progress: ProgressFn | None = None,
+) -> StreamResult:
+    """``local`` on a remote host: ``zfs send | dd | zfs receive`` runs there as one
+    command through an OpenSSH client, and the stream never leaves that host.
+
+    ``dd status=progress`` (GNU and FreeBSD dd) writes its count every second to the
+    client's stderr: that is the progress here, and the write that fails when this side
+    goes away is what stops the remote pipeline instead of leaving it running."""
+    started = time.monotonic()
+    count = ["dd", "bs=1048576", "status=progress"]
+    script = pipeline_script([send_argv, count, recv_argv], live=1)
+    runner = Stage("zfs send | zfs receive", host.name, host.stream_argv(script, stall))
+    _spawn(runner, None, None)
+    meter = StderrMeter(runner, progress, dd_bytes)
+    meter.start()
+    runner.finish()
+    meter.stop()
+    stages = [
+        Stage("zfs send", host.name, list(send_argv)),
+        Stage("dd", host.name, count),
+        Stage("zfs receive", host.name, list(recv_argv)),
+    ]
+    if STAGE_MARK not in runner.stderr:
+        runner.label = "ssh" if runner.returncode == 255 else runner.label
+        stages = [runner]
+    else:
+        codes, errs, head = parse_pipeline_stderr(runner.stderr, len(stages))
+        errs[1] = head.replace("\r", "\n")
+        for stage, code, err in zip(stages, codes, errs, strict=True):
+            stage.returncode, stage.stderr = code, err
+    result = StreamResult(meter.count, time.monotonic() - started, stages)
+    if any(s.failed for s in stages):
+        raise describe_failure(stages, None)
+    return result
 
 
 def _classify_ssh(stage: Stage, host: Host) -> None:
@@ -372,7 +529,10 @@ def stream_via_mbuffer(
     both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run.
     """
     if not dest.is_local:
-        raise TransportError("mbuffer transport needs the destination on this machine", False)
+        assert isinstance(dest, SshHost)
+        return _mbuffer_to_remote(
+            source, dest, send_argv, recv_argv, stall, port, connect_host, bwlimit, progress
+        )
     started = time.monotonic()
     port = port or free_port()
     listen = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
@@ -392,10 +552,7 @@ def stream_via_mbuffer(
             _kill_all(stages)()
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
         time.sleep(0.01)
-    out = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
-    if bwlimit:
-        out += ["-r", bwlimit]
-    out += ["-O", f"{connect_host}:{port}"]
+    out = _mbuffer_out(stall, bwlimit, connect_host, port)
     script = pipeline_script([send_argv, out])
     remote: dict[str, object] = {}
 
@@ -416,7 +573,25 @@ def stream_via_mbuffer(
     for stage in reversed(stages):
         stage.finish()
     sender_thread.join(timeout=stall + 30)
-    remote_stages = [
+    all_stages = _sender_stages(source, send_argv, out, remote) + stages
+    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
+    if any(s.failed for s in all_stages) or relay.stalled or relay.error:
+        raise describe_failure(all_stages, relay)
+    return result
+
+
+def _mbuffer_out(stall: int, bwlimit: str | None, connect_host: str, port: int) -> list[str]:
+    out = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+    if bwlimit:
+        out += ["-r", bwlimit]
+    return [*out, "-O", f"{connect_host}:{port}"]
+
+
+def _sender_stages(
+    source: SshHost, send_argv: list[str], out: list[str], remote: dict[str, object]
+) -> list[Stage]:
+    """The source's ``zfs send | mbuffer -O`` as two stages, from its pipeline report."""
+    stages = [
         Stage("zfs send", source.name, list(send_argv)),
         Stage("mbuffer -O", source.name, out),
     ]
@@ -425,10 +600,98 @@ def stream_via_mbuffer(
     res = remote.get("result")
     if res is not None:
         codes, errs, _ = parse_pipeline_stderr(res.stderr, 2)  # type: ignore[attr-defined]
-        for stage, code, err in zip(remote_stages, codes, errs, strict=True):
+        for stage, code, err in zip(stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
-    all_stages = remote_stages + stages
-    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
-    if any(s.failed for s in all_stages) or relay.stalled or relay.error:
-        raise describe_failure(all_stages, relay)
+    return stages
+
+
+def _mbuffer_to_remote(
+    source: SshHost,
+    dest: SshHost,
+    send_argv: list[str],
+    recv_argv: list[str],
+    stall: int,
+    port: int | None,
+    connect_host: str,
+    bwlimit: str | None,
+    progress: ProgressFn | None,
+) -> StreamResult:
+    """mbuffer between two remote hosts: ``mbuffer -I | zfs receive`` runs on the
+    destination through an OpenSSH client, and is listening before the source connects.
+
+    The stream goes straight from source to destination, so nothing here can count it:
+    the listening mbuffer's status line (it runs without ``-q``) is read from its stderr
+    as it arrives. Its ``-W`` watchdog, and the sender's, stop a stalled stream."""
+    started = time.monotonic()
+    port = port or free_port()
+    # The listener accepts only the source; a source that is the destination host itself
+    # connects from the address it was told to use.
+    peer = connect_host if source.name == dest.name else source.target.address
+    listen = ["mbuffer", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+    listen += ["-I", f"{peer}:{port}"]
+    script = pipeline_script([listen, recv_argv], live=0)
+    listener = Stage("mbuffer -I | zfs receive", dest.name, dest.stream_argv(script, stall))
+    _spawn(listener, None, None)
+    assert listener.proc is not None
+    deadline = time.monotonic() + 30
+    while not remote_listening(dest, port):
+        if listener.proc.poll() is not None or time.monotonic() > deadline:
+            listener.kill()
+            listener.finish()
+            stages = _listener_stages(dest, listen, recv_argv, listener)
+            if not any(s.failed for s in stages):
+                raise TransportError(f"mbuffer did not listen on {dest.name} port {port}")
+            raise describe_failure(stages, None)
+        time.sleep(0.1)
+    meter = StderrMeter(listener, progress)
+    meter.start()
+    out = _mbuffer_out(stall, bwlimit, connect_host, port)
+    remote: dict[str, object] = {}
+    try:
+        remote["result"] = source.run_command(
+            pipeline_script([send_argv, out]), check=False, timeout=None
+        )
+    except BaseException as exc:  # reported after the listener ends
+        remote["error"] = exc
+        listener.kill()
+    sent = remote.get("result")
+    sender_ok = isinstance(sent, Result) and sent.ok
+    # A sender that failed may never have connected: the listener gets its watchdog's time.
+    listener.finish(timeout=None if sender_ok else stall + 30)
+    meter.stop()
+    all_stages = _sender_stages(source, send_argv, out, remote) + _listener_stages(
+        dest, listen, recv_argv, listener
+    )
+    result = StreamResult(meter.count, time.monotonic() - started, all_stages)
+    if any(s.failed for s in all_stages):
+        raise describe_failure(all_stages, None)
     return result
+
+
+def _listener_stages(
+    dest: SshHost, listen: list[str], recv_argv: list[str], listener: Stage
+) -> list[Stage]:
+    """The remote ``mbuffer -I | zfs receive`` as two stages, from its pipeline report;
+    the OpenSSH client's own failure (exit 255, no report) stays one ssh stage."""
+    stages = [
+        Stage("mbuffer -I", dest.name, listen),
+        Stage("zfs receive", dest.name, list(recv_argv)),
+    ]
+    if STAGE_MARK not in listener.stderr:
+        listener.label = "ssh" if listener.returncode == 255 else listener.label
+        return [listener]
+    codes, errs, head = parse_pipeline_stderr(listener.stderr, 2)
+    errs[0] = head  # the listener's stderr came live, before the report
+    for stage, code, err in zip(stages, codes, errs, strict=True):
+        stage.returncode, stage.stderr = code, _without_status_lines(err)
+    return stages
+
+
+def _without_status_lines(text: str) -> str:
+    """mbuffer's stderr minus its carriage-return status lines and summary."""
+    lines = [part for line in text.splitlines() for part in line.split("\r")]
+    keep = [
+        line for line in lines if line.strip() and " total, buffer " not in line
+        and not line.startswith("summary:") and "No controlling terminal" not in line
+    ]  # fmt: skip
+    return "\n".join(keep)

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 PROP_FINGERPRINT = "zettabee:fingerprint"
 PROP_LASTSNAP = "zettabee:lastsnap"
 PROP_SOURCE = "zettabee:source"
+PROP_RESUME_TOKEN = "receive_resume_token"
 # createtxg orders snapshots exactly; creation has a resolution of one second.
 SNAPSHOT_PROPS = ["guid", "creation", "createtxg"]
+# How many holds a snapshot carries; asked for only where holds exist.
+PROP_USERREFS = "userrefs"
 
 
 @dataclass(frozen=True)
@@ -25,27 +28,53 @@ class Snapshot:
     guid: int
     creation: int
     txg: int = 0
+    userrefs: int = 0
 
     @property
     def full(self) -> str:
         return f"{self.fs}@{self.name}"
 
 
+@dataclass(frozen=True)
+class Bookmark:
+    """A bookmark keeps a snapshot's guid and txg after the snapshot is gone: enough to
+    be the base of an incremental send (``-i fs#name``), not to receive into."""
+
+    fs: str
+    name: str
+    guid: int
+    creation: int
+    txg: int = 0
+
+    @property
+    def full(self) -> str:
+        return f"{self.fs}#{self.name}"
+
+
 def snapshot(fs: str, name: str) -> list[str]:
     return ["zfs", "snapshot", f"{fs}@{name}"]
 
 
-def get(targets: Sequence[str], props: Iterable[str], depth: int | None = None) -> list[str]:
+def get(
+    targets: Sequence[str],
+    props: Iterable[str],
+    depth: int | None = None,
+    types: Sequence[str] | None = None,
+) -> list[str]:
     argv = ["zfs", "get", "-Hp"]
     if depth is not None:
         argv += ["-d", str(depth)]
+    if types:  # OpenZFS only: zfs-fuse's zfs get has no -t
+        argv += ["-t", ",".join(types)]
     return [*argv, "-o", "name,property,value", ",".join(props), "--", *targets]
 
 
-def list_snapshots(fs: str) -> list[str]:
+def list_snapshots(fs: str, holds: bool = False, bookmarks: bool = False) -> list[str]:
     """guid and creation of ``fs`` and its snapshots (depth 1 also lists child file systems,
-    which :func:`parse_snapshots` drops)."""
-    return get([fs], SNAPSHOT_PROPS, depth=1)
+    which :func:`parse_snapshots` drops); the hold counts and bookmarks where asked."""
+    props = [*SNAPSHOT_PROPS, *([PROP_USERREFS] if holds else [])]
+    types = ["filesystem", "volume", "snapshot", "bookmark"] if bookmarks else None
+    return get([fs], props, depth=1, types=types)
 
 
 def send(
@@ -55,8 +84,15 @@ def send(
     raw: bool = False,
     compressed: bool = False,
     props: bool = False,
+    estimate: bool = False,
 ) -> list[str]:
+    """``zfs send``; ``base`` may be a snapshot or a bookmark (``fs#name``, only with -i).
+
+    ``estimate`` makes it the dry run that prints the stream's size (``-nvP``) with the
+    same flags, since raw and compressed streams differ in size."""
     argv = ["zfs", "send"]
+    if estimate:
+        argv.append("-nvP")
     if raw:
         argv.append("-w")
     if compressed:
@@ -64,8 +100,13 @@ def send(
     if props:
         argv.append("-p")
     if base is not None:
-        argv += ["-I" if intermediate else "-i", base]
+        argv += ["-I" if intermediate and "#" not in base else "-i", base]
     return [*argv, snap]
+
+
+def send_resume(token: str, estimate: bool = False) -> list[str]:
+    """Go on with an interrupted stream; the token carries the snapshots and the flags."""
+    return ["zfs", "send", *(["-nvP"] if estimate else []), "-t", token]
 
 
 def recv(fs: str, force: bool = False, resumable: bool = False) -> list[str]:
@@ -77,13 +118,30 @@ def recv(fs: str, force: bool = False, resumable: bool = False) -> list[str]:
     return [*argv, fs]
 
 
+def recv_abort(fs: str) -> list[str]:
+    """Discard the partial state an interrupted ``receive -s`` kept (and its token)."""
+    return ["zfs", "receive", "-A", fs]
+
+
+def hold(tag: str, snap: str) -> list[str]:
+    return ["zfs", "hold", tag, snap]
+
+
+def release(tag: str, snap: str) -> list[str]:
+    return ["zfs", "release", tag, snap]
+
+
+def bookmark(snap: str, mark: str) -> list[str]:
+    return ["zfs", "bookmark", snap, mark]
+
+
 def set_prop(fs: str, prop: str, value: str) -> list[str]:
     # One property per call: zfs-fuse's `zfs set` takes exactly one.
     return ["zfs", "set", f"{prop}={value}", fs]
 
 
 def destroy(target: str, recursive: bool = False) -> list[str]:
-    if "@" not in target and not recursive:
+    if "@" not in target and "#" not in target and not recursive:
         raise ValueError(f"refusing to build a destroy of a file system without -r: {target}")
     return ["zfs", "destroy", *(["-r"] if recursive else []), target]
 
@@ -118,9 +176,82 @@ def parse_snapshots(fs: str, text: str) -> list[Snapshot]:
         if base != fs or not snapname:
             continue
         txg = int(props.get("createtxg", 0))
-        snaps.append(Snapshot(fs, snapname, int(props["guid"]), int(props["creation"]), txg))
+        refs = _count(props.get(PROP_USERREFS))
+        snap = Snapshot(fs, snapname, int(props["guid"]), int(props["creation"]), txg, refs)
+        snaps.append(snap)
     snaps.sort(key=lambda s: (s.txg, s.creation, s.name))
     return snaps
+
+
+def parse_bookmarks(fs: str, text: str) -> list[Bookmark]:
+    """The bookmarks of ``fs`` itself, oldest first."""
+    marks = []
+    for name, props in parse_get(text).items():
+        base, _, markname = name.partition("#")
+        if base != fs or not markname:
+            continue
+        txg = int(props.get("createtxg", 0))
+        marks.append(Bookmark(fs, markname, int(props["guid"]), int(props["creation"]), txg))
+    marks.sort(key=lambda m: (m.txg, m.creation, m.name))
+    return marks
+
+
+def _count(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
+
+
+def parse_estimate(text: str) -> int | None:
+    """Bytes of the stream from ``zfs send -nvP`` (its ``size`` line), None without one."""
+    size = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "size" and parts[1].isdigit():
+            size = int(parts[1])
+    return size
+
+
+def parse_resume_contents(text: str) -> dict[str, str]:
+    """The fields of a resume token as ``zfs send -nvP -t`` prints them (``toname``,
+    ``toguid``, ``fromguid``, ``bytes``...); numbers stay as printed (hex)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep and key.isidentifier():
+            fields[key] = value.strip()
+    return fields
+
+
+def hex_or_int(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value, 0)
+    except ValueError:
+        return None
+
+
+def resume_token(value: str | None) -> str | None:
+    """The token from a ``receive_resume_token`` value: ``-`` means none."""
+    return user_prop(value)
+
+
+def stale_token(stderr: str) -> bool:
+    """Does ``zfs send -t`` refuse because the token no longer applies (a snapshot it
+    names was destroyed or replaced), as opposed to a broken link?"""
+    text = stderr.lower()
+    return (
+        "cannot resume send" in text
+        or "invalid resume token" in text
+        or ("resume token" in text and "corrupt" in text)
+    )
+
+
+def tag_missing(stderr: str) -> bool:
+    return "no such tag" in stderr
+
+
+def tag_exists(stderr: str) -> bool:
+    return "tag already exists" in stderr
 
 
 def user_prop(value: str | None) -> str | None:
@@ -138,4 +269,19 @@ def common_snapshot(source: Sequence[Snapshot], dest: Sequence[Snapshot]) -> Sna
     for snap in reversed(dest):
         if snap.guid in on_source:
             return snap
+    return None
+
+
+def common_base(
+    source: Sequence[Snapshot], marks: Sequence[Bookmark], dest: Sequence[Snapshot]
+) -> tuple[Snapshot, str] | None:
+    """The newest destination snapshot the source can send from, and what the source
+    sends from (``fs@snap``, or ``fs#mark`` when only a bookmark of it is left)."""
+    snaps = {s.guid: s for s in source}
+    books = {m.guid: m for m in marks}
+    for snap in reversed(dest):
+        if snap.guid in snaps:
+            return snap, snaps[snap.guid].full
+        if snap.guid in books:
+            return snap, books[snap.guid].full
     return None

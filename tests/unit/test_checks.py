@@ -300,7 +300,7 @@ def write_config(tmp_path: Path, pairs: str) -> tuple[str, str]:
 
 
 def test_unknown_pair_and_bad_config_are_unknown(tmp_path: Path) -> None:
-    settings, _ = write_config(tmp_path, "src:tank/a dst:backup/a\n")
+    settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a\n")
     result = evaluate(lag_check(checks.configured(settings, None, "nosuch")))
     assert result.code == 3
     assert result.output.startswith("ZETTABEE_LAG UNKNOWN - no pair 'nosuch' in ")
@@ -311,7 +311,7 @@ def test_unknown_pair_and_bad_config_are_unknown(tmp_path: Path) -> None:
 
 
 def test_unknown_pair_mentions_broken_lines(tmp_path: Path) -> None:
-    settings, _ = write_config(tmp_path, "src:tank/a dst:backup/a\nsrc:tank/b\n")
+    settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a\nsrc:tank/b\n")
     result = evaluate(lag_check(checks.configured(settings, None, "b")))
     assert result.code == 3
     assert "1 line(s) of the pair file are broken" in result.output
@@ -569,8 +569,8 @@ def run_plugin(
 
 
 def test_plugin_end_to_end_with_a_stand_in_zfs(tmp_path: Path) -> None:
-    settings, _ = write_config(tmp_path, "src:tank/a dst:backup/a wlag=60,clag=120\n")
-    fp = fingerprint(Endpoint("src", "tank/a"), Endpoint("dst", "backup/a"))
+    settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a wlag=60,clag=120\n")
+    fp = fingerprint(Endpoint("src", "tank/a"), Endpoint("localhost", "backup/a"))
     snap = f"zettabee.{fp}.20260101T000000Z"
     env = fake_zfs(
         tmp_path,
@@ -595,7 +595,7 @@ def test_plugin_end_to_end_with_a_stand_in_zfs(tmp_path: Path) -> None:
 
 
 def test_a_hung_zfs_ends_in_unknown_at_the_timeout(tmp_path: Path) -> None:
-    settings, _ = write_config(tmp_path, "src:tank/a dst:backup/a\n")
+    settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a\n")
     env = fake_zfs(tmp_path, "sleep 30")
     proc, took = run_plugin("check_zettabee_lag", env, "--settings", settings, "-t", "1", "a")
     assert proc.returncode == 3
@@ -604,7 +604,7 @@ def test_a_hung_zfs_ends_in_unknown_at_the_timeout(tmp_path: Path) -> None:
 
 
 def test_a_failing_zfs_is_unknown_with_its_message(tmp_path: Path) -> None:
-    settings, _ = write_config(tmp_path, "src:tank/a dst:backup/a\n")
+    settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a\n")
     env = fake_zfs(tmp_path, 'echo "internal error: failed to initialize ZFS library" >&2; exit 1')
     proc, _ = run_plugin("check_zettabee_lag", env, "--settings", settings, "a")
     assert proc.returncode == 3

@@ -289,6 +289,10 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "stall": ("2m", 120),
     "mbufferhost": ("[fd00::2]", "[fd00::2]"),
     "compression": ("gzip-9", "gzip-9"),
+    "resume": ("no", False),
+    "hold": ("off", False),
+    "bookmark": ("yes", True),
+    "raw": ("true", True),
 }
 
 
@@ -559,14 +563,15 @@ def test_duplicate_mbuffer_port(tmp_path: Path) -> None:
         "src:tank/c dst:backup/c transport=mbuffer,port=9090\n"
         "src:tank/d dst:backup/d transport=mbuffer,port=9091\n"
         "src:tank/e dst:backup/e transport=mbuffer\n"
-        "src:tank/f dst:backup/f transport=mbuffer\n",  # both pick a free port at run time
+        "src:tank/f dst:backup/f transport=mbuffer\n"  # both pick a free port at run time
+        "src:tank/g dst2:backup/g transport=mbuffer,port=9090\n",  # listens on another host
     )
     path = str(tmp_path / "zettabee.cfg")
     assert messages(pair_file) == [
-        f"{path}:3: mbuffer port 9090 is already used on line 1; give each mbuffer pair its "
-        "own port, or none to pick a free one"
+        f"{path}:3: mbuffer port 9090 on dst is already used on line 1; give each mbuffer "
+        "pair its own port, or none to pick a free one"
     ]
-    assert [p.line for p in pair_file.pairs] == [1, 2, 4, 5, 6]
+    assert [p.line for p in pair_file.pairs] == [1, 2, 4, 5, 6, 7]
 
 
 # --------------------------------------------------------------------------------------

@@ -283,3 +283,163 @@ def test_a_lone_uninitialized_pair_is_not_an_unreadable_zfs(tmp_path: Path) -> N
     broken = FakeHost("", 1, "internal error: out of memory\n")
     [health] = read_health([pair], store(tmp_path), host=broken)  # type: ignore[arg-type]
     assert health.state == "Unreadable" and "out of memory" in health.reason
+
+
+# -- pairs whose destination is remote -------------------------------------------------
+
+
+def test_pipeline_script_live_stage_speaks_while_it_runs() -> None:
+    """The live stage's stderr comes before the report (read as it is written); the
+    report still carries every stage's exit status."""
+    script = transport.pipeline_script(
+        [["sh", "-c", "echo 5 bytes >&2; printf abc"], ["sh", "-c", "cat; exit 4"]], live=0
+    )
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 4 and proc.stdout == "abc"
+    codes, errs, head = transport.parse_pipeline_stderr(proc.stderr, 2)
+    assert codes == [0, 4]
+    assert head == "5 bytes" and errs == ["", ""]
+
+
+def test_counts_read_from_mbuffer_and_dd_status_lines() -> None:
+    status = (
+        "mbuffer: warning: No controlling terminal and no autoloader command specified.\n"
+        "\rin @ 67.7 MiB/s, out @ 67.7 MiB/s, 47.6 MiB total, buffer   0% full"
+        "\rin @  0.0 kiB/s, out @  0.0 kiB/s, 512 kiB total, buffer   0% full"
+    )
+    assert transport.mbuffer_bytes(status) == 512 * 1024
+    assert transport.mbuffer_bytes(status + "\nsummary: 47.7 MiByte in  2.4sec - avg") == int(
+        47.7 * (1 << 20)
+    )
+    assert transport.mbuffer_bytes("mbuffer: error: nothing moved") is None
+    gnu = "1048576 bytes (1.0 MB, 1.0 MiB) copied, 1 s, 1.0 MB/s\r2097152 bytes (2.1 MB) copied"
+    assert (
+        transport.dd_bytes(
+            gnu + "\n2+1 records in\n2+1 records out\n2100000 bytes (2.1 MB, 2.0 MiB) copied, 1.2 s"
+        )
+        == 2100000
+    )
+    assert (
+        transport.dd_bytes("0+1 records in\n0+1 records out\n12 bytes transferred in 0.01 secs")
+        == 12
+    )
+    assert transport.dd_bytes("dd: unknown operand status") is None
+
+
+def test_listeners_found_in_proc_net_tcp_and_netstat() -> None:
+    proc_tcp = (
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt\n"
+        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
+        "   1: 0100007F:0016 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000\n"
+    )
+    assert transport.proc_net_listening(proc_tcp, 8080)
+    assert not transport.proc_net_listening(proc_tcp, 22)  # established, not listening
+    bsd = "tcp4  0  0  *.9090   *.*   LISTEN\ntcp4  0  0  10.0.0.1.22  10.0.0.2.5000  ESTABLISHED\n"
+    assert transport.netstat_listening(bsd, 9090)
+    assert not transport.netstat_listening(bsd, 22)
+    assert not transport.netstat_listening(bsd, 909)
+
+
+def test_mbuffer_sender_argv_names_its_target_once() -> None:
+    out = transport._mbuffer_out(60, "2M", "dst.example.com", 9090)
+    assert out == [
+        "mbuffer", "-q", "-s", "128k", "-m", "64M", "-W", "60", "-r", "2M",
+        "-O", "dst.example.com:9090",
+    ]  # fmt: skip
+    assert out.count("-O") == 1
+
+
+def test_stages_die_with_the_run() -> None:
+    from zettabee.host import tied_to_us
+
+    argv = tied_to_us(["ssh", "-p", "22", "host", "--", "zfs receive p/fs"])
+    assert argv[-6:] == ["ssh", "-p", "22", "host", "--", "zfs receive p/fs"]
+    if argv[0].endswith("setpriv"):
+        assert argv[1:4] == ["--pdeathsig", "TERM", "--"]
+    assert tied_to_us(["no-such-tool-here"]) == ["no-such-tool-here"]
+
+
+class NamedHost(FakeHost):
+    is_local = False
+
+    def __init__(self, name: str, stdout: str) -> None:
+        super().__init__(stdout)
+        self.name = name
+
+
+def test_health_reads_each_destination_host_once(tmp_path: Path) -> None:
+    pairs = [
+        Pair(Endpoint("s", "t/x"), Endpoint("b1", "b/x")),
+        Pair(Endpoint("s", "t/y"), Endpoint("b2", "b/y")),
+        Pair(Endpoint("s", "t/z"), Endpoint("b1", "b/z")),
+    ]
+    x, y, z = pairs
+    rows = []
+    for pair in pairs:
+        fs, name = pair.destination.fs, snap(pair.fingerprint, "20260101T000000Z")
+        rows.append(
+            f"{fs}\tzettabee:fingerprint\t{pair.fingerprint}\n{fs}\tzettabee:lastsnap\t{name}\n"
+            f"{fs}@{name}\tcreation\t1000\n"
+        )
+    b1 = NamedHost("b1", rows[0] + rows[2])
+    b2 = NamedHost("b2", rows[1])
+    hosts = {"b1": b1, "b2": b2}
+    healths = read_health(
+        pairs,
+        store(tmp_path),
+        now=1060,
+        hosts=lambda p: hosts[p.destination.host],  # type: ignore[arg-type,return-value]
+    )
+    assert [len(b1.calls), len(b2.calls)] == [1, 1]
+    assert b1.calls[0][-2:] == ["b/x", "b/z"]
+    assert [h.state for h in healths] == [SYNCHRONIZED] * 3
+    assert [h.pair for h in healths] == [x, y, z] and healths[1].lag == 60
+
+
+def test_plugins_judge_a_remote_destination_from_the_last_run(tmp_path: Path) -> None:
+    """Without SSH (the check plugins), a remote destination's lag is the age of the
+    snapshot the last successful run received, from the UTC time in its name."""
+    pair = Pair(Endpoint("s", "t/x"), Endpoint("backup.invalid", "b/x"))
+    st = store(tmp_path)
+    [fresh] = read_health([pair], st)
+    assert fresh.state == UNINITIALIZED and "no successful run" in fresh.reason
+    name = snap(pair.fingerprint, "20260101T000000Z")
+    st.write_status(Status(pair.fingerprint, snapshot=name, last_success=1.0, result="ok"))
+    when = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    [health] = read_health([pair], st, now=when + 90)
+    assert health.state == SYNCHRONIZED and health.lag == 90 and health.lastsnap == name
+
+
+def test_local_transport_needs_one_host(tmp_path: Path) -> None:
+    from zettabee.errors import StateError
+    from zettabee.pair import PairOptions
+    from zettabee.replicator import Hosts, Replicator
+
+    pair = Pair(
+        Endpoint("a.invalid", "t/x"), Endpoint("b.invalid", "b/x"), PairOptions(transport="local")
+    )
+    replicator = Replicator(store(tmp_path), Hosts(str(tmp_path / "known_hosts")))
+    src, dst = NamedHost("a.invalid", ""), NamedHost("b.invalid", "")
+    with pytest.raises(
+        StateError, match=r"transport=local runs zfs send \| zfs receive on one host"
+    ):
+        replicator._stream(pair, src, dst, ["zfs", "send", "t/x@s"], ["zfs", "receive", "b/x"])  # type: ignore[arg-type]
+    same = Pair(
+        Endpoint("a.invalid", "t/x"), Endpoint("a.invalid", "b/x"), PairOptions(transport="local")
+    )
+    hosts = Hosts(str(tmp_path / "known_hosts"))
+    assert hosts.get(same.source, same) is hosts.get(same.destination, same)
+    assert not hosts.get(same.source, same).is_local  # the pipeline runs on that host
+
+
+def test_a_remote_counter_is_read_even_when_the_stream_ends_within_a_tick() -> None:
+    """dd's (or mbuffer's) last count is in the stderr the finished stage kept."""
+    stage = transport.Stage(
+        "dd", "h", ["sh", "-c", "printf '3000000 bytes (3.0 MB) copied\\n' >&2"]
+    )
+    transport._spawn(stage, None, None)
+    meter = transport.StderrMeter(stage, None, transport.dd_bytes)
+    meter.start()
+    stage.finish()
+    meter.stop()
+    assert meter.count == 3000000

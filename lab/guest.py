@@ -1,0 +1,469 @@
+"""The OpenZFS lab guest: Debian 12 with OpenZFS 2.1 under QEMU, a remote host for zettabee.
+
+zfs-fuse, the lab's other back end, is real ZFS but pool version 23; users run OpenZFS
+2.x, whose holds, bookmarks, resumable receives and size estimates only this guest has.
+
+From Python::
+
+    guest = Guest()            # the lab named by ZETTABEE_LAB (default "test")
+    guest.build()              # cached in /var/tmp/zettabee-lab/guest/<recipe hash>/
+    guest.up()                 # boots, waits for SSH, creates the pools gsrc and gdst
+    guest.run("zfs", "list")   # argv over SSH, quoted once; a CompletedProcess
+    guest.shell("zfs list | wc -l")
+    guest.address, guest.port, guest.user, guest.key, guest.known_hosts
+    guest.src_pool, guest.dst_pool; guest.source / guest.dest (SourceHost views)
+    guest.down()
+    with guest.held(): ...     # one test session at a time per lab
+
+From the shell: ``python -m lab.guest build|up|down|status|clean|ssh [COMMAND...]``
+(``--name`` picks the lab, as ZETTABEE_LAB does).
+
+Where it lives: QEMU runs inside a network namespace of its own, joined to this machine by
+a veth pair like the zfs-fuse lab's source host, and its user-mode network forwards only
+the guest's SSH port, to ``10.77.<100+n>.2:22``. zettabee treats every address of this
+machine (127.0.0.1 included) as local, so a forward on the loopback could not stand for a
+remote host; an address behind the veth can, just like a real one.
+
+The image is built by ``lab/guest-build.sh`` from Debian's registries alone and cached
+under a hash of that script: editing the recipe is what triggers a rebuild (about eight
+minutes on two cores, most of it the zfs-dkms compile). The root disk is attached with
+``snapshot=on``, so a run never changes the cached image; the two pool disks are fresh
+sparse files on every ``up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import lzma
+import os
+import shlex
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lab.hosts import NetnsSshHost, SourceHost, sh, stop_pid
+from lab.zfslab import LAB_ROOT, LAYOUTS, test_lab_name
+from zettabee.state import pid_alive
+
+GUEST_CACHE = Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab/guest"))
+BUILD_SCRIPT = Path(__file__).resolve().with_name("guest-build.sh")
+BOOT_TIMEOUT = 600.0
+KERNEL_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet net.ifnames=0 mitigations=off"
+
+
+class GuestError(RuntimeError):
+    """The guest could not be built, booted or reached; the message says where to look."""
+
+
+def recipe_key() -> str:
+    """The cache key: a hash of the build recipe."""
+    return hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:16]
+
+
+def image_dir() -> Path:
+    return GUEST_CACHE / recipe_key()
+
+
+@dataclass
+class GuestRecord:
+    """What ``up`` started, saved so that a later process can stop exactly that."""
+
+    lab: str
+    qemu_pid: int | None = None
+    boot_seconds: float | None = None
+    image: str = ""
+
+
+class Guest:
+    src_pool = "gsrc"
+    dst_pool = "gdst"
+    user = "root"
+    port = 22
+
+    def __init__(
+        self, lab: str | None = None, memory_mb: int = 2048, pool_size: str = "3G"
+    ) -> None:
+        self.lab = lab or test_lab_name()
+        layout = LAYOUTS[self.lab]
+        self.subnet = 100 + layout.subnet
+        self.netns = f"{layout.netns}g"
+        self.memory_mb = memory_mb
+        self.pool_size = pool_size
+        self.image = image_dir()
+        self.runtime = LAB_ROOT / self.lab / "guest"
+        self.record_path = self.runtime / "guest.json"
+
+    # where and how to reach it ----------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"10.77.{self.subnet}.2"
+
+    @property
+    def key(self) -> str:
+        return str(self.image / "client_ed25519")
+
+    @property
+    def known_hosts(self) -> str:
+        return str(self.runtime / "known_hosts")
+
+    @property
+    def control_path(self) -> str:
+        return str(self.runtime / "ssh-mux")
+
+    def host(self, pool: str) -> SourceHost:
+        return SourceHost(
+            name=f"{self.lab}-guest",
+            address=self.address,
+            port=self.port,
+            user=self.user,
+            key=self.key,
+            known_hosts=self.known_hosts,
+            pool=pool,
+            mountpoint=f"/{pool}",
+            control_path=self.control_path,
+        )
+
+    @property
+    def source(self) -> SourceHost:
+        return self.host(self.src_pool)
+
+    @property
+    def dest(self) -> SourceHost:
+        return self.host(self.dst_pool)
+
+    def run(
+        self, *argv: str, check: bool = True, input: str | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the guest as root; the remote shell sees it quoted once."""
+        return self.shell(shlex.join(argv), check=check, input=input, timeout=timeout)
+
+    def shell(
+        self, script: str, check: bool = True, input: str | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell command line in the guest (the caller quotes it)."""
+        argv = self.source.ssh_argv(script)
+        proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise GuestError(f"guest: {script}: exit {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def meta(self) -> dict[str, object]:
+        """What the build recorded: kernel, zfs version, build seconds."""
+        return dict(json.loads((self.image / "meta.json").read_text()))
+
+    # build ------------------------------------------------------------------------------
+    def built(self) -> bool:
+        return (self.image / "meta.json").exists()
+
+    def build(self, quiet: bool = False) -> Path:
+        """Build the image unless the cache has it for this recipe; return its directory.
+
+        Builds are serialised machine-wide: a second lab waits for the first build and
+        then uses its result."""
+        if self.built():
+            return self.image
+        if os.geteuid() != 0:
+            raise GuestError("guest: building the image needs root (debootstrap, chroot)")
+        for tool in ("debootstrap", "qemu-system-x86_64", "mkfs.ext4", "unshare", "chroot"):
+            if not shutil.which(tool):
+                raise GuestError(f"guest: {tool} is missing; run `make deps` first")
+        GUEST_CACHE.mkdir(parents=True, exist_ok=True)
+        with open(GUEST_CACHE / "build.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print("guest: another process is building the image, waiting", file=sys.stderr)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.built():
+                return self.image
+            return self._build_locked(quiet)
+
+    def _build_locked(self, quiet: bool) -> Path:
+        partial = self.image.with_name(self.image.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        log_path = self.image.with_name(self.image.name + ".build.log")
+        if not quiet:
+            print(
+                f"guest: building the OpenZFS image (about 8 minutes; log {log_path})",
+                file=sys.stderr,
+                flush=True,
+            )
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            proc = subprocess.run(
+                [str(BUILD_SCRIPT), str(partial)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise GuestError(
+                f"guest: build failed (exit {proc.returncode}); the end of {log_path}:\n"
+                + "\n".join(tail)
+            )
+        meta = json.loads((partial / "meta.json").read_text())
+        meta["kernel_file"] = "vmlinuz"
+        if extract_vmlinux(partial / "vmlinuz", partial / "vmlinux"):
+            meta["kernel_file"] = "vmlinux"
+        meta["build_seconds"] = round(time.monotonic() - started, 1)
+        meta["recipe"] = self.image.name
+        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        partial.rename(self.image)
+        shutil.move(str(log_path), str(self.image / "build.log"))
+        if not quiet:
+            print(f"guest: built in {meta['build_seconds']:.0f} s", file=sys.stderr, flush=True)
+        return self.image
+
+    # run --------------------------------------------------------------------------------
+    def _net(self) -> NetnsSshHost:
+        return NetnsSshHost(
+            netns=self.netns,
+            veth=f"{self.netns}0",
+            local_address=f"10.77.{self.subnet}.1",
+            remote_address=self.address,
+            root=self.runtime,
+        )
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold this lab's guest for a whole test session: a second session waits here
+        instead of rebooting the guest under the first one."""
+        LAB_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(LAB_ROOT / f"{self.lab}.guest.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"guest {self.lab}: in use by another run, waiting", file=sys.stderr)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def is_up(self) -> bool:
+        record = self._record()
+        return record is not None and pid_alive(record.qemu_pid)
+
+    def _record(self) -> GuestRecord | None:
+        try:
+            return GuestRecord(**json.loads(self.record_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _save(self, record: GuestRecord) -> None:
+        self.record_path.write_text(json.dumps(asdict(record), indent=2) + "\n")
+
+    def up(self, timeout: float = BOOT_TIMEOUT) -> float:
+        """Boot the guest with two empty pools; return the seconds from start to SSH."""
+        self.build()
+        self.down()
+        self.runtime.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.runtime, 0o700)
+        record = GuestRecord(lab=self.lab, image=str(self.image))
+        self._save(record)
+        self._net().up_network()
+        host_key = (self.image / "host_ed25519.pub").read_text().split()
+        Path(self.known_hosts).write_text(f"{self.address} {host_key[0]} {host_key[1]}\n")
+        disks = []
+        for pool in (self.src_pool, self.dst_pool):
+            disk = self.runtime / f"{pool}.img"
+            disk.unlink(missing_ok=True)
+            sh("truncate", "-s", self.pool_size, str(disk))
+            disks.append((pool, disk))
+        console = self.runtime / "console.log"
+        started = time.monotonic()
+        with open(console, "wb") as out:
+            proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.netns}", "--", *self.qemu_argv(disks)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        record.qemu_pid = proc.pid
+        self._save(record)
+        self._wait_for_ssh(proc, console, started, timeout)
+        record.boot_seconds = round(time.monotonic() - started, 1)
+        self._save(record)
+        self.shell("udevadm settle")
+        for pool, _disk in disks:
+            self.run("zpool", "create", "-f", "-o", "cachefile=none", "-O", f"mountpoint=/{pool}",
+                     pool, f"/dev/disk/by-id/virtio-{pool}")  # fmt: skip
+        return record.boot_seconds
+
+    def qemu_argv(self, disks: list[tuple[str, Path]]) -> list[str]:
+        meta = self.meta()
+        kernel = self.image / str(meta.get("kernel_file", "vmlinuz"))
+        argv = [
+            "qemu-system-x86_64", "-name", f"zettabee-guest-{self.lab}",
+            "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
+            "-smp", "2", "-m", str(self.memory_mb),
+            "-nodefaults", "-display", "none", "-no-reboot",
+            "-serial", "stdio", "-monitor", "none",
+            "-kernel", str(kernel), "-initrd", str(self.image / "initrd.img"),
+            "-append", KERNEL_CMDLINE,
+            "-drive", f"file={self.image / 'rootfs.img'},format=raw,if=none,id=root,snapshot=on",
+            "-device", "virtio-blk-pci,drive=root",
+        ]  # fmt: skip
+        for pool, disk in disks:
+            argv += [
+                "-drive", f"file={disk},format=raw,if=none,id={pool},cache=unsafe,discard=unmap",
+                "-device", f"virtio-blk-pci,drive={pool},serial={pool}",
+            ]  # fmt: skip
+        argv += [
+            "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:{self.address}:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-device", "virtio-rng-pci",
+        ]  # fmt: skip
+        return argv
+
+    def _wait_for_ssh(
+        self, proc: subprocess.Popen[bytes], console: Path, started: float, timeout: float
+    ) -> None:
+        while True:
+            if proc.poll() is not None:
+                raise GuestError(
+                    f"guest: qemu exited ({proc.returncode}) before SSH answered; "
+                    f"the end of {console}:\n{_tail(console)}"
+                )
+            probe = subprocess.run(self.source.ssh_argv("true"), capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                return
+            if time.monotonic() - started > timeout:
+                raise GuestError(
+                    f"guest: no SSH after {timeout:.0f} s; the end of {console}:\n{_tail(console)}"
+                )
+            time.sleep(1)
+
+    def down(self) -> None:
+        """Stop exactly the QEMU this lab started and remove its network and disks."""
+        record = self._record()
+        if Path(self.control_path).exists():
+            sh("ssh", "-o", f"ControlPath={self.control_path}", "-O", "exit", self.address,
+               check=False)  # fmt: skip
+        if record is not None:
+            stop_pid(record.qemu_pid, wait=10)
+        self._net().down_network()
+        if self.runtime.exists():
+            for leftover in self.runtime.iterdir():
+                if leftover.name != "console.log":
+                    leftover.unlink(missing_ok=True)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console output)"
+
+
+def extract_vmlinux(bzimage: Path, out: Path) -> bool:
+    """Write the uncompressed kernel inside ``bzimage`` to ``out`` when QEMU can boot it.
+
+    QEMU boots an ELF kernel directly only through its PVH entry note; without that note,
+    or with a compression this cannot undo, nothing is written and the bzImage is used."""
+    data = bzimage.read_bytes()
+    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS":
+        return False
+    setup_sects = data[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = data[start : start + length]
+    try:
+        if payload.startswith(b"\x1f\x8b"):
+            elf = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        elif payload.startswith(b"\xfd7zXZ\x00"):
+            elf = lzma.LZMADecompressor().decompress(payload)
+        elif payload.startswith(b"\x28\xb5\x2f\xfd") and shutil.which("zstd"):
+            # The kernel appends the uncompressed size after the frame: zstd wants it gone.
+            elf = subprocess.run(
+                ["zstd", "-dc"], input=payload[:-4], capture_output=True, check=True
+            ).stdout
+        else:
+            return False
+    except (OSError, lzma.LZMAError, zlib.error, subprocess.CalledProcessError):
+        return False
+    if not has_pvh_note(elf):
+        return False
+    out.write_bytes(elf)
+    return True
+
+
+def has_pvh_note(elf: bytes) -> bool:
+    """Does this ELF64 kernel carry the Xen PVH entry note (type 18) QEMU boots through?"""
+    if elf[:5] != b"\x7fELF\x02":
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)  # fmt: skip
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
+        if p_type != 4:  # PT_NOTE
+            continue
+        pos, end = p_offset, p_offset + p_filesz
+        while pos + 12 <= end:
+            namesz, descsz, n_type = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and n_type == 18:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def clean_cache() -> list[str]:
+    """Remove cached images of other recipes (and half-built ones); keep the current."""
+    removed = []
+    current = recipe_key()
+    if GUEST_CACHE.exists():
+        for entry in GUEST_CACHE.iterdir():
+            if entry.is_dir() and entry.name != current:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+    return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.guest", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["build", "up", "down", "status", "clean", "ssh"])
+    parser.add_argument("command", nargs="*", help="for ssh: the command to run in the guest")
+    parser.add_argument("--name", choices=sorted(LAYOUTS), help="lab name (default ZETTABEE_LAB)")
+    args = parser.parse_args(argv)
+    guest = Guest(args.name)
+    try:
+        if args.action == "build":
+            print(guest.build())
+        elif args.action == "up":
+            seconds = guest.up()
+            meta = guest.meta()
+            print(
+                f"guest {guest.lab} up in {seconds:.0f} s: root@{guest.address} (key {guest.key}, "
+                f"known_hosts {guest.known_hosts}); OpenZFS {meta['zfs']}, kernel {meta['kernel']}; "
+                f"pools {guest.src_pool} {guest.dst_pool}"
+            )
+        elif args.action == "down":
+            guest.down()
+            print(f"guest {guest.lab} down")
+        elif args.action == "status":
+            print(f"image {guest.image}: {'built' if guest.built() else 'not built'}")
+            print(f"guest {guest.lab}: {'up at ' + guest.address if guest.is_up() else 'down'}")
+        elif args.action == "clean":
+            for path in clean_cache():
+                print(f"removed {path}")
+        else:
+            ssh = guest.source.ssh_argv(" ".join(args.command))  # as ssh joins them
+            if not args.command:  # an interactive shell
+                ssh = [ssh[0], "-t", *ssh[1:-2]]
+            os.execvp("ssh", ssh)
+    except GuestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""The engine with modern ZFS and without it, on hosts that replay recorded zfs output.
+
+Both probes were recorded (zfs-fuse on the lab, OpenZFS 2.1.11 in the lab guest); the
+other OpenZFS answers (``send -nvP``, resume token contents, error messages) follow its
+command line. The stream
+itself is replaced: what is checked is which commands run, in which order, with which
+options, and what the pair's status and checks then say.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from zettabee import checks
+from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
+from zettabee.health import SYNCHRONIZED, Health
+from zettabee.host import Result, error_for
+from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag
+from zettabee.replicator import Hosts, Replicator
+from zettabee.state import FAILED, IDLE, StateStore, Status
+from zettabee.transport import StreamResult
+
+RECORDED = Path(__file__).parent / "recorded"
+FUSE_PROBE = (RECORDED / "zfs-fuse-probe.txt").read_text()
+OPENZFS_PROBE = (RECORDED / "openzfs-2.1-probe.txt").read_text()
+
+SRC_FS, DST_FS = "tank/data", "backup/data"
+TOKEN = "1-10b4b4e7f2-e8-789c636064000310a500c4ec50360710e72765a526973030"
+
+
+def make_pair(**options: Any) -> Pair:
+    return Pair(Endpoint("src", SRC_FS), Endpoint("dst", DST_FS), PairOptions(**options))
+
+
+PAIR = make_pair()
+FP = PAIR.fingerprint
+TAG = hold_tag(FP)
+S0, S1, S2 = (f"zettabee.{FP}.2026010{i}T000000Z" for i in (1, 2, 3))
+
+
+class ScriptedHost:
+    """Answers commands by argv prefix; the last answer for a prefix repeats."""
+
+    is_local = True
+
+    def __init__(self, name: str, probe: str, pool: str, events: list[tuple[str, ...]]) -> None:
+        self.name = name
+        self.events = events
+        self.answers: list[tuple[list[str], list[tuple[int, str, str]]]] = []
+        self.on(["sh", "-c"], _probe_for(probe, pool))
+
+    def on(self, prefix: list[str], stdout: str = "", stderr: str = "", rc: int = 0) -> None:
+        for known, answers in self.answers:
+            if known == prefix:
+                answers.append((rc, stdout, stderr))
+                return
+        self.answers.append((prefix, [(rc, stdout, stderr)]))
+
+    def run(self, argv: list[str], *, check: bool = True, **_: object) -> Result:
+        argv = list(argv)
+        self.events.append((self.name, *argv))
+        rc, out, err = 0, "", ""
+        for prefix, answers in sorted(self.answers, key=lambda a: -len(a[0])):
+            if argv[: len(prefix)] == prefix:
+                rc, out, err = answers.pop(0) if len(answers) > 1 else answers[0]
+                break
+        if check and rc:
+            raise error_for(argv, self.name, rc, err)
+        return Result(argv, self.name, rc, out, err)
+
+    def calls(self, *prefix: str) -> list[list[str]]:
+        return [
+            list(e[1:]) for e in self.events if e[0] == self.name and e[1:][: len(prefix)] == prefix
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def _probe_for(text: str, pool: str) -> str:
+    for recorded in ("gsrc", "tdstpool"):
+        text = text.replace(f"\n{recorded} ", f"\n{pool} ")
+    return text
+
+
+class FakeHosts(Hosts):
+    def __init__(self, src: ScriptedHost, dst: ScriptedHost) -> None:
+        super().__init__("/nonexistent/known_hosts")
+        self.src, self.dst = src, dst
+
+    def get(self, endpoint: Endpoint, pair: Pair) -> Any:
+        return self.src if endpoint == pair.source else self.dst
+
+
+def listing(
+    fs: str,
+    snaps: list[tuple[str, int, int]],
+    *,
+    token: str | None = None,
+    owner: str | None = FP,
+    lastsnap: str = "",
+    marks: Sequence[tuple[str, int]] = (),
+) -> str:
+    """``zfs get -Hp -d 1`` output: (name, guid, userrefs) per snapshot, oldest first."""
+    lines = [f"{fs}\tguid\t900", f"{fs}\tcreation\t1000", f"{fs}\tuserrefs\t-"]
+    if owner is not None:
+        lines.append(f"{fs}\tzettabee:fingerprint\t{owner}")
+        lines.append(f"{fs}\tzettabee:lastsnap\t{lastsnap or (snaps[-1][0] if snaps else '-')}")
+    lines.append(f"{fs}\treceive_resume_token\t{token or '-'}")
+    for i, (name, guid, refs) in enumerate(snaps):
+        lines += [f"{fs}@{name}\tguid\t{guid}", f"{fs}@{name}\tcreation\t{1000 + i}",
+                  f"{fs}@{name}\tcreatetxg\t{10 + i}", f"{fs}@{name}\tuserrefs\t{refs}",
+                  f"{fs}@{name}\treceive_resume_token\t-"]  # fmt: skip
+    for name, guid in marks:
+        lines += [f"{fs}#{name}\tguid\t{guid}", f"{fs}#{name}\tcreation\t1000",
+                  f"{fs}#{name}\tcreatetxg\t5"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+ESTIMATE = f"incremental\t{S1}\t{SRC_FS}@x\t52690464\nsize\t52690464\n"
+
+
+def resume_contents(target: str) -> str:
+    return (
+        "resume token contents:\nnvlist version: 0\n"
+        "\tfromguid = 0x1\n\tobject = 0x80\n\toffset = 0x1800000\n"
+        f"\tbytes = 0x1819f88\n\ttoguid = 0x2\n\ttoname = {SRC_FS}@{target}\n"
+        f"incremental\t{S1}\t{SRC_FS}@{target}\t27393408\nsize\t27393408\n"
+    )
+
+
+class Lab:
+    """Two scripted hosts, a state directory, and a stream that records what it was asked."""
+
+    def __init__(
+        self, tmp: Path, src_probe: str = OPENZFS_PROBE, dst_probe: str = OPENZFS_PROBE
+    ) -> None:
+        self.events: list[tuple[str, ...]] = []
+        self.src = ScriptedHost("src", src_probe, "tank", self.events)
+        self.dst = ScriptedHost("dst", dst_probe, "backup", self.events)
+        self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
+        self.replicator = Replicator(self.store, FakeHosts(self.src, self.dst))
+        self.streams: list[tuple[list[str], list[str], int | None]] = []
+        self.failures: list[Callable[[], None]] = []
+        self.replicator._stream = self._stream  # type: ignore[method-assign]
+
+    def _stream(self, pair: Pair, src: Any, dst: Any, send: list[str], recv: list[str],
+                total: int | None = None) -> StreamResult:  # fmt: skip
+        self.events.append(("stream", *send, "|", *recv))
+        self.streams.append((send, recv, total))
+        if self.failures:
+            self.failures.pop(0)()
+        return StreamResult(1000, 1.0)
+
+    def status(self, pair: Pair = PAIR) -> Status:
+        return self.store.read_status(pair.fingerprint)
+
+    def new_snapshot(self) -> str:
+        [snap] = self.src.calls("zfs", "snapshot")
+        return snap[-1].split("@", 1)[1]
+
+    def index(self, *event: str) -> int:
+        return self.events.index(event)
+
+
+def test_update_on_openzfs_holds_the_base_receives_resumably_with_a_size(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    report = lab.replicator.update(PAIR)
+    new = lab.new_snapshot()
+    assert report.snapshot == new and report.base == S1
+    # one probe per host, the listings ask for the token, hold counts and bookmarks
+    assert len(lab.src.calls("sh", "-c")) == len(lab.dst.calls("sh", "-c")) == 1
+    [dview] = lab.dst.calls("zfs", "get", "-Hp", "-d")
+    assert "receive_resume_token" in dview[-3] and "userrefs" in dview[-3]
+    [sview] = lab.src.calls("zfs", "get")
+    assert "bookmark" in sview[sview.index("-t") + 1]
+    [(send, recv, total)] = lab.streams
+    assert send == ["zfs", "send", "-i", f"{SRC_FS}@{S1}", f"{SRC_FS}@{new}"]
+    assert recv == ["zfs", "receive", "-s", DST_FS]
+    assert total == 52690464
+    # the new snapshot is held before it travels; the holds move forward after
+    held = lab.index("src", "zfs", "hold", TAG, f"{SRC_FS}@{new}")
+    assert held < lab.index("stream", *send, "|", *recv)
+    assert lab.dst.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{DST_FS}@{new}"]]
+    assert lab.dst.calls("zfs", "release") == [["zfs", "release", TAG, f"{DST_FS}@{S1}"]]
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", TAG, f"{SRC_FS}@{S1}"]]
+    assert lab.index("dst", "zfs", "hold", TAG, f"{DST_FS}@{new}") < lab.index(
+        "dst", "zfs", "release", TAG, f"{DST_FS}@{S1}"
+    )
+    status = lab.status()
+    assert status.extra["features"]["uses"] == [
+        "holds (source and destination)", "resumable receive", "size estimates",
+    ]  # fmt: skip
+    assert "resume" not in status.extra
+
+
+def test_update_on_zfs_fuse_uses_holds_and_nothing_it_lacks(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    fuse = listing(DST_FS, [(S1, 1, 0)]).replace(f"{DST_FS}\treceive_resume_token\t-\n", "")
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 0)], owner=None))
+    lab.dst.on(["zfs", "get"], fuse)
+    lab.replicator.update(PAIR)
+    new = lab.new_snapshot()
+    [dview] = lab.dst.calls("zfs", "get")
+    assert "receive_resume_token" not in dview[-3]  # zfs-fuse would refuse the property
+    [sview] = lab.src.calls("zfs", "get")
+    assert "-t" not in sview  # nor zfs get -t
+    [(send, recv, total)] = lab.streams
+    assert recv == ["zfs", "receive", DST_FS] and total is None
+    assert not lab.src.calls("zfs", "send")  # no -nvP estimate
+    assert lab.src.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{SRC_FS}@{new}"]]
+    assert lab.status().extra["features"]["uses"] == ["holds (source and destination)"]
+
+
+def test_an_interrupted_receive_resumes_then_the_update_goes_on(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1), (S2, 2, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)], token=TOKEN))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1), (S2, 2, 0)]))
+    lab.src.on(["zfs", "send", "-nvP", "-t"], resume_contents(S2))
+    lab.src.on(["zfs", "send", "-nvP", "-i"], ESTIMATE)
+    report = lab.replicator.update(PAIR)
+    new = lab.new_snapshot()
+    assert report.resumed == S2
+    assert report.bytes == 2000  # the resumed stream counts with the new one
+    resumed, incremental = lab.streams
+    assert resumed == (["zfs", "send", "-t", TOKEN], ["zfs", "receive", "-s", DST_FS], 27393408)
+    assert incremental[0] == ["zfs", "send", "-i", f"{SRC_FS}@{S2}", f"{SRC_FS}@{new}"]
+    # the resumed snapshot is recorded before the next stream starts
+    recorded = lab.index("dst", "zfs", "set", f"zettabee:lastsnap={S2}", DST_FS)
+    assert recorded < lab.index("stream", *incremental[0], "|", *incremental[1])
+    assert not lab.dst.calls("zfs", "receive", "-A")
+    assert sorted(c[-1] for c in lab.src.calls("zfs", "release")) == [
+        f"{SRC_FS}@{S1}", f"{SRC_FS}@{S2}",
+    ]  # fmt: skip
+    assert "resume" not in lab.status().extra
+
+
+def test_a_stale_token_is_cleared_and_the_pair_falls_back(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)], token=TOKEN))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    gone = f"cannot resume send: '{SRC_FS}@{S2}' used in the initial send no longer exists\n"
+    lab.src.on(["zfs", "send", "-nvP", "-t"], "", gone, rc=255)
+    lab.src.on(["zfs", "send", "-nvP", "-i"], ESTIMATE)
+    report = lab.replicator.update(PAIR)
+    assert lab.dst.calls("zfs", "receive", "-A") == [["zfs", "receive", "-A", DST_FS]]
+    [(send, _, _)] = lab.streams  # only the normal incremental, from the old base
+    assert send[:4] == ["zfs", "send", "-i", f"{SRC_FS}@{S1}"]
+    assert report.resumed == "" and report.base == S1
+    assert "resume" not in lab.status().extra
+
+
+def test_a_token_refused_by_the_stream_itself_is_cleared_too(tmp_path: Path) -> None:
+    """No estimate to check it first (or it passed), and send -t refuses mid-way."""
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1), (S2, 2, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)], token=TOKEN))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.src.on(["zfs", "send", "-nvP", "-t"], resume_contents(S2))
+    said = (
+        f"cannot resume send: '{SRC_FS}@{S2}' is no longer the same snapshot used in the "
+        "initial send"
+    )
+
+    def refuse() -> None:
+        raise CommandError(["zfs", "send", "-t", TOKEN], "src", 255, said, "zfs send (over ssh)")
+
+    lab.failures.append(refuse)
+    lab.replicator.update(PAIR)
+    assert lab.dst.calls("zfs", "receive", "-A") == [["zfs", "receive", "-A", DST_FS]]
+    assert len(lab.streams) == 2 and lab.streams[1][0][2:4] == ["-i", f"{SRC_FS}@{S1}"]
+
+
+def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get", "-Hp", "-d"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.dst.on(["zfs", "get", "-Hp", "-o"], f"{DST_FS}\treceive_resume_token\t{TOKEN}\n")
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+
+    def cut() -> None:
+        lab.replicator._progress(PAIR)(5_000_000, 2.0)
+        raise TransportError("ssh to src failed (exit 255): Connection reset by peer")
+
+    lab.failures.append(cut)
+    with pytest.raises(TransportError) as caught:
+        lab.replicator.update(PAIR)
+    new = lab.new_snapshot()
+    message = str(caught.value)
+    assert "Connection reset" in message and "the receive is resumable" in message
+    assert "4.8 MiB" in message and "next update resumes" in message
+    status = lab.status()
+    assert status.state == FAILED
+    assert status.extra["resume"]["snapshot"] == new
+    assert status.extra["resume"]["kept"] == 5_000_000
+    # the new snapshot stays held on the source: the resume needs it
+    assert not lab.src.calls("zfs", "release")
+    health = Health(PAIR, SYNCHRONIZED, status=status, run_state=FAILED, runtime=3)
+    outcome = checks.evaluate(checks.runtime_check([health]))
+    assert outcome.code == 2 and "resumable" in outcome.output and new in outcome.output
+
+
+def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, OPENZFS_PROBE, FUSE_PROBE)
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 0)]))
+    pair = make_pair(raw=True)
+    with pytest.raises(StateError, match="raw=yes, but the destination dst \\(zfs-fuse"):
+        lab.replicator.update(pair)
+    assert not lab.src.calls("zfs", "snapshot") and not lab.streams
+    assert "raw=yes" in lab.status(pair).error
+
+
+def test_raw_sends_raw_where_both_sides_have_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    pair = make_pair(raw=True)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)], owner=pair.fingerprint))
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.replicator.update(pair)
+    [estimate] = lab.src.calls("zfs", "send", "-nvP")
+    [(send, _, _)] = lab.streams
+    assert send[:3] == ["zfs", "send", "-w"] and estimate[:4] == ["zfs", "send", "-nvP", "-w"]
+
+
+def test_a_pruned_base_is_replaced_by_its_bookmark(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    pair = make_pair(bookmark=True, intermediate=True)
+    fp = pair.fingerprint
+    old = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [], owner=None, marks=[(old, 1)]))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)], owner=fp))
+    report = lab.replicator.update(pair)
+    new = lab.new_snapshot()
+    [(send, _, _)] = lab.streams
+    assert send == ["zfs", "send", "-i", f"{SRC_FS}#{old}", f"{SRC_FS}@{new}"]
+    assert report.base == old
+    assert lab.src.calls("zfs", "bookmark") == [
+        ["zfs", "bookmark", f"{SRC_FS}@{new}", f"{SRC_FS}#{new}"]
+    ]
+    assert lab.src.calls("zfs", "destroy") == [["zfs", "destroy", f"{SRC_FS}#{old}"]]
+
+
+def test_bookmark_demanded_on_zfs_fuse_is_refused(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    with pytest.raises(StateError, match="bookmark=yes, but the source src \\(zfs-fuse"):
+        lab.replicator.update(make_pair(bookmark=True))
+
+
+def test_purge_releases_stale_holds_and_release_lets_go_of_the_base(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S0, 5, 1), (S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S0, 5, 0), (S1, 1, 1)]))
+    dry = lab.replicator.purge(PAIR, dry_run=True)
+    assert [s.describe(done=False) for s in dry] == [
+        f"would release hold {TAG} on src:{SRC_FS}@{S0}",
+        f"would destroy src:{SRC_FS}@{S0}",
+        f"would destroy dst:{DST_FS}@{S0}",
+    ]
+    assert not lab.src.calls("zfs", "release") and not lab.src.calls("zfs", "destroy")
+    lab.replicator.purge(PAIR)
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", TAG, f"{SRC_FS}@{S0}"]]
+    assert lab.index("src", "zfs", "release", TAG, f"{SRC_FS}@{S0}") < lab.index(
+        "src", "zfs", "destroy", f"{SRC_FS}@{S0}"
+    )
+    assert not lab.dst.calls("zfs", "release")  # the base keeps its hold
+    steps = lab.replicator.purge(PAIR, release=True)
+    released = {s.target for s in steps if s.action == "release"}
+    assert {f"src:{SRC_FS}@{S1}", f"dst:{DST_FS}@{S1}"} <= released
+
+
+def test_an_interrupted_initialize_resumes_its_full_stream(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [], owner=None, token=TOKEN))
+    full = resume_contents(S1).replace(f"incremental\t{S1}\t", "full\t")
+    lab.src.on(["zfs", "send", "-nvP", "-t"], full)
+    report = lab.replicator.initialize(PAIR)
+    assert report.snapshot == S1
+    assert lab.streams == [
+        (["zfs", "send", "-t", TOKEN], ["zfs", "receive", "-s", DST_FS], 27393408)
+    ]
+    assert not lab.src.calls("zfs", "snapshot")  # no new full stream over the partial one
+    assert ["zfs", "set", f"zettabee:fingerprint={FP}", DST_FS] in lab.dst.calls("zfs", "set")
+    assert lab.dst.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{DST_FS}@{S1}"]]
+
+
+def test_initialize_force_releases_the_destinations_holds_before_destroying(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.replicator.initialize(PAIR, force=True)
+    release = lab.index("dst", "zfs", "release", TAG, f"{DST_FS}@{S1}")
+    assert release < lab.index("dst", "zfs", "destroy", "-r", DST_FS)
+
+
+def test_a_hold_that_fails_for_another_reason_fails_the_run(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.src.on(["zfs", "hold"], "", "cannot hold: permission denied", rc=1)
+    with pytest.raises(ZettabeeError, match="zfs hold on src failed.*permission denied"):
+        lab.replicator.update(PAIR)
+    assert not lab.streams
+
+
+# -- what status and the runtime check say about a partial receive --------------------
+
+
+def health_with(entry: dict[str, Any], run_state: str, error: str = "") -> Health:
+    status = Status(FP, state=run_state, action="update", error=error, extra={"resume": entry})
+    return Health(PAIR, SYNCHRONIZED, status=status, run_state=run_state, runtime=5)
+
+
+def test_runtime_warns_about_a_partial_receive_left_after_a_run_that_did_not_fail() -> None:
+    entry = {"snapshot": S2, "since": 1_700_000_000, "runs": 3, "kept": 50 << 20}
+    health = health_with(entry, IDLE)
+    assert "about 50.0 MiB received, 3 runs so far" in health.resume_note
+    outcome = checks.evaluate(checks.runtime_check([health]))
+    assert outcome.code == 1
+    assert S2 in outcome.output and "next update resumes it" in outcome.output
+
+
+def test_runtime_critical_names_the_partial_receive_after_a_failure() -> None:
+    health = health_with({"snapshot": S2, "runs": 2, "kept": 1 << 20}, FAILED, "zfs send failed")
+    outcome = checks.evaluate(checks.runtime_check([health]))
+    assert outcome.code == 2
+    assert "last update failed: zfs send failed; partial receive of" in outcome.output
+    assert S2 in outcome.output
+
+
+def test_a_pair_that_stops_holding_releases_its_earlier_holds(tmp_path: Path) -> None:
+    """hold=no after a time with holds: nothing held is left behind to pin a snapshot."""
+    lab = Lab(tmp_path)
+    pair = make_pair(hold=False)
+    fp = pair.fingerprint
+    old = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(old, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)], owner=fp))
+    lab.replicator.update(pair)
+    assert not lab.src.calls("zfs", "hold") and not lab.dst.calls("zfs", "hold")
+    tag = hold_tag(fp)
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", tag, f"{SRC_FS}@{old}"]]
+    assert lab.dst.calls("zfs", "release") == [["zfs", "release", tag, f"{DST_FS}@{old}"]]
+    # released before the prune destroys the old snapshot
+    assert lab.index("src", "zfs", "release", tag, f"{SRC_FS}@{old}") < lab.index(
+        "src", "zfs", "destroy", f"{SRC_FS}@{old}"
+    )
+
+
+def test_a_token_on_a_pair_that_does_not_resume_is_discarded(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    pair = make_pair(resume=False)
+    fp = pair.fingerprint
+    base = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(base, 1, 1)], owner=fp, token=TOKEN))
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.replicator.update(pair)
+    assert lab.dst.calls("zfs", "receive", "-A") == [["zfs", "receive", "-A", DST_FS]]
+    [(send, recv, _)] = lab.streams
+    assert "-t" not in send and recv == ["zfs", "receive", DST_FS]  # not resumable either
+
+
+def test_rollback_yes_rolls_the_destination_back_before_receiving(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    pair = make_pair(rollback=True)
+    fp = pair.fingerprint
+    base = f"zettabee.{fp}.20260101T000000Z"
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
+    dst_view = listing(DST_FS, [(base, 1, 1), ("local-extra", 7, 0)], owner=fp, lastsnap=base)
+    lab.dst.on(["zfs", "get"], dst_view)
+    lab.replicator.update(pair)
+    [(send, recv, _)] = lab.streams
+    rollback = lab.index("dst", "zfs", "rollback", "-r", f"{DST_FS}@{base}")
+    assert rollback < lab.index("stream", *send, "|", *recv)
+    assert recv == ["zfs", "receive", "-F", DST_FS]

@@ -1,0 +1,396 @@
+"""What each host's ZFS can do, probed once per host and run, never assumed.
+
+One command per host answers everything: the ZFS version (``zfs version``, absent on
+zfs-fuse and other old ports), the usage text of ``zfs`` itself (which lists the
+subcommands and option letters this very binary accepts) and the properties of the pools
+the pairs use (the feature flags: a pool created for compatibility may lack bookmarks or
+encryption even under OpenZFS 2.x). The usage text is the most honest witness: zfs-fuse
+has ``hold`` and ``release`` but no ``bookmark`` and no ``receive -s``, and it says so.
+
+A capability needs both sides of the truth: the command and option in the binary, and
+the pool feature that backs it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from zettabee.host import Host
+
+# Holds arrived with pool version 18; pools with feature flags report version "-".
+HOLDS_POOL_VERSION = 18
+FEATURE_POOL_VERSION = 5000
+_MARK = "@@zettabee-probe"
+
+# The probe is one constant script: pool names travel as its arguments, never inside it.
+PROBE_SCRIPT = (
+    f"echo {_MARK} version; zfs version 2>&1; "
+    f"echo {_MARK} fuse; command -v zfs-fuse; "
+    f"echo {_MARK} usage; zfs -? 2>&1; "
+    f'echo {_MARK} pools; for p; do zpool get all "$p" 2>&1; done'
+)
+
+# (name shown to people, attribute)
+FEATURES = (
+    ("holds", "holds"),
+    ("bookmarks", "bookmarks"),
+    ("resumable receive", "resumable"),
+    ("size estimates", "estimates"),
+    ("raw send", "raw"),
+    ("compressed send", "compressed"),
+)
+
+
+def probe_argv(pools: Sequence[str]) -> list[str]:
+    return ["sh", "-c", PROBE_SCRIPT, "zettabee-probe", *pools]
+
+
+def pool_argv(pool: str) -> list[str]:
+    """The pool part of the probe alone, for a second pool on a host already probed."""
+    return ["zpool", "get", "all", pool]
+
+
+@dataclass(frozen=True)
+class ZfsTool:
+    """What the ``zfs`` binary of a host offers, from its version and usage text."""
+
+    version: str | None = None  # "2.1.11-1" where `zfs version` exists
+    fuse: bool = False
+    commands: dict[str, frozenset[str]] = field(default_factory=dict, hash=False)
+
+    def has(self, command: str, *letters: str) -> bool:
+        options = self.commands.get(command)
+        return options is not None and all(letter in options for letter in letters)
+
+    @property
+    def name(self) -> str:
+        if self.version:
+            return f"OpenZFS {self.version}"
+        if self.fuse:
+            return "zfs-fuse"
+        return "ZFS without a version command"
+
+
+@dataclass(frozen=True)
+class PoolFeatures:
+    """A pool's version and feature flags (``enabled`` or ``active`` count as present)."""
+
+    name: str
+    version: int | None = None
+    features: frozenset[str] = frozenset()
+    error: str = ""
+
+    def has(self, feature: str) -> bool:
+        return feature in self.features
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one side of a pair (a host and its pool) can do."""
+
+    host: str
+    pool: str
+    zfs: str
+    holds: bool = False
+    bookmarks: bool = False
+    resumable: bool = False
+    estimates: bool = False
+    raw: bool = False
+    compressed: bool = False
+    pool_version: int | None = None
+    note: str = ""
+
+    def present(self) -> list[str]:
+        return [label for label, attr in FEATURES if getattr(self, attr)]
+
+    def absent(self) -> list[str]:
+        return [label for label, attr in FEATURES if not getattr(self, attr)]
+
+    def describe(self) -> str:
+        """``OpenZFS 2.1.11 (pool tank): holds, bookmarks, ...; lacks raw send``."""
+        pool = f"pool {self.pool}"
+        if self.pool_version is not None and self.pool_version < FEATURE_POOL_VERSION:
+            pool += f", version {self.pool_version}"
+        text = f"{self.zfs} ({pool}): " + (", ".join(self.present()) or "none of the extras")
+        if self.absent() and self.present():
+            text += f"; lacks {', '.join(self.absent())}"
+        if self.note:
+            text += f" ({self.note})"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Capabilities | None:
+        try:
+            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        except TypeError:
+            return None
+
+
+# --------------------------------------------------------------------------------------
+# Parsers
+# --------------------------------------------------------------------------------------
+
+_VERSION_RE = re.compile(r"^zfs-(\d+\.\d+\S*)$", re.MULTILINE)
+_COMMAND_RE = re.compile(r"^\t([a-z][a-z-]*)\b(.*)$")
+_OPTION_RE = re.compile(r"(?:^|[\s\[|])-\[?([A-Za-z]+)")
+
+
+def _sections(text: str) -> dict[str, str]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith(f"{_MARK} "):
+            current = sections.setdefault(line[len(_MARK) + 1 :].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in sections.items()}
+
+
+def parse_version(text: str) -> str | None:
+    """The userland version from ``zfs version`` (``zfs-2.1.11-1``), None without one."""
+    match = _VERSION_RE.search(text)
+    return match[1] if match else None
+
+
+def parse_usage(text: str) -> dict[str, frozenset[str]]:
+    """Subcommand -> option letters, from the usage text ``zfs -?`` prints.
+
+    Every synopsis line of a subcommand counts (``send [-nvPe] -t <token>`` adds ``t``);
+    continuation lines (a tab and spaces) belong to the subcommand above them.
+    """
+    commands: dict[str, set[str]] = {}
+    current: str | None = None
+    for line in text.splitlines():
+        match = _COMMAND_RE.match(line)
+        if match and not line.startswith("\t "):
+            current = match[1]
+            rest = match[2]
+        elif current is not None and line.startswith("\t    "):
+            rest = line
+        else:
+            if not line.strip():
+                current = None
+            continue
+        letters = commands.setdefault(current, set())
+        for group in _OPTION_RE.findall(rest):
+            letters.update(group)
+    if "recv" in commands:  # some ports print the short name
+        commands.setdefault("receive", set()).update(commands["recv"])
+    return {name: frozenset(letters) for name, letters in commands.items()}
+
+
+def parse_pools(text: str, pools: Iterable[str]) -> dict[str, PoolFeatures]:
+    """Version and enabled features of ``pools`` from ``zpool get all POOL`` tables.
+
+    zfs-fuse's ``zpool get`` has no ``-H``: the human table is read, header and all, and
+    only ``version`` and ``feature@*`` rows are used (their values never hold spaces).
+    """
+    wanted = set(pools)
+    versions: dict[str, int | None] = {}
+    features: dict[str, set[str]] = {}
+    errors: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] in wanted:
+            pool, prop, value = parts[0], parts[1], parts[2]
+            features.setdefault(pool, set())
+            if prop == "version":
+                versions[pool] = int(value) if value.isdigit() else FEATURE_POOL_VERSION
+            elif prop.startswith("feature@") and value in ("enabled", "active"):
+                features[pool].add(prop.split("@", 1)[1])
+        elif line.startswith("cannot open"):
+            for pool in wanted:
+                if f"'{pool}'" in line:
+                    errors.setdefault(pool, []).append(line.strip())
+    result = {}
+    for pool in wanted:
+        if pool in features:
+            result[pool] = PoolFeatures(pool, versions.get(pool), frozenset(features[pool]))
+        else:
+            said = "; ".join(errors.get(pool, [])) or "zpool get printed nothing for it"
+            result[pool] = PoolFeatures(pool, error=said)
+    return result
+
+
+def parse_probe(text: str, pools: Sequence[str]) -> tuple[ZfsTool, dict[str, PoolFeatures]]:
+    sections = _sections(text)
+    tool = ZfsTool(
+        version=parse_version(sections.get("version", "")),
+        fuse=bool(sections.get("fuse", "").strip()),
+        commands=parse_usage(sections.get("usage", "")),
+    )
+    return tool, parse_pools(sections.get("pools", ""), pools)
+
+
+def capabilities(host: str, tool: ZfsTool, pool: PoolFeatures) -> Capabilities:
+    """Join what the binary offers with what the pool backs."""
+    version = pool.version
+    flags = version is not None and version >= FEATURE_POOL_VERSION
+    send, recv = "send", "receive"
+    return Capabilities(
+        host=host,
+        pool=pool.name,
+        zfs=tool.name,
+        holds=tool.has("hold") and tool.has("release") and (version or 0) >= HOLDS_POOL_VERSION,
+        bookmarks=tool.has("bookmark") and flags and pool.has("bookmarks"),
+        resumable=(
+            tool.has(recv, "s", "A")
+            and tool.has(send, "t")
+            and flags
+            and pool.has("extensible_dataset")
+        ),  # fmt: skip
+        estimates=tool.has(send, "n", "v", "P"),
+        raw=tool.has(send, "w") and flags and pool.has("encryption"),
+        compressed=tool.has(send, "c"),
+        pool_version=version,
+        note=pool.error,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Per-run cache
+# --------------------------------------------------------------------------------------
+
+
+class Prober:
+    """Probes each host once per run; a further pool costs one ``zpool get``."""
+
+    def __init__(self) -> None:
+        self._tools: dict[int, ZfsTool] = {}
+        self._pools: dict[tuple[int, str], PoolFeatures] = {}
+        # replicate's workers share one prober: a host is probed once even when two
+        # pairs of it start together
+        self._guard = threading.Lock()
+        self._locks: dict[int, threading.Lock] = {}
+
+    def _lock(self, host: Host) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(id(host), threading.Lock())
+
+    def of_both(
+        self, src: Host, src_pool: str, dst: Host, dst_pool: str
+    ) -> tuple[Capabilities, Capabilities]:
+        """Both sides of a pair; two hosts not probed yet are asked at the same time (a
+        remote probe is a round trip, and the two are independent)."""
+        if src is not dst and id(src) not in self._tools and id(dst) not in self._tools:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                remote = pool.submit(self.of, src, src_pool)
+                local = self.of(dst, dst_pool)
+                return remote.result(), local
+        return self.of(src, src_pool), self.of(dst, dst_pool)
+
+    def of(self, host: Host, pool: str) -> Capabilities:
+        with self._lock(host):
+            return self._of(host, pool)
+
+    def _of(self, host: Host, pool: str) -> Capabilities:
+        key = id(host)
+        if key not in self._tools:
+            result = host.run(probe_argv([pool]), check=False, timeout=60)
+            tool, pools = parse_probe(result.stdout + "\n" + result.stderr, [pool])
+            self._tools[key] = tool
+            self._pools[(key, pool)] = pools[pool]
+        elif (key, pool) not in self._pools:
+            result = host.run(pool_argv(pool), check=False, timeout=60)
+            self._pools[(key, pool)] = parse_pools(result.stdout + result.stderr, [pool])[pool]
+        return capabilities(host.name, self._tools[key], self._pools[(key, pool)])
+
+
+# --------------------------------------------------------------------------------------
+# What a pair uses
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairFeatures:
+    """What one pair uses, given both sides and its options; ``problems`` are options
+    the pair demands (raw, bookmark) that a side cannot honour."""
+
+    source: Capabilities
+    destination: Capabilities
+    hold_source: bool = False
+    hold_destination: bool = False
+    resume: bool = False
+    estimate: bool = False
+    raw: bool = False
+    bookmark: bool = False
+    problems: tuple[str, ...] = ()
+
+    def uses(self) -> list[str]:
+        used = []
+        sides = [
+            n
+            for n, on in (("source", self.hold_source), ("destination", self.hold_destination))
+            if on
+        ]
+        if sides:
+            used.append(f"holds ({' and '.join(sides)})")
+        for label, on in (
+            ("resumable receive", self.resume),
+            ("size estimates", self.estimate),
+            ("raw send", self.raw),
+            ("bookmarks", self.bookmark),
+        ):
+            if on:
+                used.append(label)
+        return used
+
+    def describe(self) -> str:
+        return ", ".join(self.uses()) or "none of the extras (plain send and receive)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source.as_dict(),
+            "destination": self.destination.as_dict(),
+            "uses": self.uses(),
+            "problems": list(self.problems),
+        }
+
+
+def plan_features(
+    src: Capabilities,
+    dst: Capabilities,
+    *,
+    resume: bool = True,
+    hold: bool = True,
+    bookmark: bool = False,
+    raw: bool = False,
+) -> PairFeatures:
+    """Which capabilities a pair uses, from its options (``PairOptions`` fields)."""
+    problems = []
+    if raw:
+        for side, caps in (("source", src), ("destination", dst)):
+            if not caps.raw:
+                problems.append(
+                    f"raw=yes, but the {side} {caps.host} ({caps.zfs}, pool {caps.pool}) "
+                    "cannot handle raw streams: that needs OpenZFS 0.8 or later and the "
+                    "pool feature encryption; remove raw=yes, or replicate from and to "
+                    "hosts that have it"
+                )
+    if bookmark and not src.bookmarks:
+        problems.append(
+            f"bookmark=yes, but the source {src.host} ({src.zfs}, pool {src.pool}) has no "
+            "bookmarks: that needs OpenZFS and the pool feature bookmarks; remove "
+            "bookmark=yes (and keep other tools from pruning zettabee's snapshots)"
+        )
+    return PairFeatures(
+        source=src,
+        destination=dst,
+        hold_source=hold and src.holds,
+        hold_destination=hold and dst.holds,
+        resume=resume and src.resumable and dst.resumable,
+        estimate=src.estimates,
+        raw=raw and src.raw and dst.raw,
+        bookmark=bookmark and src.bookmarks,
+        problems=tuple(problems),
+    )
