@@ -242,7 +242,7 @@ class SshHost:
             ) from exc
         except (OSError, EOFError) as exc:
             raise TransportError(
-                f"cannot connect to {t.host} port {t.port}: {exc.strerror or exc}"
+                f"cannot connect to {t.host} port {t.port}: {_socket_reason(exc)}"
                 if isinstance(exc, OSError)
                 else f"connection to {t.host} port {t.port} closed during set-up"
             ) from exc
@@ -363,6 +363,16 @@ class SshHost:
 
             shutil.rmtree(self._mux_dir, ignore_errors=True)
             self._mux_dir = None
+
+
+def _socket_reason(exc: OSError) -> str:
+    """What the socket said: paramiko wraps a refused or unreachable connection in an
+    error of its own ("Unable to connect to port 22 on ...") that hides the reason."""
+    underlying = [e for e in getattr(exc, "errors", {}).values() if isinstance(e, OSError)]
+    reasons = {e.strerror or str(e) for e in underlying}
+    if reasons:
+        return "; ".join(sorted(reasons))
+    return exc.strerror or str(exc)
 
 
 def _pin_new_key_policy(known_hosts: str | None) -> paramiko.MissingHostKeyPolicy:
