@@ -235,7 +235,8 @@ class Relay:
                 self.progress(self.count, now - self.started)
             if self.stall and now - self.last_move > self.stall:
                 self.stalled = True
-                log.error("no data moved for %.0fs: aborting the stream", now - self.last_move)
+                # info, not error: the run's own error says it once, with the pair's name
+                log.info("no data moved for %.0fs: aborting the stream", now - self.last_move)
                 on_stall()
                 return
 
@@ -287,6 +288,9 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         failed = [s for s in stages if s.failed]
     if not failed:
         return TransportError(relay.error if relay and relay.error else "the stream failed")
+    # A stage killed by a signal we did not send is the cause; the stages around it then
+    # fail on a broken pipe, and the first of those in the pipeline is not the one to name.
+    failed.sort(key=lambda s: _signal_of(s) is None)
     first = failed[0]
     notes = [
         f"{s.label} on {s.host}: {s.stderr.splitlines()[-1] if s.stderr else f'exit {s.returncode}'}"
@@ -294,7 +298,12 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         if s.stderr
     ]
     said = first.stderr or f"no error output (exit {first.returncode})"
+    number = _signal_of(first)
+    if number is not None and not first.stderr:
+        said = f"killed by signal {number} ({_signal_name(number)})"
     if first.label == "ssh" or (first.argv and first.argv[0] == "ssh" and first.returncode == 255):
+        # A connection killed on the far side or lost on the way leaves ssh nothing to say.
+        said = first.stderr or "the connection ended without a message from ssh (killed or lost)"
         return TransportError(
             f"ssh to {first.host} failed (exit {first.returncode}): {said}"
             + (f"; then {'; '.join(notes)}" if notes else "")
@@ -303,6 +312,25 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     if notes:
         err.args = (f"{err}; then {'; '.join(notes)}",)
     return err
+
+
+def _signal_of(stage: Stage) -> int | None:
+    """The signal that ended a stage: a negative status here, 128+N from a remote shell."""
+    code = stage.returncode
+    if code is None or stage.killed:
+        return None
+    if code < 0:
+        return -code
+    if 128 < code < 128 + 65 and not (stage.label == "ssh" or stage.argv[:1] == ["ssh"]):
+        return code - 128
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _finish(stages: Sequence[Stage], relay: Relay | None, started: float) -> StreamResult:
