@@ -22,7 +22,7 @@ from zettabee.config import (
     load_pairs,
     load_settings,
 )
-from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError
+from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
 from zettabee.health import Health, read_health
 from zettabee.pair import Pair
 from zettabee.state import StateStore
@@ -197,7 +197,7 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                 _submit(app, pair, action, exc)
                 code = max(code, EXIT_BUSY) if code != EXIT_FAILED else code
             except ZettabeeError as exc:
-                log.error("%s", exc)
+                log.error("%s", naming_pair(pair.name, exc))
                 _submit(app, pair, action, exc)
                 code = EXIT_FAILED
             finally:
