@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import socket
 import subprocess
 import threading
@@ -325,6 +326,12 @@ class SshHost:
                 return
             self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
             argv = self.target.ssh_client_argv(None, control_path=self._control_path(), master=True)
+            # close() stops the master; a run killed with SIGKILL cannot, and the master
+            # (its own session, -N) would hold its connection to the source forever. The
+            # kernel's parent-death signal stops it then. It follows the thread that
+            # started it: replicate's workers live as long as the run's hosts do.
+            if shutil.which("setpriv"):
+                argv = ["setpriv", "--pdeathsig", "TERM", *argv]
             log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
             self._master = subprocess.Popen(
                 argv,
@@ -359,8 +366,6 @@ class SshHost:
                 self._master.wait()
             self._master = None
         if self._mux_dir is not None:
-            import shutil
-
             shutil.rmtree(self._mux_dir, ignore_errors=True)
             self._mux_dir = None
 
