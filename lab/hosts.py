@@ -108,7 +108,7 @@ class ZfsServer:
 
 
 def release_foreign_mounts(root: Path) -> None:
-    """Detach mounts below ``root`` that other mount namespaces copied.
+    """Detach ``root`` and the mounts below it from other mount namespaces that copied them.
 
     A process that unshares a private mount namespace while the lab is up (a guest image
     build, say) takes a copy of the lab's pool mounts; zfs-fuse then calls the pool busy
@@ -126,9 +126,11 @@ def release_foreign_mounts(root: Path) -> None:
             if namespace == own or namespace in pinned:
                 continue
             points = {
-                line.split()[4]
-                for line in (proc / "mountinfo").read_text().splitlines()
-                if line.split()[4].startswith(prefix)
+                point
+                for point in (
+                    line.split()[4] for line in (proc / "mountinfo").read_text().splitlines()
+                )
+                if point.startswith(prefix) or point == prefix[:-1]
             }
         except (OSError, IndexError):
             continue

@@ -179,9 +179,19 @@ def destroy(fs: str) -> None:
     """zfs-fuse answers 'dataset is busy' for a moment after a mount change: retry."""
     import time
 
-    for _ in range(30):
+    from lab.hosts import release_foreign_mounts
+
+    for attempt in range(30):
         if subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0:
             return
+        if attempt == 10:  # a private mount namespace made meanwhile may hold a copy
+            mountpoint = subprocess.run(
+                ["zfs", "get", "-H", "-o", "value", "mountpoint", fs],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            if mountpoint.startswith("/"):
+                release_foreign_mounts(Path(mountpoint))
         time.sleep(0.2)
     raise RuntimeError(f"cannot destroy {fs}")
 
