@@ -173,10 +173,15 @@ class Replica:
     snapshot: str = ""
     guid: str = ""
     sums: dict[str, str] = field(default_factory=dict)
+    dest: str = ""  # another destination file system than the lab pool's
 
     @property
     def fs(self) -> str:
-        return self.zb.dst_fs(self.leaf)
+        return self.dest or self.zb.dst_fs(self.leaf)
+
+    @property
+    def dest_dir(self) -> Path:
+        return Path(zget(self.fs, "mountpoint"))
 
     @property
     def source_dir(self) -> Path:
@@ -188,12 +193,18 @@ class Replica:
 
     def remember(self) -> None:
         """The destination as it is now is the good state faults must not damage."""
-        self.zb.assert_same_data(self.leaf)
+        self.same_as_source()
         self.snapshot = zget(self.fs, "zettabee:lastsnap")
         assert self.snapshot in snapshots(self.fs)
         self.guid = zget(f"{self.fs}@{self.snapshot}", "guid")
-        self.sums = self.zb.lab.checksum_tree(self.zb.dst_dir(self.leaf))
+        self.sums = self.zb.lab.checksum_tree(self.dest_dir)
         assert self.sums
+
+    def same_as_source(self) -> None:
+        settle()
+        source = self.zb.lab.checksum_tree(self.source_dir)
+        assert source, "the source tree is empty: nothing was compared"
+        assert self.zb.lab.checksum_tree(self.dest_dir) == source
 
     def grow(self, mb: int, name: str = "more.bin") -> None:
         write_random(self.source_dir / name, mb)
@@ -205,7 +216,7 @@ class Replica:
         the same files. When the fault itself destroyed that snapshot, the destination file
         system (read-only, never rolled back without consent) must still hold them."""
         settle()
-        live = self.zb.lab.checksum_tree(self.zb.dst_dir(self.leaf))
+        live = self.zb.lab.checksum_tree(self.dest_dir)
         if snapshot_destroyed:
             return INTACT if live == self.sums else "file system CHANGED"
         if self.snapshot not in snapshots(self.fs):
@@ -309,13 +320,18 @@ class Faults:
         wait_until("the stream to move data", moving)
 
     # pairs ----------------------------------------------------------------------------
-    def replica(self, leaf: str = "data", mb: int = 2, options: str = "", *more: str) -> Replica:
-        """An initialized pair (plus ``more`` pair lines in the same file)."""
+    def replica(
+        self, leaf: str = "data", mb: int = 2, options: str = "", dest: str = ""
+    ) -> Replica:
+        """An initialized pair (into ``dest`` instead of the lab's destination pool)."""
         self.zb.make_source(leaf, mb)
-        self.zb.write_pairs(self.zb.pair_line(leaf, options), *more)
-        out = self.zb.run("initialize", self.zb.dst_fs(leaf))
+        line = self.zb.pair_line(leaf, options)
+        if dest:
+            line = line.replace(f":{self.zb.dst_fs(leaf)}", f":{dest}")
+        self.zb.write_pairs(line)
+        replica = Replica(self.zb, leaf, dest=dest)
+        out = self.zb.run("initialize", replica.fs)
         assert out.returncode == 0, out.stderr
-        replica = Replica(self.zb, leaf)
         replica.remember()
         return replica
 
@@ -386,7 +402,7 @@ class Faults:
         """The next update, once the fault is gone, succeeds on its own and says nothing."""
         out = self.run("zettabee", "update", *args, replica.fs, path_first=path_first)
         assert (out.code, out.stdout) == (0, ""), out.stderr
-        self.zb.assert_same_data(replica.leaf)
+        replica.same_as_source()
         lag_code, lag_text = self.plugin("check_zettabee_lag", replica.fs)
         run_code, run_text = self.plugin("check_zettabee_runtime", replica.fs)
         assert (lag_code, run_code) == (0, 0), (lag_text, run_text)
@@ -646,3 +662,17 @@ def sshd(lab: ZfsLab, tmp_path: Path) -> Iterator[Sshd]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def tiny_pool(lab: ZfsLab) -> Iterator[str]:
+    """A pool of the lab's own that a few tens of MB fill (zfs-fuse's smallest is 64 MB)."""
+    from lab.hosts import ZfsServer
+
+    name = f"{lab.layout.name}tiny"
+    mount = lab.root / "mnt" / name
+    ZfsServer.create_pool(name, lab.root / "pools" / f"{name}.img", mount, "80M")
+    try:
+        yield name
+    finally:
+        ZfsServer.destroy_pool(name, mount)
