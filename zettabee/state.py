@@ -86,6 +86,31 @@ class Status:
         return self.state
 
 
+_TEXT = ("pair", "state", "action", "result", "snapshot", "error")
+_NUMBERS = ("bytes", "seconds")
+_OPTIONAL_NUMBERS = ("pid", "started", "ended", "last_success", "last_duration")
+
+
+def _wrongly_typed(data: dict[str, Any]) -> str:
+    """What in a status file has a type the readers cannot use (empty when nothing).
+
+    The file is ours, but an editor, a full disk or another version can leave anything in
+    it; a string where a time belongs must read as a damaged file, not crash the plugin
+    that does arithmetic with it."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for key, value in data.items():
+        if key in _TEXT and not isinstance(value, str):
+            return f"{key} is {value!r}, not text"
+        if key in _NUMBERS and not number(value):
+            return f"{key} is {value!r}, not a number"
+        if key in _OPTIONAL_NUMBERS and value is not None and not number(value):
+            return f"{key} is {value!r}, not a number"
+    return ""
+
+
 class StateStore:
     """Directories for status, locks and logs; created by ``setup`` (or on first use)."""
 
@@ -124,6 +149,9 @@ class StateStore:
         known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
         extra = {k: v for k, v in data.items() if k not in Status.__dataclass_fields__}
         known["fingerprint"] = fp
+        wrong = _wrongly_typed(known)
+        if wrong:
+            return Status(fingerprint=fp, corrupt=f"status file {path} malformed: {wrong}")
         try:
             status = Status(**known)
         except TypeError as exc:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from paramiko.ssh_exception import NoValidConnectionsError
 
 from zettabee.errors import ZettabeeError, naming_pair
 from zettabee.host import _socket_reason
+from zettabee.state import StateStore
 from zettabee.transport import Stage, describe_failure
 
 
@@ -55,3 +59,22 @@ def test_every_failure_line_names_its_pair() -> None:
     assert (
         naming_pair(pair, ZettabeeError(f"{pair}: not initialized")) == f"{pair}: not initialized"
     )
+
+
+def test_a_status_file_with_wrong_types_reads_as_damaged(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state", tmp_path / "run", tmp_path / "log")
+    store.state_dir.mkdir()
+    path = store.status_path("f" * 32)
+    for data, why in (
+        ({"started": "yesterday"}, "started is 'yesterday', not a number"),
+        ({"last_duration": True}, "last_duration is True, not a number"),
+        ({"error": 42}, "error is 42, not text"),
+        ({"bytes": None}, "bytes is None, not a number"),
+    ):
+        path.write_text(json.dumps(data))
+        status = store.read_status("f" * 32)
+        assert status.corrupt == f"status file {path} malformed: {why}"
+        assert status.started is None and status.last_duration is None
+    path.write_text(json.dumps({"started": 5, "pid": None, "seconds": 1.5, "future_key": [1]}))
+    status = store.read_status("f" * 32)
+    assert not status.corrupt and status.extra == {"future_key": [1]}
