@@ -283,6 +283,18 @@ class Faults:
         proc = self.popen(name, *args, path_first=path_first)
         return self.finish(proc, timeout)
 
+    def run_faketime(self, offset: str, name: str, *args: str) -> Outcome:
+        """A command under a clock stepped by ``offset`` (libfaketime, this process only)."""
+        settle()
+        proc = subprocess.run(
+            ["faketime", "-f", offset, *executable(name), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=300,
+        )
+        return Outcome(proc.returncode, proc.stdout, proc.stderr)
+
     def finish(self, proc: subprocess.Popen[str], timeout: float = 300) -> Outcome:
         out, err = proc.communicate(timeout=timeout)
         return Outcome(proc.returncode, out, err)
@@ -301,6 +313,16 @@ class Faults:
             f"{name} wrote to stderr, which Nagios does not show: {proc.stderr}"
         )
         return proc.returncode, proc.stdout.strip()
+
+    def shown(self, text: str, replica: Replica, limit: int = 110) -> str:
+        """A plugin's or command's words for the table: without the check name, the
+        perfdata, the pair's name and the test's temporary path."""
+        text = text.split(" | ")[0]
+        text = re.sub(r"^ZETTABEE_\w+ \w+ - ", "", text)
+        text = text.replace("zettabee: ", "").replace(f"{self.zb.lab.dest_address}:", "")
+        text = text.replace(f"{replica.fs}: ", "").replace(f"{replica.fs} ", "")
+        text = text.replace(f" {replica.fs}", "").replace(str(self.zb.tmp), "...")
+        return _short(_one_line(text), limit)
 
     def progress(self, replica: Replica) -> int:
         path = self.zb.tmp / "state" / f"{replica.fingerprint}.progress"
@@ -360,14 +382,9 @@ class Faults:
         assert self.row is not None, "expect() first"
         lag_code, lag_text = self.plugin("check_zettabee_lag", replica.fs)
         run_code, run_text = self.plugin("check_zettabee_runtime", replica.fs)
-        message = _one_line(
-            outcome.stderr.replace("zettabee: ", "").replace(
-                f"{self.zb.lab.dest_address}:{replica.fs}: ", ""
-            )
-        )
         self.row.observed = (
             f"exit {outcome.code}; lag {STATES[lag_code]}; runtime {STATES[run_code]}; "
-            f"says: {_short(message)}"
+            f"says: {self.shown(outcome.stderr, replica, 160)}"
         )
         self.row.data = replica.intact(snapshot_destroyed)
         assert outcome.code == code, outcome.stderr
@@ -385,11 +402,9 @@ class Faults:
         status = self.run("zettabee", "status", replica.fs)
         lag_code, lag_text = self.plugin("check_zettabee_lag", replica.fs)
         run_code, run_text = self.plugin("check_zettabee_runtime", replica.fs)
-        shown = run_text.split(" | ")[0].split(" - ", 1)[-1].replace(f"{replica.fs} ", "", 1)
-        shown = shown.replace(f" {replica.fs}", "")
         self.row.observed = (
             f"killed; status {status_word(status.stdout)}; lag {STATES[lag_code]}; "
-            f"runtime {STATES[run_code]}: {_short(shown)}"
+            f"runtime {STATES[run_code]}: {self.shown(run_text, replica)}"
         )
         self.row.data = replica.intact()
         assert status.code == 0 and "Interrupted" in status.stdout, status
