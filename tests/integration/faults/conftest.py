@@ -319,7 +319,8 @@ class Faults:
         perfdata, the pair's name and the test's temporary path."""
         text = text.split(" | ")[0]
         text = re.sub(r"^ZETTABEE_\w+ \w+ - ", "", text)
-        text = text.replace("zettabee: ", "").replace(f"{self.zb.lab.dest_address}:", "")
+        text = text.replace("zettabee: ", "").replace("replicate: ", "")
+        text = text.replace(f"{self.zb.lab.dest_address}:", "")
         text = text.replace(f"{replica.fs}: ", "").replace(f"{replica.fs} ", "")
         text = text.replace(f" {replica.fs}", "").replace(str(self.zb.tmp), "...")
         return _short(_one_line(text), limit)
@@ -374,6 +375,7 @@ class Faults:
         says: str,
         plugin_says: str | None = None,
         snapshot_destroyed: bool = False,
+        updated: bool = False,
     ) -> None:
         """Assert the user's view of a fault, and fill the row with what was seen.
 
@@ -386,6 +388,8 @@ class Faults:
             f"exit {outcome.code}; lag {STATES[lag_code]}; runtime {STATES[run_code]}; "
             f"says: {self.shown(outcome.stderr, replica, 160)}"
         )
+        if updated:  # the run succeeded: its new snapshot is the last good one now
+            replica.remember()
         self.row.data = replica.intact(snapshot_destroyed)
         assert outcome.code == code, outcome.stderr
         assert re.search(says, outcome.stderr), (says, outcome.stderr)
