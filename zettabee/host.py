@@ -147,9 +147,11 @@ class SshTarget:
             "-o", "Compression=no",
             "-l", self.user,
         ]  # fmt: skip
+        # "--" before the host: a host that starts with "-" is then a host, never an
+        # option such as -oProxyCommand=..., and ssh reads no option after it either.
         if remote_command is None:
-            return [*argv, "-N", self.address]
-        return [*argv, self.address, "--", remote_command]
+            return [*argv, "-N", "--", self.address]
+        return [*argv, "--", self.address, remote_command]
 
 
 class SshHost:
@@ -247,6 +249,8 @@ class SshHost:
                 if isinstance(exc, OSError)
                 else f"connection to {t.host} port {t.port} closed during set-up"
             ) from exc
+        except UnicodeError as exc:  # the resolver's IDNA codec: a label over 63 characters
+            raise TransportError(f"cannot resolve host {t.host!r}: {exc}", False) from exc
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(KEEPALIVE)
@@ -416,7 +420,7 @@ def is_local_host(name: str) -> bool:
     address = name[1:-1] if name.startswith("[") else name
     try:
         infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
-    except OSError:
+    except (OSError, UnicodeError):
         return False
     for family, _type, _proto, _canon, sockaddr in infos:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

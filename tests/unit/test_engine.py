@@ -145,7 +145,7 @@ def test_pipeline_script_quotes_hostile_arguments(tmp_path: Path) -> None:
 def test_ssh_client_argv_quotes_once() -> None:
     argv = SshTarget("[fe80::1]", 2222, "zb", "/k", "/kh").ssh_client_argv("zfs send 'a b'")
     assert argv[:3] == ["ssh", "-p", "2222"]
-    assert argv[-3:] == ["fe80::1", "--", "zfs send 'a b'"]
+    assert argv[-3:] == ["--", "fe80::1", "zfs send 'a b'"]
     assert "StrictHostKeyChecking=yes" in argv and "UserKnownHostsFile=/kh" in argv
 
 
