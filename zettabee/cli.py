@@ -148,8 +148,7 @@ class _PairLog:
     def __init__(self, app: App, pair: Pair, debug: bool) -> None:
         self.handler: logging.Handler | None = None
         try:
-            app.store.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self.handler = logging.FileHandler(app.store.log_path(pair.fingerprint))
+            self.handler = app.store.log_handler(pair.fingerprint)
         except OSError as exc:
             log.warning("cannot write the log of %s: %s", pair.name, exc)
             return

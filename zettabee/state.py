@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -135,6 +137,22 @@ class StateStore:
 
     def log_path(self, fp: str) -> Path:
         return self.log_dir / f"{fp}.log"
+
+    def log_handler(self, fp: str) -> logging.FileHandler:
+        """A handler appending to the pair's log file, created 0640 whatever the umask.
+
+        logging.FileHandler would create it 0666 under umask 000 (cron jobs and some
+        daemons run with one), letting anyone rewrite the record of what was done."""
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path = self.log_path(fp)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o022:  # left loose by an older version
+                os.fchmod(fd, mode & ~0o022)
+        finally:
+            os.close(fd)
+        return logging.FileHandler(path)
 
     def read_status(self, fp: str) -> Status:
         path = self.status_path(fp)
