@@ -267,20 +267,40 @@ class Faults:
             env["PATH"] = f"{path_first}:{env['PATH']}"
         return env
 
-    def popen(self, name: str, *args: str, path_first: Path | None = None) -> subprocess.Popen[str]:
+    def popen(
+        self,
+        name: str,
+        *args: str,
+        path_first: Path | None = None,
+        umask: int | None = None,
+        strace: Path | None = None,
+    ) -> subprocess.Popen[str]:
+        """Start a zettabee program; ``path_first`` heads its PATH (a gate), ``umask`` is
+        its umask, and ``strace`` appends every execve of it and its children to a file."""
         settle()
+        argv = [*executable(name), *args]
+        if strace is not None:
+            trace = ["strace", "-f", "-qq", "-v", "-s", "65536", "-e", "trace=execve"]
+            argv = [*trace, "-A", "-o", str(strace), *argv]
         return subprocess.Popen(
-            [*executable(name), *args],
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=self.env(path_first),
+            preexec_fn=None if umask is None else lambda: os.umask(umask) and None,
         )
 
     def run(
-        self, name: str, *args: str, path_first: Path | None = None, timeout: float = 300
+        self,
+        name: str,
+        *args: str,
+        path_first: Path | None = None,
+        umask: int | None = None,
+        strace: Path | None = None,
+        timeout: float = 300,
     ) -> Outcome:
-        proc = self.popen(name, *args, path_first=path_first)
+        proc = self.popen(name, *args, path_first=path_first, umask=umask, strace=strace)
         return self.finish(proc, timeout)
 
     def run_faketime(self, offset: str, name: str, *args: str) -> Outcome:
