@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: deps demo demo-clean test lint unit integration bench clean
+.PHONY: deps demo demo-clean test lint unit integration fault-test bench clean
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -37,6 +37,11 @@ integration: deps
 
 test: lint
 	$(PY) -m pytest
+
+# Faults forced on the lab; ends with the table fault | expected | observed | data.
+# (make test runs them too: they are part of the pytest suite.)
+fault-test: deps
+	$(PY) -m pytest tests/integration/faults
 
 bench: deps
 	$(PY) bench/bench_update.py
