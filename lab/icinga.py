@@ -11,7 +11,9 @@ port. The system's icinga2 service and ``/etc/icinga2`` are left alone.
 
 It runs as root here (``RunAsUser``/``RunAsGroup`` set to the current user, which Icinga
 accepts); pass ``user="nagios"`` to run it as Debian's icinga2 user instead, with the
-directory handed over to that user.
+directory handed over to that user. Plugins it runs inherit its environment: ours, or
+``environment`` (e.g. ``SERVICE_ENVIRONMENT``, what systemd gives the packaged service),
+so a test can show that a plugin needs nothing from the shell that started it.
 
 The certificate is for CN ``localhost`` (``icinga2 pki`` puts the CN in the
 subjectAltName as a DNS name), so clients verify TLS against ``url``
@@ -50,7 +52,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +66,9 @@ LAB_HOST = "zb-backup1"
 LAB_SERVICES = ("zettabee tank/data", "zettabee tank/home", "zettabee spool")
 LAB_OTHER_HOST = "zb-other-host"
 NO_PASSIVE_SERVICE = "passive disabled"
+
+# What systemd hands Debian's icinga2.service: its default PATH and nothing else.
+SERVICE_ENVIRONMENT = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 @dataclass(frozen=True)
@@ -151,8 +156,10 @@ class Icinga2Daemon:
         checker: bool = False,
         binary: str = ICINGA2_BINARY,
         keep_workdir: bool = False,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.objects = objects
+        self.environment = dict(environment) if environment is not None else None
         self.port = port or free_port()
         self.binary = binary
         self.checker = checker
@@ -264,6 +271,7 @@ class Icinga2Daemon:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                env=self.environment,
             )
         deadline = time.monotonic() + timeout
         while "Activated all objects" not in self.console_log.read_text(errors="replace"):

@@ -21,9 +21,11 @@ from zettabee.config import (
     format_duration,
     load_pairs,
     load_settings,
+    parse_duration,
 )
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
 from zettabee.health import Health, read_health
+from zettabee.monconf import MODES, NAGIOS_HOST_TEMPLATE, PASSIVE
 from zettabee.pair import Pair
 from zettabee.state import StateStore
 
@@ -42,6 +44,8 @@ ACTIONS = {
     "logfile": "print the path of a pair's log file (tail -f $(zettabee logfile DEST))",
     "fingerprint": "print source, destination and MD5 fingerprint of one pair or all",
     "purge": "destroy obsolete zettabee snapshots on both sides, never the newest common one",
+    "icinga-config": "print Icinga 2 host and service objects for the pairs, named as replicate submits them",
+    "nagios-config": "print Nagios host and service definitions for the pairs, named as replicate submits them",
 }
 
 
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("update",):
             p.add_argument("destination", nargs="*", help="pairs to update (or --all)")
             p.add_argument("--all", action="store_true", help="every pair of the pair file")
-        elif name in ("status", "fingerprint", "setup"):
+        elif name in ("status", "fingerprint", "setup", "icinga-config", "nagios-config"):
             p.add_argument("destination", nargs="*", help="pairs (default: all)")
         if name == "initialize":
             p.add_argument("--force", action="store_true",
@@ -99,7 +103,44 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--accept-new-host-key", action="store_true",
                            help="pin the source host's key in the known_hosts file if it is not there yet "
                            "(a changed key is still refused)")  # fmt: skip
+        if name in ("icinga-config", "nagios-config"):
+            _monitoring_options(p, icinga=name == "icinga-config")
     return parser
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _monitoring_options(p: argparse.ArgumentParser, icinga: bool) -> None:
+    p.add_argument("--host", metavar="NAME",
+                   help="name of the destination host object (default: [monitoring] host_name, "
+                   "else this machine's FQDN: the host replicate submits for)")  # fmt: skip
+    p.add_argument("--mode", choices=MODES, default=PASSIVE,
+                   help="passive: replicate's results, stale alarm when they stop (default); "
+                   "active: the server runs the check plugins; both: active checks and "
+                   "replicate's results for the same services")  # fmt: skip
+    p.add_argument(
+        "--address", metavar="ADDR", help="the host object's address (default: its name)"
+    )
+    p.add_argument("--no-host", action="store_true",
+                   help="services only, for a host object defined elsewhere")  # fmt: skip
+    default = "none" if icinga else NAGIOS_HOST_TEMPLATE
+    p.add_argument("--host-template", metavar="NAME",
+                   help=f"template the host object uses (default: {default})")  # fmt: skip
+    p.add_argument("--cron-period", metavar="DURATION", type=_duration,
+                   help="passive: how often cron runs replicate (templates: 15m)")  # fmt: skip
+    p.add_argument("--slack", metavar="DURATION", type=_duration,
+                   help="passive: how late a result may be before the stale alarm (templates: 10m)")  # fmt: skip
+    p.add_argument("--sudo", action="store_true",
+                   help="active: run the plugins through sudo -n (for a monitoring user that "
+                   "cannot read ZFS; needs the sudoers rule in icinga-conf/README.md)")  # fmt: skip
+    if icinga:
+        p.add_argument("--endpoint", metavar="NAME",
+                       help="active: the Endpoint (agent on the destination host) that runs the plugins")  # fmt: skip
 
 
 class App:
@@ -338,6 +379,34 @@ def do_setup(app: App) -> int:
     return EXIT_OK if ok and not app.pairfile.problems else EXIT_FAILED
 
 
+def do_monitoring_config(app: App) -> int:
+    from zettabee import monconf
+
+    args = app.args
+    pairs = app.select(args.destination, all_when_empty=True)
+    settings_file, pair_file = monconf.plugin_files(app.settings, app.pairfile.path)
+    request = monconf.Request(
+        host=args.host or app.settings.monitoring_host(),
+        mode=args.mode,
+        address=args.address,
+        host_object=not args.no_host,
+        host_template=args.host_template,
+        endpoint=getattr(args, "endpoint", None),
+        freshness=monconf.freshness(args.cron_period, args.slack),
+        sudo=args.sudo,
+        settings_file=settings_file,
+        pair_file=pair_file,
+    )
+    kind = "icinga" if args.action == "icinga-config" else "nagios"
+    text = monconf.render(kind, app.settings, pairs, request)
+    warning = monconf.host_mismatch(app.settings, request)
+    if warning:
+        print(f"zettabee: warning: {warning}", file=sys.stderr)
+    print(text, end="")
+    # Broken lines have no services: say so in the exit status, not only on stderr.
+    return EXIT_FAILED if app.pairfile.problems else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -362,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if action == "status":
             return do_status(app)
+        if action in ("icinga-config", "nagios-config"):
+            return do_monitoring_config(app)
         if action == "setup":
             return do_setup(app)
         if action == "update":

@@ -124,7 +124,9 @@ class StateStore:
     def ensure_dirs(self) -> None:
         for path in (self.state_dir, self.lock_dir, self.log_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o750)
-            os.chmod(path, 0o750)
+            # Keep a set-group-ID bit: it is how the monitoring group keeps reading the
+            # status files that every run writes anew (icinga-conf/README.md).
+            os.chmod(path, 0o750 | (path.stat().st_mode & stat.S_ISGID))
 
     def status_path(self, fp: str) -> Path:
         return self.state_dir / f"{fp}.json"

@@ -15,10 +15,14 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import executable
+from zettabee.config import CHECKS, Settings, load_pairs, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 ICINGA_CONF = REPO / "icinga-conf" / "icinga2"
@@ -120,6 +124,16 @@ class Icinga2Sandbox:
         """The same objects read as JSON from the object cache (for multi-line values)."""
         records = read_netstrings(self.root / "cache" / "icinga2.debug")
         return {r["name"]: r["properties"] for r in records if r["type"] == type_name}
+
+    def dumped_services(self) -> dict[str, dict[str, Any]]:
+        """Services from the object cache by full name, ``host!service`` (the cache keys
+        them by their short name, which many hosts share)."""
+        records = read_netstrings(self.root / "cache" / "icinga2.debug")
+        return {
+            f"{r['properties']['host_name']}!{r['name']}": r["properties"]
+            for r in records
+            if r["type"] == "Service"
+        }
 
     def start(self) -> subprocess.Popen[str]:
         log = (self.root / "log" / "daemon.out").open("w")
@@ -243,16 +257,16 @@ def icinga2(tmp_path: Path) -> Icinga2Sandbox:
     return Icinga2Sandbox(tmp_path / "icinga2")
 
 
-SUDO_COMMAND = """
-object CheckCommand "zettabee_lag_sudo" {
-	import "zettabee_lag"
-	command = [ "/usr/bin/sudo", "-n", PluginDir + "/check_zettabee_lag" ]
-}
-"""
-
-
 def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sandbox) -> None:
-    distributed_layout(icinga2, SUDO_COMMAND)  # the README's sudo variant too
+    distributed_layout(
+        icinga2,
+        'object Host "backup3.example.com" {\n'
+        '  check_command = "dummy"\n'
+        '  vars.zettabee_mode = "active"\n'
+        "  vars.zettabee_sudo = true\n"
+        '  vars.zettabee_pairs["tank/db"] = { }\n'
+        "}\n",
+    )
     proc = icinga2.validate()
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -264,6 +278,8 @@ def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sand
         "backup1.example.com!zettabee runtime backup/home",
         "backup2.example.com!zettabee lag tank/vm",
         "backup2.example.com!zettabee runtime tank/vm",
+        "backup3.example.com!zettabee lag tank/db",
+        "backup3.example.com!zettabee runtime tank/db",
     ]
 
     # backup/data: the example host's mode, passive, with freshness 15m + 10m.
@@ -322,9 +338,15 @@ def test_icinga2_validates_and_applies_one_service_per_pair(icinga2: Icinga2Sand
         f"{SYSTEM_PLUGIN_DIR}/check_zettabee_runtime"
     ]
 
-    sudo = commands["zettabee_lag_sudo"]
-    assert sudo["command"] == ["/usr/bin/sudo", "-n", f"{SYSTEM_PLUGIN_DIR}/check_zettabee_lag"]
-    assert set(sudo["arguments"]) == set(lag_command["arguments"])
+    for kind in ("lag", "runtime"):
+        sudo = commands[f"zettabee_{kind}_sudo"]
+        plugin = f"{SYSTEM_PLUGIN_DIR}/check_zettabee_{kind}"
+        assert sudo["command"] == ["/usr/bin/sudo", "-n", plugin]
+        assert set(sudo["arguments"]) == set(commands[f"zettabee_{kind}"]["arguments"])
+        # backup3: vars.zettabee_sudo picks them, with the same variables.
+        service = services[f"backup3.example.com!zettabee {kind} tank/db"]
+        assert service["check_command"] == f"zettabee_{kind}_sudo"
+        assert service["vars"][f"zettabee_{kind}_destination"] == "tank/db"
 
     assert "zettabee" in icinga2.objects("ServiceGroup")
     api_user = icinga2.dumped_objects("ApiUser")["zettabee"]
@@ -353,6 +375,106 @@ def test_icinga2_rejects_a_broken_command_file(icinga2: Icinga2Sandbox) -> None:
     proc = icinga2.validate()
     assert proc.returncode != 0
     assert "commands.conf" in proc.stdout
+
+
+# -- the objects zettabee icinga-config / nagios-config print ---------------------------
+
+# Valid names that are traps for a careless writer of either syntax (see test_monconf).
+HOSTILE_TEMPLATE = "zb\\ {check} #{fs} {{x}} [y] é //"
+HOSTILE_PAIRS = (
+    "src.example.com:tank/a  localhost:backup/a:b..c  wlag=1h\n"
+    "src.example.com:tank/b  localhost:backup/object/include\n"
+)
+
+
+class Generated:
+    """A settings file and a pair file in a directory, and the objects zettabee prints."""
+
+    def __init__(self, root: Path, host: str = "zb-gen") -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.settings_path = root / "zettabee.ini"
+        self.pairs_path = root / "pairs.cfg"
+        self.settings_path.write_text(
+            f"[paths]\npairs = {self.pairs_path}\nstate_dir = {root}/state\n"
+            f"[monitoring]\nhost_name = {host}\nservice_template = {HOSTILE_TEMPLATE}\n",
+            encoding="utf-8",
+        )
+        self.pairs_path.write_text(HOSTILE_PAIRS)
+
+    def print(self, action: str, *args: str) -> str:
+        """``zettabee ACTION ARGS`` as an admin runs it; its standard output."""
+        argv = [*executable("zettabee"), "--settings", str(self.settings_path), action, *args]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def service_names(self) -> dict[str, list[str]]:
+        """Destination file system -> the service names replicate submits for its pair."""
+        settings: Settings = load_settings(str(self.settings_path))
+        pairs = load_pairs(str(self.pairs_path), settings).pairs
+        return {p.destination.fs: [settings.service_name(p, c) for c in CHECKS] for p in pairs}
+
+
+def test_icinga2_accepts_the_generated_objects_with_the_shipped_ones(
+    icinga2: Icinga2Sandbox, tmp_path: Path
+) -> None:
+    """Passive, active (on the destination host's agent) and both, next to the shipped
+    files and their own example: every name arrives in Icinga as zettabee makes it."""
+    distributed_layout(icinga2)
+    gen = Generated(tmp_path / "zettabee")
+    master = icinga2.etc / "zones.d" / "master"
+    (master / "zettabee-passive.conf").write_text(
+        gen.print("icinga-config", "--cron-period", "1h"), encoding="utf-8"
+    )
+    (master / "zettabee-active.conf").write_text(
+        gen.print(
+            "icinga-config",
+            "--mode=active",
+            "--host=zb-gen-active",
+            "--address=192.0.2.20",
+            "--endpoint=backup2.example.com",
+        ),
+        encoding="utf-8",
+    )
+    (master / "zettabee-both.conf").write_text(
+        gen.print("icinga-config", "--mode=both", "--host=zb-gen", "--no-host").replace(
+            'host_name = "zb-gen"', 'host_name = "zb-gen-both"'
+        ),
+        encoding="utf-8",
+    )
+    (master / "zb-gen-both.conf").write_text(
+        'object Host "zb-gen-both" { check_command = "dummy" }\n'
+    )
+    proc = icinga2.validate()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    services = icinga2.dumped_services()
+    names = gen.service_names()
+    for host in ("zb-gen", "zb-gen-active", "zb-gen-both"):
+        found = sorted(name for name in services if name.startswith(f"{host}!"))
+        assert found == sorted(f"{host}!{n}" for pair in names.values() for n in pair)
+    assert icinga2.dumped_objects("Host")["zb-gen-active"]["address"] == "192.0.2.20"
+
+    for fs, (lag, runtime) in names.items():
+        passive = services[f"zb-gen!{lag}"]
+        assert passive["check_command"] == "passive"
+        assert passive["check_interval"] == 4200  # 1h of cron + the templates' 10m slack
+        assert passive["max_check_attempts"] == 1
+        assert passive["vars"]["zettabee_destination"] == fs
+        assert passive["vars"]["dummy_state"] == 3
+
+        active = services[f"zb-gen-active!{runtime}"]
+        assert active["check_command"] == "zettabee_runtime"
+        assert active["command_endpoint"] == "backup2.example.com"
+        assert active["vars"]["zettabee_runtime_destination"] == fs
+        assert active["vars"]["zettabee_runtime_settings"] == str(gen.settings_path)
+
+        both = services[f"zb-gen-both!{lag}"]
+        assert both["check_command"] == "zettabee_lag"
+        assert both["enable_passive_checks"] is True
+        assert both["enable_active_checks"] is True
+        assert both["vars"]["zettabee_lag_destination"] == fs
 
 
 FAKE_PLUGIN = """#!/bin/sh
@@ -522,9 +644,15 @@ class NagiosSandbox:
         (root / "site.cfg").write_text(NAGIOS_SITE)
         (root / "resource.cfg").write_text(f"$USER1$={SYSTEM_PLUGIN_DIR}\n")
 
-    def write_config(self, *object_files: Path) -> Path:
+    def write_config(
+        self, *object_files: Path, site: bool = True, object_dirs: Sequence[Path] = ()
+    ) -> Path:
+        """nagios.cfg reading ``object_dirs`` and ``object_files``, after the sandbox's own
+        time period, commands and contacts (``site``) or without them (for Debian's)."""
         r = self.root
-        lines = [f"cfg_file={r / 'site.cfg'}"] + [f"cfg_file={path}" for path in object_files]
+        lines = [f"cfg_file={r / 'site.cfg'}"] if site else []
+        lines += [f"cfg_dir={path}" for path in object_dirs]
+        lines += [f"cfg_file={path}" for path in object_files]
         lines += [
             f"resource_file={r / 'resource.cfg'}",
             f"log_file={r / 'nagios.log'}",
@@ -707,3 +835,64 @@ def test_nagios_raises_the_stale_alarm_and_takes_results(nagios: NagiosSandbox) 
     assert "for 'zettabee lag backup/data' in time: the cron job stopped running" in text
     assert passive in text, text
     assert "SERVICE ALERT: backup1;zettabee lag backup/home" not in text
+
+
+DEBIAN_NAGIOS_OBJECTS = Path("/etc/nagios4/objects")
+DEBIAN_PLUGIN_COMMANDS = Path("/etc/nagios-plugins/config")  # check-host-alive lives here
+
+
+def test_nagios_accepts_the_generated_services(nagios: NagiosSandbox, tmp_path: Path) -> None:
+    """What Debian's nagios.cfg reads (its sample objects: linux-server, admins; the
+    plugins' commands: check-host-alive), the shipped definitions and what nagios-config
+    prints for each mode: no error, no warning, and the names as zettabee makes them."""
+    stock = [
+        DEBIAN_NAGIOS_OBJECTS / f"{name}.cfg"
+        for name in ("commands", "timeperiods", "contacts", "templates")
+    ]
+    if not all(path.exists() for path in [*stock, DEBIAN_PLUGIN_COMMANDS]):
+        pytest.skip(
+            f"Debian's sample objects are missing in {DEBIAN_NAGIOS_OBJECTS} (nagios4-common)"
+            f" or {DEBIAN_PLUGIN_COMMANDS} (monitoring-plugins-common)"
+        )
+    gen = Generated(tmp_path / "zettabee")
+    files = []
+    for mode, host in (("passive", "zb-gen"), ("active", "zb-gen-active"), ("both", "zb-gen-both")):
+        path = nagios.root / f"zettabee-{mode}.cfg"
+        extra = ["--cron-period", "1h"] if mode == "passive" else []
+        path.write_text(
+            gen.print("nagios-config", "--mode", mode, "--host", host, *extra), encoding="utf-8"
+        )
+        files.append(path)
+    shipped = [NAGIOS_CONF / "commands.cfg", NAGIOS_CONF / "templates.cfg"]
+    nagios.write_config(*stock, *shipped, *files, site=False, object_dirs=[DEBIAN_PLUGIN_COMMANDS])
+    proc = nagios.verify()
+    assert proc.returncode == 0, proc.stdout
+    assert "Total Errors:   0" in proc.stdout
+    assert "Total Warnings: 0" in proc.stdout, proc.stdout
+
+    proc = nagios.verify(precache=True)
+    assert proc.returncode == 0, proc.stdout
+    services = nagios.services()
+    names = gen.service_names()
+    for host in ("zb-gen", "zb-gen-active", "zb-gen-both"):
+        found = sorted(desc for h, desc in services if h == host)
+        assert found == sorted(n for pair in names.values() for n in pair)
+
+    settings = gen.settings_path
+    for fs, (lag, runtime) in names.items():
+        passive = services[("zb-gen", lag)]
+        assert passive["active_checks_enabled"] == "0"
+        assert passive["passive_checks_enabled"] == "1"
+        assert passive["check_freshness"] == "1"
+        assert passive["freshness_threshold"] == "4200"
+        assert passive["check_command"] == "zettabee-no-result"
+
+        active = services[("zb-gen-active", runtime)]
+        assert active["active_checks_enabled"] == "1"
+        assert active["passive_checks_enabled"] == "0"
+        assert active["check_command"] == f"check_zettabee_runtime!{fs}!--settings {settings}"
+
+        both = services[("zb-gen-both", lag)]
+        assert both["active_checks_enabled"] == "1"
+        assert both["passive_checks_enabled"] == "1"
+        assert both["check_command"] == f"check_zettabee_lag!{fs}!--settings {settings}"

@@ -200,6 +200,25 @@ def store(tmp_path: Path) -> StateStore:
     return StateStore(tmp_path / "state", tmp_path / "run", tmp_path / "log")
 
 
+def test_a_set_group_id_state_dir_keeps_the_monitoring_group_on_new_status_files(
+    tmp_path: Path,
+) -> None:
+    """The README's permissions for plugins run by a monitoring group: every status
+    write makes a new file, which must come out in that group, also after `setup`."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another group needs root")
+    monitoring_gid = 65534
+    st = store(tmp_path)
+    st.ensure_dirs()
+    os.chown(st.state_dir, -1, monitoring_gid)
+    os.chmod(st.state_dir, 0o2750)
+    st.ensure_dirs()  # what `zettabee setup` does
+    assert st.state_dir.stat().st_mode & 0o7777 == 0o2750
+    st.write_status(Status(FP, "dst:backup/data"))
+    written = st.status_path(FP).stat()
+    assert (written.st_gid, written.st_mode & 0o777) == (monitoring_gid, 0o640)
+
+
 def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path) -> None:
     st = store(tmp_path)
     child = subprocess.Popen(
