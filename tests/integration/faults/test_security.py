@@ -24,7 +24,7 @@ import pytest
 
 from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
-from tests.integration.faults.conftest import INTACT, Faults, Sshd, snapshots
+from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
 from zettabee.host import SshTarget
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,28 @@ SOURCE_COMMAND = str(Path(sys.executable).parent / "zettabee-source")
 
 
 # -- host keys ------------------------------------------------------------------------
+
+
+def test_unknown_host_key_is_refused(faults: Faults, sshd: Sshd) -> None:
+    zb = faults.zb
+    sshd.known_hosts.write_text("")  # never pinned
+    sshd.start()
+    zb.make_source("data", 1)
+    zb.write_pairs(zb.pair_line("data", sshd.options()))
+    row = faults.expect(
+        "source host key unknown",
+        "exit 1 'host key ... is unknown ... --accept-new-host-key'; nothing received",
+    )
+    outcome = faults.run("zettabee", "initialize", zb.dst_fs())
+    created = snapshots(zb.dst_fs())
+    row.observed = f"exit {outcome.code}; says: {faults.shown(outcome.stderr, Replica(zb, 'data'))}"
+    row.data = INTACT if not created else "RECEIVED"
+    assert outcome.code == 1, outcome.stderr
+    assert re.search(
+        r"host key of \S+ port 2222 is unknown .*--accept-new-host-key", outcome.stderr
+    )
+    assert not created
+    assert sshd.known_hosts.read_text() == ""  # nothing pinned behind the operator's back
 
 
 def test_changed_host_key_is_refused(faults: Faults, sshd: Sshd) -> None:
