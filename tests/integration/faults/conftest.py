@@ -35,12 +35,12 @@ from lab.zfslab import ZfsLab
 from tests.conftest import REPO, Zb, destroy, executable, settle, write_random
 
 STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+INTACT = "intact"
 
 # The delegation test runs on the OpenZFS guest (lab.guest and its session fixture
 # ``guest``); where the lab has no guest, there is nothing to run it on.
 if importlib.util.find_spec("lab.guest") is None:
     collect_ignore = ["test_openzfs_delegation.py"]
-INTACT = "intact"
 
 
 # -- the report -------------------------------------------------------------------------
