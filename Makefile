@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: deps demo demo-clean test lint unit integration guest bench clean
+.PHONY: deps demo demo-clean test lint unit integration guest fault-test bench clean
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -42,6 +42,11 @@ guest: deps
 
 test: lint guest
 	$(PY) -m pytest
+
+# Faults forced on the lab; ends with the table fault | expected | observed | data.
+# (make test runs them too: they are part of the pytest suite.)
+fault-test: deps
+	$(PY) -m pytest tests/integration/faults
 
 bench: deps
 	$(PY) bench/bench_update.py

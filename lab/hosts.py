@@ -96,13 +96,49 @@ class ZfsServer:
         sh("zpool", "create", "-f", "-m", str(mountpoint), name, str(image))
 
     @staticmethod
-    def destroy_pool(name: str) -> None:
+    def destroy_pool(name: str, mount_root: Path | None = None) -> None:
+        if mount_root is not None:
+            release_foreign_mounts(mount_root)
         for _ in range(50):
             proc = sh("zpool", "destroy", "-f", name, check=False)
             if proc.returncode == 0 or name not in ZfsServer.pools():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"lab: cannot destroy pool {name}: {proc.stderr.strip()}")
+
+
+def release_foreign_mounts(root: Path) -> None:
+    """Detach ``root`` and the mounts below it from other mount namespaces that copied them.
+
+    A process that unshares a private mount namespace while the lab is up (a guest image
+    build, say) takes a copy of the lab's pool mounts; zfs-fuse then calls the pool busy
+    until that process ends. Only the copies of this lab's own mounts are detached, lazily;
+    nothing else in that namespace changes.
+    """
+    own = os.readlink("/proc/self/ns/mnt")
+    prefix = str(root).rstrip("/") + "/"
+    pinned: dict[str, tuple[int, set[str]]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            namespace = os.readlink(proc / "ns" / "mnt")
+            if namespace == own or namespace in pinned:
+                continue
+            points = {
+                point
+                for point in (
+                    line.split()[4] for line in (proc / "mountinfo").read_text().splitlines()
+                )
+                if point.startswith(prefix) or point == prefix[:-1]
+            }
+        except (OSError, IndexError):
+            continue
+        if points:
+            pinned[namespace] = (int(proc.name), points)
+    for pid, points in pinned.values():
+        for point in sorted(points, key=len, reverse=True):
+            sh("nsenter", f"--mount=/proc/{pid}/ns/mnt", "--", "umount", "-l", point, check=False)
 
 
 @dataclass

@@ -309,7 +309,7 @@ class NscaDaemon:
             directory.mkdir()
         wrapper = ["sh", "-c", _SYSLOG_WRAPPER, "nscad"]
         paths = [str(upper), str(work), str(self._syslog_socket_path)]
-        return ["unshare", "--mount", "--propagation", "private", *wrapper, *paths, *argv]
+        return ["unshare", "--mount", "--propagation", "slave", *wrapper, *paths, *argv]
 
     def _read_syslog(self, sock: socket.socket) -> None:
         # A short timeout rather than a blocking recv: closing a socket does not wake a

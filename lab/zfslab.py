@@ -159,7 +159,7 @@ class ZfsLab:
         pools = ZfsServer.pools()
         for pool in (self.layout.src_pool, self.layout.dst_pool):
             if pool in pools:
-                ZfsServer.destroy_pool(pool)
+                ZfsServer.destroy_pool(pool, self.root / "mnt")
         if record and record.zfs_fuse_pid:
             if not ZfsServer.pools():
                 stop_pid(record.zfs_fuse_pid, wait=20)

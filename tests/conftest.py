@@ -335,14 +335,24 @@ def destroy(fs: str, side: Side | None = None) -> None:
     snapshot held by a pair is busy for good: its hold is released first."""
     import time
 
+    from lab.hosts import release_foreign_mounts
+
     release_holds(fs, side)
-    for _ in range(30):
+    for attempt in range(30):
         if side is not None:
             done = side.run("zfs", "destroy", "-r", fs, check=False).returncode == 0
         else:
             done = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0
         if done:
             return
+        if attempt == 10 and side is None:  # a private mount namespace may hold a copy
+            mountpoint = subprocess.run(
+                ["zfs", "get", "-H", "-o", "value", "mountpoint", fs],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            if mountpoint.startswith("/"):
+                release_foreign_mounts(Path(mountpoint))
         time.sleep(0.2)
     raise RuntimeError(f"cannot destroy {fs}")
 

@@ -24,7 +24,7 @@ from zettabee.config import (
     load_settings,
     parse_duration,
 )
-from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError
+from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
 from zettabee.health import Health, read_health
 from zettabee.monconf import MODES, NAGIOS_HOST_TEMPLATE, PASSIVE
 from zettabee.pair import Pair
@@ -194,8 +194,7 @@ class _PairLog:
     def __init__(self, app: App, pair: Pair, debug: bool) -> None:
         self.handler: logging.Handler | None = None
         try:
-            app.store.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-            self.handler = logging.FileHandler(app.store.log_path(pair.fingerprint))
+            self.handler = app.store.log_handler(pair.fingerprint)
         except OSError as exc:
             log.warning("cannot write the log of %s: %s", pair.name, exc)
             return
@@ -243,7 +242,7 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                 _submit(app, pair, action, exc)
                 code = max(code, EXIT_BUSY) if code != EXIT_FAILED else code
             except ZettabeeError as exc:
-                log.error("%s", exc)
+                log.error("%s", naming_pair(pair.name, exc))
                 _submit(app, pair, action, exc)
                 code = EXIT_FAILED
             finally:

@@ -317,10 +317,17 @@ def _user(text: str) -> str:
     return text
 
 
+# Thresholds and the stall time beyond this are typos (a missing unit, a doubled digit),
+# and they end up where they break things: ssh refuses ServerAliveCountMax past 2**31.
+MAX_DURATION = 10 * 365 * 86400
+
+
 def _positive_duration(text: str) -> int:
     seconds = parse_duration(text)
     if seconds <= 0:
         raise ValueError(f"must be a positive duration, not {text!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is more than ten years ({_short_duration(MAX_DURATION)})")
     return seconds
 
 

@@ -93,3 +93,13 @@ class LockHeld(ZettabeeError):
     def __init__(self, message: str, pid: int | None = None) -> None:
         super().__init__(message)
         self.pid = pid
+
+
+def naming_pair(pair: str, exc: BaseException) -> str:
+    """The error as one line that starts with its pair.
+
+    Errors of the engine's own checks name the pair already; errors of a host (a refused
+    connection, say) cannot, because pairs share their hosts. With many pairs in one run,
+    a line without the pair leaves the operator guessing which one stopped."""
+    text = str(exc)
+    return text if text.startswith(f"{pair}: ") else f"{pair}: {text}"

@@ -164,9 +164,11 @@ class SshTarget:
             "-o", "Compression=no",
             "-l", self.user,
         ]  # fmt: skip
+        # "--" before the host: a host that starts with "-" is then a host, never an
+        # option such as -oProxyCommand=..., and ssh reads no option after it either.
         if remote_command is None:
-            return [*argv, "-N", self.address]
-        return [*argv, self.address, "--", remote_command]
+            return [*argv, "-N", "--", self.address]
+        return [*argv, "--", self.address, remote_command]
 
 
 class SshHost:
@@ -260,10 +262,12 @@ class SshHost:
             ) from exc
         except (OSError, EOFError) as exc:
             raise TransportError(
-                f"cannot connect to {t.host} port {t.port}: {exc.strerror or exc}"
+                f"cannot connect to {t.host} port {t.port}: {_socket_reason(exc)}"
                 if isinstance(exc, OSError)
                 else f"connection to {t.host} port {t.port} closed during set-up"
             ) from exc
+        except UnicodeError as exc:  # the resolver's IDNA codec: a label over 63 characters
+            raise TransportError(f"cannot resolve host {t.host!r}: {exc}", False) from exc
         transport = client.get_transport()
         assert transport is not None
         transport.set_keepalive(KEEPALIVE)
@@ -343,6 +347,12 @@ class SshHost:
                 return
             self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
             argv = self.target.ssh_client_argv(None, control_path=self._control_path(), master=True)
+            # close() stops the master; a run killed with SIGKILL cannot, and the master
+            # (its own session, -N) would hold its connection to the source forever. The
+            # kernel's parent-death signal stops it then. It follows the thread that
+            # started it: replicate's workers live as long as the run's hosts do.
+            if shutil.which("setpriv"):
+                argv = ["setpriv", "--pdeathsig", "TERM", *argv]
             log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
             self._master = subprocess.Popen(
                 tied_to_us(argv),
@@ -377,10 +387,18 @@ class SshHost:
                 self._master.wait()
             self._master = None
         if self._mux_dir is not None:
-            import shutil
-
             shutil.rmtree(self._mux_dir, ignore_errors=True)
             self._mux_dir = None
+
+
+def _socket_reason(exc: OSError) -> str:
+    """What the socket said: paramiko wraps a refused or unreachable connection in an
+    error of its own ("Unable to connect to port 22 on ...") that hides the reason."""
+    underlying = [e for e in getattr(exc, "errors", {}).values() if isinstance(e, OSError)]
+    reasons = {e.strerror or str(e) for e in underlying}
+    if reasons:
+        return "; ".join(sorted(reasons))
+    return exc.strerror or str(exc)
 
 
 def _pin_new_key_policy(known_hosts: str | None) -> paramiko.MissingHostKeyPolicy:
@@ -419,7 +437,7 @@ def is_local_host(name: str) -> bool:
     address = name[1:-1] if name.startswith("[") else name
     try:
         infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
-    except OSError:
+    except (OSError, UnicodeError):
         return False
     for family, _type, _proto, _canon, sockaddr in infos:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

@@ -586,7 +586,7 @@ class Replicator:
                     "exist); run `zettabee initialize` first"
                 )
             props, dsnaps = view
-            self._check_identity(pair, props)
+            adopt = self._check_identity(pair, props, dsnaps)
             ssnaps, marks = self._source_view(pair, src, feats)
             timings["listing"] = time.monotonic() - t0 - timings["connect+probe"]
             token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
@@ -607,6 +607,8 @@ class Replicator:
                 else:
                     self._abort_receive(pair, dst, status, "this pair does not resume (resume=no)")
             found = zfs.common_base(ssnaps, marks, dsnaps)
+            if adopt:
+                self._adopt(pair, dst, found[0] if found else None)
             if found is None:
                 raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
             common, source_base = found
@@ -734,8 +736,14 @@ class Replicator:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _check_identity(self, pair: Pair, props: dict[str, str]) -> None:
+    def _check_identity(
+        self, pair: Pair, props: dict[str, str], dsnaps: list[zfs.Snapshot]
+    ) -> bool:
+        """Is the destination this pair's? True: it may be, by an initialize that was
+        killed after its receive and before it recorded the pair (see :meth:`_adopt`)."""
         owner = zfs.user_prop(props.get(zfs.PROP_FINGERPRINT))
+        if owner is None and any(is_own_snapshot(s.name, pair.fingerprint) for s in dsnaps):
+            return True
         if owner is None:
             raise StateError(
                 f"{pair.name}: {pair.destination.fs} exists but was not made by zettabee "
@@ -746,6 +754,27 @@ class Replicator:
                 f"{pair.name}: {pair.destination.fs} belongs to another pair (fingerprint "
                 f"{owner}, this pair is {pair.fingerprint}); check the pair file"
             )
+        return False
+
+    def _adopt(self, pair: Pair, dst: Host, common: zfs.Snapshot | None) -> None:
+        """Record the pair on a destination its own initialize received but never marked.
+
+        Safe only when the newest snapshot both sides share is one of this pair's (its
+        name carries the fingerprint, its guid is the source's): then nobody else can
+        have made it. The alternative, initialize --force, would send everything again."""
+        fs = pair.destination.fs
+        if common is None or not is_own_snapshot(common.name, pair.fingerprint):
+            raise StateError(
+                f"{pair.name}: {fs} exists but was not made by zettabee (no "
+                f"{zfs.PROP_FINGERPRINT} property, and no snapshot of this pair shared with "
+                "the source); refusing to touch it"
+            )
+        log.warning(
+            "%s: adopting %s: an initialize of this pair was interrupted after receiving "
+            "%s, which the source also holds; recording the pair instead of sending it again",
+            pair.name, fs, common.name,
+        )  # fmt: skip
+        self._record(pair, dst, common.name, first=True)
 
     def _no_common_message(
         self, pair: Pair, ssnaps: list[zfs.Snapshot], dsnaps: list[zfs.Snapshot]

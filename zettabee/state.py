@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -87,6 +88,31 @@ class Status:
         return self.state
 
 
+_TEXT = ("pair", "state", "action", "result", "snapshot", "error")
+_NUMBERS = ("bytes", "seconds")
+_OPTIONAL_NUMBERS = ("pid", "started", "ended", "last_success", "last_duration")
+
+
+def _wrongly_typed(data: dict[str, Any]) -> str:
+    """What in a status file has a type the readers cannot use (empty when nothing).
+
+    The file is ours, but an editor, a full disk or another version can leave anything in
+    it; a string where a time belongs must read as a damaged file, not crash the plugin
+    that does arithmetic with it."""
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for key, value in data.items():
+        if key in _TEXT and not isinstance(value, str):
+            return f"{key} is {value!r}, not text"
+        if key in _NUMBERS and not number(value):
+            return f"{key} is {value!r}, not a number"
+        if key in _OPTIONAL_NUMBERS and value is not None and not number(value):
+            return f"{key} is {value!r}, not a number"
+    return ""
+
+
 class StateStore:
     """Directories for status, locks and logs; created by ``setup`` (or on first use)."""
 
@@ -114,6 +140,22 @@ class StateStore:
     def log_path(self, fp: str) -> Path:
         return self.log_dir / f"{fp}.log"
 
+    def log_handler(self, fp: str) -> logging.FileHandler:
+        """A handler appending to the pair's log file, created 0640 whatever the umask.
+
+        logging.FileHandler would create it 0666 under umask 000 (cron jobs and some
+        daemons run with one), letting anyone rewrite the record of what was done."""
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        path = self.log_path(fp)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o022:  # left loose by an older version
+                os.fchmod(fd, mode & ~0o022)
+        finally:
+            os.close(fd)
+        return logging.FileHandler(path)
+
     def read_status(self, fp: str) -> Status:
         path = self.status_path(fp)
         try:
@@ -127,6 +169,9 @@ class StateStore:
         known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
         extra = {k: v for k, v in data.items() if k not in Status.__dataclass_fields__}
         known["fingerprint"] = fp
+        wrong = _wrongly_typed(known)
+        if wrong:
+            return Status(fingerprint=fp, corrupt=f"status file {path} malformed: {wrong}")
         try:
             status = Status(**known)
         except TypeError as exc:

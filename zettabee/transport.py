@@ -59,6 +59,7 @@ class Stage:
     returncode: int | None = None
     stderr: str = ""
     killed: bool = False
+    ended: float | None = None  # time.monotonic() when the process was seen to exit
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -67,6 +68,8 @@ class Stage:
         except subprocess.TimeoutExpired:
             self.kill()
             self.returncode = self.proc.wait()
+        if self.ended is None:
+            self.ended = time.monotonic()
         if self.errfile is not None:
             self.errfile.seek(0)
             self.stderr = self.errfile.read().decode(errors="replace").strip()
@@ -89,6 +92,7 @@ class StreamResult:
     bytes: int
     seconds: float
     stages: list[Stage] = field(default_factory=list)
+    ended: float = 0.0  # time.monotonic() when the last byte passed the relay
 
     @property
     def rate(self) -> float:
@@ -284,6 +288,7 @@ class Relay:
         self.count = 0
         self.started = time.monotonic()
         self.last_move = self.started
+        self.ended = self.started
         self.stalled = False
         self.error: str | None = None
         self._done = threading.Event()
@@ -294,6 +299,7 @@ class Relay:
         try:
             self._copy()
         finally:
+            self.ended = time.monotonic()
             self._done.set()
             with contextlib.suppress(OSError):
                 self.dst.close()
@@ -328,7 +334,8 @@ class Relay:
                     while view:
                         view = view[os.write(fout, view) :]
             except BrokenPipeError:
-                self.error = "the receiving side closed the stream"
+                if not self._drained(fin):
+                    self.error = "the receiving side closed the stream"
                 return
             except OSError as exc:
                 if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: not splicable
@@ -341,6 +348,19 @@ class Relay:
             self.count += moved
             self.last_move = time.monotonic()
 
+    @staticmethod
+    def _drained(fd: int) -> bool:
+        """Had the sender finished when the receiver went away?
+
+        splice(2) fails with EPIPE once the receiver has exited even when there is
+        nothing left to move, so a receiver that exits on the stream's last record races
+        the sender's end-of-file. The stream was whole if the sender's pipe now closes
+        with no byte left in it."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        events = poller.poll(5000)
+        return bool(events) and not events[0][1] & select.POLLIN
+
     def _watch(self, on_stall: Callable[[], None]) -> None:
         while not self._done.wait(1.0):
             now = time.monotonic()
@@ -348,7 +368,8 @@ class Relay:
                 self.progress(self.count, now - self.started)
             if self.stall and now - self.last_move > self.stall:
                 self.stalled = True
-                log.error("no data moved for %.0fs: aborting the stream", now - self.last_move)
+                # info, not error: the run's own error says it once, with the pair's name
+                log.info("no data moved for %.0fs: aborting the stream", now - self.last_move)
                 on_stall()
                 return
 
@@ -400,6 +421,9 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         failed = [s for s in stages if s.failed]
     if not failed:
         return TransportError(relay.error if relay and relay.error else "the stream failed")
+    # A stage killed by a signal we did not send is the cause; the stages around it then
+    # fail on a broken pipe, and the first of those in the pipeline is not the one to name.
+    failed.sort(key=lambda s: _signal_of(s) is None)
     first = failed[0]
     notes = [
         f"{s.label} on {s.host}: {s.stderr.splitlines()[-1] if s.stderr else f'exit {s.returncode}'}"
@@ -407,7 +431,12 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         if s.stderr
     ]
     said = first.stderr or f"no error output (exit {first.returncode})"
+    number = _signal_of(first)
+    if number is not None and not first.stderr:
+        said = f"killed by signal {number} ({_signal_name(number)})"
     if first.label == "ssh" or (first.argv and first.argv[0] == "ssh" and first.returncode == 255):
+        # A connection killed on the far side or lost on the way leaves ssh nothing to say.
+        said = first.stderr or "the connection ended without a message from ssh (killed or lost)"
         return TransportError(
             f"ssh to {first.host} failed (exit {first.returncode}): {said}"
             + (f"; then {'; '.join(notes)}" if notes else "")
@@ -418,10 +447,30 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     return err
 
 
+def _signal_of(stage: Stage) -> int | None:
+    """The signal that ended a stage: a negative status here, 128+N from a remote shell."""
+    code = stage.returncode
+    if code is None or stage.killed:
+        return None
+    if code < 0:
+        return -code
+    if 128 < code < 128 + 65 and not (stage.label == "ssh" or stage.argv[:1] == ["ssh"]):
+        return code - 128
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _finish(stages: Sequence[Stage], relay: Relay | None, started: float) -> StreamResult:
     for stage in reversed(stages):
         stage.finish(timeout=None)
     result = StreamResult(relay.count if relay else 0, time.monotonic() - started, list(stages))
+    result.ended = relay.ended if relay else time.monotonic()
     if any(s.failed for s in stages) or (relay and (relay.stalled or relay.error)):
         raise describe_failure(stages, relay)
     return result
@@ -451,6 +500,17 @@ def stream_via_processes(
     receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
     if not dest.is_local:
         receiver.label = "zfs receive (over ssh)"
+    relay = relay_stages(sender, receiver, stall, progress)
+    _classify_ssh(sender, source)
+    _classify_ssh(receiver, dest)
+    return _finish([sender, receiver], relay, started)
+
+
+def relay_stages(
+    sender: Stage, receiver: Stage, stall: int, progress: ProgressFn | None = None
+) -> Relay:
+    """Start both processes, relay the stream to its end and wait for both; the caller
+    judges the outcome from the stages and the relay."""
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -458,9 +518,9 @@ def stream_via_processes(
     relay.run(_kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    _classify_ssh(sender, source)
-    _classify_ssh(receiver, dest)
-    return _finish(stages, relay, started)
+    for stage in reversed(stages):
+        stage.finish()
+    return relay
 
 
 def stream_on_host(
@@ -574,7 +634,7 @@ def stream_via_mbuffer(
         stage.finish()
     sender_thread.join(timeout=stall + 30)
     all_stages = _sender_stages(source, send_argv, out, remote) + stages
-    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
+    result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result

@@ -1,0 +1,209 @@
+"""Runs killed with SIGKILL at the points that matter, and runs that meet each other.
+
+A SIGKILL leaves no chance to clean up: the kernel drops the pair's flock, the status
+file still says "running" for a pid that is gone. The user must see the interruption
+(status, CRITICAL runtime with the fix), the last good snapshot must be untouched, and the
+next update must find a consistent state by itself. The kill points are reached by
+holding one command at a gate (a ``zfs`` in front of the real one) while the run waits
+for it, so each kill lands exactly there.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.integration.faults.conftest import (
+    INTACT,
+    STATES,
+    Faults,
+    Replica,
+    Sshd,
+    alive,
+    descendants,
+    kill,
+    snapshots,
+    status_word,
+    wait_until,
+    zget,
+)
+
+pytestmark = pytest.mark.integration
+
+INTERRUPTED = r"update was interrupted \(pid \d+ is gone\).*zettabee unlock"
+
+
+def test_sigkill_before_the_snapshot(faults: Faults, sshd: Sshd) -> None:
+    gate = faults.gate("source-gate", " snapshot ")
+    sshd.start(path_first=gate.dir)
+    replica = faults.replica(mb=2, options=sshd.options())
+    replica.grow(4)
+    before = snapshots(faults.zb.src_fs())
+    gate.arm()
+    faults.expect(
+        "SIGKILL before the snapshot",
+        "status Interrupted; lag OK; runtime CRITICAL with the fix; update recovers alone",
+    )
+    run = faults.popen("zettabee", "update", replica.fs)
+    gate.wait(run)
+    kill([run.pid])
+    run.wait()
+    gate.abort()
+    assert snapshots(faults.zb.src_fs()) == before  # killed before the snapshot existed
+    faults.check_killed(replica, lag=0, runtime=2, says=INTERRUPTED)
+    gate.remove()
+    faults.recovers(replica)
+
+
+def test_sigkill_during_the_stream(faults: Faults) -> None:
+    replica = faults.replica(mb=2)
+    replica.grow(24)
+    faults.expect(
+        "SIGKILL during the stream",
+        "status Interrupted; lag OK; runtime CRITICAL with the fix; update recovers alone",
+    )
+    with faults.rate("16mbit"):
+        run = faults.popen("zettabee", "update", replica.fs)
+        faults.wait_for_stream(run, replica)
+        helpers = descendants(run.pid)
+        assert faults.processes(helpers, "ssh", "-N"), "the stream's ssh master"
+        kill([run.pid])
+        run.wait()
+    # Nothing the run started outlives it: not the stream, not the ssh master.
+    wait_until("the killed run's helpers to end", lambda: not [p for p in helpers if alive(p)])
+    faults.check_killed(replica, lag=0, runtime=2, says=INTERRUPTED)
+    faults.recovers(replica)
+
+
+def test_sigkill_after_the_receive_before_the_state_is_recorded(faults: Faults) -> None:
+    replica = faults.replica(mb=2)
+    replica.grow(4)
+    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
+    gate.arm()
+    faults.expect(
+        "SIGKILL after the receive, before the state is recorded",
+        "status Interrupted; lag CRITICAL (newest snapshot not the recorded one); runtime "
+        "CRITICAL; update reconciles alone",
+    )
+    run = faults.popen("zettabee", "update", replica.fs, path_first=gate.dir)
+    gate.wait(run)
+    kill([run.pid])
+    run.wait()
+    gate.abort()
+    received = snapshots(replica.fs)[-1]
+    assert (
+        received != replica.snapshot and zget(replica.fs, "zettabee:lastsnap") == replica.snapshot
+    )
+    faults.check_killed(replica, lag=2, runtime=2, says=INTERRUPTED)
+    lag = faults.plugin("check_zettabee_lag", replica.fs)[1]
+    assert "next update reconciles it" in lag
+    faults.recovers(replica)
+
+
+def test_sigkill_of_initialize_after_its_receive(faults: Faults) -> None:
+    zb = faults.zb
+    zb.make_source("data", 4)
+    zb.write_pairs(zb.pair_line("data"))
+    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
+    gate.arm()
+    row = faults.expect(
+        "SIGKILL of initialize after its receive",
+        "status Interrupted; lag UNKNOWN (not initialized); runtime CRITICAL; update adopts "
+        "the received snapshot, no resend",
+    )
+    run = faults.popen("zettabee", "initialize", zb.dst_fs(), path_first=gate.dir)
+    gate.wait(run)
+    kill([run.pid])
+    run.wait()
+    gate.abort()
+    status = faults.run("zettabee", "status", zb.dst_fs())
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", zb.dst_fs())
+    run_code, run_text = faults.plugin("check_zettabee_runtime", zb.dst_fs())
+    row.observed = (
+        f"killed; status {status_word(status.stdout)}; lag {STATES[lag_code]}; "
+        f"runtime {STATES[run_code]}"
+    )
+    assert "Interrupted" in status.stdout and "Uninitialized" in status.stdout, status
+    assert (lag_code, run_code) == (3, 2), (lag_text, run_text)
+    assert re.search(r"initialize was interrupted", run_text), run_text
+    [received] = snapshots(zb.dst_fs())
+    update = faults.run("zettabee", "update", "--verbose", zb.dst_fs())
+    assert update.code == 0, update.stderr
+    assert f"adopting {zb.dst_fs()}" in update.stderr, update.stderr
+    assert f"updated {received} -> " in update.stderr  # the base of an increment: not resent
+    adopted = Replica(zb, "data")
+    adopted.remember()
+    assert (
+        faults.plugin("check_zettabee_lag", adopted.fs)[0],
+        faults.plugin("check_zettabee_runtime", adopted.fs)[0],
+    ) == (0, 0)
+    row.observed += "; update adopts the received snapshot: exit 0, lag OK, runtime OK"
+    row.data = adopted.intact()
+    assert row.data == INTACT
+
+
+def test_two_runs_of_one_pair_at_once(faults: Faults) -> None:
+    replica = faults.replica(mb=1, options="transport=mbuffer,bwlimit=1M")
+    replica.grow(6)
+    row = faults.expect(
+        "two updates of one pair at once",
+        "second: exit 3 naming the first's pid; runtime OK (running); first completes",
+    )
+    first = faults.popen("zettabee", "update", replica.fs)
+    faults.wait_for_stream(first, replica)
+    second = faults.run("zettabee", "update", replica.fs)
+    run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs)
+    assert run_code == 0 and f"pid {first.pid}" in run_text, run_text
+    faults.check(
+        replica,
+        second,
+        code=3,
+        lag=0,
+        runtime=0,
+        says=rf"another update is in progress \(pid {first.pid}, since .*\); not starting a second",
+    )
+    done = faults.finish(first)
+    assert (done.code, done.stderr) == (0, "")
+    replica.remember()
+    row.observed += "; the first then completes: exit 0"
+    row.data = replica.intact()
+    assert row.data == INTACT
+
+
+def test_replicate_all_overlapping_with_itself(faults: Faults) -> None:
+    zb = faults.zb
+    zb.make_source("slow", 1)
+    zb.make_source("quick", 1)
+    zb.write_pairs(zb.pair_line("slow", "transport=mbuffer,bwlimit=1M"), zb.pair_line("quick"))
+    for leaf in ("slow", "quick"):
+        assert zb.run("initialize", zb.dst_fs(leaf)).returncode == 0
+    slow, quick = Replica(zb, "slow"), Replica(zb, "quick")
+    slow.grow(6)
+    quick.grow(1)
+    row = faults.expect(
+        "replicate --all overlapping with itself (cron)",
+        "second: exit 0, quiet, skips the busy pair; both pairs end up updated",
+    )
+    first = faults.popen("replicate", "--all", "--no-passive")
+    faults.wait_for_stream(first, slow)
+    quiet = faults.run("replicate", "--all", "--no-passive")
+    verbose = faults.run("replicate", "--all", "--no-passive", "--verbose")
+    done = faults.finish(first)
+    row.observed = (
+        f"second: exit {quiet.code}, {'quiet' if not quiet.stderr else 'NOT quiet'} "
+        f"(--verbose says it skipped the busy pair); first: exit {done.code}"
+    )
+    assert (quiet.code, quiet.stdout, quiet.stderr) == (0, "", "")
+    assert verbose.code == 0 and f"{slow.fs}: skipped: " in verbose.stderr, verbose.stderr
+    assert "in progress" in verbose.stderr
+    assert (done.code, done.stderr) == (0, "")
+    states = []
+    for replica in (slow, quick):
+        replica.remember()
+        states.append(faults.plugin("check_zettabee_lag", replica.fs)[0])
+        states.append(faults.plugin("check_zettabee_runtime", replica.fs)[0])
+    row.observed += f"; both pairs: lag and runtime {'OK' if states == [0] * 4 else states}"
+    row.data = INTACT if all(r.intact() == INTACT for r in (slow, quick)) else "CHANGED"
+    assert states == [0] * 4
+    assert row.data == INTACT

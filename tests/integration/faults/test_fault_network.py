@@ -1,0 +1,129 @@
+"""The network and the processes of a transfer fail under a running update.
+
+Each run is killed or starved from outside; the user must get exit status 1, a message
+naming what broke, a CRITICAL runtime check with the same words, an untouched replica,
+and a next update that simply works once the fault is gone.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.faults.conftest import Faults, Sshd, descendants, in_netns, kill
+
+pytestmark = pytest.mark.integration
+
+THROTTLE = "16mbit"  # 2 MB/s: a few seconds of stream to break
+
+
+def test_ssh_connection_killed_mid_transfer(faults: Faults) -> None:
+    replica = faults.replica(mb=2)
+    replica.grow(24)
+    faults.expect(
+        "ssh connection killed mid-transfer",
+        "exit 1; lag OK; runtime CRITICAL quoting ssh; next update recovers",
+    )
+    with faults.rate(THROTTLE):
+        run = faults.popen("zettabee", "update", replica.fs)
+        faults.wait_for_stream(run, replica)
+        kill(faults.sshd_sessions())
+        outcome = faults.finish(run)
+    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"ssh to \S+ failed \(exit 255\)")
+    faults.recovers(replica)
+
+
+def test_link_cut_mid_transfer(faults: Faults) -> None:
+    replica = faults.replica(mb=2, options="stall=5")
+    replica.grow(24)
+    faults.expect(
+        "link cut mid-transfer (ip link down)",
+        "exit 1 once nothing moved for stall=5s; lag OK; runtime CRITICAL; recovers",
+    )
+    with faults.rate(THROTTLE), faults.link() as cut:
+        run = faults.popen("zettabee", "update", replica.fs)
+        faults.wait_for_stream(run, replica)
+        cut()
+        outcome = faults.finish(run)
+    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.recovers(replica)
+
+
+def test_source_sshd_gone_before_a_run(faults: Faults, sshd: Sshd) -> None:
+    sshd.start()
+    replica = faults.replica(mb=2, options=sshd.options())
+    sshd.stop()
+    faults.expect(
+        "source sshd gone before a run",
+        "exit 1; lag OK; runtime CRITICAL 'cannot connect ... refused'; recovers",
+    )
+    outcome = faults.run("zettabee", "update", replica.fs)
+    faults.check(
+        replica,
+        outcome,
+        code=1,
+        lag=0,
+        runtime=2,
+        says=rf"cannot connect to {sshd.address} port {sshd.port}: Connection refused",
+    )
+    sshd.start()
+    faults.recovers(replica)
+
+
+@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+def test_stream_stalled_by_dropped_packets(faults: Faults, transport: str) -> None:
+    replica = faults.replica(mb=2, options=f"stall=5,transport={transport}")
+    replica.grow(24)
+    faults.expect(
+        f"stream stalled: packets dropped (nftables), {transport}",
+        "watchdog aborts after stall=5s: exit 1; lag OK; runtime CRITICAL 'stalled'",
+    )
+    with faults.rate(THROTTLE), faults.dropping() as drop:
+        run = faults.popen("zettabee", "update", replica.fs)
+        faults.wait_for_stream(run, replica)
+        drop()
+        outcome = faults.finish(run)
+    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.recovers(replica)
+
+
+def test_stream_stalled_by_a_rate_near_zero(faults: Faults) -> None:
+    replica = faults.replica(mb=2, options="stall=5")
+    replica.grow(24)
+    faults.expect(
+        "stream stalled: rate near zero (tbf 1kbit)",
+        "watchdog aborts after stall=5s: exit 1; lag OK; runtime CRITICAL 'stalled'",
+    )
+    with faults.rate(THROTTLE) as rate:
+        run = faults.popen("zettabee", "update", replica.fs)
+        faults.wait_for_stream(run, replica)
+        rate("1kbit")
+        outcome = faults.finish(run)
+    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.recovers(replica)
+
+
+@pytest.mark.parametrize(
+    ("side", "says"),
+    [
+        ("listener", r"mbuffer -I on \S+ failed \(exit -9\): killed by signal 9 \(SIGKILL\)"),
+        ("sender", r"mbuffer -O on \S+ failed \(exit 137\)"),
+    ],
+)
+def test_mbuffer_killed_mid_transfer(faults: Faults, side: str, says: str) -> None:
+    replica = faults.replica(mb=2, options="transport=mbuffer,bwlimit=2M")
+    replica.grow(24)
+    faults.expect(
+        f"mbuffer {side} killed mid-transfer",
+        f"exit 1; lag OK; runtime CRITICAL naming the killed mbuffer {side}; recovers",
+    )
+    run = faults.popen("zettabee", "update", replica.fs)
+    faults.wait_for_stream(run, replica)
+    if side == "listener":
+        victims = faults.processes(descendants(run.pid), "mbuffer", "-I")
+    else:
+        victims = faults.processes(in_netns(faults.netns), "mbuffer", "-O")
+    assert victims, f"no mbuffer {side} found"
+    kill(victims)
+    outcome = faults.finish(run)
+    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=says)
+    faults.recovers(replica)

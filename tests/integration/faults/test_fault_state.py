@@ -1,0 +1,123 @@
+"""zettabee's own files damaged or gone, and the clock stepping back.
+
+ZFS holds the truth (the replica, its last snapshot); the status file only holds what ZFS
+cannot. A damaged status file must never hide the lag nor stop the next update, and a lag
+made negative by the clock must never read as OK.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.integration.faults.conftest import INTACT, STATES, Faults
+
+pytestmark = pytest.mark.integration
+
+DAMAGE = {
+    "garbage": "{not json at all",
+    "truncated": None,  # the first half of the real file
+    "empty": "",
+    "not an object": "[1, 2, 3]\n",
+    "wrong types": json.dumps(
+        {
+            "state": 7,
+            "pid": "me",
+            "started": "yesterday",
+            "ended": [],
+            "last_duration": "long",
+            "bytes": "many",
+            "seconds": {},
+            "last_success": "never",
+            "error": 42,
+        }
+    ),
+    "binary": "\x00\xff\xfe garbage \x00",
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_status_file_damaged(faults: Faults, kind: str) -> None:
+    replica = faults.replica(mb=1)
+    status = faults.zb.tmp / "state" / f"{replica.fingerprint}.json"
+    text = DAMAGE[kind]
+    if text is None:
+        whole = status.read_text()
+        text = whole[: len(whole) // 2]
+    status.write_text(text)
+    row = faults.expect(
+        f"status file {kind}",
+        "lag OK (ZFS is the truth); runtime UNKNOWN naming the file and the fix; "
+        "the next update rewrites it",
+    )
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", replica.fs)
+    run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs)
+    shown = faults.run("zettabee", "status", replica.fs)
+    row.observed = (
+        f"lag {STATES[lag_code]}; runtime {STATES[run_code]}: "
+        f"{faults.shown(run_text, replica)}; status exit {shown.code}"
+    )
+    row.data = replica.intact()
+    assert lag_code == 0, lag_text
+    assert run_code == 3, run_text
+    assert str(status) in run_text and "zettabee unlock" in run_text, run_text
+    assert shown.code == 0 and str(status) in shown.stdout, shown
+    assert row.data == INTACT
+    replica.grow(1)
+    faults.recovers(replica)
+    assert json.loads(status.read_text())["result"] == "ok"
+
+
+def test_state_directories_missing(faults: Faults) -> None:
+    replica = faults.replica(mb=1)
+    for name in ("state", "run", "log"):
+        shutil.rmtree(faults.zb.tmp / name)
+    row = faults.expect(
+        "state, lock and log directories missing",
+        "lag OK; runtime UNKNOWN 'no completed run recorded'; update recreates them",
+    )
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", replica.fs)
+    run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs)
+    row.observed = (
+        f"lag {STATES[lag_code]}; runtime {STATES[run_code]}: {faults.shown(run_text, replica)}"
+    )
+    row.data = replica.intact()
+    assert lag_code == 0, lag_text
+    assert run_code == 3 and "no completed run recorded" in run_text, run_text
+    assert row.data == INTACT
+    replica.grow(1)
+    faults.recovers(replica)
+    for name in ("state", "run", "log"):
+        assert (faults.zb.tmp / name).is_dir()
+
+
+def test_clock_stepped_back(faults: Faults) -> None:
+    replica = faults.replica(mb=1)
+    row = faults.expect(
+        "clock stepped back 1h",
+        "lag WARNING 'negative: clock behind', never OK; status shows the minus sign; an "
+        "update under the stepped clock works",
+    )
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", replica.fs, faketime="-1h")
+    run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs, faketime="-1h")
+    status = faults.zb.exe("zettabee", "status", replica.fs)
+    row.observed = (
+        f"lag {STATES[lag_code]}: {faults.shown(lag_text, replica)}; runtime {STATES[run_code]}"
+    )
+    assert lag_code == 1, lag_text
+    assert "is negative" in lag_text and "clock" in lag_text, lag_text
+    assert run_code == 0, run_text  # the last run's duration does not depend on the clock
+    assert status.returncode == 0
+    stepped = faults.run_faketime("-1h", "zettabee", "status", replica.fs)
+    assert " -0:59:" in stepped.stdout or " -1:00:" in stepped.stdout, stepped.stdout
+    replica.grow(1)
+    update = faults.run_faketime("-1h", "zettabee", "update", replica.fs)
+    assert (update.code, update.stderr) == (0, ""), update.stderr
+    replica.remember()
+    row.data = replica.intact()
+    assert faults.plugin("check_zettabee_lag", replica.fs)[0] == 0
+    assert faults.plugin("check_zettabee_runtime", replica.fs)[0] == 0
+    row.observed += "; update under the stepped clock: exit 0, then lag OK"
+    assert row.data == INTACT

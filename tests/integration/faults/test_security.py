@@ -1,0 +1,305 @@
+"""Security on the real lab: host keys, the restricted source key, file modes, secrets.
+
+- a source whose host key changed is refused by every connection zettabee makes, and
+  ``setup --accept-new-host-key`` still refuses it;
+- with ``zettabee-source`` as the forced command of its key, a pull works over the lab's
+  sshd (both transports, pruning, setup) and every attempt to do more is refused;
+- lock, status, progress, spool and log files are not writable by others even under
+  umask 000;
+- passwords of the monitoring back ends appear in no log, no output, no state file, and
+  no argv or environment of any process the runs start (every execve, traced).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.icinga import Icinga2Daemon, passive_service_config
+from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
+from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
+from zettabee.host import SshTarget
+
+pytestmark = pytest.mark.integration
+
+SOURCE_COMMAND = str(Path(sys.executable).parent / "zettabee-source")
+
+
+# -- host keys ------------------------------------------------------------------------
+
+
+def test_unknown_host_key_is_refused(faults: Faults, sshd: Sshd) -> None:
+    zb = faults.zb
+    sshd.known_hosts.write_text("")  # never pinned
+    sshd.start()
+    zb.make_source("data", 1)
+    zb.write_pairs(zb.pair_line("data", sshd.options()))
+    row = faults.expect(
+        "source host key unknown",
+        "exit 1 'host key ... is unknown ... --accept-new-host-key'; nothing received",
+    )
+    outcome = faults.run("zettabee", "initialize", zb.dst_fs())
+    created = snapshots(zb.dst_fs())
+    row.observed = f"exit {outcome.code}; says: {faults.shown(outcome.stderr, Replica(zb, 'data'))}"
+    row.data = INTACT if not created else "RECEIVED"
+    assert outcome.code == 1, outcome.stderr
+    assert re.search(
+        r"host key of \S+ port 2222 is unknown .*--accept-new-host-key", outcome.stderr
+    )
+    assert not created
+    assert sshd.known_hosts.read_text() == ""  # nothing pinned behind the operator's back
+
+
+def test_changed_host_key_is_refused(faults: Faults, sshd: Sshd) -> None:
+    sshd.start()
+    replica = faults.replica(mb=1, options=sshd.options())
+    sshd.stop()
+    sshd.new_host_key()  # the "source" was reinstalled, or someone is in the middle
+    sshd.start()
+    replica.grow(1)
+    faults.expect(
+        "source host key changed",
+        "exit 1 'host key ... has CHANGED, refusing'; runtime CRITICAL; ssh client refuses "
+        "too; setup --accept-new-host-key refuses it",
+    )
+    outcome = faults.run("zettabee", "update", replica.fs)
+    faults.check(
+        replica,
+        outcome,
+        code=1,
+        lag=0,
+        runtime=2,
+        says=rf"host key of {sshd.address} port {sshd.port} has CHANGED .*refusing to connect",
+    )
+    lab = faults.lab
+    target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
+    client = subprocess.run(target.ssh_client_argv("true"), capture_output=True, text=True)
+    assert client.returncode == 255 and "HOST IDENTIFICATION HAS CHANGED" in client.stderr
+    setup = faults.run("zettabee", "setup", "--accept-new-host-key", replica.fs)
+    assert setup.code == 1 and "CHANGED" in setup.stdout + setup.stderr, setup
+    assert faults.row is not None
+    faults.row.observed += "; ssh client: exit 255; setup --accept-new-host-key: exit 1"
+
+
+# -- the restricted source key ------------------------------------------------------
+
+
+@pytest.fixture
+def restricted(faults: Faults, sshd: Sshd) -> Sshd:
+    """The lab's client key allowed only zettabee-source for the test's source file system."""
+    key = (Path(faults.lab.source.key).parent / "client_ed25519.pub").read_text().strip()
+    command = shlex.join([SOURCE_COMMAND, faults.zb.src_fs()])
+    sshd.authorized_keys.write_text(f'restrict,command="{command}" {key}\n')
+    sshd.start()
+    return sshd
+
+
+@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+def test_a_pull_works_through_the_restricted_key(
+    faults: Faults, restricted: Sshd, transport: str
+) -> None:
+    zb = faults.zb
+    replica = faults.replica(mb=2, options=f"{restricted.options()},transport={transport}")
+    row = faults.expect(
+        f"pull through the restricted key (zettabee-source), {transport}",
+        "setup, initialize, updates and pruning work; exit 0; lag OK; runtime OK",
+    )
+    for _ in range(2):
+        replica.grow(1)
+        faults.recovers(replica)  # an update that must simply work
+    setup = faults.run("zettabee", "setup", replica.fs)
+    assert setup.code == 0, setup.stdout + setup.stderr
+    assert snapshots(zb.src_fs()) == snapshots(replica.fs)  # the source was pruned, remotely
+    assert len(snapshots(zb.src_fs())) == 1
+    assert "refused" not in restricted.log()
+    row.observed = (
+        "setup exit 0; initialize and 2 updates exit 0; source pruned; lag OK; runtime OK"
+    )
+    row.data = replica.intact()
+    assert row.data == INTACT
+
+
+ESCAPES = [
+    "id; touch {m}",
+    "zfs list -H -o name {pool} && touch {m}",
+    "zfs list -H -o name $(touch {m})",
+    "touch {m}",
+    "sh -c 'touch {m}'",
+    "cat /etc/shadow",
+    "zfs destroy {fs}@kept-by-hand",
+    "zfs destroy -r {fs}",
+    "zfs set readonly=on {other}",
+    "zfs snapshot {other}@zettabee.0123456789abcdef0123456789abcdef.20240101T000000Z",
+    "zfs send {other}@secret",
+    "zfs get -Hp -o name,property,value all -- {other}",
+    "zfs rollback -r {fs}@kept-by-hand",
+    "zfs receive -F {fs}",
+    "zfs snapshot {fs}@zettabee.0123456789abcdef0123456789abcdef.20240101T000000Z\ntouch {m}",
+    "",
+]
+
+
+def test_the_restricted_key_refuses_everything_else(
+    faults: Faults, restricted: Sshd, tmp_path: Path
+) -> None:
+    zb = faults.zb
+    fs = zb.make_source("data", 1)
+    other = zb.make_source("other", 1)
+    zb.src.run("zfs", "snapshot", f"{fs}@kept-by-hand")
+    zb.src.run("zfs", "snapshot", f"{other}@secret")
+    marker = tmp_path / "escaped"
+    row = faults.expect(
+        "escapes from the restricted key (; && $() other datasets, foreign snapshots, "
+        "other commands, no command)",
+        "each: exit 126 'zettabee-source: refused'; nothing run; source unchanged",
+    )
+    lab = faults.lab
+    target = SshTarget(restricted.address, restricted.port, "root", lab.source.key,
+                       str(restricted.known_hosts))  # fmt: skip
+    before = (snapshots(fs), snapshots(other), _readonly(other))
+    refused = []
+    for template in ESCAPES:
+        command = template.format(m=marker, pool=lab.source.pool, fs=fs, other=other)
+        argv = target.ssh_client_argv(command)
+        if not command:
+            argv = argv[:-1]  # a login without a command
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+        )
+        ok = proc.returncode == 126 and "zettabee-source: refused" in proc.stderr
+        refused.append(ok)
+        assert ok, (command, proc.returncode, proc.stdout, proc.stderr)
+        assert not marker.exists(), command
+    after = (snapshots(fs), snapshots(other), _readonly(other))
+    row.observed = (
+        f"{sum(refused)}/{len(ESCAPES)} refused with exit 126; marker "
+        f"{'PRESENT' if marker.exists() else 'absent'}; source snapshots and properties "
+        f"{'unchanged' if after == before else 'CHANGED'}"
+    )
+    row.data = INTACT if after == before and not marker.exists() else "CHANGED"
+    assert after == before
+
+
+def _readonly(fs: str) -> str:
+    return subprocess.run(
+        ["zfs", "get", "-H", "-o", "value", "readonly", fs], capture_output=True, text=True
+    ).stdout.strip()
+
+
+# -- file modes ---------------------------------------------------------------------
+
+
+def test_state_files_are_not_writable_by_others_even_under_umask_000(
+    faults: Faults, nscad: NscaDaemon
+) -> None:
+    zb = faults.zb
+    zb.write_settings(
+        f"[monitoring]\nhost_name = backup1\npassive = nsca\n\n[nsca]\nhost = {nscad.host}\n"
+        f"port = {nscad.port}\npassword = {nscad.password}\ntimeout = 5\n"
+    )
+    nscad.stop()  # so that results are spooled
+    zb.make_source("data", 1)
+    zb.write_pairs(zb.pair_line("data"))
+    row = faults.expect(
+        "umask 000: lock, status, progress, spool, log files",
+        "no file or directory writable by group or others; spool and its files private",
+    )
+    for args in (("zettabee", "initialize", zb.dst_fs()), ("replicate", zb.dst_fs())):
+        out = faults.run(*args, umask=0)
+        assert out.code == 0, out.stderr
+    loose = []
+    count = 0
+    for top in ("state", "run", "log", "spool"):
+        for path in [zb.tmp / top, *(zb.tmp / top).rglob("*")]:
+            count += 1
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if mode & 0o022 or (top == "spool" and mode & 0o077):
+                loose.append(f"{path.relative_to(zb.tmp)} {oct(mode)}")
+    kinds = {p.suffix for p in zb.tmp.rglob("*") if p.is_file()}
+    assert {".json", ".lock", ".log"} <= kinds, kinds
+    row.observed = f"{count} files and directories; loose: {loose or 'none'}"
+    row.data = INTACT
+    assert not loose
+
+
+# -- secrets ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def icinga(faults: Faults) -> Iterator[Icinga2Daemon]:
+    names = [f"zettabee {check} {faults.zb.dst_fs()}" for check in ("lag", "runtime")]
+    daemon = Icinga2Daemon(passive_service_config("backup1", names))
+    try:
+        daemon.start()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.cleanup()
+
+
+def test_secrets_never_in_logs_outputs_files_or_process_arguments(
+    faults: Faults, nscad: NscaDaemon, icinga: Icinga2Daemon
+) -> None:
+    if not Path(SEND_NSCA_BINARY).exists():
+        pytest.skip("send_nsca is not installed (apt-get install nsca-client)")
+    zb = faults.zb
+    send_nsca_cfg = nscad.write_send_nsca_config(zb.tmp / "send_nsca.cfg")
+    submitter = icinga.submitter
+    assert nscad.password and submitter.password
+    passwords = {"NSCA (and send_nsca)": nscad.password, "Icinga API": submitter.password}
+    zb.write_settings(
+        "[monitoring]\nhost_name = backup1\npassive = nsca, send_nsca, icinga2-api\n\n"
+        f"[nsca]\nhost = {nscad.host}\nport = {nscad.port}\npassword = {nscad.password}\n"
+        "encryption = xor\ntimeout = 5\n\n"
+        f"[send_nsca]\nhost = {nscad.host}\nport = {nscad.port}\nconfig = {send_nsca_cfg}\n\n"
+        f"[icinga2-api]\nurl = {icinga.url}\nuser = {submitter.name}\n"
+        f"password = {submitter.password}\ncafile = {icinga.cafile}\n"
+    )
+    zb.make_source("data", 2)
+    zb.write_pairs(zb.pair_line("data"))
+    row = faults.expect(
+        "secrets (NSCA and send_nsca passwords, Icinga API password) with --debug",
+        "in no log, output, state or spool file, and in no argv or environment of any "
+        "process started (strace -f execve)",
+    )
+    trace = zb.tmp / "execve.trace"
+    outputs = []
+    for args in (
+        ("zettabee", "--debug", "initialize", "--nagios", zb.dst_fs()),
+        ("replicate", "--debug", zb.dst_fs()),
+    ):
+        out = faults.run(*args, strace=trace)
+        assert out.code == 0, out.stderr
+        outputs.append(out.stdout + out.stderr)
+        assert "DEBUG" in out.stderr or "run on" in out.stderr  # --debug really was on
+    assert len(nscad.wait_for(4 + 4)) >= 8  # nsca and send_nsca both delivered, twice
+    execs = trace.read_text(errors="replace")
+    assert execs.count("execve(") > 10, "the trace saw the commands"
+    places = {"stdout/stderr": "\n".join(outputs), "execve argv and environment": execs}
+    for top in ("state", "run", "log", "spool"):
+        for path in (zb.tmp / top).rglob("*"):
+            if path.is_file():
+                places[str(path.relative_to(zb.tmp))] = path.read_text(errors="replace")
+    leaks = [
+        f"{backend} password in {where}"
+        for backend, password in passwords.items()
+        for where, text in places.items()
+        if password and password in text
+    ]
+    row.observed = (
+        f"{execs.count('execve(')} execve traced, {len(places) - 2} files and both outputs "
+        f"searched for both secrets: {'none found' if not leaks else '; '.join(leaks)}"
+    )
+    row.data = INTACT
+    assert not leaks
+    assert re.search(r"send_nsca.*\"-c\", \"\S+send_nsca\.cfg\"", execs), "send_nsca ran"

@@ -1,0 +1,80 @@
+"""What a user reads when a transfer or a connection is broken from outside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from paramiko.ssh_exception import NoValidConnectionsError
+
+from zettabee.errors import ZettabeeError, naming_pair
+from zettabee.host import _socket_reason
+from zettabee.state import StateStore
+from zettabee.transport import Stage, describe_failure
+
+
+def stage(label: str, code: int, stderr: str = "", argv: list[str] | None = None) -> Stage:
+    return Stage(label, "src", argv or [label.split()[0]], returncode=code, stderr=stderr)
+
+
+def test_the_stage_killed_by_a_signal_is_named_not_its_broken_pipe_neighbour() -> None:
+    stages = [
+        stage("zfs send", 1, "warning: cannot send 'p/fs@s': Broken pipe"),
+        stage("mbuffer -O", 137, ""),
+        stage("mbuffer -I", 0),
+        stage("zfs receive", 1, "cannot receive incremental stream: checksum mismatch"),
+    ]
+    text = str(describe_failure(stages, None))
+    assert text.startswith("mbuffer -O on src failed (exit 137): killed by signal 9 (SIGKILL)")
+    assert "Broken pipe" in text  # the others are still quoted after it
+
+
+def test_a_local_stage_killed_by_a_signal() -> None:
+    text = str(
+        describe_failure([stage("zfs send", 1, "Broken pipe"), stage("mbuffer -I", -15)], None)
+    )
+    assert text.startswith("mbuffer -I on src failed (exit -15): killed by signal 15 (SIGTERM)")
+
+
+def test_ssh_exit_255_is_not_a_signal_and_a_silent_one_is_explained() -> None:
+    text = str(
+        describe_failure([stage("ssh", 255, argv=["ssh"]), stage("zfs receive", 1, "x")], None)
+    )
+    assert text.startswith("ssh to src failed (exit 255): the connection ended without a message")
+
+
+def test_a_refused_connection_keeps_its_reason_through_paramiko() -> None:
+    refused = ConnectionRefusedError(111, "Connection refused")
+    wrapped = NoValidConnectionsError({("10.0.0.2", 2222): refused})
+    assert "Unable to connect" in str(wrapped)
+    assert _socket_reason(wrapped) == "Connection refused"
+    assert _socket_reason(TimeoutError("timed out")) == "timed out"
+
+
+def test_every_failure_line_names_its_pair() -> None:
+    pair = "backup1:tank/home"
+    assert naming_pair(pair, ZettabeeError("cannot connect to src port 22: refused")) == (
+        f"{pair}: cannot connect to src port 22: refused"
+    )
+    assert (
+        naming_pair(pair, ZettabeeError(f"{pair}: not initialized")) == f"{pair}: not initialized"
+    )
+
+
+def test_a_status_file_with_wrong_types_reads_as_damaged(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state", tmp_path / "run", tmp_path / "log")
+    store.state_dir.mkdir()
+    path = store.status_path("f" * 32)
+    for data, why in (
+        ({"started": "yesterday"}, "started is 'yesterday', not a number"),
+        ({"last_duration": True}, "last_duration is True, not a number"),
+        ({"error": 42}, "error is 42, not text"),
+        ({"bytes": None}, "bytes is None, not a number"),
+    ):
+        path.write_text(json.dumps(data))
+        status = store.read_status("f" * 32)
+        assert status.corrupt == f"status file {path} malformed: {why}"
+        assert status.started is None and status.last_duration is None
+    path.write_text(json.dumps({"started": 5, "pid": None, "seconds": 1.5, "future_key": [1]}))
+    status = store.read_status("f" * 32)
+    assert not status.corrupt and status.extra == {"future_key": [1]}

@@ -1,0 +1,312 @@
+"""``zettabee-source``: the one command a restricted key may run on a source host.
+
+A pull needs little from its source: read the file system's snapshots, take a zettabee
+snapshot, send it (down the SSH channel, or into an mbuffer that connects back to the
+destination), and destroy the zettabee snapshots that are no longer needed. Made the
+forced command of zettabee's key in the source's ``authorized_keys``, this program lets
+the key do exactly that, for the file systems named on its own command line, and
+nothing else:
+
+    restrict,command="/usr/local/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
+
+sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
+shell: it is split into words, must be written exactly as zettabee writes it (one
+``shlex.join``), and each word is compared with the command lines zettabee builds
+(:mod:`zettabee.zfs`, :mod:`zettabee.transport`). What passes runs directly, without a
+shell; everything else is refused with exit status 126, a message on stderr that the
+destination shows its operator, and a line in the source's auth log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from zettabee.config import validate_dataset, validate_host
+from zettabee.pair import parse_snapshot_name
+from zettabee.transport import STAGE_MARK, pipeline_script
+
+REFUSED = 126
+COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
+
+# A snapshot name a sent increment may start from: the common snapshot can be one the
+# operator took by hand, so any plain ZFS snapshot name, but nothing a shell or zfs
+# would read as more than a name.
+_SNAPSHOT_WORD = re.compile(r"[A-Za-z0-9_.:-]+")
+_PROPERTIES = re.compile(r"[a-z0-9_.:]+(?:,[a-z0-9_.:]+)*")
+_SIZE = re.compile(r"[0-9]+[kMG]?")
+_SECONDS = re.compile(r"[0-9]{1,9}")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+class Refused(Exception):
+    """The request is not one that a pull of the configured file systems makes."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What this key may touch: its file systems, and where mbuffer may connect."""
+
+    datasets: frozenset[str]
+    mbuffer_hosts: frozenset[str]
+
+    @property
+    def pools(self) -> frozenset[str]:
+        return frozenset(fs.split("/", 1)[0] for fs in self.datasets)
+
+
+# -- what a pull sends ---------------------------------------------------------------
+
+
+def _dataset(word: str, policy: Policy) -> str:
+    if word not in policy.datasets:
+        raise Refused(f"{word!r} is not a file system this key serves")
+    return word
+
+
+def _own_snapshot(word: str, policy: Policy) -> str:
+    """``fs@zettabee.<fp>.<stamp>`` of a served file system: what zettabee creates,
+    sends as the newest snapshot, and destroys."""
+    fs, at, name = word.partition("@")
+    _dataset(fs, policy)
+    if not at or parse_snapshot_name(name) is None:
+        raise Refused(f"{word!r} is not a zettabee snapshot")
+    return word
+
+
+def _any_snapshot(word: str, policy: Policy) -> str:
+    fs, at, name = word.partition("@")
+    _dataset(fs, policy)
+    if not at or not _SNAPSHOT_WORD.fullmatch(name):
+        raise Refused(f"{word!r} is not a snapshot name")
+    return word
+
+
+def _check_get(words: list[str], policy: Policy) -> None:
+    # zfs get -Hp [-d 1] -o name,property,value PROPS -- FS...
+    rest = words[3:]
+    if rest[:2] == ["-d", "1"]:
+        rest = rest[2:]
+    if len(rest) < 5 or rest[:2] != ["-o", "name,property,value"] or rest[3] != "--":
+        raise Refused("not the zfs get that zettabee runs")
+    if not _PROPERTIES.fullmatch(rest[2]):
+        raise Refused(f"{rest[2]!r} is not a list of properties")
+    for target in rest[4:]:
+        _dataset(target, policy)
+
+
+def _check_send(words: list[str], policy: Policy) -> None:
+    # zfs send [-w] [-c] [-p] [-i|-I FS@BASE] FS@SNAP, flags in the builder's order
+    rest = words[2:]
+    for flag in ("-w", "-c", "-p"):
+        if rest[:1] == [flag]:
+            rest = rest[1:]
+    if len(rest) == 3 and rest[0] in ("-i", "-I"):
+        base, target = _any_snapshot(rest[1], policy), _own_snapshot(rest[2], policy)
+        if base.partition("@")[0] != target.partition("@")[0]:
+            raise Refused("an increment between two file systems")
+    elif len(rest) == 1:
+        _own_snapshot(rest[0], policy)
+    else:
+        raise Refused("not the zfs send that zettabee runs")
+
+
+def check_command(words: list[str], policy: Policy) -> None:
+    """Raise :class:`Refused` unless ``words`` is a command a pull runs on its source."""
+    match words:
+        case ["zfs", "get", "-Hp", *_]:
+            _check_get(words, policy)
+        case ["zfs", "list", "-H", "-o", "name", target]:
+            if target not in policy.datasets | policy.pools:
+                raise Refused(f"{target!r} is not a pool or file system this key serves")
+        case ["zfs", "snapshot", target]:
+            _own_snapshot(target, policy)
+        case ["zfs", "send", *_]:
+            _check_send(words, policy)
+        case ["zfs", "destroy", target]:
+            _own_snapshot(target, policy)
+        case ["mbuffer", "-V"]:
+            pass
+        case _:
+            raise Refused("not a command of a zettabee pull")
+
+
+def check_mbuffer(words: list[str], policy: Policy) -> None:
+    """The sending mbuffer: options zettabee gives, connecting only where it may."""
+    values = {"-s": _SIZE, "-m": _SIZE, "-W": _SECONDS, "-r": _SIZE, "-O": None}
+    if words[:1] != ["mbuffer"]:
+        raise Refused("the second stage is not mbuffer")
+    seen: set[str] = set()
+    rest = words[1:]
+    while rest:
+        option = rest.pop(0)
+        if option == "-q" and option not in seen:
+            seen.add(option)
+            continue
+        if option not in values or option in seen or not rest:
+            raise Refused(f"mbuffer option {option!r} is not one zettabee gives")
+        seen.add(option)
+        value = rest.pop(0)
+        pattern = values[option]
+        if pattern is not None and not pattern.fullmatch(value):
+            raise Refused(f"mbuffer {option} {value!r}")
+        if option == "-O":
+            host, _, port = value.rpartition(":")
+            if host not in policy.mbuffer_hosts or not _PORT.fullmatch(port):
+                raise Refused(f"mbuffer may not connect to {value!r}")
+    if "-O" not in seen:
+        raise Refused("mbuffer without -O")
+
+
+def _pipeline_pattern(count: int) -> re.Pattern[str]:
+    """A regular expression of :func:`pipeline_script` with each stage left open."""
+    holes = [f"ZETTABEESTAGE{i}" for i in range(count)]
+    text = re.escape(pipeline_script([[hole] for hole in holes]))
+    for hole in holes:
+        text = text.replace(hole, "(.+?)", 1)
+    return re.compile(text, re.DOTALL)
+
+
+def parse_request(command: str, policy: Policy) -> list[list[str]]:
+    """The stages to run for ``command``: one command, or ``zfs send | mbuffer -O``.
+
+    The string must be exactly what zettabee sends (each stage one ``shlex.join``), so
+    that no quoting trick can make these words differ from what the client meant.
+    """
+    if not command.strip():
+        raise Refused("no command given: this key only serves zettabee pulls")
+    match = _pipeline_pattern(2).fullmatch(command)
+    if match:
+        stages = [shlex.split(text) for text in match.groups()]
+        if pipeline_script(stages) != command:
+            raise Refused("the pipeline is not written as zettabee writes it")
+        if stages[0][:2] != ["zfs", "send"]:
+            raise Refused("the first stage is not zfs send")
+        _check_send(stages[0], policy)
+        check_mbuffer(stages[1], policy)
+        return stages
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise Refused(f"cannot split into words: {exc}") from None
+    if not words or shlex.join(words) != command:
+        raise Refused("not written as zettabee writes its commands")
+    check_command(words, policy)
+    return [words]
+
+
+# -- running it ----------------------------------------------------------------------
+
+
+def run_pipeline(stages: list[list[str]]) -> int:
+    """``zfs send | mbuffer`` without a shell, reporting each stage as
+    :func:`pipeline_script` does, so the destination reads it the same way."""
+    errs = [tempfile.TemporaryFile() for _ in stages]
+    procs: list[subprocess.Popen[bytes]] = []
+    upstream = None
+    for i, argv in enumerate(stages):
+        last = i == len(stages) - 1
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=upstream, stdout=None if last else subprocess.PIPE, stderr=errs[i]
+            )
+        except OSError as exc:
+            errs[i].write(f"{argv[0]}: {exc.strerror}\n".encode())
+            for earlier in procs:
+                earlier.kill()
+            codes = [p.wait() for p in procs] + [127] * (len(stages) - i)
+            return _report(codes, errs)
+        if upstream is not None:
+            upstream.close()
+        upstream = proc.stdout
+        procs.append(proc)
+    return _report([p.wait() for p in procs], errs)
+
+
+def _report(codes: list[int], errs: Sequence[IO[bytes]]) -> int:
+    out = sys.stderr.buffer
+    status = 0
+    for i, (code, err) in enumerate(zip(codes, errs, strict=True)):
+        code = 128 - code if code < 0 else code  # killed by a signal, as a shell says
+        err.seek(0)
+        out.write(f"\n{STAGE_MARK} {i} {code}\n".encode() + err.read())
+        if code:
+            status = code
+    out.flush()
+    return status
+
+
+def _audit(message: str) -> None:
+    import syslog
+
+    client = os.environ.get("SSH_CONNECTION", "").split(" ", 1)[0] or "unknown"
+    syslog.openlog("zettabee-source", syslog.LOG_PID, syslog.LOG_AUTH)
+    syslog.syslog(syslog.LOG_WARNING, f"refused from {client}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zettabee-source",
+        description="Forced command for zettabee's key on a source host: runs the command "
+        f"in ${COMMAND_ENV} only if it is one a zettabee pull of the named file systems "
+        "runs (zfs get/list, zfs snapshot/send/destroy of zettabee snapshots, the sending "
+        "mbuffer), without a shell; refuses everything else with exit status 126.",
+        epilog='authorized_keys: restrict,command="/usr/local/bin/zettabee-source tank/home '
+        'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',
+    )
+    parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
+    parser.add_argument(
+        "--mbuffer-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host the sending mbuffer may connect to (the pair's mbufferhost); the "
+        "address the SSH connection comes from is always allowed",
+    )
+    return parser
+
+
+def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
+    problems = [m for m in map(validate_dataset, args.datasets) if m]
+    problems += [m for m in map(validate_host, args.mbuffer_host) if m]
+    if problems:
+        raise SystemExit(f"zettabee-source: {'; '.join(problems)}")
+    hosts = set(args.mbuffer_host)
+    client = environ.get("SSH_CONNECTION", "").split(" ", 1)[0]
+    if client:
+        hosts.add(client)
+    return Policy(frozenset(args.datasets), frozenset(hosts))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = dict(os.environ)
+    policy = policy_from(args, environ)
+    command = environ.get(COMMAND_ENV, "")
+    try:
+        stages = parse_request(command, policy)
+    except Refused as exc:
+        shown = command if len(command) < 300 else command[:300] + "..."
+        print(f"zettabee-source: refused: {exc}: {shown!r}", file=sys.stderr)
+        _audit(f"{exc}: {shown!r}")
+        return REFUSED
+    if len(stages) > 1:
+        return run_pipeline(stages)
+    sys.stdout.flush()
+    try:
+        os.execvp(stages[0][0], stages[0])
+    except OSError as exc:
+        print(f"zettabee-source: {stages[0][0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
