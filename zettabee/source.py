@@ -1,20 +1,36 @@
 """``zettabee-source``: the one command a restricted key may run on a source host.
 
-A pull needs little from its source: read the file system's snapshots, take a zettabee
-snapshot, send it (down the SSH channel, or into an mbuffer that connects back to the
-destination), and destroy the zettabee snapshots that are no longer needed. Made the
-forced command of zettabee's key in the source's ``authorized_keys``, this program lets
-the key do exactly that, for the file systems named on its own command line, and
-nothing else:
+A pull needs little from its source: learn what its ZFS can do, read the file system's
+snapshots and bookmarks, take a zettabee snapshot and hold it, estimate and send it (down
+the SSH channel, or into an mbuffer that connects back to the destination), go on with an
+interrupted send from its resume token, bookmark the new base, and release and destroy
+what is no longer needed. Made the forced command of zettabee's key in the source's
+``authorized_keys``, this program lets the key do exactly that, for the file systems
+named on its own command line, and nothing else:
 
     restrict,command="/usr/local/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
 
 sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
 shell: it is split into words, must be written exactly as zettabee writes it (one
 ``shlex.join``), and each word is compared with the command lines zettabee builds
-(:mod:`zettabee.zfs`, :mod:`zettabee.transport`). What passes runs directly, without a
-shell; everything else is refused with exit status 126, a message on stderr that the
-destination shows its operator, and a line in the source's auth log.
+(:mod:`zettabee.zfs`, :mod:`zettabee.capabilities`, :mod:`zettabee.transport`). The one
+shell script that runs is the capability probe, compared whole with zettabee's own. What
+passes runs directly; everything else is refused with exit status 126, a message on
+stderr that the destination shows its operator, and a line in the source's auth log.
+
+The commands, for the served file systems FS of pools POOL (``OWN`` is a zettabee
+snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
+
+- ``sh -c PROBE zettabee-probe POOL``, ``zpool get all POOL``: the capability probe;
+- ``zfs list -H -o name POOL|FS``, ``zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,
+  bookmark] -o name,property,value PROPS -- FS...``: listings;
+- ``zfs snapshot FS@OWN``, ``zfs destroy FS@OWN``, ``zfs destroy FS#OWN``;
+- ``zfs hold zettabee.<fp> FS@OWN`` (the snapshot's own fingerprint), ``zfs release
+  zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
+- ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
+  [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN``;
+- ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host;
+  ``mbuffer -V``.
 """
 
 from __future__ import annotations
@@ -30,8 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from zettabee import zfs
+from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.config import validate_dataset, validate_host
-from zettabee.pair import parse_snapshot_name
+from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
 
 REFUSED = 126
@@ -45,6 +63,9 @@ _PROPERTIES = re.compile(r"[a-z0-9_.:]+(?:,[a-z0-9_.:]+)*")
 _SIZE = re.compile(r"[0-9]+[kMG]?")
 _SECONDS = re.compile(r"[0-9]{1,9}")
 _PORT = re.compile(r"[0-9]{1,5}")
+_HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}")
+# What the source's listing asks for where bookmarks exist (zfs.list_snapshots).
+_LISTING_TYPES = "filesystem,volume,snapshot,bookmark"
 
 
 class Refused(Exception):
@@ -72,29 +93,38 @@ def _dataset(word: str, policy: Policy) -> str:
     return word
 
 
-def _own_snapshot(word: str, policy: Policy) -> str:
-    """``fs@zettabee.<fp>.<stamp>`` of a served file system: what zettabee creates,
-    sends as the newest snapshot, and destroys."""
-    fs, at, name = word.partition("@")
-    _dataset(fs, policy)
-    if not at or parse_snapshot_name(name) is None:
-        raise Refused(f"{word!r} is not a zettabee snapshot")
+def _pool(word: str, policy: Policy) -> str:
+    if word not in policy.pools:
+        raise Refused(f"{word!r} is not a pool of a file system this key serves")
     return word
 
 
-def _any_snapshot(word: str, policy: Policy) -> str:
-    fs, at, name = word.partition("@")
+def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
+    """``fs@zettabee.<fp>.<stamp>`` of a served file system: what zettabee creates,
+    holds, sends as the newest snapshot, and destroys (``fs#...``: its bookmark)."""
+    fs, at, name = word.partition(sep)
+    _dataset(fs, policy)
+    if not at or not _SNAPSHOT_WORD.fullmatch(name) or parse_snapshot_name(name) is None:
+        raise Refused(f"{word!r} is not a zettabee {'snapshot' if sep == '@' else 'bookmark'}")
+    return word
+
+
+def _any_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
+    fs, at, name = word.partition(sep)
     _dataset(fs, policy)
     if not at or not _SNAPSHOT_WORD.fullmatch(name):
-        raise Refused(f"{word!r} is not a snapshot name")
+        raise Refused(f"{word!r} is not a {'snapshot' if sep == '@' else 'bookmark'} name")
     return word
 
 
 def _check_get(words: list[str], policy: Policy) -> None:
-    # zfs get -Hp [-d 1] -o name,property,value PROPS -- FS...
+    # zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,bookmark] -o name,property,value
+    #   PROPS -- FS...
     rest = words[3:]
     if rest[:2] == ["-d", "1"]:
         rest = rest[2:]
+        if rest[:2] == ["-t", _LISTING_TYPES]:
+            rest = rest[2:]
     if len(rest) < 5 or rest[:2] != ["-o", "name,property,value"] or rest[3] != "--":
         raise Refused("not the zfs get that zettabee runs")
     if not _PROPERTIES.fullmatch(rest[2]):
@@ -103,15 +133,24 @@ def _check_get(words: list[str], policy: Policy) -> None:
         _dataset(target, policy)
 
 
-def _check_send(words: list[str], policy: Policy) -> None:
-    # zfs send [-w] [-c] [-p] [-i|-I FS@BASE] FS@SNAP, flags in the builder's order
+def _check_send(words: list[str], policy: Policy, dry_run: bool = False) -> None:
+    """``zfs send [-nvP] [-w] [-c] [-p] [-i|-I BASE] FS@OWN`` (flags in the builder's
+    order; a bookmark base only with -i) or ``zfs send [-nvP] -t TOKEN``. The dry run
+    (-nvP) only where ``dry_run`` allows it: it never feeds a pipeline."""
     rest = words[2:]
+    if dry_run and rest[:1] == ["-nvP"]:
+        rest = rest[1:]
+    if len(rest) == 2 and rest[0] == "-t":
+        _check_token(rest[1], policy)
+        return
     for flag in ("-w", "-c", "-p"):
         if rest[:1] == [flag]:
             rest = rest[1:]
     if len(rest) == 3 and rest[0] in ("-i", "-I"):
-        base, target = _any_snapshot(rest[1], policy), _own_snapshot(rest[2], policy)
-        if base.partition("@")[0] != target.partition("@")[0]:
+        mark = rest[0] == "-i" and "#" in rest[1]
+        base = _any_snapshot(rest[1], policy, "#" if mark else "@")
+        target = _own_snapshot(rest[2], policy)
+        if base.partition("#" if mark else "@")[0] != target.partition("@")[0]:
             raise Refused("an increment between two file systems")
     elif len(rest) == 1:
         _own_snapshot(rest[0], policy)
@@ -119,9 +158,53 @@ def _check_send(words: list[str], policy: Policy) -> None:
         raise Refused("not the zfs send that zettabee runs")
 
 
+def _check_token(token: str, policy: Policy) -> None:
+    """A resume token goes on with the send of the snapshot it names: one of zettabee's,
+    of a served file system, as for a send from the start."""
+    try:
+        fields = zfs.decode_resume_token(token)
+    except ValueError as exc:
+        raise Refused(f"not a resume token zfs wrote: {exc}") from None
+    toname = fields.get("toname")
+    if not isinstance(toname, str):
+        raise Refused("the resume token names no snapshot")
+    try:
+        _own_snapshot(toname, policy)
+    except Refused as exc:
+        raise Refused(f"the resume token sends {toname!r}: {exc}") from None
+
+
+def _check_hold(tag: str, target: str, policy: Policy) -> None:
+    """The pair's hold goes on the pair's own snapshot: the tag carries its fingerprint."""
+    _own_snapshot(target, policy)
+    parsed = parse_snapshot_name(target)
+    if parsed is None or tag != hold_tag(parsed[0]):
+        raise Refused(f"{tag!r} is not the hold tag of {target!r}")
+
+
+def _check_release(tag: str, target: str, policy: Policy) -> None:
+    """A pair releases its tag on its own snapshots and on the base it sent from, which
+    may be any snapshot; a release takes away no one's hold but zettabee's."""
+    if not _HOLD_TAG.fullmatch(tag):
+        raise Refused(f"{tag!r} is not a zettabee hold tag")
+    _any_snapshot(target, policy)
+
+
+def _check_bookmark(snap: str, mark: str, policy: Policy) -> None:
+    """``zfs bookmark FS@OWN FS#OWN``: the new base, bookmarked under its own name."""
+    _own_snapshot(snap, policy)
+    if mark != snap.replace("@", "#", 1):
+        raise Refused(f"{mark!r} is not the bookmark zettabee makes of {snap!r}")
+
+
 def check_command(words: list[str], policy: Policy) -> None:
     """Raise :class:`Refused` unless ``words`` is a command a pull runs on its source."""
     match words:
+        case ["sh", "-c", script, "zettabee-probe", *pools] if script == PROBE_SCRIPT and pools:
+            for pool in pools:
+                _pool(pool, policy)
+        case ["zpool", "get", "all", pool]:
+            _pool(pool, policy)
         case ["zfs", "get", "-Hp", *_]:
             _check_get(words, policy)
         case ["zfs", "list", "-H", "-o", "name", target]:
@@ -130,9 +213,15 @@ def check_command(words: list[str], policy: Policy) -> None:
         case ["zfs", "snapshot", target]:
             _own_snapshot(target, policy)
         case ["zfs", "send", *_]:
-            _check_send(words, policy)
+            _check_send(words, policy, dry_run=True)
         case ["zfs", "destroy", target]:
-            _own_snapshot(target, policy)
+            _own_snapshot(target, policy, "#" if "#" in target else "@")
+        case ["zfs", "hold", tag, target]:
+            _check_hold(tag, target, policy)
+        case ["zfs", "release", tag, target]:
+            _check_release(tag, target, policy)
+        case ["zfs", "bookmark", snap, mark]:
+            _check_bookmark(snap, mark, policy)
         case ["mbuffer", "-V"]:
             pass
         case _:
@@ -257,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zettabee-source",
         description="Forced command for zettabee's key on a source host: runs the command "
         f"in ${COMMAND_ENV} only if it is one a zettabee pull of the named file systems "
-        "runs (zfs get/list, zfs snapshot/send/destroy of zettabee snapshots, the sending "
+        "runs (the capability probe, zfs get/list, zfs snapshot/hold/release/bookmark/"
+        "send/destroy of zettabee snapshots, send -t of their resume tokens, the sending "
         "mbuffer), without a shell; refuses everything else with exit status 126.",
         epilog='authorized_keys: restrict,command="/usr/local/bin/zettabee-source tank/home '
         'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',

@@ -6,6 +6,9 @@ unconditionally; ``zfs get -Hp`` is the one listing form both print in full prec
 
 from __future__ import annotations
 
+import re
+import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -233,6 +236,98 @@ def hex_or_int(value: str | None) -> int | None:
 def resume_token(value: str | None) -> str | None:
     """The token from a ``receive_resume_token`` value: ``-`` means none."""
     return user_prop(value)
+
+
+_TOKEN_RE = re.compile(
+    r"1-(?P<sum>[0-9a-f]{1,16})-(?P<size>[0-9a-f]{1,16})-(?P<data>(?:[0-9a-f]{2})+)"
+)
+_TOKEN_PACKED_MAX = 1 << 16
+# nvpair data types a resume token carries (sys/nvpair.h), each with its value's size
+_NV_BOOLEAN, _NV_UINT64, _NV_STRING, _NV_UINT64_ARRAY, _NV_BOOLEAN_VALUE = 1, 8, 9, 16, 21
+
+
+def decode_resume_token(token: str) -> dict[str, int | str | bool | list[int]]:
+    """The fields of a resume token, read the way ``zfs send -t`` reads them.
+
+    A token is ``1-<checksum>-<packed size>-<hex>``: the hex is a zlib-compressed nvlist
+    packed in the kernel's native encoding (``toname``, ``toguid``, ``fromguid``,
+    ``object``, ``offset``, ``bytes``, flags). The source's restricted command must know
+    which snapshot a token sends before it lets ``zfs send -t`` run, without asking that
+    zfs: so the nvlist is read here, strictly. Anything but one flat list of the types
+    tokens use, each name once, raises ValueError; ZFS checks the checksum itself."""
+    match = _TOKEN_RE.fullmatch(token)
+    if match is None:
+        raise ValueError("not a version 1 resume token")
+    size = int(match["size"], 16)
+    if not 0 < size <= _TOKEN_PACKED_MAX:
+        raise ValueError(f"packed size {size} out of range")
+    try:
+        unzip = zlib.decompressobj()
+        packed = unzip.decompress(bytes.fromhex(match["data"]), size + 1)
+    except zlib.error as exc:
+        raise ValueError(f"not zlib data: {exc}") from None
+    if len(packed) != size or not unzip.eof or unzip.unused_data:
+        raise ValueError("the packed nvlist is not the size the token says")
+    try:
+        return _native_nvlist(packed)
+    except struct.error as exc:
+        raise ValueError(f"truncated nvlist: {exc}") from None
+
+
+def _native_nvlist(data: bytes) -> dict[str, int | str | bool | list[int]]:
+    """A flat nvlist packed with ``NV_ENCODE_NATIVE``: a header (encoding 0, byte order),
+    version and flags, then each pair (size, name size, reserved, element count, type,
+    the name and the value, each padded to 8 bytes), then a zero size."""
+    if len(data) < 16 or data[0] != 0 or data[1] not in (0, 1):
+        raise ValueError("not a natively packed nvlist")
+    order = "<" if data[1] == 1 else ">"
+    version = struct.unpack_from(f"{order}i", data, 4)[0]
+    if version != 0:
+        raise ValueError(f"nvlist version {version}")
+    fields: dict[str, int | str | bool | list[int]] = {}
+    pos = 12
+    while True:
+        (size,) = struct.unpack_from(f"{order}i", data, pos)
+        if size == 0:
+            if pos + 4 != len(data):
+                raise ValueError("bytes after the end of the nvlist")
+            return fields
+        name_size, _reserved, count, kind = struct.unpack_from(f"{order}hhii", data, pos + 4)
+        value_at = pos + _align8(16 + name_size)
+        end = pos + size
+        if size % 8 or name_size < 2 or value_at > end or end > len(data):
+            raise ValueError("an nvpair's size is out of range")
+        raw_name = data[pos + 16 : pos + 16 + name_size]
+        if raw_name.index(b"\0") != name_size - 1:
+            raise ValueError("an nvpair's name is not the size it says")
+        name = raw_name[:-1].decode()
+        value: int | str | bool | list[int]
+        if kind == _NV_BOOLEAN and count == 0:
+            value, length = True, 0
+        elif kind == _NV_BOOLEAN_VALUE and count == 1:
+            value, length = bool(struct.unpack_from(f"{order}i", data, value_at)[0]), 4
+        elif kind == _NV_UINT64 and count == 1:
+            value, length = struct.unpack_from(f"{order}Q", data, value_at)[0], 8
+        elif kind == _NV_UINT64_ARRAY and 0 <= count <= 1024:
+            value, length = list(struct.unpack_from(f"{order}{count}Q", data, value_at)), 8 * count
+        elif kind == _NV_STRING and count == 1:
+            text = data[value_at:end]
+            if b"\0" not in text:
+                raise ValueError(f"nvpair {name!r}: an unterminated string")
+            length = text.index(b"\0") + 1
+            value = text[: length - 1].decode()
+        else:
+            raise ValueError(f"nvpair {name!r}: type {kind} with {count} elements")
+        if value_at + _align8(length) != end:
+            raise ValueError(f"nvpair {name!r} is not the size it says")
+        if name in fields:
+            raise ValueError(f"nvpair {name!r} twice")
+        fields[name] = value
+        pos = end
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
 
 
 def stale_token(stderr: str) -> bool:

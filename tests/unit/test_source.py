@@ -7,21 +7,29 @@ command lines zettabee sends that the restricted mode does not follow fails here
 from __future__ import annotations
 
 import shlex
+import struct
 import subprocess
 import sys
+import zlib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 from zettabee import zfs
-from zettabee.pair import snapshot_name
+from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
+from zettabee.pair import hold_tag, snapshot_name
 from zettabee.source import REFUSED, Policy, Refused, parse_request, run_pipeline
 from zettabee.transport import parse_pipeline_stderr, pipeline_script
 
+RECORDED = Path(__file__).parent / "recorded"
 FP = "0123456789abcdef0123456789abcdef"
+OTHER_FP = "fedcba9876543210fedcba9876543210"
 FS = "tank/home"
 OWN = f"{FS}@zettabee.{FP}.20240101T000000Z"
 OWN2 = f"{FS}@zettabee.{FP}.20240101T010000Z"
+OWN_MARK = OWN.replace("@", "#")
+TAG = hold_tag(FP)
 CLIENT = "10.0.0.1"
 POLICY = Policy(frozenset({FS, "tank/pg"}), frozenset({CLIENT}))
 
@@ -30,15 +38,98 @@ def mbuffer_out(target: str = f"{CLIENT}:9090", *extra: str) -> list[str]:
     return ["mbuffer", "-q", "-s", "128k", "-m", "64M", "-W", "300", *extra, "-O", target]
 
 
+# -- resume tokens as the kernel writes them ------------------------------------------
+
+
+def _pad8(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 8)
+
+
+def nvpair(name: str, value: int | str | bool, kind: int | None = None) -> bytes:
+    """One natively packed (little-endian) nvpair: uint64, string or boolean flag."""
+    if isinstance(value, bool):
+        kind, count, raw = kind or 1, 0, b""
+    elif isinstance(value, int):
+        kind, count, raw = kind or 8, 1, struct.pack("<Q", value)
+    else:
+        kind, count, raw = kind or 9, 1, value.encode() + b"\0"
+    head = _pad8(struct.pack("<ihhii", 0, len(name) + 1, 0, count, kind) + name.encode() + b"\0")
+    body = head + _pad8(raw)
+    return struct.pack("<i", len(body)) + body[4:]
+
+
+def token(*pairs: bytes, tail: bytes = b"", size_delta: int = 0) -> str:
+    """``1-<fletcher-4>-<packed size>-<zlib hex>`` of an nvlist of ``pairs``."""
+    packed = b"\0\1\0\0" + struct.pack("<ii", 0, 1) + b"".join(pairs) + struct.pack("<i", 0)
+    packed += tail
+    squeezed = zlib.compress(packed)
+    words = struct.unpack(f"<{len(squeezed) // 4}I", squeezed[: len(squeezed) // 4 * 4])
+    return f"1-{sum(words):x}-{len(packed) + size_delta:x}-{squeezed.hex()}"
+
+
+def token_for(toname: str, *extra: bytes) -> str:
+    return token(
+        nvpair("fromguid", 0x64F065D5EA205EBB),
+        nvpair("object", 3),
+        nvpair("offset", 0x2A0000),
+        nvpair("bytes", 0x2C24B8),
+        nvpair("toguid", 0xD074DD7AF954CB94),
+        nvpair("toname", toname),
+        *extra,
+    )
+
+
+def recorded_token(name: str) -> tuple[str, str]:
+    """A token OpenZFS 2.1 wrote, and what ``zfs send -nvP -t`` said of it."""
+    text = (RECORDED / f"openzfs-2.1-resume-{name}.txt").read_text()
+    first, _, rest = text.partition("\n")
+    return first, rest
+
+
+@pytest.mark.parametrize("name", ["full", "incremental"])
+def test_resume_tokens_read_as_zfs_reads_them(name: str) -> None:
+    value, said = recorded_token(name)
+    fields = zfs.decode_resume_token(value)
+    shown = zfs.parse_resume_contents(said)
+    assert fields["toname"] == shown["toname"]
+    for key in ("object", "offset", "bytes", "toguid", "fromguid"):
+        if key in shown:
+            assert fields[key] == int(shown[key], 16), key
+    assert set(fields) == set(shown)
+
+
+def test_resume_tokens_built_here_read_back() -> None:
+    fields = zfs.decode_resume_token(token_for(OWN, nvpair("compressok", True)))
+    assert fields["toname"] == OWN and fields["compressok"] is True
+    assert fields["toguid"] == 0xD074DD7AF954CB94
+
+
 ALLOWED = [
     zfs.list_snapshots(FS),
+    zfs.list_snapshots(FS, holds=True),
+    zfs.list_snapshots(FS, holds=True, bookmarks=True),
     zfs.get([FS], ["type"]),
     zfs.get([FS, "tank/pg"], [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT], depth=1),
     zfs.snapshot(FS, snapshot_name(FP, datetime.now(UTC))),
     zfs.send(OWN),
     zfs.send(OWN2, base=OWN),
     zfs.send(OWN2, base=f"{FS}@by-hand", intermediate=True),
+    zfs.send(OWN, raw=True),
+    zfs.send(OWN, estimate=True),
+    zfs.send(OWN2, base=OWN, estimate=True),
+    zfs.send(OWN2, base=OWN, intermediate=True, raw=True, estimate=True),
+    zfs.send(OWN2, base=OWN_MARK),
+    zfs.send(OWN2, base=f"{FS}#by-hand", intermediate=True, estimate=True),
+    zfs.send_resume(token_for(OWN2)),
+    zfs.send_resume(token_for(OWN2), estimate=True),
     zfs.destroy(OWN),
+    zfs.destroy(OWN_MARK),
+    zfs.hold(TAG, OWN),
+    zfs.release(TAG, OWN),
+    zfs.release(TAG, f"{FS}@by-hand"),
+    zfs.bookmark(OWN, OWN_MARK),
+    probe_argv(["tank"]),
+    pool_argv("tank"),
     ["zfs", "list", "-H", "-o", "name", "tank"],
     ["mbuffer", "-V"],
 ]
@@ -49,10 +140,24 @@ def test_every_command_of_a_pull_passes_unchanged(argv: list[str]) -> None:
     assert parse_request(shlex.join(argv), POLICY) == [argv]
 
 
+@pytest.mark.parametrize("name", ["full", "incremental"])
+def test_a_recorded_token_resumes_only_where_its_snapshot_is_served(name: str) -> None:
+    value = recorded_token(name)[0]
+    served = Policy(frozenset({"gsrc/tok"}), frozenset({CLIENT}))
+    for argv in (zfs.send_resume(value), zfs.send_resume(value, estimate=True)):
+        assert parse_request(shlex.join(argv), served) == [argv]
+        with pytest.raises(Refused, match="gsrc/tok@zettabee"):
+            parse_request(shlex.join(argv), POLICY)
+
+
 def test_the_mbuffer_pipeline_passes_as_two_stages() -> None:
-    send = zfs.send(OWN2, base=OWN)
-    for out in (mbuffer_out(), mbuffer_out(f"{CLIENT}:9090", "-r", "2M")):
-        assert parse_request(pipeline_script([send, out]), POLICY) == [send, out]
+    for send in (
+        zfs.send(OWN2, base=OWN),
+        zfs.send(OWN2, OWN_MARK),
+        zfs.send_resume(token_for(OWN2)),
+    ):
+        for out in (mbuffer_out(), mbuffer_out(f"{CLIENT}:9090", "-r", "2M")):
+            assert parse_request(pipeline_script([send, out]), POLICY) == [send, out]
 
 
 ESCAPES = {
@@ -95,6 +200,90 @@ ESCAPES = {
     "a pipeline with a changed script": pipeline_script([zfs.send(OWN), mbuffer_out()]).replace(
         'rm -rf "$d"', "rm -rf /"
     ),
+    "a quoted newline after a zettabee name": shlex.join(["zfs", "snapshot", f"{OWN}\n"]),
+    # the probe
+    "a probe with another script": shlex.join(
+        ["sh", "-c", f"{PROBE_SCRIPT}; id", "zettabee-probe", "tank"]
+    ),
+    "a probe under another name": shlex.join(["sh", "-c", PROBE_SCRIPT, "x", "tank"]),
+    "a probe of another pool": shlex.join(probe_argv(["secret"])),
+    "a probe of no pool": shlex.join(probe_argv([])),
+    "a probe with an option": shlex.join(probe_argv(["-x"])),
+    "zpool get of another pool": "zpool get all secret",
+    "zpool get of one property": "zpool get version tank",
+    "zpool set": "zpool set readonly=on tank",
+    "zpool export": "zpool export tank",
+    # listings
+    "zfs get -t of other types": f"zfs get -Hp -d 1 -t all -o name,property,value guid -- {FS}",
+    "zfs get -t without -d": f"zfs get -Hp -t filesystem,volume,snapshot,bookmark -o name,property,value guid -- {FS}",
+    "zfs get of every depth": f"zfs get -Hp -r -o name,property,value guid -- {FS}",
+    "zfs holds": f"zfs holds {OWN}",
+    # holds
+    "a hold of a manual snapshot": f"zfs hold {TAG} {FS}@by-hand",
+    "a hold under another tag": f"zfs hold keep {OWN}",
+    "a hold under another pair's tag": f"zfs hold {hold_tag(OTHER_FP)} {OWN}",
+    "a hold of another dataset's snapshot": f"zfs hold {TAG} tank/secret@zettabee.{FP}.20240101T000000Z",
+    "a recursive hold": f"zfs hold -r {TAG} {OWN}",
+    "a release of someone else's hold": f"zfs release keep {FS}@by-hand",
+    "a release on another dataset": f"zfs release {TAG} tank/secret@x",
+    "a recursive release": f"zfs release -r {TAG} {OWN}",
+    # bookmarks
+    "a bookmark of a manual snapshot": shlex.join(zfs.bookmark(f"{FS}@by-hand", f"{FS}#by-hand")),
+    "a bookmark under another name": shlex.join(zfs.bookmark(OWN, f"{FS}#mine")),
+    "a bookmark into another file system": shlex.join(
+        zfs.bookmark(OWN, f"tank/pg#{OWN.split('@')[1]}")
+    ),
+    "a bookmark of a bookmark": shlex.join(zfs.bookmark(OWN_MARK, OWN2.replace("@", "#"))),
+    "a destroy of a manual bookmark": shlex.join(zfs.destroy(f"{FS}#by-hand")),
+    "a destroy of another dataset's bookmark": shlex.join(
+        zfs.destroy(f"tank/secret#zettabee.{FP}.20240101T000000Z")
+    ),
+    # sends that zettabee does not make
+    "an estimate in the mbuffer pipeline": pipeline_script(
+        [zfs.send(OWN, estimate=True), mbuffer_out()]
+    ),
+    "an estimate with its flags apart": f"zfs send -n -v -P {OWN}",
+    "an estimate after other flags": f"zfs send -w -nvP {OWN}",
+    "an estimate of a manual snapshot": f"zfs send -nvP {FS}@by-hand",
+    "-I from a bookmark": shlex.join(["zfs", "send", "-I", OWN_MARK, OWN2]),
+    "from another file system's bookmark": shlex.join(zfs.send(OWN2, base="tank/pg#x")),
+    "a bookmark as the sent snapshot": shlex.join(zfs.send(OWN_MARK)),
+    # resume tokens
+    "a token of another dataset": shlex.join(
+        zfs.send_resume(token_for(f"tank/secret@zettabee.{FP}.20240101T000000Z"))
+    ),
+    "a token of a manual snapshot": shlex.join(zfs.send_resume(token_for(f"{FS}@by-hand"))),
+    "a token of a child": shlex.join(
+        zfs.send_resume(token_for(f"{FS}/child@zettabee.{FP}.20240101T000000Z"))
+    ),
+    "a token naming no snapshot": shlex.join(zfs.send_resume(token(nvpair("toguid", 1)))),
+    "a token naming its snapshot twice": shlex.join(
+        zfs.send_resume(
+            token_for(OWN, nvpair("toname", f"tank/secret@zettabee.{FP}.20240101T000000Z"))
+        )
+    ),
+    "a token with a toname of the wrong type": shlex.join(
+        zfs.send_resume(token(nvpair("toname", 5)))
+    ),
+    "a token with bytes after its list": shlex.join(
+        zfs.send_resume(token(nvpair("toname", OWN), tail=b"\0" * 8))
+    ),
+    "a token of the wrong size": shlex.join(
+        zfs.send_resume(token(nvpair("toname", OWN), size_delta=8))
+    ),
+    "a token with a nested list": shlex.join(
+        zfs.send_resume(token(nvpair("toname", OWN), nvpair("x", 1, kind=19)))
+    ),
+    "a token that is no zlib": shlex.join(zfs.send_resume("1-abc-f0-0011223344")),
+    "a token of another version": shlex.join(
+        zfs.send_resume(token_for(OWN).replace("1-", "2-", 1))
+    ),
+    "a token in capitals": shlex.join(zfs.send_resume(token_for(OWN).upper())),
+    "a token with an option after it": shlex.join([*zfs.send_resume(token_for(OWN)), "-v"]),
+    "a token and a snapshot": shlex.join([*zfs.send_resume(token_for(OWN)), OWN]),
+    "a resume of an estimate's flags apart": shlex.join(
+        ["zfs", "send", "-n", "-t", token_for(OWN)]
+    ),
 }
 
 
@@ -108,7 +297,18 @@ def test_hostile_names_from_the_builders_are_refused_not_run() -> None:
     stamp = f"zettabee.{FP}.20240101T000000Z"
     for name in ("tank/a b", "tank/$(id)", "tank/`id`", "tank/a;id", "-tank/x", "tank/a\nid"):
         own = f"{name}@{stamp}"
-        for argv in (zfs.list_snapshots(name), zfs.send(own), zfs.destroy(own)):
+        builders = (
+            zfs.list_snapshots(name, holds=True, bookmarks=True),
+            zfs.send(own),
+            zfs.send(own, estimate=True),
+            zfs.send_resume(token_for(own)),
+            zfs.destroy(own),
+            zfs.hold(TAG, own),
+            zfs.release(TAG, own),
+            zfs.bookmark(own, own.replace("@", "#")),
+            probe_argv([name]),
+        )
+        for argv in builders:
             with pytest.raises(Refused):
                 parse_request(shlex.join(argv), POLICY)
 
