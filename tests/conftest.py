@@ -338,14 +338,17 @@ def destroy(fs: str, side: Side | None = None) -> None:
     from lab.hosts import release_foreign_mounts
 
     release_holds(fs, side)
+    said = ""
     for attempt in range(30):
         if side is not None:
-            done = side.run("zfs", "destroy", "-r", fs, check=False).returncode == 0
+            proc = side.run("zfs", "destroy", "-r", fs, check=False)
         else:
-            done = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode == 0
-        if done:
+            proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
+        if proc.returncode == 0:
             return
-        if attempt == 10 and side is None:  # a private mount namespace may hold a copy
+        said = proc.stderr.strip()
+        if attempt == 10 and (side is None or side.local_files):
+            # a private mount namespace made meanwhile (another lab's sshd) may hold a copy
             mountpoint = subprocess.run(
                 ["zfs", "get", "-H", "-o", "value", "mountpoint", fs],
                 capture_output=True,
@@ -354,7 +357,7 @@ def destroy(fs: str, side: Side | None = None) -> None:
             if mountpoint.startswith("/"):
                 release_foreign_mounts(Path(mountpoint))
         time.sleep(0.2)
-    raise RuntimeError(f"cannot destroy {fs}")
+    raise RuntimeError(f"cannot destroy {fs}: {said}")
 
 
 def release_holds(fs: str, side: Side | None = None) -> None:

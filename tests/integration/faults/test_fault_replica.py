@@ -12,7 +12,8 @@ import subprocess
 import pytest
 
 from tests.conftest import write_random
-from tests.integration.faults.conftest import Faults, snapshots
+from tests.integration.faults.conftest import Faults, destroy_past_the_hold, snapshots
+from zettabee.pair import hold_tag
 
 pytestmark = pytest.mark.integration
 
@@ -83,17 +84,18 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
     zb = faults.zb
     replica = faults.replica(mb=2)
     common = replica.snapshot
+    tag = hold_tag(replica.fingerprint)
     if where in ("source", "both"):
-        zb.src.run("zfs", "destroy", f"{zb.src_fs()}@{common}")
+        destroy_past_the_hold(zb.srcside, f"{zb.src_fs()}@{common}", tag)
     if where in ("destination", "both"):
-        subprocess.run(["zfs", "destroy", f"{replica.fs}@{common}"], check=True)
+        destroy_past_the_hold(zb.dstside, f"{replica.fs}@{common}", tag)
     write_random(replica.source_dir / "after.bin", 1)
     on_destination = where != "source"
     faults.expect(
-        f"common snapshot destroyed on {where}",
-        f"exit 1 'no common snapshot ... initialize --force'; lag "
-        f"{'CRITICAL (recorded snapshot missing)' if on_destination else 'OK'}; runtime "
-        "CRITICAL; nothing resent; initialize --force (as told) recovers",
+        f"common snapshot destroyed on {where} (its hold released first)",
+        f"plain destroy refused (held); then: exit 1 'no common snapshot ... initialize "
+        f"--force'; lag {'CRITICAL (recorded snapshot missing)' if on_destination else 'OK'}; "
+        "runtime CRITICAL; nothing resent; initialize --force (as told) recovers",
     )
     before = snapshots(replica.fs)
     outcome = faults.run("zettabee", "update", replica.fs)

@@ -2,17 +2,24 @@
 
 zfs-fuse has no ``zfs allow``; the OpenZFS guest has. There an ordinary user ``zettabee``
 gets exactly the permissions a pull uses on one file system, logs in with a key whose
-forced command is ``zettabee-source``, and serves initialize, updates (with the pruning of
-the source's old snapshots), and setup. What the forced command would let through but
-the delegation does not cover, ZFS itself refuses to that user.
+forced command is ``zettabee-source``, and serves everything OpenZFS adds to a pull: the
+capability probe, holds, size estimates (``send -nvP``), bookmarks, and the resume of an
+interrupted receive (``send -nvP -t``, ``send -t``). What the forced command would let
+through but the delegation does not cover, ZFS itself refuses to that user; what the
+delegation allows but no pull sends (a resume token of a snapshot that is not
+zettabee's), the forced command refuses.
 
-The destination is the lab's zfs-fuse pool, which cannot receive the streams of pools
-with features past version 23 ("stream has unsupported feature"): the source file system
-lives in a pool of that version, made in the guest for the test. Delegation is the same
-OpenZFS code whatever the pool's version.
+Two pulls:
 
-Needs the guest (``lab.guest``, its session fixture ``guest``); collected only where the
-lab has it (see this directory's conftest).
+- ``zettabee`` as cron runs it (setup, initialize, updates, pruning) into the lab's
+  zfs-fuse pool. zfs-fuse cannot receive the streams of pools with features past version
+  23 ("stream has unsupported feature"), so that source file system lives in a pool of
+  that version, made in the guest for the test; delegation is the same OpenZFS code
+  whatever the pool's version, and holds and estimates are there;
+- the engine itself into the guest's own pool ``gdst`` as root, from the delegated user
+  on ``gsrc``: both ends OpenZFS 2.1, so bookmarks and resumable receive are used too. A
+  pair file gives both ends of a pair the same user and key; the test hands the engine a
+  host for each end instead.
 """
 
 from __future__ import annotations
@@ -20,19 +27,24 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from lab.guest import Guest
 from tests.integration.faults.conftest import INTACT, Faults, snapshots, zget
-from zettabee.host import SshTarget
+from zettabee import zfs
+from zettabee.host import Host, SshHost, SshTarget
+from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag, is_own_snapshot, snapshot_name
+from zettabee.replicator import Hosts, Replicator
+from zettabee.state import StateStore
 
 pytestmark = pytest.mark.integration
 
 USER = "zettabee"
 POOL = "gv23"  # see the module's docstring
-PERMISSIONS = "send,snapshot,destroy,mount,hold,release"
+PERMISSIONS = "send,snapshot,destroy,mount,hold,release,bookmark"
 PACKAGE = Path(__file__).resolve().parents[3] / "zettabee"
 
 INSTALL = r"""
@@ -49,32 +61,15 @@ os.chmod("/usr/local/bin/zettabee-source", 0o755)
 """
 
 
-def install_source_command(guest: Any) -> None:
+def install_source_command(g: Guest) -> None:
     """zettabee-source in the guest: the package's modules (stdlib only on this path)."""
     files = {p.name: p.read_text() for p in PACKAGE.glob("*.py")}
-    guest.run("python3", "-c", INSTALL, input=json.dumps(files))
+    g.run("python3", "-c", INSTALL, input=json.dumps(files))
 
 
-def test_non_root_source_with_zfs_allow_and_the_restricted_key(faults: Faults, guest: Any) -> None:
-    g = guest  # lab.guest.Guest
-    zb = faults.zb
-    g.shell(
-        f"zpool list {POOL} >/dev/null 2>&1 || {{ truncate -s 512M /var/tmp/{POOL}.img && "
-        f"zpool create -o version=23 -O mountpoint=/{POOL} {POOL} /var/tmp/{POOL}.img; }}"
-    )
-    try:
-        pull_as_delegated_user(faults, g, f"{POOL}/{zb.name}")
-    finally:
-        g.shell(f"zpool destroy -f {POOL}; rm -f /var/tmp/{POOL}.img", check=False)
-
-
-def pull_as_delegated_user(faults: Faults, g: Any, fs: str) -> None:
-    zb = faults.zb
-    other = f"{fs}-other"
-    for name in (fs, other):
-        g.run("zfs", "destroy", "-r", name, check=False)
-        g.run("zfs", "create", name)
-    g.shell(f"head -c 4194304 /dev/urandom > /{fs}/random.bin && zfs snapshot {other}@s")
+def delegate(g: Guest, fs: str) -> SshTarget:
+    """The user, its delegation on ``fs`` alone, and its key restricted to zettabee-source
+    for ``fs``; returns how to reach the guest as that user."""
     # useradd leaves the password locked ('!'), and sshd refuses a locked account even
     # for a key; '*' is "no password" without the lock.
     g.shell(
@@ -90,12 +85,63 @@ def pull_as_delegated_user(faults: Faults, g: Any, fs: str) -> None:
         f"printf '%s\\n' {shlex.quote(line)} > ~{USER}/.ssh/authorized_keys && "
         f"chown {USER} ~{USER}/.ssh/authorized_keys && chmod 600 ~{USER}/.ssh/authorized_keys"
     )
+    return SshTarget(g.address, g.port, USER, g.key, g.known_hosts)
+
+
+def as_user(g: Guest, command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` run by the delegated user in a shell of the guest, past the forced
+    command: only the delegation limits it there."""
+    return g.run("su", "-s", "/bin/sh", USER, "-c", command, check=False)
+
+
+def restricted(target: SshTarget, command: str) -> subprocess.CompletedProcess[str]:
+    """``command`` over the restricted key, as a client would send it."""
+    return subprocess.run(
+        target.ssh_client_argv(command), capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def userrefs(g: Guest, snap: str) -> int:
+    out = g.run("zfs", "get", "-Hp", "-o", "value", "userrefs", snap, check=False).stdout
+    return int(out.strip()) if out.strip().isdigit() else -1
+
+
+def guest_snapshots(g: Guest, fs: str, kind: str = "snapshot") -> list[str]:
+    """Names (after ``@`` or ``#``) of ``fs``'s snapshots or bookmarks, oldest first."""
+    out = g.run("zfs", "list", "-H", "-t", kind, "-s", "createtxg", "-o", "name", "-d", "1", fs)
+    return [n.split("#" if kind == "bookmark" else "@", 1)[1] for n in out.stdout.split()]
+
+
+def test_non_root_source_with_zfs_allow_and_the_restricted_key(
+    faults: Faults, guest: Guest
+) -> None:
+    g = guest
+    zb = faults.zb
+    g.shell(
+        f"zpool list {POOL} >/dev/null 2>&1 || {{ truncate -s 512M /var/tmp/{POOL}.img && "
+        f"zpool create -o version=23 -O mountpoint=/{POOL} {POOL} /var/tmp/{POOL}.img; }}"
+    )
+    try:
+        pull_as_delegated_user(faults, g, f"{POOL}/{zb.name}")
+    finally:
+        g.shell(f"zpool destroy -f {POOL}; rm -f /var/tmp/{POOL}.img", check=False)
+
+
+def pull_as_delegated_user(faults: Faults, g: Guest, fs: str) -> None:
+    zb = faults.zb
+    other = f"{fs}-other"
+    for name in (fs, other):
+        g.run("zfs", "destroy", "-r", name, check=False)
+        g.run("zfs", "create", name)
+    g.shell(f"head -c 4194304 /dev/urandom > /{fs}/random.bin && zfs snapshot {other}@s")
+    target = delegate(g, fs)
     options = f"user={USER},sshkey={g.key},knownhosts={g.known_hosts}"
-    zb.write_pairs(f"{g.address}:{fs}  {faults.lab.dest_address}:{zb.dst_fs()}  {options}")
+    zb.write_pairs(f"{g.address}:{fs}  {zb.dstside.address}:{zb.dst_fs()}  {options}")
     row = faults.expect(
         "OpenZFS: non-root source user (zfs allow) behind zettabee-source",
-        "setup, initialize, updates, pruning work as that user; escapes exit 126; ZFS "
-        "denies it everything outside the delegation",
+        "setup, initialize, updates, pruning work as that user, with the probe, holds and "
+        "estimates; escapes exit 126; ZFS denies it everything outside the delegation",
     )
 
     def same_snapshot() -> bool:
@@ -110,25 +156,33 @@ def pull_as_delegated_user(faults: Faults, g: Any, fs: str) -> None:
     steps = [faults.run("zettabee", "initialize", zb.dst_fs())]
     for n in range(2):
         g.shell(f"head -c 1048576 /dev/urandom > /{fs}/more{n}.bin")
-        steps.append(faults.run("zettabee", "update", zb.dst_fs()))
+        steps.append(faults.run("zettabee", "--debug", "update", zb.dst_fs()))
     setup = faults.run("zettabee", "setup", zb.dst_fs())
     assert [s.code for s in steps] == [0, 0, 0], [s.stderr for s in steps]
     assert setup.code == 0, setup.stdout + setup.stderr
+    assert "holds" in setup.stdout and "size estimates" in setup.stdout, setup.stdout
     assert same_snapshot()
     left = g.run("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-r", fs).stdout.split()
     assert len(left) == 1, left  # the delegated destroy pruned the older snapshots
+    # The probe went through the forced command: the source's holds and estimates are used.
+    status = json.loads((zb.tmp / "state" / f"{zb.fingerprint()}.json").read_text())
+    uses = status["features"]["uses"]
+    assert "holds (source and destination)" in uses and "size estimates" in uses, uses
+    assert userrefs(g, left[0]) == 1  # the base, held by the delegated user
+    assert "estimated stream size" in steps[-1].stderr, steps[-1].stderr  # send -nvP
 
-    target = SshTarget(g.address, g.port, USER, g.key, g.known_hosts)
     escapes = [
         f"zfs destroy -r {fs}",
         f"zfs destroy {fs}",
         f"zfs send {other}@s",
         "id",
         f"zfs allow {fs}",
+        shlex.join(zfs.release("keep", left[0])),
+        shlex.join(zfs.hold(hold_tag(zb.fingerprint()), f"{other}@s")),
     ]
     refused = 0
     for command in escapes:
-        proc = subprocess.run(target.ssh_client_argv(command), capture_output=True, text=True)
+        proc = restricted(target, command)
         assert proc.returncode == 126 and "refused" in proc.stderr, (command, proc.stderr)
         refused += 1
     # Beyond the forced command, the delegation is the limit: the same user, in a shell.
@@ -139,16 +193,128 @@ def pull_as_delegated_user(faults: Faults, g: Any, fs: str) -> None:
         f"zfs send {other}@s > /dev/null",
         f"zfs set readonly=on {fs}",
     ):
-        proc = g.run("su", "-s", "/bin/sh", USER, "-c", command, check=False)
+        proc = as_user(g, command)
         assert proc.returncode != 0 and "permission denied" in proc.stderr.lower(), (
             command,
             proc.stderr,
         )
         denied += 1
     row.observed = (
-        f"setup, initialize, 2 updates: exit 0 as user {USER}; source pruned to 1 snapshot; "
-        f"{refused}/{len(escapes)} escapes refused (126); {denied} commands outside the "
-        "delegation denied by ZFS"
+        f"setup, initialize, 2 updates: exit 0 as user {USER}, using {', '.join(uses)}; "
+        f"source pruned to 1 snapshot, held; {refused}/{len(escapes)} escapes refused (126); "
+        f"{denied} commands outside the delegation denied by ZFS"
     )
     row.data = INTACT if same_snapshot() else "DIFFERENT"
+    assert row.data == INTACT
+
+
+# -- OpenZFS on both ends: bookmarks and resume through the restricted key ----------------
+
+
+class EndHosts(Hosts):
+    """The engine's hosts, with its own credentials for each end of one pair."""
+
+    def __init__(self, source: SshTarget, destination: SshTarget) -> None:
+        super().__init__(str(destination.known_hosts))
+        self.ends = {"source": SshHost(source), "destination": SshHost(destination)}
+
+    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
+        return self.ends["source" if endpoint == pair.source else "destination"]
+
+    def close(self) -> None:
+        for host in self.ends.values():
+            host.close()
+
+
+def test_resume_bookmarks_and_holds_through_the_restricted_key(
+    faults: Faults, guest: Guest
+) -> None:
+    g = guest
+    name = faults.zb.name
+    fs, dst = f"{g.src_pool}/{name}", f"{g.dst_pool}/{name}"
+    for each in (dst, fs):
+        g.run("zfs", "destroy", "-r", each, check=False)
+    g.run("zfs", "create", fs)
+    try:
+        resume_as_delegated_user(faults, g, fs, dst)
+    finally:
+        for each in (dst, f"{dst}-stolen", fs):
+            g.shell(f"zfs receive -A {each} 2>/dev/null; zfs destroy -r {each}", check=False)
+
+
+def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> None:
+    target = delegate(g, fs)
+    root = SshTarget(g.address, g.port, g.user, g.key, g.known_hosts)
+    pair = Pair(Endpoint(g.address, fs), Endpoint(g.address, dst), PairOptions(bookmark=True))
+    fp = pair.fingerprint
+    store = StateStore(faults.tmp / "engine-state", faults.tmp / "engine-run", faults.tmp / "log")
+    store.ensure_dirs()
+    hosts = EndHosts(target, root)
+    row = faults.expect(
+        "OpenZFS both ends: delegated source user behind zettabee-source, resume",
+        "initialize, an interrupted update resumed (send -nvP -t, send -t), update: holds "
+        "both sides, bookmark of the base; a token of another snapshot refused (126)",
+    )
+    try:
+        g.shell(f"head -c 4194304 /dev/urandom > /{fs}/random.bin")
+        first = Replicator(store, hosts).initialize(pair)
+        # An update whose stream breaks after 1 MB, as a lost link leaves it: the
+        # destination keeps a resume token naming the pair's new snapshot.
+        interrupted = snapshot_name(fp, datetime.now(UTC))
+        g.shell(
+            f"head -c 8388608 /dev/urandom > /{fs}/more.bin && zfs snapshot {fs}@{interrupted} "
+            f"&& zfs send -i @{first.snapshot} {fs}@{interrupted} | head -c 1048576 "
+            f"| zfs receive -s {dst}",
+            check=False,
+        )
+        token = g.run("zfs", "get", "-H", "-o", "value", "receive_resume_token", dst).stdout
+        assert token.strip().startswith("1-"), token
+        resumed = Replicator(store, hosts).update(pair)
+        assert resumed.resumed == interrupted, resumed
+        g.shell(f"head -c 1048576 /dev/urandom > /{fs}/last.bin")
+        last = Replicator(store, hosts).update(pair)
+    finally:
+        hosts.close()
+    uses = store.read_status(fp).extra["features"]["uses"]
+    for feature in ("holds (source and destination)", "resumable receive", "size estimates"):
+        assert feature in uses, uses
+    assert "bookmarks" in uses, uses
+    src_snaps, dst_snaps = guest_snapshots(g, fs), guest_snapshots(g, dst)
+    assert src_snaps == [last.snapshot], src_snaps  # pruned by the delegated destroy
+    assert dst_snaps == [last.snapshot], dst_snaps  # keep=1: the resumed one pruned too
+    marks = [m for m in guest_snapshots(g, fs, "bookmark") if is_own_snapshot(m, fp)]
+    assert marks == [last.snapshot], marks  # the base bookmarked, the older one destroyed
+    assert userrefs(g, f"{fs}@{last.snapshot}") == 1 and userrefs(g, f"{dst}@{last.snapshot}") == 1
+
+    # A token of a snapshot that is not zettabee's: the delegation lets the user send it,
+    # the forced command does not.
+    g.shell(
+        f"zfs snapshot {fs}@by-hand && zfs send {fs}@by-hand | head -c 1048576 "
+        f"| zfs receive -s {dst}-stolen",
+        check=False,
+    )
+    stolen = g.run("zfs", "get", "-H", "-o", "value", "receive_resume_token", f"{dst}-stolen")
+    stolen_token = stolen.stdout.strip()
+    assert stolen_token.startswith("1-"), stolen.stdout
+    delegated = as_user(g, shlex.join(zfs.send_resume(stolen_token, estimate=True)))
+    assert delegated.returncode == 0, delegated.stderr
+    refused = restricted(target, shlex.join(zfs.send_resume(stolen_token, estimate=True)))
+    assert refused.returncode == 126 and "by-hand" in refused.stderr, refused.stderr
+    same = g.run(
+        "zfs",
+        "get",
+        "-Hp",
+        "-o",
+        "value",
+        "guid",
+        f"{fs}@{last.snapshot}",
+        f"{dst}@{last.snapshot}",
+    )
+    guids = same.stdout.split()
+    row.observed = (
+        f"initialize, resumed update ({resumed.resumed.rsplit('.', 1)[1]}), update: as user "
+        f"{USER}, using {', '.join(uses)}; base held on both sides and bookmarked; token "
+        f"of {fs}@by-hand: allowed by the delegation, refused by zettabee-source (126)"
+    )
+    row.data = INTACT if len(guids) == 2 and guids[0] == guids[1] else "DIFFERENT"
     assert row.data == INTACT

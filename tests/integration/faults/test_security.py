@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import stat
@@ -26,6 +27,7 @@ from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
 from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
 from zettabee.host import SshTarget
+from zettabee.pair import hold_tag
 
 pytestmark = pytest.mark.integration
 
@@ -109,18 +111,30 @@ def test_a_pull_works_through_the_restricted_key(
     replica = faults.replica(mb=2, options=f"{restricted.options()},transport={transport}")
     row = faults.expect(
         f"pull through the restricted key (zettabee-source), {transport}",
-        "setup, initialize, updates and pruning work; exit 0; lag OK; runtime OK",
+        "setup, initialize, updates and pruning work, the probe finds holds and the base "
+        "is held on the source; exit 0; lag OK; runtime OK",
     )
     for _ in range(2):
         replica.grow(1)
         faults.recovers(replica)  # an update that must simply work
     setup = faults.run("zettabee", "setup", replica.fs)
     assert setup.code == 0, setup.stdout + setup.stderr
+    assert "uses holds (source and destination)" in setup.stdout, setup.stdout
     assert snapshots(zb.src_fs()) == snapshots(replica.fs)  # the source was pruned, remotely
     assert len(snapshots(zb.src_fs())) == 1
+    # The probe and the holds went through the forced command: the base is held on the
+    # source by the pair's tag (zfs-fuse counts holds, it cannot list them).
+    base = f"{zb.src_fs()}@{snapshots(zb.src_fs())[0]}"
+    assert zb.srcside.zget(base, "userrefs") == "1"
+    status = json.loads((zb.tmp / "state" / f"{replica.fingerprint}.json").read_text())
+    assert "holds (source and destination)" in status["features"]["uses"], status["features"]
+    released = zb.srcside.run("zfs", "release", hold_tag(replica.fingerprint), base, check=False)
+    assert released.returncode == 0, released.stderr  # the tag was the pair's
+    zb.srcside.run("zfs", "hold", hold_tag(replica.fingerprint), base)
     assert "refused" not in restricted.log()
     row.observed = (
-        "setup exit 0; initialize and 2 updates exit 0; source pruned; lag OK; runtime OK"
+        "setup exit 0 (uses holds on both sides); initialize and 2 updates exit 0; source "
+        "pruned, its base held by the pair's tag; lag OK; runtime OK"
     )
     row.data = replica.intact()
     assert row.data == INTACT
@@ -141,6 +155,11 @@ ESCAPES = [
     "zfs get -Hp -o name,property,value all -- {other}",
     "zfs rollback -r {fs}@kept-by-hand",
     "zfs receive -F {fs}",
+    "zfs hold keep {fs}@kept-by-hand",
+    "zfs release zettabee.0123456789abcdef0123456789abcdef {other}@secret",
+    "zfs bookmark {fs}@kept-by-hand {fs}#kept-by-hand",
+    "sh -c 'zfs list; id' zettabee-probe {pool}",
+    "zpool get all {dpool}",
     "zfs snapshot {fs}@zettabee.0123456789abcdef0123456789abcdef.20240101T000000Z\ntouch {m}",
     "",
 ]
@@ -166,7 +185,9 @@ def test_the_restricted_key_refuses_everything_else(
     before = (snapshots(fs), snapshots(other), _readonly(other))
     refused = []
     for template in ESCAPES:
-        command = template.format(m=marker, pool=lab.source.pool, fs=fs, other=other)
+        command = template.format(
+            m=marker, pool=lab.source.pool, dpool=lab.dst_pool, fs=fs, other=other
+        )
         argv = target.ssh_client_argv(command)
         if not command:
             argv = argv[:-1]  # a login without a command
