@@ -40,6 +40,20 @@ def write_random(path: Path, mb: int) -> None:
     os.sync()
 
 
+def release_holds(fs: str) -> None:
+    """A pair holds its base (tag zettabee.<fingerprint>): release it, or destroy fails."""
+    out = subprocess.run(
+        ["zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    for line in out.splitlines():
+        name, _, refs = line.partition("\t")
+        snap = name.partition("@")[2]
+        if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
+            tag = ".".join(snap.split(".")[:2])
+            subprocess.run(["zfs", "release", tag, name], capture_output=True)
+
+
 class Bench:
     def __init__(self, lab: ZfsLab, transport: str) -> None:
         self.lab = lab
@@ -67,6 +81,7 @@ class Bench:
 
     def cleanup(self) -> None:
         for fs in (self.dfs, self.rawfs, self.sfs):
+            release_holds(fs)
             for _ in range(20):
                 if subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode:
                     if (
