@@ -60,9 +60,11 @@ PERMISSIONS = (
     "/var/lib/zettabee: the status files) and open the lock files in [paths] lock_dir "
     "(/run/zettabee) for reading; zettabee creates both 0750 and the files 0640, so "
     "`chgrp -R nagios` them and keep the group. It must also be able to run `zfs get` on "
-    "the destination pool: OpenZFS lets every user read properties; with zfs-fuse or a "
-    "restricted /dev/zfs, give it a sudo rule for the plugin and put `sudo` in front of "
-    "the command line. Nothing is written, and no SSH connection is made."
+    "a destination pool on this host: OpenZFS lets every user read properties; with "
+    "zfs-fuse or a restricted /dev/zfs, give it a sudo rule for the plugin and put `sudo` "
+    "in front of the command line. A destination on a remote host is judged from the "
+    "snapshot its last successful run received. Nothing is written, and no SSH "
+    "connection is made."
 )
 
 # A replica that is known to be late matters more than one that cannot be judged.
