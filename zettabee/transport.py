@@ -55,6 +55,7 @@ class Stage:
     returncode: int | None = None
     stderr: str = ""
     killed: bool = False
+    ended: float | None = None  # time.monotonic() when the process was seen to exit
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -63,6 +64,8 @@ class Stage:
         except subprocess.TimeoutExpired:
             self.kill()
             self.returncode = self.proc.wait()
+        if self.ended is None:
+            self.ended = time.monotonic()
         if self.errfile is not None:
             self.errfile.seek(0)
             self.stderr = self.errfile.read().decode(errors="replace").strip()
@@ -85,6 +88,7 @@ class StreamResult:
     bytes: int
     seconds: float
     stages: list[Stage] = field(default_factory=list)
+    ended: float = 0.0  # time.monotonic() when the last byte passed the relay
 
     @property
     def rate(self) -> float:
@@ -171,6 +175,7 @@ class Relay:
         self.count = 0
         self.started = time.monotonic()
         self.last_move = self.started
+        self.ended = self.started
         self.stalled = False
         self.error: str | None = None
         self._done = threading.Event()
@@ -181,6 +186,7 @@ class Relay:
         try:
             self._copy()
         finally:
+            self.ended = time.monotonic()
             self._done.set()
             with contextlib.suppress(OSError):
                 self.dst.close()
@@ -215,7 +221,8 @@ class Relay:
                     while view:
                         view = view[os.write(fout, view) :]
             except BrokenPipeError:
-                self.error = "the receiving side closed the stream"
+                if not self._drained(fin):
+                    self.error = "the receiving side closed the stream"
                 return
             except OSError as exc:
                 if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: not splicable
@@ -227,6 +234,19 @@ class Relay:
                 return
             self.count += moved
             self.last_move = time.monotonic()
+
+    @staticmethod
+    def _drained(fd: int) -> bool:
+        """Had the sender finished when the receiver went away?
+
+        splice(2) fails with EPIPE once the receiver has exited even when there is
+        nothing left to move, so a receiver that exits on the stream's last record races
+        the sender's end-of-file. The stream was whole if the sender's pipe now closes
+        with no byte left in it."""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        events = poller.poll(5000)
+        return bool(events) and not events[0][1] & select.POLLIN
 
     def _watch(self, on_stall: Callable[[], None]) -> None:
         while not self._done.wait(1.0):
@@ -309,6 +329,7 @@ def _finish(stages: Sequence[Stage], relay: Relay | None, started: float) -> Str
     for stage in reversed(stages):
         stage.finish(timeout=None)
     result = StreamResult(relay.count if relay else 0, time.monotonic() - started, list(stages))
+    result.ended = relay.ended if relay else time.monotonic()
     if any(s.failed for s in stages) or (relay and (relay.stalled or relay.error)):
         raise describe_failure(stages, relay)
     return result
@@ -336,6 +357,16 @@ def stream_via_processes(
     if not source.is_local:
         sender.label = "zfs send (over ssh)"
     receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
+    relay = relay_stages(sender, receiver, stall, progress)
+    _classify_ssh(sender, source)
+    return _finish([sender, receiver], relay, started)
+
+
+def relay_stages(
+    sender: Stage, receiver: Stage, stall: int, progress: ProgressFn | None = None
+) -> Relay:
+    """Start both processes, relay the stream to its end and wait for both; the caller
+    judges the outcome from the stages and the relay."""
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -343,8 +374,9 @@ def stream_via_processes(
     relay.run(_kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    _classify_ssh(sender, source)
-    return _finish(stages, relay, started)
+    for stage in reversed(stages):
+        stage.finish()
+    return relay
 
 
 def _classify_ssh(stage: Stage, host: Host) -> None:
@@ -428,7 +460,7 @@ def stream_via_mbuffer(
         for stage, code, err in zip(remote_stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
     all_stages = remote_stages + stages
-    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
+    result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result
