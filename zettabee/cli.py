@@ -138,8 +138,6 @@ def setup_logging(args: argparse.Namespace) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG)
     handler.setLevel(level)
-    if level > logging.DEBUG:
-        logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 
 class _PairLog:

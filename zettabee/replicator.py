@@ -114,8 +114,8 @@ class Replicator:
         return report
 
     def _early_stream_connection(self, pair: Pair, src: Host) -> None:
-        if pair.options.transport == "ssh" and isinstance(src, SshHost):
-            src.open_stream_master()
+        """Start the source's connection now: its handshake overlaps the local work."""
+        src.start()
 
     def _stream(
         self, pair: Pair, src: Host, dst: Host, send: list[str], recv: list[str]
