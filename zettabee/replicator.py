@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from zettabee import transport, zfs
+from zettabee import fastpath, transport, zfs
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.host import Host, LocalHost, SshHost, SshTarget, is_local_host
 from zettabee.pair import Endpoint, Pair, is_own_snapshot, snapshot_name
@@ -63,6 +65,29 @@ class Hosts:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class Stopwatch:
+    """Seconds spent in each part of a run, for ``--debug``: ``with clock("listing"):``
+    adds to that part (a part met twice, as the listing of a fallback, adds up)."""
+
+    def __init__(self, parts: dict[str, float]) -> None:
+        self.parts = parts
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add({part: time.monotonic() - started})
+
+    def add(self, parts: dict[str, float]) -> None:
+        for part, seconds in parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+    def __str__(self) -> str:
+        return " ".join(f"{part}={seconds:.3f}s" for part, seconds in self.parts.items())
 
 
 class Replicator:
@@ -213,13 +238,13 @@ class Replicator:
 
     def update(self, pair: Pair) -> RunReport:
         report = RunReport(pair, "update")
-        timings = report.timings
+        clock = Stopwatch(report.timings)
         with self._run(pair, "update") as status:
-            t0 = time.monotonic()
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src)
-            view = self._dest_view(pair, dst)
+            with clock("listing"):
+                view = self._dest_view(pair, dst)
             if view is None:
                 raise StateError(
                     f"{pair.name}: not initialized (the destination {pair.destination} does not "
@@ -227,52 +252,96 @@ class Replicator:
                 )
             props, dsnaps = view
             self._check_identity(pair, props)
-            ssnaps = self._source_snapshots(pair, src)
-            timings["listing"] = time.monotonic() - t0
-            common = zfs.common_snapshot(ssnaps, dsnaps)
-            if common is None:
-                raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
-            newer = dsnaps[dsnaps.index(common) + 1 :]
-            if newer and not pair.options.rollback:
-                raise StateError(
-                    f"{pair.name}: the destination has snapshots the source does not have "
-                    f"after the common snapshot {common.name}: "
-                    f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
-                    "the pair to let zettabee roll the destination back"
-                )
-            t1 = time.monotonic()
-            snap = self._new_snapshot(pair, src, ssnaps)
-            timings["snapshot"] = time.monotonic() - t1
-            send = zfs.send(
-                f"{pair.source.fs}@{snap}",
-                base=f"{pair.source.fs}@{common.name}",
-                intermediate=pair.options.intermediate,
-            )
-            recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
-            t2 = time.monotonic()
-            try:
-                stream = self._stream(pair, src, dst, send, recv)
-            except (CommandError, TransportError) as exc:
-                raise self._explain_receive(pair, exc, common.name) from exc
-            timings["stream"] = time.monotonic() - t2
-            t3 = time.monotonic()
-            self._record(pair, dst, snap, first=False)
-            timings["record"] = time.monotonic() - t3
+            with clock("connection"):
+                src.connect()
+            done = self._update_in_one_round_trip(pair, src, dst, dsnaps, clock)
+            if done is None:
+                done = self._update_step_by_step(pair, src, dst, dsnaps, clock)
+            snap, common, ssnaps, stream = done
             report.snapshot, report.base = snap, common.name
             report.bytes, report.seconds = stream.bytes, stream.seconds
             status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
-            t4 = time.monotonic()
             listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
-            report.destroyed = self._prune(pair, src, dst, dry_run=False, listing=listing)
-            timings["prune"] = time.monotonic() - t4
+
+            def record() -> None:
+                with clock("record"):
+                    self._record(pair, dst, snap, first=False)
+
+            with clock("prune"):  # the record runs beside the source's destroys
+                report.destroyed = self._prune(
+                    pair, src, dst, dry_run=False, listing=listing, meanwhile=record
+                )
         log.info(
             "%s: updated %s -> %s, %d bytes in %.1fs",
             pair.name, common.name, snap, report.bytes, report.seconds,
         )  # fmt: skip
-        log.debug(
-            "%s: timings %s", pair.name, " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
-        )
+        log.debug("%s: timings %s", pair.name, clock)
         return report
+
+    def _update_in_one_round_trip(
+        self, pair: Pair, src: Host, dst: Host, dsnaps: list[zfs.Snapshot], clock: Stopwatch
+    ) -> tuple[str, zfs.Snapshot, list[zfs.Snapshot], transport.StreamResult] | None:
+        """The routine update (see :mod:`fastpath`); None when it does not apply."""
+        if not dsnaps or pair.options.transport == "mbuffer":
+            return None
+        base = dsnaps[-1]
+        snap = snapshot_name(pair.fingerprint, _now())
+        while snap == base.name:  # two runs within one second
+            time.sleep(0.2)
+            snap = snapshot_name(pair.fingerprint, _now())
+        send = zfs.send(
+            f"{pair.source.fs}@{snap}",
+            base=f"{pair.source.fs}@{base.name}",
+            intermediate=pair.options.intermediate,
+        )
+        recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
+        with clock("stream"):
+            try:
+                outcome = fastpath.update(
+                    src, dst, pair.source.fs, base, snap, send, recv,
+                    pair.options.stall, self._progress(pair),
+                )  # fmt: skip
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc, base.name) from exc
+        if outcome is None:
+            return None
+        clock.add(outcome.timings)
+        log.info("%s: snapshot %s@%s", pair.name, pair.source.fs, snap)
+        return snap, base, outcome.source_snapshots, outcome.stream
+
+    def _update_step_by_step(
+        self, pair: Pair, src: Host, dst: Host, dsnaps: list[zfs.Snapshot], clock: Stopwatch
+    ) -> tuple[str, zfs.Snapshot, list[zfs.Snapshot], transport.StreamResult]:
+        with clock("listing"):
+            ssnaps = self._source_snapshots(pair, src)
+        common = zfs.common_snapshot(ssnaps, dsnaps)
+        if common is None:
+            raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
+        newer = dsnaps[dsnaps.index(common) + 1 :]
+        if newer and not pair.options.rollback:
+            raise StateError(
+                f"{pair.name}: the destination has snapshots the source does not have "
+                f"after the common snapshot {common.name}: "
+                f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
+                "the pair to let zettabee roll the destination back"
+            )
+        with clock("snapshot"):
+            snap = self._new_snapshot(pair, src, ssnaps)
+        send = zfs.send(
+            f"{pair.source.fs}@{snap}",
+            base=f"{pair.source.fs}@{common.name}",
+            intermediate=pair.options.intermediate,
+        )
+        recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
+        with clock("stream"):
+            try:
+                stream = self._stream(pair, src, dst, send, recv)
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc, common.name) from exc
+        receiver = stream.stages[-1] if stream.stages else None
+        if receiver is not None and receiver.ended is not None:
+            clock.add({"receive": max(0.0, receiver.ended - stream.ended)})
+        return snap, common, ssnaps, stream
 
     def purge(self, pair: Pair, dry_run: bool = False) -> list[str]:
         """Destroy obsolete zettabee snapshots on both sides; never the newest common one."""
@@ -335,6 +404,7 @@ class Replicator:
         dst: Host,
         dry_run: bool,
         listing: tuple[list[str], list[str], str] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[str]:
         """Destroy what :func:`plan_prune` marks; ``listing`` spares a fresh look when the
         caller has just listed both sides (source names, destination names, common)."""
@@ -351,17 +421,21 @@ class Replicator:
                 common.name if common else "",
             )
         src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
-        names = []
-        for host, fs, doomed in (
-            (src, pair.source.fs, src_doomed),
-            (dst, pair.destination.fs, dst_doomed),
-        ):
-            for name in doomed:
-                full = f"{fs}@{name}"
-                names.append(f"{host.name}:{full}")
-                if not dry_run:
-                    destroy(host, full)
-                    log.info("%s: destroyed %s:%s", pair.name, host.name, full)
+        sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
+        names = [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
+        if dry_run:
+            return names
+        # Both sides at once, and the caller's ``meanwhile`` (recording the new snapshot)
+        # beside them: each is a command that mostly waits, on the network or on ZFS.
+        sides_done = [Background(functools.partial(destroy_all, *side)) for side in sides]
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            for side in sides_done:
+                side.result()
+        for name in names:
+            log.info("%s: destroyed %s", pair.name, name)
         return names
 
 
@@ -397,6 +471,37 @@ def destroy(host: Host, target: str, recursive: bool = False, attempts: int = 10
                 result.argv, host.name, result.returncode, result.stderr, "zfs destroy"
             )
         time.sleep(0.3 * (attempt + 1))
+
+
+def destroy_all(host: Host, fs: str, names: list[str]) -> None:
+    for name in names:
+        destroy(host, f"{fs}@{name}")
+
+
+class Background:
+    """One call run in a thread, its outcome collected later with :meth:`result`.
+
+    The thread carries its parent's name: a pair's log (``replicate``) keeps the lines of
+    the threads that work for it."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self._call = call
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=threading.current_thread().name, daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def each_pair(

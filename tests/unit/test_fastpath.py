@@ -1,0 +1,118 @@
+"""The one-round-trip update script, run by a real sh against a fake zfs that replays
+recorded output and records what it was asked to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from zettabee import fastpath, zfs
+
+FS = "tank/home"
+BASE = zfs.Snapshot(FS, "zettabee.0123456789abcdef0123456789abcdef.20260101T000000Z", 42, 1000)
+SNAP = "zettabee.0123456789abcdef0123456789abcdef.20260101T001500Z"
+LISTING = (
+    f"{FS}\tguid\t7\n{FS}\tcreation\t900\n{FS}\tcreatetxg\t1\n"
+    f"{FS}@manual\tguid\t41\n{FS}@manual\tcreation\t950\n{FS}@manual\tcreatetxg\t5\n"
+    f"{FS}@{BASE.name}\tguid\t42\n{FS}@{BASE.name}\tcreation\t1000\n"
+    f"{FS}@{BASE.name}\tcreatetxg\t9\n"
+)
+
+FAKE_ZFS = """#!/bin/sh
+echo "$*" >> "$FAKE/calls"
+case "$1" in
+  get) cat "$FAKE/listing" ;;
+  snapshot) [ -e "$FAKE/snapshot-fails" ] && { echo "cannot create snapshot: out of space" >&2; exit 1; }; exit 0 ;;
+  send) printf 'STREAM'; [ -e "$FAKE/send-fails" ] && { echo "send broke" >&2; exit 2; }; exit 0 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Path:
+    (tmp_path / "zfs").write_text(FAKE_ZFS)
+    (tmp_path / "zfs").chmod(0o755)
+    (tmp_path / "listing").write_text(LISTING)
+    return tmp_path
+
+
+def run(
+    fake: Path, base: zfs.Snapshot = BASE, clock: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{base.name}")
+    script = fastpath.script(FS, base, SNAP, send, clock=clock)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE=str(fake))
+    return subprocess.run(["sh", "-c", script], capture_output=True, env=env)
+
+
+def calls(fake: Path) -> list[str]:
+    path = fake / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_lists_checks_snapshots_and_sends_with_only_the_stream_on_stdout(fake: Path) -> None:
+    proc = run(fake)
+    assert proc.returncode == 0
+    assert proc.stdout == b"STREAM"
+    assert calls(fake) == [
+        f"get -Hp -d 1 -o name,property,value guid,creation,createtxg -- {FS}",
+        f"snapshot {FS}@{SNAP}",
+        f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+    ]
+    report = fastpath.parse(proc.stderr.decode())
+    assert [name for name in report.steps] == ["start", "listing", "listed", "snapshot", "send"]
+    assert all(step.status == 0 for step in report.steps.values())
+    snaps = zfs.parse_snapshots(FS, report.steps["listed"].said)
+    assert [s.name for s in snaps] == ["manual", BASE.name]
+
+
+def test_a_same_named_snapshot_with_another_guid_stops_before_any_snapshot(fake: Path) -> None:
+    impostor = zfs.Snapshot(FS, BASE.name, 4242, 1000)
+    proc = run(fake, base=impostor)
+    assert proc.returncode == 3 and proc.stdout == b""
+    assert [c.split()[0] for c in calls(fake)] == ["get"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["base"].status == 1 and not report.ok("snapshot")
+
+
+def test_a_base_whose_guid_is_a_prefix_of_another_does_not_match(fake: Path) -> None:
+    (fake / "listing").write_text(LISTING.replace("\tguid\t42\n", "\tguid\t421\n"))
+    assert run(fake).returncode == 3
+
+
+def test_a_failing_snapshot_stops_before_the_send_and_says_why(fake: Path) -> None:
+    (fake / "snapshot-fails").touch()
+    proc = run(fake)
+    assert proc.returncode == 1 and proc.stdout == b""
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["snapshot"].status == 1
+    assert report.steps["snapshot"].said == "cannot create snapshot: out of space"
+    assert "send" not in report.steps
+
+
+def test_a_failing_send_is_reported_with_its_own_words(fake: Path) -> None:
+    (fake / "send-fails").touch()
+    proc = run(fake)
+    assert proc.returncode == 2
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.ok("snapshot") and report.steps["send"].status == 2
+    assert report.steps["send"].said == "send broke"
+
+
+def test_clock_times_each_step_on_the_source(fake: Path) -> None:
+    report = fastpath.parse(run(fake, clock=True).stderr.decode())
+    assert all(step.at is not None for step in report.steps.values())
+    assert report.duration("listed", "snapshot") is not None
+    assert fastpath.parse(run(fake).stderr.decode()).duration("listed", "snapshot") is None
+
+
+def test_parse_keeps_what_ssh_said_after_the_last_step() -> None:
+    text = (
+        "\n@@zettabee-step start 0\nboom\n@@zettabee-step listing 1\nclient_loop: send disconnect\n"
+    )
+    report = fastpath.parse(text)
+    assert report.steps["listing"].said == "boom"
+    assert report.trailer == "client_loop: send disconnect"
