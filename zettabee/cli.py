@@ -171,7 +171,10 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
     replicator = Replicator(app.store, hosts)
     code = EXIT_OK
     try:
-        for pair in pairs:
+        for index, pair in enumerate(pairs):
+            # Connect to this pair's source and the next one's while the work goes on.
+            for ahead in pairs[index : index + 2]:
+                hosts.get(ahead.source, ahead).start()
             pairlog = _PairLog(app, pair, getattr(args, "debug", False))
             try:
                 if action == "initialize":
