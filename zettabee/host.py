@@ -445,7 +445,9 @@ def ssh_failure(target: SshTarget, returncode: int, stderr: str) -> TransportErr
         key = f" (key {target.key})" if target.key else ""
         return TransportError(f"ssh to {target.user}@{where} failed: {said}{key}", transient=False)
     if "ssh: connect to host" in stderr or "Connection timed out" in stderr:
-        return TransportError(f"cannot connect to {where}: {said}")
+        # "ssh: connect to host H port P: Connection refused": the reason is the news.
+        reason = next(line for line in lines if "connect to host" in line or "timed out" in line)
+        return TransportError(f"cannot connect to {where}: {reason.rsplit(': ', 1)[-1]}")
     return TransportError(f"ssh to {target.user}@{where} failed (exit {returncode}): {said}")
 
 

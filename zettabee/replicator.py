@@ -111,6 +111,8 @@ class Replicator:
             try:
                 yield status
             except BaseException as exc:
+                if isinstance(exc, ZettabeeError) and not str(exc).startswith(pair.name):
+                    exc.args = (f"{pair.name}: {exc}",)  # every message names its pair
                 status.state, status.result = FAILED, "failed"
                 status.error = str(exc) if isinstance(exc, ZettabeeError) else repr(exc)
                 status.ended, status.pid = time.time(), None
@@ -325,6 +327,12 @@ class Replicator:
                 f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
                 "the pair to let zettabee roll the destination back"
             )
+        if newer:  # rollback=yes; receive -F alone does not go back past the newest
+            log.warning(
+                "%s: rolling %s back to %s, destroying %s",
+                pair.name, pair.destination.fs, common.name, ", ".join(s.name for s in newer),
+            )  # fmt: skip
+            dst.run(zfs.rollback(f"{pair.destination.fs}@{common.name}"))
         with clock("snapshot"):
             snap = self._new_snapshot(pair, src, ssnaps)
         send = zfs.send(

@@ -45,7 +45,17 @@ def test_an_unknown_host_key_says_how_to_pin_it() -> None:
 
 def test_a_refused_connection_may_heal_a_refused_key_not() -> None:
     refused = ssh_failure(TARGET, 255, "ssh: connect to host backup1 port 22: Connection refused\n")
-    assert refused.transient and "Connection refused" in str(refused)
+    assert refused.transient
+    assert str(refused) == "cannot connect to backup1 port 22: Connection refused"
+    hung = ssh_failure(
+        TARGET,
+        255,
+        "Connection timed out during banner exchange\nConnection to backup1 port 22 timed out\n",
+    )
+    assert (
+        str(hung)
+        == "cannot connect to backup1 port 22: Connection timed out during banner exchange"
+    )
     denied = ssh_failure(TARGET, 255, "root@backup1: Permission denied (publickey).\n")
     assert not denied.transient and "/etc/zettabee/id" in str(denied)
 
