@@ -1,0 +1,83 @@
+"""How an update gets there, on the real lab: in one round trip when the destination's
+newest snapshot is still on the source, step by step otherwise, with ``--debug`` saying
+what each part cost."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import Zb, write_random
+
+pytestmark = pytest.mark.integration
+
+PARTS = ("connection", "listing", "snapshot", "send", "receive", "record", "prune")
+
+
+def initialized(zb: Zb, options: str = "") -> None:
+    zb.make_source(mb=2)
+    zb.write_pairs(zb.pair_line(options=options))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+
+
+def timings(stderr: str) -> dict[str, float]:
+    line = next(line for line in stderr.splitlines() if ": timings " in line)
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)s", line)}
+
+
+def remote_commands(zb: Zb, stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if f"run on {zb.src.address}:" in line]
+
+
+def test_a_routine_update_is_one_command_on_the_source_and_debug_times_each_part(
+    zb: Zb,
+) -> None:
+    initialized(zb)
+    write_random(zb.src_dir() / "more.bin", 3)
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    # Listing, snapshot and send went as one stream command; after it only the prune
+    # of the old snapshot ran on the source.
+    assert "step by step" not in out.stderr
+    assert [c.split(": ", 2)[-1].split()[:2] for c in remote_commands(zb, out.stderr)] == [
+        ["zfs", "destroy"]
+    ]
+    parts = timings(out.stderr)
+    assert set(PARTS) <= set(parts), parts
+    assert out.stderr.count("ssh to ") == 1
+
+
+def test_a_replaced_base_snapshot_on_the_source_is_never_sent_from(zb: Zb) -> None:
+    initialized(zb)
+    base = zb.src.run("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", zb.src_fs())
+    (snap,) = base.stdout.split()
+    zb.src.run("zfs", "destroy", snap)
+    write_random(zb.src_dir() / "after.bin", 1)
+    zb.src.run("zfs", "snapshot", snap)  # the same name, another snapshot (another guid)
+    before = zb.lab.checksum_tree(zb.dst_dir())
+
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 1
+    assert "is not on" in out.stderr and "step by step" in out.stderr
+    assert "no common snapshot" in out.stderr and "initialize --force" in out.stderr
+    assert zb.lab.checksum_tree(zb.dst_dir()) == before
+
+
+def test_when_the_newest_snapshot_is_gone_the_update_goes_step_by_step(zb: Zb) -> None:
+    initialized(zb, "intermediate=yes,rollback=yes,keep=3")
+    zb.src.run("zfs", "snapshot", f"{zb.src_fs()}@manual")
+    write_random(zb.src_dir() / "one.bin", 1)
+    assert zb.run("update", zb.dst_fs()).returncode == 0
+    newest = zb.src.run("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", zb.src_fs())
+    zb.src.run("zfs", "destroy", newest.stdout.split()[-1])  # gone from the source only
+    write_random(zb.src_dir() / "two.bin", 1)
+
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert "step by step" in out.stderr
+    zb.assert_same_data()
+    status = zb.run("status", zb.dst_fs())
+    assert "Synchronized" in status.stdout
