@@ -7,12 +7,11 @@ error; 3 the pair is busy (another run holds its lock).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from zettabee import __version__
 from zettabee.config import (
@@ -23,9 +22,11 @@ from zettabee.config import (
     load_settings,
 )
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError
-from zettabee.health import Health, read_health
 from zettabee.pair import Pair
 from zettabee.state import StateStore
+
+if TYPE_CHECKING:  # status only: an update starts its connection without them
+    from zettabee.health import Health
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -293,8 +294,12 @@ def health_json(h: Health) -> dict[str, object]:
 def do_status(app: App) -> int:
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
+    from zettabee.health import read_health
+
     healths = read_health(pairs, app.store)
     if args.json:
+        import json
+
         print(json.dumps([health_json(h) for h in healths], indent=1))
     else:
         for line in status_lines(healths, args.fullstatus):

@@ -143,7 +143,7 @@ def update(
     was sent (the caller goes on step by step). A failing send or receive raises, as in
     :func:`transport.stream_via_processes`."""
     started = time.monotonic()
-    command = script(fs, base, snap, send_argv, clock=log.isEnabledFor(logging.DEBUG))
+    command = script(fs, base, snap, send_argv, clock=debug_wanted(log))
     if isinstance(src, SshHost):
         sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
     else:
@@ -173,6 +173,17 @@ def update(
         measured["receive"] = max(0.0, receiver.ended - relay.ended)
     stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)
     return Outcome(zfs.parse_snapshots(fs, report.steps["listed"].said), stream, measured)
+
+
+def debug_wanted(logger: logging.Logger) -> bool:
+    """Will a debug line be written anywhere? zettabee's loggers pass everything and
+    their handlers choose, so the logger's own level does not say."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(handler.level <= logging.DEBUG for handler in current.handlers):
+            return logger.isEnabledFor(logging.DEBUG)
+        current = current.parent if current.propagate else None
+    return False
 
 
 def _why(src: Host, base: zfs.Snapshot, report: Report) -> str:

@@ -276,7 +276,7 @@ class SshHost:
                 )
                 raise self._failure
             time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+            delay = min(delay * 2, 0.004)
         self._ready = True
         self.connections += 1
         t = self.target

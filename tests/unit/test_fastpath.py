@@ -116,3 +116,22 @@ def test_parse_keeps_what_ssh_said_after_the_last_step() -> None:
     report = fastpath.parse(text)
     assert report.steps["listing"].said == "boom"
     assert report.trailer == "client_loop: send disconnect"
+
+
+def test_the_source_clock_is_read_only_when_a_debug_line_will_be_written() -> None:
+    import logging
+
+    parent = logging.getLogger("zbtest")
+    child = logging.getLogger("zbtest.fastpath")
+    parent.setLevel(logging.DEBUG)
+    parent.propagate = False  # as the command's own logger tree: pytest's stay out
+    handler = logging.NullHandler()
+    handler.setLevel(logging.WARNING)
+    parent.addHandler(handler)
+    try:
+        assert not fastpath.debug_wanted(child)
+        handler.setLevel(logging.DEBUG)
+        assert fastpath.debug_wanted(child)
+    finally:
+        parent.removeHandler(handler)
+        parent.propagate = True
