@@ -1,17 +1,19 @@
-"""An update in one round trip: listing, snapshot and send as one command on the source.
+"""An update in one round trip: snapshot, send and listing as one command on the source.
 
-A routine update finds the destination's newest snapshot still on the source. Then the
-source's listing, the check that this snapshot is the same one there (by guid), the new
-snapshot and the incremental send need no decision from this side in between, so they
-run as one script whose stdout is the stream and whose stderr reports each step: its exit
-status, when it ended (the source's clock, for ``--debug`` timings), and the listing that
-pruning needs afterwards. On loopback that saves three round trips of a step-by-step
-update, most of a no-change update's cost.
+A routine update sends from the destination's newest snapshot, which is still on the
+source. Nothing has to be decided on this side between taking the new snapshot and
+sending it, so the source runs one script: the snapshot, the send (its stdout is the
+stream) and then, while ``zfs receive`` finishes here, the listing that pruning needs.
+Its stderr reports each step: exit status, what the tool said, and the source's clock
+for ``--debug`` timings. That saves the round trips of a step-by-step update, most of a
+no-change update's cost.
 
-When the premise fails (the snapshot is gone from the source, or is another one under the
-same name; the listing or the snapshot fails) the script stops before it sends anything,
-and the update goes on step by step, which explains the situation properly. Nothing was
-received, and at worst a new snapshot was left on the source for the next prune.
+The base is not checked before the send: ``zfs receive`` refuses an incremental stream
+whose base is not the destination's newest snapshot (by guid), before it changes
+anything. When the update fails and the listing shows the base gone from the source or
+replaced by another snapshot of the same name, the premise was wrong: the update goes on
+step by step, which explains the situation properly. At worst the script left a new
+snapshot on the source, which the prune of that step-by-step update takes.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zettabee import transport, zfs
+from zettabee.errors import CommandError
 from zettabee.host import Host, SshHost
 
 log = logging.getLogger(__name__)
 
 STEP_MARK = "@@zettabee-step"
-# The order of the steps; "base" appears only when the premise failed.
-STEPS = ("start", "listing", "listed", "base", "snapshot", "send")
+# The steps, in the order the script reports them.
+STEPS = ("start", "snapshot", "send", "listing", "listed")
 
 
 @dataclass
@@ -59,11 +62,9 @@ class Report:
         return max(0.0, b.at - a.at)
 
 
-def script(
-    fs: str, base: zfs.Snapshot, snap: str, send_argv: Sequence[str], clock: bool = False
-) -> str:
-    """The remote command that lists ``fs``, checks that ``base`` is on it with the same
-    guid, snapshots ``fs@snap`` and runs ``send_argv`` with its stream on stdout.
+def script(fs: str, snap: str, send_argv: Sequence[str], clock: bool = False) -> str:
+    """The remote command that snapshots ``fs@snap``, runs ``send_argv`` with its stream
+    on stdout, and lists ``fs`` after it.
 
     After each step the script writes a line ``@@zettabee-step NAME STATUS [TIME]`` on
     stderr, after what the tool itself said there; the listing is written after its own
@@ -73,25 +74,20 @@ def script(
     milliseconds. ``clock`` adds the source's time to each line, for ``--debug`` (one
     ``date`` each).
     """
-    expected = f"\n{fs}@{base.name}\tguid\t{base.guid}\n"
     now = ' "$(date +%s.%N 2>/dev/null)"' if clock else ""
     return "\n".join(
         [
             f'step() {{ printf \'\\n{STEP_MARK} %s %s %s\\n\' "$1" "$2"{now} >&2; }}',
             "step start 0",
-            f"o=$({shlex.join(zfs.list_snapshots(fs))}); s=$?",
-            "step listing $s",
-            "[ $s = 0 ] || exit $s",
-            "printf '%s\\n' \"$o\" >&2",
-            "step listed 0",
-            f"e={shlex.quote(expected)}",
-            "n='\n'",
-            'case "$n$o$n" in *"$e"*) ;; *) step base 1; exit 3 ;; esac',
             f"{shlex.join(zfs.snapshot(fs, snap))}; s=$?",
             "step snapshot $s",
             "[ $s = 0 ] || exit $s",
             f"{shlex.join(send_argv)}; s=$?",
             "step send $s",
+            f"o=$({shlex.join(zfs.list_snapshots(fs))}); l=$?",
+            "step listing $l",
+            "printf '%s\\n' \"$o\" >&2",
+            "step listed 0",
             "exit $s",
         ]
     )
@@ -100,7 +96,7 @@ def script(
 def parse(stderr: str) -> Report:
     """The steps :func:`script` reported, from its stderr. What a step's tools said is
     what came before its line; the listing is what ``listed`` closes."""
-    head, *blocks = stderr.split(f"\n{STEP_MARK} ")
+    head, *blocks = f"\n{stderr}".split(f"\n{STEP_MARK} ")  # the first line may start it
     report = Report()
     said = head
     for block in blocks:
@@ -139,11 +135,11 @@ def update(
     stall: int,
     progress: transport.ProgressFn | None = None,
 ) -> Outcome | None:
-    """Run the update in one round trip; None when its premise failed before anything
-    was sent (the caller goes on step by step). A failing send or receive raises, as in
+    """Run the update in one round trip; None when its premise failed (the caller goes
+    on step by step). A failing send or receive raises otherwise, as in
     :func:`transport.stream_via_processes`."""
     started = time.monotonic()
-    command = script(fs, base, snap, send_argv, clock=debug_wanted(log))
+    command = script(fs, snap, send_argv, clock=debug_wanted(log))
     if isinstance(src, SshHost):
         sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
     else:
@@ -153,26 +149,37 @@ def update(
     )
     relay = transport.relay_stages(sender, receiver, stall, progress)
     report = parse(sender.stderr)
-    if not report.ok("snapshot"):
+    listed = report.steps.get("listed")
+    source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
+    stages = [sender, receiver]
+    failed = any(s.failed for s in stages) or relay.stalled or relay.error
+    if not report.ok("snapshot") or (failed and not _has(source, base) and report.ok("listing")):
         log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
         return None
     send = report.steps.get("send")
     sender.stderr = "\n".join(x for x in (send.said if send else "", report.trailer) if x)
     if send is None and sender.returncode == 255 and isinstance(src, SshHost):
         sender.label = "ssh"
-    stages = [sender, receiver]
-    if any(s.failed for s in stages) or relay.stalled or relay.error:
+    if failed:
         raise transport.describe_failure(stages, relay)
+    if not report.ok("listing"):
+        step = report.steps.get("listing")
+        raise CommandError(zfs.list_snapshots(fs), src.name, step.status if step else 255,
+                           step.said if step else report.trailer, "zfs get")  # fmt: skip
     timings = {
-        "listing": report.duration("start", "listing"),
-        "snapshot": report.duration("listed", "snapshot"),
+        "snapshot": report.duration("start", "snapshot"),
         "send": report.duration("snapshot", "send"),
+        "listing": report.duration("send", "listing"),
     }
     measured = {part: seconds for part, seconds in timings.items() if seconds is not None}
     if receiver.ended is not None:
         measured["receive"] = max(0.0, receiver.ended - relay.ended)
     stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)
-    return Outcome(zfs.parse_snapshots(fs, report.steps["listed"].said), stream, measured)
+    return Outcome(source, stream, measured)
+
+
+def _has(snapshots: list[zfs.Snapshot], wanted: zfs.Snapshot) -> bool:
+    return any(s.name == wanted.name and s.guid == wanted.guid for s in snapshots)
 
 
 def debug_wanted(logger: logging.Logger) -> bool:
@@ -187,10 +194,9 @@ def debug_wanted(logger: logging.Logger) -> bool:
 
 
 def _why(src: Host, base: zfs.Snapshot, report: Report) -> str:
-    if "base" in report.steps:
-        return f"{base.name} with guid {base.guid} is not on {src.name}"
-    for name in ("listing", "snapshot"):
-        step = report.steps.get(name)
-        if step is not None and step.status != 0:
-            return f"{name} on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
-    return f"the command on {src.name} did not start: {report.trailer or 'no output'}"
+    step = report.steps.get("snapshot")
+    if step is not None and step.status != 0:
+        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
+    if step is None:
+        return f"the command on {src.name} did not start: {report.trailer or 'no output'}"
+    return f"{base.name} with guid {base.guid} is not on {src.name}"

@@ -50,7 +50,7 @@ def test_a_routine_update_is_one_command_on_the_source_and_debug_times_each_part
     assert out.stderr.count("ssh to ") == 1
 
 
-def test_a_replaced_base_snapshot_on_the_source_is_never_sent_from(zb: Zb) -> None:
+def test_a_replaced_base_snapshot_on_the_source_is_never_received(zb: Zb) -> None:
     initialized(zb)
     base = zb.src.run("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", zb.src_fs())
     (snap,) = base.stdout.split()
