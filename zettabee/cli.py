@@ -7,6 +7,7 @@ error; 3 the pair is busy (another run holds its lock).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -23,10 +24,10 @@ from zettabee.config import (
 )
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError
 from zettabee.pair import Pair
-from zettabee.state import StateStore
 
-if TYPE_CHECKING:  # status only: an update starts its connection without them
+if TYPE_CHECKING:  # not imported before an update has started its connection
     from zettabee.health import Health
+    from zettabee.state import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -111,9 +112,12 @@ class App:
         self.settings: Settings = load_settings(getattr(args, "settings", None))
         path = getattr(args, "config", None) or self.settings.pairs
         self.pairfile = load_pairs(path, self.settings)
-        self.store = StateStore(
-            self.settings.state_dir, self.settings.lock_dir, self.settings.log_dir
-        )
+
+    @functools.cached_property
+    def store(self) -> StateStore:
+        from zettabee.state import StateStore
+
+        return StateStore(self.settings.state_dir, self.settings.lock_dir, self.settings.log_dir)
 
     def report_problems(self) -> None:
         for problem in self.pairfile.problems:
@@ -165,10 +169,15 @@ class _PairLog:
 
 
 def run_actions(app: App, pairs: list[Pair], action: str) -> int:
-    from zettabee.replicator import Hosts, Replicator
+    from zettabee.host import Hosts
 
     args = app.args
     hosts = Hosts(app.settings.known_hosts)
+    if pairs:  # the handshake goes on while the rest of zettabee is imported
+        hosts.get(pairs[0].source, pairs[0]).start()
+
+    from zettabee.replicator import Replicator
+
     replicator = Replicator(app.store, hosts)
     code = EXIT_OK
     try:

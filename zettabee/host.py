@@ -17,9 +17,12 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from zettabee.errors import CommandError, TransportError, ZfsError
+
+if TYPE_CHECKING:
+    from zettabee.pair import Endpoint, Pair
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +452,33 @@ def ssh_failure(target: SshTarget, returncode: int, stderr: str) -> TransportErr
         reason = next(line for line in lines if "connect to host" in line or "timed out" in line)
         return TransportError(f"cannot connect to {where}: {reason.rsplit(': ', 1)[-1]}")
     return TransportError(f"ssh to {target.user}@{where} failed (exit {returncode}): {said}")
+
+
+class Hosts:
+    """One host object per (host, port, user, key) for the whole run: pairs from the same
+    source share one control connection. Here, not in the replicator, so that a run can
+    start its connections before it imports the rest."""
+
+    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
+        self.known_hosts = known_hosts
+        self.accept_new_host_key = accept_new_host_key
+        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
+
+    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
+        opts = pair.options
+        known = opts.knownhosts or self.known_hosts
+        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+        if key not in self._hosts:
+            if pair.options.transport == "local" or is_local_host(endpoint.host):
+                self._hosts[key] = LocalHost(endpoint.host)
+            else:
+                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+                self._hosts[key] = SshHost(target, self.accept_new_host_key)
+        return self._hosts[key]
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
 
 
 def is_local_host(name: str) -> bool:

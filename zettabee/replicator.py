@@ -14,11 +14,13 @@ from datetime import UTC, datetime
 
 from zettabee import fastpath, transport, zfs
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
-from zettabee.host import Host, LocalHost, SshHost, SshTarget, is_local_host
-from zettabee.pair import Endpoint, Pair, is_own_snapshot, snapshot_name
+from zettabee.host import Host, Hosts, SshHost
+from zettabee.pair import Pair, is_own_snapshot, snapshot_name
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Hosts", "Replicator", "RunReport", "each_pair", "plan_prune"]
 
 
 @dataclass
@@ -35,32 +37,6 @@ class RunReport:
     @property
     def rate(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
-
-
-class Hosts:
-    """One host object per (host, port, user, key) for the whole run: pairs from the same
-    source share one control connection."""
-
-    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
-        self.known_hosts = known_hosts
-        self.accept_new_host_key = accept_new_host_key
-        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
-
-    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
-        opts = pair.options
-        known = opts.knownhosts or self.known_hosts
-        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-        if key not in self._hosts:
-            if pair.options.transport == "local" or is_local_host(endpoint.host):
-                self._hosts[key] = LocalHost(endpoint.host)
-            else:
-                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-                self._hosts[key] = SshHost(target, self.accept_new_host_key)
-        return self._hosts[key]
-
-    def close(self) -> None:
-        for host in self._hosts.values():
-            host.close()
 
 
 def _now() -> datetime:
