@@ -177,6 +177,7 @@ class Relay:
         self.last_move = self.started
         self.ended = self.started
         self.stalled = False
+        self.receiver_left = False  # the receiver closed its end before the sender's EOF
         self.error: str | None = None
         self._done = threading.Event()
 
@@ -221,7 +222,12 @@ class Relay:
                     while view:
                         view = view[os.write(fout, view) :]
             except BrokenPipeError:
-                if not self._drained(fin):
+                # The receiver went away. zfs receive leaves on the stream's last record,
+                # often before the sender's end-of-file (and splice(2) then says EPIPE
+                # with nothing left to move): with no byte waiting in the pipe, the
+                # receiver's exit status tells whether it had the whole stream.
+                self.receiver_left = True
+                if self._pending(fin):
                     self.error = "the receiving side closed the stream"
                 return
             except OSError as exc:
@@ -236,17 +242,11 @@ class Relay:
             self.last_move = time.monotonic()
 
     @staticmethod
-    def _drained(fd: int) -> bool:
-        """Had the sender finished when the receiver went away?
-
-        splice(2) fails with EPIPE once the receiver has exited even when there is
-        nothing left to move, so a receiver that exits on the stream's last record races
-        the sender's end-of-file. The stream was whole if the sender's pipe now closes
-        with no byte left in it."""
+    def _pending(fd: int) -> bool:
+        """Does the sender's pipe hold bytes that nobody will read now?"""
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        events = poller.poll(5000)
-        return bool(events) and not events[0][1] & select.POLLIN
+        return any(event & select.POLLIN for _, event in poller.poll(0))
 
     def _watch(self, on_stall: Callable[[], None]) -> None:
         while not self._done.wait(1.0):
@@ -363,10 +363,15 @@ def stream_via_processes(
 
 
 def relay_stages(
-    sender: Stage, receiver: Stage, stall: int, progress: ProgressFn | None = None
+    sender: Stage,
+    receiver: Stage,
+    stall: int,
+    progress: ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
 ) -> Relay:
     """Start both processes, relay the stream to its end and wait for both; the caller
-    judges the outcome from the stages and the relay."""
+    judges the outcome from the stages and the relay. ``on_received`` runs as soon as the
+    receiver has taken the whole stream, while the sender may still be finishing."""
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -374,8 +379,15 @@ def relay_stages(
     relay.run(_kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    for stage in reversed(stages):
-        stage.finish()
+    receiver.finish()
+    if receiver.failed:
+        sender.kill()
+    try:
+        if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
+            on_received()
+    finally:
+        # A sender still writing after its receiver left would wait forever.
+        sender.finish(timeout=stall or None if relay.receiver_left else None)
     return relay
 
 
