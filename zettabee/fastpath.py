@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from zettabee import transport, zfs
@@ -134,10 +134,12 @@ def update(
     recv_argv: list[str],
     stall: int,
     progress: transport.ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
 ) -> Outcome | None:
     """Run the update in one round trip; None when its premise failed (the caller goes
     on step by step). A failing send or receive raises otherwise, as in
-    :func:`transport.stream_via_processes`."""
+    :func:`transport.stream_via_processes`. ``on_received`` runs once the receive has
+    succeeded, beside the source's listing."""
     started = time.monotonic()
     command = script(fs, snap, send_argv, clock=debug_wanted(log))
     if isinstance(src, SshHost):
@@ -147,7 +149,7 @@ def update(
     receiver = transport.Stage(
         "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
     )
-    relay = transport.relay_stages(sender, receiver, stall, progress)
+    relay = transport.relay_stages(sender, receiver, stall, progress, on_received)
     report = parse(sender.stderr)
     listed = report.steps.get("listed")
     source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []

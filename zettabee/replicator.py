@@ -232,23 +232,13 @@ class Replicator:
             self._check_identity(pair, props)
             with clock("connection"):
                 src.connect()
-            done = self._update_in_one_round_trip(pair, src, dst, dsnaps, clock)
+            done = self._update_in_one_round_trip(pair, src, dst, dsnaps, clock, report)
             if done is None:
-                done = self._update_step_by_step(pair, src, dst, dsnaps, clock)
-            snap, common, ssnaps, stream = done
+                done = self._update_step_by_step(pair, src, dst, dsnaps, clock, report)
+            snap, common, stream = done
             report.snapshot, report.base = snap, common.name
             report.bytes, report.seconds = stream.bytes, stream.seconds
             status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
-            listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
-
-            def record() -> None:
-                with clock("record"):
-                    self._record(pair, dst, snap, first=False)
-
-            with clock("prune"):  # the record runs beside the source's destroys
-                report.destroyed = self._prune(
-                    pair, src, dst, dry_run=False, listing=listing, meanwhile=record
-                )
         log.info(
             "%s: updated %s -> %s, %d bytes in %.1fs",
             pair.name, common.name, snap, report.bytes, report.seconds,
@@ -257,27 +247,52 @@ class Replicator:
         return report
 
     def _update_in_one_round_trip(
-        self, pair: Pair, src: Host, dst: Host, dsnaps: list[zfs.Snapshot], clock: Stopwatch
-    ) -> tuple[str, zfs.Snapshot, list[zfs.Snapshot], transport.StreamResult] | None:
-        """The routine update (see :mod:`fastpath`); None when it does not apply."""
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        dsnaps: list[zfs.Snapshot],
+        clock: Stopwatch,
+        report: RunReport,
+    ) -> tuple[str, zfs.Snapshot, transport.StreamResult] | None:
+        """The routine update (see :mod:`fastpath`); None when it does not apply.
+
+        Once the receive has succeeded, its base is proven the common snapshot: the new
+        one is recorded and what the prune plan takes on both sides without the source's
+        listing (its base, the destination's surplus) is destroyed, while the source still
+        lists; what that listing adds (rare: leftovers of failed runs) goes after."""
         if not dsnaps or pair.options.transport == "mbuffer":
             return None
-        base = dsnaps[-1]
-        snap = snapshot_name(pair.fingerprint, _now())
+        fp, base = pair.fingerprint, dsnaps[-1]
+        snap = snapshot_name(fp, _now())
         while snap == base.name:  # two runs within one second
             time.sleep(0.2)
-            snap = snapshot_name(pair.fingerprint, _now())
+            snap = snapshot_name(fp, _now())
         send = zfs.send(
             f"{pair.source.fs}@{snap}",
             base=f"{pair.source.fs}@{base.name}",
             intermediate=pair.options.intermediate,
         )
         recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
+        dest_names = [s.name for s in dsnaps] + [snap]
+        early = (
+            [base.name] if is_own_snapshot(base.name, fp) else [],
+            plan_prune(fp, [], dest_names, snap, pair.options.keep)[1],
+        )
+
+        def received() -> None:
+            with clock("prune"):
+                report.destroyed = self._destroy_planned(pair, src, dst, *early, meanwhile=record)
+
+        def record() -> None:
+            with clock("record"):
+                self._record(pair, dst, snap, first=False)
+
         with clock("stream"):
             try:
                 outcome = fastpath.update(
                     src, dst, pair.source.fs, base, snap, send, recv,
-                    pair.options.stall, self._progress(pair),
+                    pair.options.stall, self._progress(pair), received,
                 )  # fmt: skip
             except (CommandError, TransportError) as exc:
                 raise self._explain_receive(pair, exc, base.name) from exc
@@ -285,11 +300,22 @@ class Replicator:
             return None
         clock.add(outcome.timings)
         log.info("%s: snapshot %s@%s", pair.name, pair.source.fs, snap)
-        return snap, base, outcome.source_snapshots, outcome.stream
+        source_names = [s.name for s in outcome.source_snapshots]
+        late = [n for n in plan_prune(fp, source_names, dest_names, snap, pair.options.keep)[0]
+                if n not in early[0]]  # fmt: skip
+        if late:
+            report.destroyed += self._destroy_planned(pair, src, dst, late, [])
+        return snap, base, outcome.stream
 
     def _update_step_by_step(
-        self, pair: Pair, src: Host, dst: Host, dsnaps: list[zfs.Snapshot], clock: Stopwatch
-    ) -> tuple[str, zfs.Snapshot, list[zfs.Snapshot], transport.StreamResult]:
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        dsnaps: list[zfs.Snapshot],
+        clock: Stopwatch,
+        report: RunReport,
+    ) -> tuple[str, zfs.Snapshot, transport.StreamResult]:
         with clock("listing"):
             ssnaps = self._source_snapshots(pair, src)
         common = zfs.common_snapshot(ssnaps, dsnaps)
@@ -325,7 +351,17 @@ class Replicator:
         receiver = stream.stages[-1] if stream.stages else None
         if receiver is not None and receiver.ended is not None:
             clock.add({"receive": max(0.0, receiver.ended - stream.ended)})
-        return snap, common, ssnaps, stream
+        listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
+
+        def record() -> None:
+            with clock("record"):
+                self._record(pair, dst, snap, first=False)
+
+        with clock("prune"):  # the record runs beside the destroys
+            report.destroyed = self._prune(
+                pair, src, dst, dry_run=False, listing=listing, meanwhile=record
+            )
+        return snap, common, stream
 
     def purge(self, pair: Pair, dry_run: bool = False) -> list[str]:
         """Destroy obsolete zettabee snapshots on both sides; never the newest common one."""
@@ -405,10 +441,22 @@ class Replicator:
                 common.name if common else "",
             )
         src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
+        if dry_run:
+            sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
+            return [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
+        return self._destroy_planned(pair, src, dst, src_doomed, dst_doomed, meanwhile)
+
+    def _destroy_planned(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        src_doomed: list[str],
+        dst_doomed: list[str],
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[str]:
         sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
         names = [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
-        if dry_run:
-            return names
         # Both sides at once, and the caller's ``meanwhile`` (recording the new snapshot)
         # beside them: each is a command that mostly waits, on the network or on ZFS.
         sides_done = [Background(functools.partial(destroy_all, *side)) for side in sides]
