@@ -226,7 +226,7 @@ class SshHost:
             return
         self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
         argv = self.target.ssh_client_argv(
-            None,
+            LIFELINE,
             control_path=self._control_path(),
             master=True,
             accept_new_host_key=self.accept_new_host_key,
@@ -237,7 +237,7 @@ class SshHost:
         try:
             self._master = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # the lifeline: closed when this process ends
                 stdout=subprocess.DEVNULL,
                 stderr=self._master_err,
                 start_new_session=True,
@@ -390,6 +390,8 @@ class SshHost:
 
     def _stop_master(self) -> None:
         if self._master is not None:
+            if self._master.stdin is not None:
+                self._master.stdin.close()
             self._master.terminate()
             try:
                 self._master.wait(timeout=5)
@@ -409,6 +411,11 @@ class SshHost:
                 self._master_err.close()
                 self._master_err = None
 
+
+# The master's own session: it ends, and the master with it, when the master's stdin
+# closes, which the kernel does when this process ends however it ends (a master started
+# with -N would outlive a killed zettabee).
+LIFELINE = "cat >/dev/null"
 
 # What the OpenSSH client says when the connection, not the remote command, failed.
 _SSH_CLIENT_FAILURES = (

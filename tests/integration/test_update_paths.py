@@ -5,10 +5,13 @@ what each part cost."""
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Zb, write_random
+from zettabee.state import pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +84,39 @@ def test_when_the_newest_snapshot_is_gone_the_update_goes_step_by_step(zb: Zb) -
     zb.assert_same_data()
     status = zb.run("status", zb.dst_fs())
     assert "Synchronized" in status.stdout
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_a_killed_run_leaves_no_ssh_connection_behind(zb: Zb) -> None:
+    initialized(zb)
+    write_random(zb.src_dir() / "big.bin", 40)
+    run = zb.popen("zettabee", "update", zb.dst_fs())
+    masters: list[int] = []
+    deadline = time.monotonic() + 30
+    while not masters and time.monotonic() < deadline and run.poll() is None:
+        masters = [pid for pid, cmd in children(run.pid) if "ControlMaster=yes" in cmd]
+        time.sleep(0.01)
+    assert masters, "the run's ssh master was never seen"
+    run.kill()  # SIGKILL: no handler, no cleanup of its own
+    run.communicate()
+    deadline = time.monotonic() + 20
+    while pid_alive(masters[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(masters[0]), "the killed run's ssh master is still connected"
+    out = zb.run("update", zb.dst_fs())  # the pair is interrupted, not broken
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
