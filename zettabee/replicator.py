@@ -172,11 +172,15 @@ class Replicator:
 
     def _record(self, pair: Pair, dst: Host, snap: str, first: bool) -> None:
         fs = pair.destination.fs
-        dst.run(zfs.set_prop(fs, zfs.PROP_LASTSNAP, snap))
+        props = [(zfs.PROP_LASTSNAP, snap)]
         if first:
-            dst.run(zfs.set_prop(fs, zfs.PROP_FINGERPRINT, pair.fingerprint))
-            dst.run(zfs.set_prop(fs, zfs.PROP_SOURCE, str(pair.source)))
-            dst.run(zfs.set_prop(fs, "readonly", "on"))
+            props += [
+                (zfs.PROP_FINGERPRINT, pair.fingerprint),
+                (zfs.PROP_SOURCE, str(pair.source)),
+                ("readonly", "on"),
+            ]
+        # One property per zfs set (zfs-fuse takes no more), all at once.
+        wait_all([Background(functools.partial(dst.run, zfs.set_prop(fs, *p))) for p in props])
 
     # -- actions -----------------------------------------------------------------------
 
@@ -464,8 +468,7 @@ class Replicator:
             if meanwhile is not None:
                 meanwhile()
         finally:
-            for side in sides_done:
-                side.result()
+            wait_all(sides_done)
         for name in names:
             log.info("%s: destroyed %s", pair.name, name)
         return names
@@ -534,6 +537,18 @@ class Background:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def wait_all(calls: list[Background]) -> None:
+    """Wait for every call, then raise the first failure: none is left running."""
+    errors = []
+    for call in calls:
+        try:
+            call.result()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def each_pair(
