@@ -19,6 +19,7 @@ snapshot on the source, which the prune of that step-by-step update takes.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STEP_MARK = "@@zettabee-step"
 # The steps, in the order the script reports them.
-STEPS = ("start", "snapshot", "send", "listing", "listed")
+STEPS = ("start", "snapshot", "send", "listing", "listed")  # and "base" when checked
 
 
 @dataclass
@@ -62,9 +63,16 @@ class Report:
         return max(0.0, b.at - a.at)
 
 
-def script(fs: str, snap: str, send_argv: Sequence[str], clock: bool = False) -> str:
+def script(
+    fs: str,
+    snap: str,
+    send_argv: Sequence[str],
+    clock: bool = False,
+    base: zfs.Snapshot | None = None,
+) -> str:
     """The remote command that snapshots ``fs@snap``, runs ``send_argv`` with its stream
-    on stdout, and lists ``fs`` after it.
+    on stdout, and lists ``fs`` after it; with ``base``, it first checks that this
+    snapshot is on ``fs`` with the same guid, and stops (step ``base``) if not.
 
     After each step the script writes a line ``@@zettabee-step NAME STATUS [TIME]`` on
     stderr, after what the tool itself said there; the listing is written after its own
@@ -75,10 +83,19 @@ def script(fs: str, snap: str, send_argv: Sequence[str], clock: bool = False) ->
     ``date`` each).
     """
     now = ' "$(date +%s.%N 2>/dev/null)"' if clock else ""
+    lines = [
+        f'step() {{ printf \'\\n{STEP_MARK} %s %s %s\\n\' "$1" "$2"{now} >&2; }}',
+        "step start 0",
+    ]
+    if base is not None:
+        guid = shlex.join(zfs.get([f"{fs}@{base.name}"], ["guid"]))
+        lines += [
+            f"g=$({guid} 2>/dev/null)",
+            f'[ "${{g##*\tguid\t}}" = {base.guid} ] || {{ step base 1; exit 3; }}',
+        ]
     return "\n".join(
         [
-            f'step() {{ printf \'\\n{STEP_MARK} %s %s %s\\n\' "$1" "$2"{now} >&2; }}',
-            "step start 0",
+            *lines,
             f"{shlex.join(zfs.snapshot(fs, snap))}; s=$?",
             "step snapshot $s",
             "[ $s = 0 ] || exit $s",
@@ -135,13 +152,21 @@ def update(
     stall: int,
     progress: transport.ProgressFn | None = None,
     on_received: Callable[[], None] | None = None,
+    check_base: bool = False,
 ) -> Outcome | None:
     """Run the update in one round trip; None when its premise failed (the caller goes
     on step by step). A failing send or receive raises otherwise, as in
-    :func:`transport.stream_via_processes`. ``on_received`` runs once the receive has
-    succeeded, beside the source's listing."""
+    :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
+    the receive have succeeded, beside the source's listing.
+
+    ``check_base`` checks the base on the source before anything else: a plain
+    incremental stream (``-i``) from a missing or replaced base is refused by zfs
+    receive before it changes anything, but a missing base makes zfs-fuse's ``send -I``
+    write a replication header that ``receive -F`` takes as a stream, and ``-F`` would
+    roll the destination back for nothing."""
     started = time.monotonic()
-    command = script(fs, snap, send_argv, clock=debug_wanted(log))
+    checked = base if check_base else None
+    command = script(fs, snap, send_argv, clock=debug_wanted(log), base=checked)
     if isinstance(src, SshHost):
         sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
     else:
@@ -149,7 +174,13 @@ def update(
     receiver = transport.Stage(
         "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
     )
-    relay = transport.relay_stages(sender, receiver, stall, progress, on_received)
+
+    def received() -> None:
+        step = _await_step(sender, "send")
+        if on_received is not None and step is not None and step.status == 0:
+            on_received()
+
+    relay = transport.relay_stages(sender, receiver, stall, progress, received)
     report = parse(sender.stderr)
     listed = report.steps.get("listed")
     source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
@@ -180,6 +211,21 @@ def update(
     return Outcome(source, stream, measured)
 
 
+def _await_step(stage: transport.Stage, name: str) -> Step | None:
+    """The step ``name`` as soon as the running script has reported it (None if it ends
+    without): its stderr is a file this process can read while the script writes it."""
+    while True:
+        ended = stage.proc is not None and stage.proc.poll() is not None
+        if stage.errfile is not None:
+            text = os.pread(stage.errfile.fileno(), 1 << 20, 0).decode(errors="replace")
+            step = parse(text).steps.get(name)
+            if step is not None or ended:
+                return step
+        if ended or stage.errfile is None:
+            return None
+        time.sleep(0.002)
+
+
 def _has(snapshots: list[zfs.Snapshot], wanted: zfs.Snapshot) -> bool:
     return any(s.name == wanted.name and s.guid == wanted.guid for s in snapshots)
 
@@ -196,6 +242,8 @@ def debug_wanted(logger: logging.Logger) -> bool:
 
 
 def _why(src: Host, base: zfs.Snapshot, report: Report) -> str:
+    if "base" in report.steps:
+        return f"{base.name} with guid {base.guid} is not on {src.name}"
     step = report.steps.get("snapshot")
     if step is not None and step.status != 0:
         return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"

@@ -297,6 +297,7 @@ class Replicator:
                 outcome = fastpath.update(
                     src, dst, pair.source.fs, base, snap, send, recv,
                     pair.options.stall, self._progress(pair), received,
+                    check_base=pair.options.intermediate or pair.options.rollback,
                 )  # fmt: skip
             except (CommandError, TransportError) as exc:
                 raise self._explain_receive(pair, exc, base.name) from exc

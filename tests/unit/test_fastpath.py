@@ -24,7 +24,8 @@ LISTING = (
 FAKE_ZFS = """#!/bin/sh
 echo "$*" >> "$FAKE/calls"
 case "$1" in
-  get) cat "$FAKE/listing" ;;
+  get) if [ "$3" = -d ]; then cat "$FAKE/listing"
+       else for last; do :; done; grep "^$last	guid	" "$FAKE/listing" || exit 1; fi ;;
   snapshot) [ -e "$FAKE/snapshot-fails" ] && { echo "cannot create snapshot: out of space" >&2; exit 1; }; exit 0 ;;
   send) printf 'STREAM'; [ -e "$FAKE/send-fails" ] && { echo "send broke" >&2; exit 2; }; exit 0 ;;
 esac
@@ -39,9 +40,11 @@ def fake(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(fake: Path, clock: bool = False) -> subprocess.CompletedProcess[bytes]:
+def run(
+    fake: Path, clock: bool = False, base: zfs.Snapshot | None = None
+) -> subprocess.CompletedProcess[bytes]:
     send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
-    script = fastpath.script(FS, SNAP, send, clock=clock)
+    script = fastpath.script(FS, SNAP, send, clock=clock, base=base)
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE=str(fake))
     return subprocess.run(["sh", "-c", script], capture_output=True, env=env)
 
@@ -65,6 +68,27 @@ def test_snapshots_sends_then_lists_with_only_the_stream_on_stdout(fake: Path) -
     assert all(step.status == 0 for step in report.steps.values())
     snaps = zfs.parse_snapshots(FS, report.steps["listed"].said)
     assert [s.name for s in snaps] == ["manual", BASE.name]
+
+
+def test_a_checked_base_goes_on_when_its_guid_is_the_same(fake: Path) -> None:
+    proc = run(fake, base=BASE)
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    assert [c.split()[0] for c in calls(fake)] == ["get", "snapshot", "send", "get"]
+    assert "base" not in fastpath.parse(proc.stderr.decode()).steps
+
+
+@pytest.mark.parametrize("guid", [4242, 4])  # another snapshot; a guid that 42 ends with
+def test_a_checked_base_with_another_guid_stops_before_any_snapshot(fake: Path, guid: int) -> None:
+    proc = run(fake, base=zfs.Snapshot(FS, BASE.name, guid, 1000))
+    assert proc.returncode == 3 and proc.stdout == b""
+    assert [c.split()[0] for c in calls(fake)] == ["get"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["base"].status == 1 and not report.ok("snapshot")
+
+
+def test_a_checked_base_that_is_gone_stops_before_any_snapshot(fake: Path) -> None:
+    proc = run(fake, base=zfs.Snapshot(FS, "gone", 42, 1000))
+    assert proc.returncode == 3 and [c.split()[0] for c in calls(fake)] == ["get"]
 
 
 def test_a_failing_snapshot_stops_before_the_send_and_says_why(fake: Path) -> None:
