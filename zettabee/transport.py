@@ -59,6 +59,7 @@ class Stage:
     returncode: int | None = None
     stderr: str = ""
     killed: bool = False
+    ended: float | None = None  # time.monotonic() when the process was seen to exit
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -67,6 +68,8 @@ class Stage:
         except subprocess.TimeoutExpired:
             self.kill()
             self.returncode = self.proc.wait()
+        if self.ended is None:
+            self.ended = time.monotonic()
         if self.errfile is not None:
             self.errfile.seek(0)
             self.stderr = self.errfile.read().decode(errors="replace").strip()
@@ -89,6 +92,7 @@ class StreamResult:
     bytes: int
     seconds: float
     stages: list[Stage] = field(default_factory=list)
+    ended: float = 0.0  # time.monotonic() when the last byte passed the relay
 
     @property
     def rate(self) -> float:
@@ -284,7 +288,9 @@ class Relay:
         self.count = 0
         self.started = time.monotonic()
         self.last_move = self.started
+        self.ended = self.started
         self.stalled = False
+        self.receiver_left = False  # the receiver closed its end before the sender's EOF
         self.error: str | None = None
         self._done = threading.Event()
 
@@ -294,6 +300,7 @@ class Relay:
         try:
             self._copy()
         finally:
+            self.ended = time.monotonic()
             self._done.set()
             with contextlib.suppress(OSError):
                 self.dst.close()
@@ -328,7 +335,13 @@ class Relay:
                     while view:
                         view = view[os.write(fout, view) :]
             except BrokenPipeError:
-                self.error = "the receiving side closed the stream"
+                # The receiver went away. zfs receive leaves on the stream's last record,
+                # often before the sender's end-of-file (and splice(2) then says EPIPE
+                # with nothing left to move): with no byte waiting in the pipe, the
+                # receiver's exit status tells whether it had the whole stream.
+                self.receiver_left = True
+                if self._pending(fin):
+                    self.error = "the receiving side closed the stream"
                 return
             except OSError as exc:
                 if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: not splicable
@@ -340,6 +353,13 @@ class Relay:
                 return
             self.count += moved
             self.last_move = time.monotonic()
+
+    @staticmethod
+    def _pending(fd: int) -> bool:
+        """Does the sender's pipe hold bytes that nobody will read now?"""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(event & select.POLLIN for _, event in poller.poll(0))
 
     def _watch(self, on_stall: Callable[[], None]) -> None:
         while not self._done.wait(1.0):
@@ -422,6 +442,7 @@ def _finish(stages: Sequence[Stage], relay: Relay | None, started: float) -> Str
     for stage in reversed(stages):
         stage.finish(timeout=None)
     result = StreamResult(relay.count if relay else 0, time.monotonic() - started, list(stages))
+    result.ended = relay.ended if relay else time.monotonic()
     if any(s.failed for s in stages) or (relay and (relay.stalled or relay.error)):
         raise describe_failure(stages, relay)
     return result
@@ -451,6 +472,22 @@ def stream_via_processes(
     receiver = Stage("zfs receive", dest.name, remote_argv(dest, recv_argv, stall))
     if not dest.is_local:
         receiver.label = "zfs receive (over ssh)"
+    relay = relay_stages(sender, receiver, stall, progress)
+    _classify_ssh(sender, source)
+    _classify_ssh(receiver, dest)
+    return _finish([sender, receiver], relay, started)
+
+
+def relay_stages(
+    sender: Stage,
+    receiver: Stage,
+    stall: int,
+    progress: ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
+) -> Relay:
+    """Start both processes, relay the stream to its end and wait for both; the caller
+    judges the outcome from the stages and the relay. ``on_received`` runs as soon as the
+    receiver has taken the whole stream, while the sender may still be finishing."""
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -458,9 +495,16 @@ def stream_via_processes(
     relay.run(_kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    _classify_ssh(sender, source)
-    _classify_ssh(receiver, dest)
-    return _finish(stages, relay, started)
+    receiver.finish()
+    if receiver.failed:
+        sender.kill()
+    try:
+        if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
+            on_received()
+    finally:
+        # A sender still writing after its receiver left would wait forever.
+        sender.finish(timeout=stall or None if relay.receiver_left else None)
+    return relay
 
 
 def stream_on_host(
@@ -498,7 +542,8 @@ def stream_on_host(
         errs[1] = head.replace("\r", "\n")
         for stage, code, err in zip(stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
-    result = StreamResult(meter.count, time.monotonic() - started, stages)
+    ended = time.monotonic()
+    result = StreamResult(meter.count, ended - started, stages, ended)
     if any(s.failed for s in stages):
         raise describe_failure(stages, None)
     return result
@@ -574,7 +619,7 @@ def stream_via_mbuffer(
         stage.finish()
     sender_thread.join(timeout=stall + 30)
     all_stages = _sender_stages(source, send_argv, out, remote) + stages
-    result = StreamResult(relay.count, time.monotonic() - started, all_stages)
+    result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result
@@ -662,7 +707,8 @@ def _mbuffer_to_remote(
     all_stages = _sender_stages(source, send_argv, out, remote) + _listener_stages(
         dest, listen, recv_argv, listener
     )
-    result = StreamResult(meter.count, time.monotonic() - started, all_stages)
+    ended = time.monotonic()
+    result = StreamResult(meter.count, ended - started, all_stages, ended)
     if any(s.failed for s in all_stages):
         raise describe_failure(all_stages, None)
     return result

@@ -168,6 +168,31 @@ def test_relay_counts_and_detects_stall() -> None:
     sender.wait()
 
 
+def test_relay_takes_a_receiver_that_exits_on_the_last_byte_as_a_whole_stream() -> None:
+    # The receiver has the whole stream and exits before the sender closes its end:
+    # zfs receive does that on the stream's last record, and splice(2) then says EPIPE.
+    sender = subprocess.Popen(["sh", "-c", "printf abc; sleep 0.3"], stdout=subprocess.PIPE)
+    receiver = subprocess.Popen(["head", "-c", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert sender.stdout and receiver.stdin
+    relay = transport.Relay(sender.stdout, receiver.stdin, stall=30, progress=None)
+    relay.run(on_stall=sender.kill)
+    assert relay.error is None and relay.count == 3
+    assert receiver.stdout and receiver.stdout.read() == b"abc"
+    assert (receiver.wait(), sender.wait()) == (0, 0)
+
+
+def test_relay_reports_a_receiver_that_leaves_before_the_end() -> None:
+    sender = subprocess.Popen(["head", "-c", "5000000", "/dev/zero"], stdout=subprocess.PIPE)
+    receiver = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert sender.stdout and receiver.stdin
+    relay = transport.Relay(sender.stdout, receiver.stdin, stall=30, progress=None)
+    relay.run(on_stall=sender.kill)
+    assert relay.error == "the receiving side closed the stream"
+    receiver.wait()
+    sender.kill()
+    sender.wait()
+
+
 # -- state ---------------------------------------------------------------------------
 
 
