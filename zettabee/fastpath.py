@@ -145,7 +145,7 @@ def update(
     src: Host,
     dst: Host,
     fs: str,
-    base: zfs.Snapshot,
+    base: zfs.Snapshot | None,
     snap: str,
     send_argv: list[str],
     recv_argv: list[str],
@@ -159,13 +159,16 @@ def update(
     :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
     the receive have succeeded, beside the source's listing.
 
+    ``base`` is None for a full send (``initialize``): only a failing snapshot then
+    sends the caller step by step.
+
     ``check_base`` checks the base on the source before anything else: a plain
     incremental stream (``-i``) from a missing or replaced base is refused by zfs
     receive before it changes anything, but a missing base makes zfs-fuse's ``send -I``
     write a replication header that ``receive -F`` takes as a stream, and ``-F`` would
     roll the destination back for nothing."""
     started = time.monotonic()
-    checked = base if check_base else None
+    checked = base if check_base and base is not None else None
     command = script(fs, snap, send_argv, clock=debug_wanted(log), base=checked)
     if isinstance(src, SshHost):
         sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
@@ -186,7 +189,8 @@ def update(
     source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
     stages = [sender, receiver]
     failed = any(s.failed for s in stages) or relay.stalled or relay.error
-    if not report.ok("snapshot") or (failed and not _has(source, base) and report.ok("listing")):
+    premise_failed = base is not None and not _has(source, base) and report.ok("listing")
+    if not report.ok("snapshot") or (failed and premise_failed):
         log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
         return None
     send = report.steps.get("send")
@@ -241,12 +245,14 @@ def debug_wanted(logger: logging.Logger) -> bool:
     return False
 
 
-def _why(src: Host, base: zfs.Snapshot, report: Report) -> str:
-    if "base" in report.steps:
+def _why(src: Host, base: zfs.Snapshot | None, report: Report) -> str:
+    if "base" in report.steps and base is not None:
         return f"{base.name} with guid {base.guid} is not on {src.name}"
     step = report.steps.get("snapshot")
-    if step is not None and step.status != 0:
-        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
     if step is None:
         return f"the command on {src.name} did not start: {report.trailer or 'no output'}"
-    return f"{base.name} with guid {base.guid} is not on {src.name}"
+    if step.status != 0:
+        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
+    if base is not None:
+        return f"{base.name} with guid {base.guid} is not on {src.name}"
+    return "the send failed"

@@ -121,7 +121,13 @@ class Replicator:
         src.start()
 
     def _stream(
-        self, pair: Pair, src: Host, dst: Host, send: list[str], recv: list[str]
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        send: list[str],
+        recv: list[str],
+        first: list[str] | None = None,
     ) -> transport.StreamResult:
         opts = pair.options
         progress = self._progress(pair)
@@ -130,8 +136,9 @@ class Replicator:
                 raise StateError(f"{pair.name}: transport=mbuffer needs a remote source host")
             connect = opts.mbufferhost or pair.destination.host
             return transport.stream_via_mbuffer(
-                src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress
-            )
+                src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress,
+                first,
+            )  # fmt: skip
         return transport.stream_via_processes(src, dst, send, recv, opts.stall, progress)
 
     # -- reading both sides ------------------------------------------------------------
@@ -186,12 +193,13 @@ class Replicator:
 
     def initialize(self, pair: Pair, force: bool = False) -> RunReport:
         report = RunReport(pair, "initialize")
+        clock = Stopwatch(report.timings)
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src)
-            ssnaps = self._source_snapshots(pair, src)
-            view = self._dest_view(pair, dst)
+            with clock("listing"):
+                view = self._dest_view(pair, dst)  # here, beside the handshake
             fs = pair.destination.fs
             if view is not None:
                 if not force:
@@ -202,21 +210,79 @@ class Replicator:
                     )
                 log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
                 destroy(dst, fs, recursive=True)
-            snap = self._new_snapshot(pair, src, ssnaps)
-            send = zfs.send(f"{pair.source.fs}@{snap}")
-            recv = zfs.recv(fs)
-            try:
-                stream = self._stream(pair, src, dst, send, recv)
-            except (CommandError, TransportError) as exc:
-                raise self._explain_receive(pair, exc) from exc
-            self._record(pair, dst, snap, first=True)
+            if pair.options.transport != "mbuffer":  # mbuffer's listener starts beside it
+                with clock("connection"):
+                    src.connect()
+            done = self._initialize_in_one_round_trip(pair, src, dst, clock)
+            if done is None:  # the snapshot failed: look at the source first, then retry
+                with clock("listing"):
+                    ssnaps = self._source_snapshots(pair, src)
+                with clock("snapshot"):
+                    snap = self._new_snapshot(pair, src, ssnaps)
+                send, recv = zfs.send(f"{pair.source.fs}@{snap}"), zfs.recv(fs)
+                with clock("stream"):
+                    try:
+                        stream = self._stream(pair, src, dst, send, recv)
+                    except (CommandError, TransportError) as exc:
+                        raise self._explain_receive(pair, exc) from exc
+                with clock("record"):
+                    self._record(pair, dst, snap, first=True)
+                done = snap, stream
+            snap, stream = done
             report.snapshot, report.bytes, report.seconds = snap, stream.bytes, stream.seconds
             status.snapshot, status.bytes, status.seconds = snap, stream.bytes, stream.seconds
             log.info(
                 "%s: initialized from %s@%s, %d bytes in %.1fs",
                 pair.name, pair.source.fs, snap, stream.bytes, stream.seconds,
             )  # fmt: skip
+        log.debug("%s: timings %s", pair.name, clock)
         return report
+
+    def _initialize_in_one_round_trip(
+        self, pair: Pair, src: Host, dst: Host, clock: Stopwatch
+    ) -> tuple[str, transport.StreamResult] | None:
+        """The snapshot travels with the stream's command on the source, and the record
+        starts as soon as the receive succeeded; None when the snapshot failed (a name
+        taken within the same second, a missing source: the caller looks first)."""
+        snap = snapshot_name(pair.fingerprint, _now())
+
+        def record() -> None:
+            with clock("record"):
+                self._record(pair, dst, snap, first=True)
+
+        with clock("stream"):
+            stream = self._initial_stream(pair, src, dst, snap, record)
+        if stream is None:
+            return None
+        if pair.options.transport == "mbuffer":
+            record()  # mbuffer's receive ends with its stream
+        return snap, stream
+
+    def _initial_stream(
+        self, pair: Pair, src: Host, dst: Host, snap: str, on_received: Callable[[], None]
+    ) -> transport.StreamResult | None:
+        """The full stream of ``snap``, taken in the same command on the source (None if
+        the snapshot fails); ``on_received`` runs once the receive succeeded (over
+        mbuffer the caller runs it: the receive ends with the stream there)."""
+        send = zfs.send(f"{pair.source.fs}@{snap}")
+        recv = zfs.recv(pair.destination.fs)
+        opts = pair.options
+        try:
+            if opts.transport == "mbuffer":
+                first = zfs.snapshot(pair.source.fs, snap)
+                try:
+                    return self._stream(pair, src, dst, send, recv, first=first)
+                except CommandError as exc:
+                    if exc.stage == "zfs snapshot":
+                        return None
+                    raise
+            outcome = fastpath.update(
+                src, dst, pair.source.fs, None, snap, send, recv, opts.stall,
+                self._progress(pair), on_received,
+            )  # fmt: skip
+            return outcome.stream if outcome is not None else None
+        except (CommandError, TransportError) as exc:
+            raise self._explain_receive(pair, exc) from exc
 
     def update(self, pair: Pair) -> RunReport:
         report = RunReport(pair, "update")

@@ -95,20 +95,29 @@ class StreamResult:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_script(stages: Sequence[Sequence[str]]) -> str:
+def pipeline_script(stages: Sequence[Sequence[str]], first: Sequence[str] | None = None) -> str:
     """A POSIX sh pipeline that reports every stage's exit status and stderr.
 
     Each command is quoted once here. After the pipeline, the script prints for each
     stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
-    stderr, so the caller can say which stage failed and quote it.
+    stderr, so the caller can say which stage failed and quote it. ``first`` runs before
+    the pipeline, which runs only if it succeeded; it is reported as stage 0 and the
+    pipeline's stages follow.
     """
     parts = []
-    for i, argv in enumerate(stages):
+    offset = 1 if first else 0
+    for i, argv in enumerate(stages, start=offset):
         parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
-    report = " ".join(str(i) for i in range(len(stages)))
+    pipeline = " | ".join(parts)
+    if first:
+        pipeline = (
+            f'{shlex.join(first)} 2>"$d/e0"; s=$?; echo $s >"$d/s0"; '
+            f"if [ $s = 0 ]; then {pipeline}; fi"
+        )
+    report = " ".join(str(i) for i in range(len(stages) + offset))
     return (
         "d=$(mktemp -d) || exit 125; "
-        + " | ".join(parts)
+        + pipeline
         + f"; for i in {report}; do "
         + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
         + 'cat "$d/e$i" >&2; done; '
@@ -409,11 +418,15 @@ def stream_via_mbuffer(
     connect_host: str,
     bwlimit: str | None = None,
     progress: ProgressFn | None = None,
+    first: list[str] | None = None,
 ) -> StreamResult:
     """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
 
     The local listener is up before the source is told to connect (no fixed sleep), and
-    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run.
+    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run. The
+    listener starts before the control connection is waited for, so that both come up
+    together. ``first`` (the snapshot to send) runs on the source in the same command,
+    before the pipeline; a failure there is raised as that stage's, with its own label.
     """
     if not dest.is_local:
         raise TransportError("mbuffer transport needs the destination on this machine", False)
@@ -435,19 +448,23 @@ def stream_via_mbuffer(
         if time.monotonic() > deadline:
             _kill_all(stages)()
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
-        time.sleep(0.01)
+        time.sleep(0.002)
     out = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
     if bwlimit:
         out += ["-r", bwlimit]
     out += ["-O", f"{connect_host}:{port}"]
-    script = pipeline_script([send_argv, out])
+    script = pipeline_script([send_argv, out], first=first)
     remote: dict[str, object] = {}
 
     def run_remote() -> None:
         try:
-            remote["result"] = source.run_command(script, check=False, timeout=None)
+            result = source.run_command(script, check=False, timeout=None)
+            remote["result"] = result
         except BaseException as exc:  # reported after the local side ends
             remote["error"] = exc
+            _kill_all(stages)()
+            return
+        if result.returncode != 0:  # nothing more will come: the listener must not wait
             _kill_all(stages)()
 
     sender_thread = threading.Thread(target=run_remote, daemon=True)
@@ -464,13 +481,18 @@ def stream_via_mbuffer(
         Stage("zfs send", source.name, list(send_argv)),
         Stage("mbuffer -O", source.name, out),
     ]
+    if first:
+        remote_stages.insert(0, Stage(" ".join(first[:2]), source.name, list(first)))
     if "error" in remote:
         raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
     res = remote.get("result")
     if res is not None:
-        codes, errs, _ = parse_pipeline_stderr(res.stderr, 2)  # type: ignore[attr-defined]
+        count = len(remote_stages)
+        codes, errs, _ = parse_pipeline_stderr(res.stderr, count)  # type: ignore[attr-defined]
         for stage, code, err in zip(remote_stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
+        if first and codes[0] != 0:  # the rest never ran: its stage is the one to name
+            raise describe_failure(remote_stages[:1], None)
     all_stages = remote_stages + stages
     result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
