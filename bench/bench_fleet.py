@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.bench_update import release_holds  # noqa: E402
 from bench.record import compile_package, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
@@ -123,7 +124,9 @@ class Fleet:
         return time.monotonic() - started
 
     def tear_down(self) -> None:
+        release_holds(self.dparent)  # the pairs hold their bases: destroy fails on them
         destroy(self.dparent)
+        release_holds(self.sparent, self.lab)
         destroy_on(self.lab, self.sparent)
 
     def timed(self, *argv: str, ok: tuple[int, ...] = (0,)) -> float:

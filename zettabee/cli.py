@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -419,5 +420,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def run() -> NoReturn:
+    """The ``zettabee`` command: :func:`main`, then out without tearing the interpreter
+    down. The work is done and written out by then; the teardown (modules, threads'
+    bookkeeping) would add 15-20 ms to every cron run."""
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (a closed pipe) is no reason to fail
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

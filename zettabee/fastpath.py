@@ -158,7 +158,7 @@ def update(
     src: Host,
     dst: Host,
     fs: str,
-    base: zfs.Snapshot,
+    base: zfs.Snapshot | None,
     snap: str,
     send_argv: list[str],
     recv_argv: list[str],
@@ -174,6 +174,9 @@ def update(
     :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
     the receive have succeeded, beside the source's listing.
 
+    ``base`` is None for a full send (``initialize``): only a failing snapshot then
+    sends the caller step by step.
+
     ``check_base`` checks the base on the source before anything else: a plain
     incremental stream (``-i``) from a missing or replaced base is refused by zfs
     receive before it changes anything, but a missing base makes zfs-fuse's ``send -I``
@@ -184,7 +187,7 @@ def update(
     hold that fails stops the update with zfs's words. ``holds`` lists the hold counts
     with the source's snapshots, for the caller to release what earlier runs left."""
     started = time.monotonic()
-    checked = base if check_base else None
+    checked = base if check_base and base is not None else None
     command = script(
         fs, snap, send_argv, clock=debug_wanted(log), base=checked, hold=hold, holds=holds
     )
@@ -207,7 +210,8 @@ def update(
     source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
     stages = [sender, receiver]
     failed = any(s.failed for s in stages) or relay.stalled or relay.error
-    if not report.ok("snapshot") or (failed and not _has(source, base) and report.ok("listing")):
+    premise_failed = base is not None and not _has(source, base) and report.ok("listing")
+    if not report.ok("snapshot") or (failed and premise_failed):
         log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
         return None
     held = report.steps.get("hold")
@@ -267,12 +271,14 @@ def debug_wanted(logger: logging.Logger) -> bool:
     return False
 
 
-def _why(src: Host, base: zfs.Snapshot, report: Report) -> str:
-    if "base" in report.steps:
+def _why(src: Host, base: zfs.Snapshot | None, report: Report) -> str:
+    if "base" in report.steps and base is not None:
         return f"{base.name} with guid {base.guid} is not on {src.name}"
     step = report.steps.get("snapshot")
-    if step is not None and step.status != 0:
-        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
     if step is None:
         return f"the command on {src.name} did not start: {report.trailer or 'no output'}"
-    return f"{base.name} with guid {base.guid} is not on {src.name}"
+    if step.status != 0:
+        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
+    if base is not None:
+        return f"{base.name} with guid {base.guid} is not on {src.name}"
+    return "the send failed"

@@ -475,13 +475,18 @@ class Replicator:
 
     def initialize(self, pair: Pair, force: bool = False) -> RunReport:
         report = RunReport(pair, "initialize")
+        clock = Stopwatch(report.timings)
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
-            feats = self._features(pair, src, dst, status)
-            ssnaps, _marks = self._source_view(pair, src, feats)
-            view = self._dest_view(pair, dst, feats)
+            with clock("connection"):
+                src.connect()
+                dst.connect()
+            with clock("probe"):
+                feats = self._features(pair, src, dst, status)
+            with clock("listing"):
+                view = self._dest_view(pair, dst, feats)
             fs = pair.destination.fs
             if view is not None:
                 props, dsnaps = view
@@ -521,18 +526,64 @@ class Replicator:
                 if feats.destination.holds:
                     self._move_holds(pair, dst, view[1], keep="")
                 destroy(dst, fs, recursive=True)
-            snap = self._new_snapshot(pair, src, ssnaps)
-            if feats.hold_source:
-                self._hold(pair, src, f"{pair.source.fs}@{snap}")
+            done = None
+            needs = self._needs_steps(pair, src, dst, feats, None)
+            if needs:
+                log.debug("%s: initialize step by step (%s)", pair.name, needs)
+            else:
+                done = self._initialize_in_one_round_trip(pair, src, dst, feats, clock)
+            if done is not None:
+                snap, stream = done
+                self._report_initialize(pair, status, report, snap, stream.bytes, stream.seconds)
+                log.debug("%s: timings %s", pair.name, clock)
+                return report
+            # Step by step; also when the script's snapshot failed: the listing says why.
+            with clock("listing"):
+                ssnaps, _marks = self._source_view(pair, src, feats)
+            with clock("snapshot"):
+                snap = self._new_snapshot(pair, src, ssnaps)
+                if feats.hold_source:
+                    self._hold(pair, src, f"{pair.source.fs}@{snap}")
             raw = pair.options.raw
             send = zfs.send(f"{pair.source.fs}@{snap}", raw=raw)
             estimate = zfs.send(f"{pair.source.fs}@{snap}", raw=raw, estimate=True)
             recv = zfs.recv(fs, resumable=feats.resume)
-            stream = self._transfer(pair, src, dst, feats, status, send, recv, snap, estimate)
-            self._finish_initialize(
-                pair, src, dst, feats, status, report, snap, stream.bytes, stream.seconds
-            )
+            with clock("stream"):
+                stream = self._transfer(pair, src, dst, feats, status, send, recv, snap, estimate)
+            with clock("record"):
+                self._finish_initialize(
+                    pair, src, dst, feats, status, report, snap, stream.bytes, stream.seconds
+                )
+        log.debug("%s: timings %s", pair.name, clock)
         return report
+
+    def _initialize_in_one_round_trip(
+        self, pair: Pair, src: Host, dst: Host, feats: PairFeatures, clock: Stopwatch
+    ) -> tuple[str, transport.StreamResult] | None:
+        """The snapshot is taken (and held) in the stream's command on the source, and
+        the record (and the destination's hold) starts as soon as the receive succeeded;
+        None when the snapshot failed (a name taken within the same second, a missing
+        source: the caller looks first)."""
+        snap = snapshot_name(pair.fingerprint, _now())
+        send = zfs.send(f"{pair.source.fs}@{snap}", raw=pair.options.raw)
+        recv = zfs.recv(pair.destination.fs)
+        tag = hold_tag(pair.fingerprint) if feats.hold_source else None
+
+        def received() -> None:
+            with clock("record"):
+                self._record(pair, dst, snap, first=True)
+                if feats.hold_destination:
+                    self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
+
+        with clock("stream"):
+            try:
+                outcome = fastpath.update(
+                    src, dst, pair.source.fs, None, snap, send, recv, pair.options.stall,
+                    self._progress(pair), received, hold=tag,
+                )  # fmt: skip
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc) from exc
+        return (snap, outcome.stream) if outcome is not None else None
 
     def _finish_initialize(
         self,
@@ -553,6 +604,11 @@ class Replicator:
             self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
         if feats.bookmark:
             self._bookmark(pair, src, snap, [])
+        self._report_initialize(pair, status, report, snap, count, seconds)
+
+    def _report_initialize(
+        self, pair: Pair, status: Status, report: RunReport, snap: str, count: int, seconds: float
+    ) -> None:
         report.snapshot, report.bytes, report.seconds = snap, count, seconds
         status.snapshot, status.bytes, status.seconds = snap, count, seconds
         log.info(

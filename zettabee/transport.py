@@ -99,25 +99,38 @@ class StreamResult:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_script(stages: Sequence[Sequence[str]], live: int | None = None) -> str:
+def pipeline_script(
+    stages: Sequence[Sequence[str]],
+    live: int | None = None,
+    first: Sequence[str] | None = None,
+) -> str:
     """A POSIX sh pipeline that reports every stage's exit status and stderr.
 
     Each command is quoted once here. After the pipeline, the script prints for each
     stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
     stderr, so the caller can say which stage failed and quote it. The stage numbered
     ``live`` keeps its stderr on the script's own, as it is written (a status line read
-    while the stream runs), and reports an empty one.
+    while the stream runs), and reports an empty one. ``first`` runs before the
+    pipeline, which runs only if it succeeded; it is reported as stage 0 and the
+    pipeline's stages follow (``live`` counts from the pipeline's first stage).
     """
     parts = []
-    for i, argv in enumerate(stages):
-        if i == live:
+    offset = 1 if first else 0
+    for i, argv in enumerate(stages, start=offset):
+        if live is not None and i == live + offset:
             parts.append(f'{{ {shlex.join(argv)}; echo $? >"$d/s{i}"; : >"$d/e{i}"; }}')
             continue
         parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
-    report = " ".join(str(i) for i in range(len(stages)))
+    pipeline = " | ".join(parts)
+    if first:
+        pipeline = (
+            f'{shlex.join(first)} 2>"$d/e0"; s=$?; echo $s >"$d/s0"; '
+            f"if [ $s = 0 ]; then {pipeline}; fi"
+        )
+    report = " ".join(str(i) for i in range(len(stages) + offset))
     return (
         "d=$(mktemp -d) || exit 125; "
-        + " | ".join(parts)
+        + pipeline
         + f"; for i in {report}; do "
         + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
         + 'cat "$d/e$i" >&2; done; '
@@ -571,7 +584,9 @@ def stream_via_mbuffer(
     """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
 
     The local listener is up before the source is told to connect (no fixed sleep), and
-    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run.
+    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run. The
+    listener starts before the control connection is waited for, so that both come up
+    together.
     """
     if not dest.is_local:
         assert isinstance(dest, SshHost)
@@ -596,16 +611,20 @@ def stream_via_mbuffer(
         if time.monotonic() > deadline:
             _kill_all(stages)()
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
-        time.sleep(0.01)
+        time.sleep(0.002)
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
     script = pipeline_script([send_argv, out])
     remote: dict[str, object] = {}
 
     def run_remote() -> None:
         try:
-            remote["result"] = source.run_command(script, check=False, timeout=None)
+            result = source.run_command(script, check=False, timeout=None)
+            remote["result"] = result
         except BaseException as exc:  # reported after the local side ends
             remote["error"] = exc
+            _kill_all(stages)()
+            return
+        if result.returncode != 0:  # nothing more will come: the listener must not wait
             _kill_all(stages)()
 
     sender_thread = threading.Thread(target=run_remote, daemon=True)

@@ -135,3 +135,25 @@ def test_a_killed_run_leaves_no_ssh_connection_behind(zb: Zb) -> None:
     out = zb.run("update", zb.dst_fs())  # the pair is interrupted, not broken
     assert out.returncode == 0, out.stderr
     zb.assert_same_data()
+
+
+@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+def test_initialize_takes_its_snapshot_with_the_stream_and_says_when_the_source_is_missing(
+    zb: Zb, transport: str
+) -> None:
+    zb.make_source(mb=2)
+    zb.write_pairs(
+        zb.pair_line(options=f"transport={transport}"),
+        zb.pair_line("absent", f"transport={transport}"),
+    )
+    out = zb.run("--debug", "initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    if transport == "ssh":  # mbuffer's full send goes step by step (holds first)
+        assert f"run on {zb.src.address}: zfs snapshot" not in out.stderr
+    parts = {"listing", "stream", "record"} | ({"connection"} if transport == "ssh" else set())
+    assert parts <= set(timings(out.stderr))
+
+    missing = zb.run("initialize", zb.dst_fs("absent"))
+    assert missing.returncode == 1
+    assert f"the source {zb.src.address}:{zb.src_fs('absent')} does not exist" in missing.stderr
