@@ -48,8 +48,13 @@ test: lint guest
 fault-test: deps
 	$(PY) -m pytest tests/integration/faults
 
+# Each benchmark appends its figures, the machine and its load to bench/results/*.jsonl
+# (bench/README.md explains them). Several minutes: 500 MB sends, a fleet of 500 pairs.
 bench: deps
 	$(PY) bench/bench_update.py
+	$(PY) bench/bench_fleet.py
+	$(PY) bench/bench_plugins.py
+	$(PY) bench/bench_nsca.py
 
 clean:
 	rm -rf $(STAMPS) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

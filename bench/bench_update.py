@@ -1,12 +1,22 @@
 #!/usr/bin/env python3
-"""zettabee update beside the raw pipeline, on the lab, measured in the same run.
+"""One zettabee run beside the raw pipeline doing the same transfer, on the lab.
 
-Raw pipeline: ``ssh src zfs send [-i A] B | zfs recv -F dst`` with the snapshot made
-beforehand (not timed). zettabee: the whole ``zettabee initialize|update`` command as cron
-runs it (start-up, control connection, snapshot, listing, stream, record, prune).
+Raw pipelines (their snapshot made beforehand, not timed):
 
-Appends one JSON line per run to bench/results/update.jsonl and prints a table.
-Targets (issue 3): no-change update <= 1.5x raw; full 200 MB and +50 MB <= 1.1x raw.
+- ssh: ``ssh src zfs send [-i A] B | zfs recv -F dst``;
+- mbuffer: ``mbuffer -I port | zfs recv -F dst`` here, then
+  ``ssh src 'zfs send B | mbuffer -O dst:port'``, with zettabee's block size and buffer.
+
+zettabee: the whole command as cron runs it (start-up, connection, listing, snapshot,
+stream, record, prune): ``zettabee update`` for an update with no change and with +N MB,
+``zettabee initialize`` for a full send over ``ssh`` and over ``mbuffer``. Raw and
+zettabee runs alternate, so both see the same load; figures are medians.
+
+Targets (issue 8): no change <= 1.5x raw, +50 MB <= 1.1x raw; a full send of 500 MB at
+>= 0.95x the raw pipeline's throughput on the same transport (throughput: bytes over the
+whole command's wall time; the stream's own rate is recorded beside it).
+
+Appends one JSON line to bench/results/update.jsonl and prints a table.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -25,12 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import machine  # noqa: E402
+from bench.record import compile_package, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from zettabee.transport import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
 
-
-def run(argv: list[str], **kw: object) -> None:
-    subprocess.run(argv, check=True, capture_output=True, **kw)  # type: ignore[call-overload]
+TARGETS = {"no change": 1.5, "+MB": 1.1, "full ssh": 0.95, "full mbuffer": 0.95}
+MBUFFER_PORT = 19431
 
 
 def write_random(path: Path, mb: int) -> None:
@@ -40,30 +51,60 @@ def write_random(path: Path, mb: int) -> None:
     os.sync()
 
 
-def release_holds(fs: str) -> None:
-    """A pair holds its base (tag zettabee.<fingerprint>): release it, or destroy fails."""
-    out = subprocess.run(
-        ["zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs],
-        capture_output=True, text=True,
-    ).stdout  # fmt: skip
+def release_holds(fs: str, lab: ZfsLab | None = None) -> None:
+    """A pair holds its base (tag zettabee.<fingerprint>): release it, or destroy fails.
+    On the source host with ``lab``, on this one without."""
+
+    def run(*argv: str) -> str:
+        if lab is not None:
+            return str(lab.source.run(*argv, check=False).stdout)
+        return subprocess.run(argv, capture_output=True, text=True).stdout
+
+    out = run("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs)
     for line in out.splitlines():
         name, _, refs = line.partition("\t")
         snap = name.partition("@")[2]
         if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
             tag = ".".join(snap.split(".")[:2])
-            subprocess.run(["zfs", "release", tag, name], capture_output=True)
+            run("zfs", "release", tag, name)
+
+
+def destroy_on(lab: ZfsLab, fs: str) -> None:
+    """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
+    can be for a minute after a benchmark wrote through its mount)."""
+    for _ in range(200):
+        settle()
+        proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
+        if proc.returncode == 0 or "does not exist" in proc.stderr:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
+
+
+def settle() -> None:
+    """Write out what was written and drop cached pages: zfs-fuse may not unmount a file
+    system whose pages the kernel still holds."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def destroy(fs: str) -> None:
+    for _ in range(50):
+        proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
+        if proc.returncode == 0 or "does not exist" in proc.stderr:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
 
 
 class Bench:
-    def __init__(self, lab: ZfsLab, transport: str) -> None:
+    def __init__(self, lab: ZfsLab) -> None:
         self.lab = lab
         self.src = lab.source
-        self.transport = transport
         self.tmp = Path(tempfile.mkdtemp(prefix="zb-bench-"))
-        self.name = f"bench-{transport}"
-        self.sfs = f"{self.src.pool}/{self.name}"
-        self.dfs = f"{lab.dst_pool}/{self.name}"
-        self.rawfs = f"{lab.dst_pool}/{self.name}-raw"
+        self.sfs = f"{self.src.pool}/bench-update"
+        self.dfs = {"ssh": f"{lab.dst_pool}/bench-update", "mbuffer": f"{lab.dst_pool}/bench-mbuf"}
+        self.rawfs = f"{lab.dst_pool}/bench-raw"
         ssh = Path(self.src.key).parent
         (self.tmp / "z.ini").write_text(
             f"[paths]\npairs = {self.tmp}/pairs.cfg\nstate_dir = {self.tmp}/state\n"
@@ -71,27 +112,24 @@ class Bench:
             f"known_hosts = {ssh}/known_hosts\n[defaults]\nsshkey = {ssh}/client_ed25519\n"
         )
         (self.tmp / "pairs.cfg").write_text(
-            f"{self.src.address}:{self.sfs} {lab.dest_address}:{self.dfs} transport={transport}\n"
+            "".join(
+                f"{self.src.address}:{self.sfs} {lab.dest_address}:{fs} transport={kind}\n"
+                for kind, fs in self.dfs.items()
+            )
         )
         self.env = dict(os.environ, ZETTABEE_SETTINGS=str(self.tmp / "z.ini"))
-        self.zettabee = (
-            shutil.which("zettabee", path=str(Path(sys.executable).parent)) or "zettabee"
-        )
+        bindir = str(Path(sys.executable).parent)
+        self.zettabee = shutil.which("zettabee", path=bindir) or "zettabee"
         self.n = 0
 
     def cleanup(self) -> None:
-        for fs in (self.dfs, self.rawfs, self.sfs):
+        for fs in (*self.dfs.values(), self.rawfs):
             release_holds(fs)
-            for _ in range(20):
-                if subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True).returncode:
-                    if (
-                        b"does not exist"
-                        in subprocess.run(["zfs", "list", fs], capture_output=True).stderr
-                    ):
-                        break
-                    time.sleep(0.2)
-                else:
-                    break
+            destroy(fs)
+        release_holds(self.sfs, self.lab)
+        destroy_on(self.lab, self.sfs)
+
+    # -- one timed run of each kind -------------------------------------------------------
 
     def zb(self, *args: str) -> float:
         os.sync()
@@ -99,80 +137,206 @@ class Bench:
         subprocess.run([self.zettabee, *args], check=True, env=self.env, capture_output=True)
         return time.monotonic() - start
 
-    def raw(self, base: str | None) -> float:
-        """The raw pipeline for the same change; the snapshot is made before the clock."""
+    def raw_snapshot(self) -> str:
         self.n += 1
-        snap = f"{self.sfs}@raw{self.n}"
+        snap = f"raw{self.n}"
+        self.src.run("zfs", "snapshot", f"{self.sfs}@{snap}")
+        return snap
+
+    def raw_ssh(self, snap: str, base: str | None) -> float:
+        """The raw ssh pipeline for ``snap`` (from ``base``); the snapshot exists already."""
+        send = [
+            "zfs",
+            "send",
+            *(["-i", f"{self.sfs}@{base}"] if base else []),
+            f"{self.sfs}@{snap}",
+        ]
         os.sync()
-        self.src.run("zfs", "snapshot", snap)
-        send = ["zfs", "send", *(["-i", f"{self.sfs}@{base}"] if base else []), snap]
         start = time.monotonic()
         sender = subprocess.Popen(self.src.ssh_argv(" ".join(send)), stdout=subprocess.PIPE)
         subprocess.run(["zfs", "recv", "-F", self.rawfs], stdin=sender.stdout, check=True,
                        capture_output=True)  # fmt: skip
         if sender.wait() != 0:
             raise RuntimeError("raw send failed")
-        elapsed = time.monotonic() - start
-        return elapsed
+        return time.monotonic() - start
 
-    def measure(self, full_mb: int, add_mb: int, repeats: int) -> dict[str, dict[str, float]]:
-        self.cleanup()
-        self.src.run("zfs", "create", self.sfs)
-        write_random(Path(self.src.mountpoint) / self.name / "full.bin", full_mb)
-        t_raw_full = self.raw(None)
-        t_zb_full = self.zb("initialize", self.dfs)
+    def raw_mbuffer(self, snap: str) -> float:
+        os.sync()
+        opts = ["-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY]
+        start = time.monotonic()
+        listener = subprocess.Popen(
+            ["mbuffer", *opts, "-I", f"{self.src.address}:{MBUFFER_PORT}"], stdout=subprocess.PIPE
+        )
+        receiver = subprocess.Popen(["zfs", "recv", "-F", self.rawfs], stdin=listener.stdout)
+        while not listening(MBUFFER_PORT):
+            time.sleep(0.005)
+        remote = f"zfs send {self.sfs}@{snap} | mbuffer {' '.join(opts)} -O {self.lab.dest_address}:{MBUFFER_PORT}"
+        sender = subprocess.run(self.src.ssh_argv(remote), capture_output=True)
+        codes = (sender.returncode, listener.wait(), receiver.wait())
+        if codes != (0, 0, 0):
+            raise RuntimeError(f"raw mbuffer pipeline failed: {codes} {sender.stderr!r}")
+        return time.monotonic() - start
+
+    # -- the cases -----------------------------------------------------------------------
+
+    def incremental(self, add_mb: int, repeats: int) -> dict[str, dict[str, object]]:
+        dfs = self.dfs["ssh"]
+        destroy(dfs)
+        destroy(self.rawfs)
+        self.zb("initialize", dfs)
+        base = self.raw_snapshot()
+        self.raw_ssh(base, None)
         rows: dict[str, dict[str, list[float]]] = {
             "no change": {"raw": [], "zettabee": []},
             f"+{add_mb} MB": {"raw": [], "zettabee": []},
         }
         for i in range(repeats):
-            base = f"raw{self.n}"
-            rows["no change"]["raw"].append(self.raw(base))
-            rows["no change"]["zettabee"].append(self.zb("update", self.dfs))
-            write_random(Path(self.src.mountpoint) / self.name / f"add{i}.bin", add_mb)
-            base = f"raw{self.n}"
-            rows[f"+{add_mb} MB"]["raw"].append(self.raw(base))
-            rows[f"+{add_mb} MB"]["zettabee"].append(self.zb("update", self.dfs))
-        result = {
-            f"full {full_mb} MB": {"raw": t_raw_full, "zettabee": t_zb_full},
+            for label in rows:
+                if label != "no change":
+                    write_random(Path(self.src.mountpoint) / "bench-update" / f"add{i}.bin", add_mb)
+                snap = self.raw_snapshot()
+                rows[label]["raw"].append(self.raw_ssh(snap, base))
+                base = snap
+                time.sleep(1.0)  # zettabee names snapshots by the second
+                rows[label]["zettabee"].append(self.zb("update", dfs))
+        return {label: summary(cols, repeats) for label, cols in rows.items()}
+
+    def breakdown(self) -> dict[str, float]:
+        """One no-change update with --debug: what each part of it cost."""
+        time.sleep(1.0)
+        proc = subprocess.run([self.zettabee, "--debug", "update", self.dfs["ssh"]],
+                              env=self.env, capture_output=True, text=True, check=True)  # fmt: skip
+        line = next(line for line in proc.stderr.splitlines() if ": timings " in line)
+        return {part: float(sec) for part, sec in re.findall(r"(\w+)=([0-9.]+)s", line)}
+
+    def full(self, full_mb: int, repeats: int) -> dict[str, dict[str, object]]:
+        snap = self.raw_snapshot()
+        rows: dict[str, dict[str, list[float]]] = {
+            "full ssh": {"raw": [], "zettabee": [], "stream": []},
+            "full mbuffer": {"raw": [], "zettabee": [], "stream": []},
         }
+        size = 0
+        for _ in range(repeats):
+            for kind in ("ssh", "mbuffer"):
+                label = f"full {kind}"
+                destroy(self.rawfs)
+                raw = self.raw_ssh(snap, None) if kind == "ssh" else self.raw_mbuffer(snap)
+                rows[label]["raw"].append(raw)
+                destroy(self.dfs[kind])
+                time.sleep(1.0)
+                rows[label]["zettabee"].append(self.zb("initialize", self.dfs[kind]))
+                status = self.status(self.dfs[kind])
+                size = int(status["bytes"])
+                rows[label]["stream"].append(float(status["seconds"]))
+        result = {}
         for label, cols in rows.items():
-            result[label] = {k: statistics.median(v) for k, v in cols.items()}
-        for cols in result.values():
-            cols["ratio"] = cols["zettabee"] / cols["raw"]
-        self.cleanup()
+            row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)
+            mib = size / 2**20
+            raw_s, zb_s = float(row["raw"]), float(row["zettabee"])  # type: ignore[arg-type]
+            stream_s = statistics.median(cols["stream"])
+            row.update(
+                bytes=size,
+                raw_mib_s=round(mib / raw_s, 1),
+                zettabee_mib_s=round(mib / zb_s, 1),
+                stream_mib_s=round(mib / stream_s, 1),
+                throughput_ratio=round(raw_s / zb_s, 3),
+                stream_throughput_ratio=round(raw_s / stream_s, 3),
+            )
+            del row["ratio"]
+            result[label] = row
         return result
+
+    def status(self, dfs: str) -> dict[str, object]:
+        fp = subprocess.run([self.zettabee, "fingerprint", dfs], env=self.env, capture_output=True,
+                            text=True, check=True).stdout.split()[-1]  # fmt: skip
+        data = json.loads((self.tmp / "state" / f"{fp}.json").read_text())
+        assert isinstance(data, dict)
+        return data
+
+
+def summary(cols: dict[str, list[float]], repeats: int) -> dict[str, object]:
+    raw, zb = statistics.median(cols["raw"]), statistics.median(cols["zettabee"])
+    return {
+        "raw": round(raw, 3),
+        "zettabee": round(zb, 3),
+        "ratio": round(zb / raw, 3),
+        "runs": repeats,
+        "raw_all": [round(x, 3) for x in cols["raw"]],
+        "zettabee_all": [round(x, 3) for x in cols["zettabee"]],
+    }
+
+
+def verdicts(result: dict[str, dict[str, object]]) -> dict[str, str]:
+    said = {}
+    for label, row in result.items():
+        if label.startswith("full"):
+            value, target = float(row["throughput_ratio"]), TARGETS[label]  # type: ignore[arg-type]
+            said[label] = f"{value:.2f}x raw throughput (target >= {target}): " + (
+                "met" if value >= target else "NOT met"
+            )
+        else:
+            target = TARGETS["no change" if label == "no change" else "+MB"]
+            value = float(row["ratio"])  # type: ignore[arg-type]
+            said[label] = f"{value:.2f}x raw wall time (target <= {target}): " + (
+                "met" if value <= target else "NOT met"
+            )
+    return said
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full-mb", type=int, default=200)
+    parser.add_argument("--full-mb", type=int, default=500)
     parser.add_argument("--add-mb", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--transport", default="ssh", choices=["ssh", "mbuffer"])
+    parser.add_argument("--repeats", type=int, default=9, help="incremental runs of each kind")
+    parser.add_argument("--full-repeats", type=int, default=3, help="0: no full sends")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
     args = parser.parse_args()
+    compile_package()
     lab = ZfsLab(test_lab_name(), pool_size="3G")
+    load_before = load()
     with lab.held():
         started_lab = not lab.is_up()
         if started_lab:
             lab.up()
+        bench = Bench(lab)
         try:
-            bench = Bench(lab, args.transport)
-            result = bench.measure(args.full_mb, args.add_mb, args.repeats)
+            bench.cleanup()
+            bench.src.run("zfs", "create", bench.sfs)
+            write_random(Path(bench.src.mountpoint) / "bench-update" / "full.bin", args.full_mb)
+            result = bench.full(args.full_mb, args.full_repeats) if args.full_repeats else {}
+            for fs in bench.dfs.values():
+                destroy(fs)
+            result.update(bench.incremental(args.add_mb, args.repeats))
+            parts = bench.breakdown()
         finally:
+            try:
+                bench.cleanup()
+            except RuntimeError as exc:  # the figures are taken: report them anyway
+                print(f"warning: {exc}", file=sys.stderr)
             if started_lab:
                 lab.down()
+    load_after = load()
 
-    print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}   ({args.transport})")
+    print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}")
     for label, cols in result.items():
-        print(f"{label:<14}{cols['raw']:>9.3f}{cols['zettabee']:>12.3f}{cols['ratio']:>8.2f}")
+        ratio = cols.get("ratio", cols.get("throughput_ratio"))
+        print(f"{label:<14}{cols['raw']:>9.3f}{cols['zettabee']:>12.3f}{ratio:>8.2f}")
+    said = verdicts(result)
+    for label, text in said.items():
+        print(f"  {label}: {text}")
+    print(
+        "no-change update, --debug timings: " + " ".join(f"{k}={v:.3f}s" for k, v in parts.items())
+    )
     record = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
-        "transport": args.transport,
-        "repeats": args.repeats,
+        "load_before": load_before,
+        "load_after": load_after,
+        "full_mb": args.full_mb,
+        "add_mb": args.add_mb,
         "results": result,
+        "verdicts": said,
+        "no_change_timings": parts,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
-import difflib
 import functools
 import ipaddress
 import os
@@ -412,6 +411,8 @@ def parse_option(key: str, value: str) -> object:
 
 
 def _suggest(word: str, known: Sequence[str]) -> str:
+    import difflib  # only a mistake needs it: 10 ms off every start
+
     close = difflib.get_close_matches(word.lower(), known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{hint}; known: {', '.join(known)}"

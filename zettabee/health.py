@@ -1,10 +1,11 @@
 """How every pair stands, read from ZFS on the destination and the local state.
 
 ``status``, the check plugins and ``replicate``'s passive results all read this, so they
-agree. One ``zfs get`` answers for every pair of a destination host at once: here for
-destinations on this machine, and, when the caller allows SSH (``zettabee status``), over
-the control connection for each remote destination host. The check plugins never open
-SSH: for them a remote destination is judged from what the last run recorded.
+agree. One ``zfs get`` answers for every pair of a destination host at once (two when some
+pairs need a closer look, see :func:`read_health`): here for destinations on this machine,
+and, when the caller allows SSH (``zettabee status``), over the control connection for
+each remote destination host. The check plugins never open SSH: for them a remote
+destination is judged from what the last run recorded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from zettabee.config import format_bytes
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
 from zettabee.pair import Pair, is_own_snapshot, parse_snapshot_name
-from zettabee.state import FAILED, INTERRUPTED, RUNNING, StateStore, Status
+from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 
 DestinationHosts = Callable[[Pair], Host]
 
@@ -109,12 +110,24 @@ def read_health(
     now: float | None = None,
     hosts: DestinationHosts | None = None,
 ) -> list[Health]:
-    """The health of ``pairs``, in their order, from one ``zfs get`` per destination host.
+    """The health of ``pairs``, in their order, from one ``zfs get`` per destination host
+    (two when some pairs need a closer look).
 
     ``host`` answers for every destination when given (a test's fake); ``hosts`` gives
     each pair's destination host, remote ones included (SSH allowed). Without either, a
-    destination on this machine is read here and a remote one from the status file."""
+    destination on this machine is read here and a remote one from the status file.
+
+    ZFS answers in time proportional to the objects it opens (zfs-fuse: about 0.5 ms
+    each), so the call asks for one object per pair: the snapshot its last run recorded
+    (the status file names it), whose answer carries its ``creation`` and, inherited,
+    its file system's zettabee properties. Pairs without such a hint, whose hint ZFS
+    contradicts, or whose last run failed or was interrupted (where the newest snapshot
+    may not be the recorded one) are then read whole, file system and snapshots, in a
+    second call for them all.
+    """
     now = time.time() if now is None else now
+    statuses = {p.fingerprint: store.read_status(p.fingerprint) for p in pairs}
+    holders = {p.fingerprint: store.lock_holder(p.fingerprint) for p in pairs}
     groups: dict[int, tuple[Host | None, list[int]]] = {}
     for index, pair in enumerate(pairs):
         if host is not None:
@@ -129,11 +142,12 @@ def read_health(
     healths: dict[int, Health] = {}
     for where, indexes in groups.values():
         group = [pairs[i] for i in indexes]
+        state = [(statuses[p.fingerprint], holders[p.fingerprint]) for p in group]
         if where is None:
-            found = [_recorded(p, store, now) for p in group]
+            found = [_recorded(p, *st, now) for p, st in zip(group, state, strict=True)]
         else:
-            table, zfs_error = _read_destinations(where, group)
-            found = [_one(p, table, zfs_error, store, now) for p in group]
+            view = _read_destinations(where, group, state)
+            found = [_one(p, view, *st, now) for p, st in zip(group, state, strict=True)]
         healths.update(zip(indexes, found, strict=True))
     return [healths[i] for i in range(len(pairs))]
 
@@ -146,32 +160,86 @@ def _is_local(name: str) -> bool:
     return is_local_host(name)
 
 
-def _read_destinations(host: Host, pairs: Sequence[Pair]) -> tuple[dict[str, dict[str, str]], str]:
-    """The zettabee properties and snapshots of every destination on one host."""
-    table: dict[str, dict[str, str]] = {}
-    props = ["creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
-    targets = sorted({p.destination.fs for p in pairs})
-    try:
-        result = host.run(zfs.get(targets, props, depth=1), check=False)
-    except ZettabeeError as exc:
-        return table, f"on {host.name}: {exc}"
-    try:
-        table = zfs.parse_get(result.stdout)
-    except ValueError as exc:
-        return table, str(exc)
-    if result.returncode != 0 and not table:
+def _read_destinations(
+    host: Host, pairs: Sequence[Pair], state: Sequence[tuple[Status, dict[str, Any] | None]]
+) -> _View:
+    """The zettabee properties and snapshots of every destination on one host: the
+    recorded snapshots first, then whole the file systems they do not answer for."""
+    view = _View()
+    hinted = [_hint(p, *st) for p, st in zip(pairs, state, strict=True)]
+    first = sorted({hint for hint in hinted if hint})
+    if first:
+        view.read(host, first, depth=None)
+    whole = sorted(
+        {
+            p.destination.fs
+            for p, hint in zip(pairs, hinted, strict=True)
+            if not view.answers(p, hint)
+        }
+    )
+    if whole and not view.error:
+        view.read(host, whole, depth=1)
+    return view
+
+
+def _hint(pair: Pair, status: Status, holder: dict[str, Any] | None) -> str:
+    """``fs@snapshot`` of the pair's last recorded run, when its outcome can be trusted."""
+    clean = status.result == "ok" and status.state == IDLE and not status.corrupt
+    if not clean or holder is not None or not status.snapshot:
+        return ""
+    return f"{pair.destination.fs}@{status.snapshot}"
+
+
+class _View:
+    """What ZFS said, by file system: its properties and its snapshots'."""
+
+    PROPS = ("creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP)
+
+    def __init__(self) -> None:
+        self.props: dict[str, dict[str, str]] = {}
+        self.snaps: dict[str, dict[str, dict[str, str]]] = {}
+        self.error = ""
+
+    def read(self, host: Host, targets: list[str], depth: int | None) -> None:
+        try:
+            result = host.run(zfs.get(targets, self.PROPS, depth=depth), check=False)
+        except ZettabeeError as exc:  # a remote destination host out of reach
+            self.error = f"on {host.name}: {exc}"
+            return
+        try:
+            table = zfs.parse_get(result.stdout)
+        except ValueError as exc:
+            self.error = str(exc)
+            return
         errors = [line for line in result.stderr.splitlines() if line.strip()]
-        # Missing destinations are uninitialized pairs, not an unreadable ZFS.
-        if not errors or not all(zfs.missing_dataset(line) for line in errors):
-            return table, result.stderr.strip() or f"zfs get exited {result.returncode}"
-    return table, ""
+        # Missing datasets are uninitialized pairs or stale hints, not an unreadable ZFS.
+        if result.returncode != 0 and not all(zfs.missing_dataset(line) for line in errors):
+            self.error = result.stderr.strip() or f"zfs get exited {result.returncode}"
+            return
+        for name, props in table.items():
+            fs, at, snap = name.partition("@")
+            if at:
+                self.snaps.setdefault(fs, {})[snap] = props
+                if depth is None:  # a snapshot asked by name: its inherited user properties
+                    self.props.setdefault(fs, props)
+            else:
+                self.props[fs] = props
+
+    def answers(self, pair: Pair, hint: str) -> bool:
+        """Did the first call tell all about ``pair``: its hint exists and is the last?"""
+        if not hint:
+            return False
+        fs, _, snap = hint.partition("@")
+        props = self.props.get(fs)
+        return (
+            snap in self.snaps.get(fs, {})
+            and props is not None
+            and zfs.user_prop(props.get(zfs.PROP_LASTSNAP)) == snap
+        )
 
 
-def _base(pair: Pair, store: StateStore, now: float) -> Health:
+def _base(pair: Pair, status: Status, holder: dict[str, Any] | None, now: float) -> Health:
     """What the local state says: the run state, the lock holder, the run time."""
-    fp = pair.fingerprint
-    status = store.read_status(fp)
-    holder = store.lock_holder(fp)
     run_state = status.effective_state(lock_held=holder is not None)
     if holder is not None:
         run_state = RUNNING
@@ -187,12 +255,11 @@ def _base(pair: Pair, store: StateStore, now: float) -> Health:
     return health
 
 
-def _recorded(pair: Pair, store: StateStore, now: float) -> Health:
+def _recorded(pair: Pair, status: Status, holder: dict[str, Any] | None, now: float) -> Health:
     """A remote destination, judged without SSH: the snapshot the last successful run
     received, its age from the UTC time in its name."""
-    health = _base(pair, store, now)
-    status = health.status
-    parsed = parse_snapshot_name(status.snapshot) if status and status.last_success else None
+    health = _base(pair, status, holder, now)
+    parsed = parse_snapshot_name(status.snapshot) if status.last_success else None
     if parsed is None or parsed[0] != pair.fingerprint:
         health.reason = health.reason or (
             f"no successful run recorded for {pair.destination} (a remote destination is "
@@ -200,21 +267,25 @@ def _recorded(pair: Pair, store: StateStore, now: float) -> Health:
         )
         return health
     health.state = SYNCHRONIZED
-    health.lastsnap = status.snapshot if status else ""
+    health.lastsnap = status.snapshot
     health.lag = int(now - parsed[1].timestamp())
     return health
 
 
 def _one(
-    pair: Pair, table: dict[str, dict[str, str]], zfs_error: str, store: StateStore, now: float
+    pair: Pair,
+    view: _View,
+    status: Status,
+    holder: dict[str, Any] | None,
+    now: float,
 ) -> Health:
-    fp = pair.fingerprint
     fs = pair.destination.fs
-    health = _base(pair, store, now)
-    if zfs_error:
-        health.state, health.reason = UNREADABLE, f"cannot read ZFS: {zfs_error}"
+    fp = pair.fingerprint
+    health = _base(pair, status, holder, now)
+    if view.error:
+        health.state, health.reason = UNREADABLE, f"cannot read ZFS: {view.error}"
         return health
-    props = table.get(fs)
+    props = view.props.get(fs)
     if props is None:
         health.reason = health.reason or f"{fs} does not exist: run `zettabee initialize`"
         return health
@@ -228,7 +299,7 @@ def _one(
         health.state = INCONSISTENT
         health.reason = f"{fs} carries fingerprint {owner}, not this pair's {fp}"
         return health
-    snaps = {n.split("@", 1)[1]: p for n, p in table.items() if n.startswith(f"{fs}@")}
+    snaps = view.snaps.get(fs, {})
     if lastsnap not in snaps:
         health.state = INCONSISTENT
         health.reason = f"the recorded snapshot {fs}@{lastsnap} is missing on the destination"

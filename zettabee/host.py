@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from zettabee.errors import CommandError, TransportError, ZfsError
 
-if TYPE_CHECKING:  # paramiko costs 0.2 s to import: only the replicating paths pay it
-    import paramiko
+if TYPE_CHECKING:
+    from zettabee.capabilities import PairFeatures
+    from zettabee.pair import Endpoint, Pair
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 300.0
-KEEPALIVE = 15
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,12 @@ class Host(Protocol):
 
     @property
     def is_local(self) -> bool: ...
+
+    def start(self) -> None:
+        """Begin connecting, in the background; nothing to do for this machine."""
+
+    def connect(self) -> None:
+        """Wait until commands can run; raises TransportError saying why they cannot."""
 
     def run(
         self,
@@ -117,13 +125,19 @@ class LocalHost:
             raise error_for(argv, self.name, proc.returncode, proc.stderr)
         return result
 
+    def start(self) -> None:
+        pass
+
+    def connect(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
 @dataclass(frozen=True)
 class SshTarget:
-    """Where and how to reach a remote host; the same for paramiko and the ssh client."""
+    """Where and how to reach a remote host with the OpenSSH client."""
 
     host: str
     port: int = 22
@@ -135,16 +149,23 @@ class SshTarget:
     def address(self) -> str:
         return self.host[1:-1] if self.host.startswith("[") else self.host
 
+    @property
+    def known_host_name(self) -> str:
+        """How known_hosts names this host: ``[host]:port`` off port 22."""
+        return self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+
     def ssh_client_argv(
         self,
         remote_command: str | None,
         stall: int = 300,
         control_path: str | None = None,
         master: bool = False,
+        accept_new_host_key: bool = False,
     ) -> list[str]:
-        """The OpenSSH client argv for the data stream: same key, port and known_hosts.
+        """The OpenSSH client argv for a command or the data stream (``None``: the master
+        connection itself, no command).
 
-        With ``control_path`` the stream rides on a master connection opened earlier (and
+        With ``control_path`` the session rides on a master connection opened earlier (and
         falls back to a connection of its own when that master is not there)."""
         argv = ["ssh", "-p", str(self.port)]
         if control_path:
@@ -154,9 +175,12 @@ class SshTarget:
             argv += ["-i", self.key, "-o", "IdentitiesOnly=yes"]
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if accept_new_host_key:  # setup --accept-new-host-key: pin an unknown key, in clear
+            argv += ["-o", "StrictHostKeyChecking=accept-new", "-o", "HashKnownHosts=no"]
+        else:
+            argv += ["-o", "StrictHostKeyChecking=yes"]
         interval = max(5, min(30, stall // 4 or 5))
         argv += [
-            "-o", "StrictHostKeyChecking=yes",
             "-o", "BatchMode=yes",
             "-o", f"ConnectTimeout={int(CONNECT_TIMEOUT)}",
             "-o", f"ServerAliveInterval={interval}",
@@ -172,10 +196,15 @@ class SshTarget:
 
 
 class SshHost:
-    """A remote host behind one paramiko connection, opened on first use and reused.
+    """A remote host reached with the OpenSSH client over one master connection per run.
 
-    Host keys are checked strictly against the configured known_hosts file: an unknown or
-    changed key is refused, and accepting a new one is an explicit operator action.
+    The master (``ControlMaster``) starts in the background as soon as the run knows the
+    host, so its handshake (0.2-0.3 s) overlaps the local work; every control command and
+    every stream then rides on it as one more session, about 10 ms each here (a paramiko
+    channel took 50 ms, and importing paramiko 0.15 s, on the same machine). Host keys are
+    checked strictly by ssh against the configured known_hosts file: an unknown or changed
+    key is refused, and accepting a new one is an explicit operator action (``setup
+    --accept-new-host-key``).
     """
 
     is_local = False
@@ -184,100 +213,139 @@ class SshHost:
         self.target = target
         self.name = target.host
         self.accept_new_host_key = accept_new_host_key
-        self._client: paramiko.SSHClient | None = None
         self.connections = 0
-        # replicate's worker threads share this host. paramiko's Transport is safe for
-        # channels opened and used from several threads; the lazy connect here is not:
-        # without the lock two threads would each open a connection.
-        self._connect_lock = threading.Lock()
+        # replicate's worker threads share this host: one of them starts the master,
+        # every one of them waits for it.
+        self._lock = threading.Lock()
         self._master: subprocess.Popen[bytes] | None = None
+        self._master_err: IO[bytes] | None = None
         self._mux_dir: str | None = None
+        self._started = 0.0
+        self._ready = False
+        self._failure: TransportError | None = None
 
-    def _connect(self) -> paramiko.SSHClient:
-        with self._connect_lock:
-            return self._connect_once()
+    # -- the master connection ---------------------------------------------------------
 
-    def _connect_once(self) -> paramiko.SSHClient:
-        if self._client is not None:
-            transport = self._client.get_transport()
-            if transport is not None and transport.is_active():
-                return self._client
-        import paramiko
+    def start(self) -> None:
+        """Start the master connection without waiting for it."""
+        with self._lock:
+            self._start_locked()
 
-        t = self.target
-        client = paramiko.SSHClient()
-        known = t.known_hosts
-        if known:
-            try:
-                client.load_host_keys(known)
-            except FileNotFoundError:
-                if not self.accept_new_host_key:
-                    raise TransportError(
-                        f"known_hosts file {known} does not exist: run `zettabee setup "
-                        f"--accept-new-host-key DESTINATION` once to pin {t.host}'s key",
-                        transient=False,
-                    ) from None
-        else:
-            client.load_system_host_keys()
-        if self.accept_new_host_key:
-            client.set_missing_host_key_policy(_pin_new_key_policy(known))
-        else:
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        started = time.monotonic()
-        try:
-            client.connect(
-                t.address,
-                port=t.port,
-                username=t.user,
-                key_filename=t.key,
-                look_for_keys=t.key is None,
-                allow_agent=False,
-                timeout=CONNECT_TIMEOUT,
-                banner_timeout=CONNECT_TIMEOUT,
-                auth_timeout=CONNECT_TIMEOUT,
-                channel_timeout=CONNECT_TIMEOUT,
-            )
-        except paramiko.BadHostKeyException as exc:
-            raise TransportError(
-                f"host key of {t.host} port {t.port} has CHANGED (got {exc.key.get_name()} "
-                f"{exc.key.get_fingerprint().hex()}), refusing to connect; if the host was "
-                f"really reinstalled, remove its line from {known or '~/.ssh/known_hosts'} and "
-                "run `zettabee setup --accept-new-host-key`",
+    def _start_locked(self) -> None:
+        if self._master is not None or self._failure is not None:
+            return
+        if self._master_err is not None:
+            self._master_err.close()
+        known = self.target.known_hosts
+        if known and not self.accept_new_host_key and not os.path.exists(known):
+            self._failure = TransportError(
+                f"known_hosts file {known} does not exist: run `zettabee setup "
+                f"--accept-new-host-key DESTINATION` once to pin {self.name}'s key",
                 transient=False,
-            ) from exc
-        except paramiko.SSHException as exc:
-            msg = str(exc)
-            if "not found in known_hosts" in msg:
-                raise TransportError(
-                    f"host key of {t.host} port {t.port} is unknown (not in "
-                    f"{known or '~/.ssh/known_hosts'}); check it and run `zettabee setup "
-                    "--accept-new-host-key DESTINATION` to pin it",
-                    transient=False,
-                ) from exc
-            auth = isinstance(exc, paramiko.AuthenticationException)
-            raise TransportError(
-                f"ssh to {t.user}@{t.host} port {t.port} failed: {msg}"
-                + (f" (key {t.key})" if auth else ""),
-                transient=not auth,
-            ) from exc
-        except (OSError, EOFError) as exc:
-            raise TransportError(
-                f"cannot connect to {t.host} port {t.port}: {_socket_reason(exc)}"
-                if isinstance(exc, OSError)
-                else f"connection to {t.host} port {t.port} closed during set-up"
-            ) from exc
-        except UnicodeError as exc:  # the resolver's IDNA codec: a label over 63 characters
-            raise TransportError(f"cannot resolve host {t.host!r}: {exc}", False) from exc
-        transport = client.get_transport()
-        assert transport is not None
-        transport.set_keepalive(KEEPALIVE)
-        self.connections += 1
-        log.debug("ssh to %s@%s:%d in %.3fs", t.user, t.host, t.port, time.monotonic() - started)
-        self._client = client
-        return client
+            )
+            return
+        self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
+        argv = self.target.ssh_client_argv(
+            LIFELINE,
+            control_path=self._control_path(),
+            master=True,
+            accept_new_host_key=self.accept_new_host_key,
+        )
+        log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
+        self._master_err = tempfile.TemporaryFile()
+        self._started = time.monotonic()
+        try:
+            # Tied to this process as well as by its lifeline: a master whose own session
+            # ended lingers while a session on it is still open, and a killed client's
+            # session stays open as long as its remote command writes (mbuffer's status).
+            self._master = subprocess.Popen(
+                tied_to_us(argv),
+                stdin=subprocess.PIPE,  # the lifeline: closed when this process ends
+                stdout=subprocess.DEVNULL,
+                stderr=self._master_err,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            self._failure = TransportError(
+                "the OpenSSH client `ssh` is not installed (apt-get install openssh-client)",
+                transient=False,
+            )
 
     def connect(self) -> None:
-        self._connect()
+        """Wait until the master is up; a failure names its cause and the fix."""
+        with self._lock:
+            if self._ready and self._master is not None:
+                if self._master.poll() is None:
+                    return
+                log.warning("ssh connection to %s was lost: connecting again", self.name)
+                self._stop_master()
+            self._start_locked()
+            if self._failure is not None:
+                raise self._failure
+            self._wait_for_master()
+
+    def _wait_for_master(self) -> None:
+        assert self._master is not None
+        socket_path = self._control_path()
+        deadline = self._started + 2 * CONNECT_TIMEOUT
+        delay = 0.002
+        while not os.path.exists(socket_path):
+            if self._master.poll() is not None:
+                self._failure = self._master_failure()
+                raise self._failure
+            if time.monotonic() > deadline:
+                self._stop_master()
+                self._failure = TransportError(
+                    f"ssh to {self.target.user}@{self.name} port {self.target.port}: no "
+                    f"session after {2 * CONNECT_TIMEOUT:.0f}s (the host accepts TCP but "
+                    "does not finish the SSH handshake)"
+                )
+                raise self._failure
+            time.sleep(delay)
+            delay = min(delay * 2, 0.004)
+        self._ready = True
+        self.connections += 1
+        t = self.target
+        log.debug(
+            "ssh to %s@%s:%d in %.3fs", t.user, t.host, t.port, time.monotonic() - self._started
+        )
+        if self.accept_new_host_key:
+            self._report_pinned_key()
+
+    def _master_failure(self) -> TransportError:
+        assert self._master is not None and self._master_err is not None
+        self._master_err.seek(0)
+        stderr = self._master_err.read().decode(errors="replace")
+        return ssh_failure(self.target, self._master.returncode or 255, stderr)
+
+    def _report_pinned_key(self) -> None:
+        assert self._master_err is not None
+        self._master_err.seek(0)
+        said = self._master_err.read().decode(errors="replace")
+        if "Permanently added" in said and self.target.known_hosts:
+            key = subprocess.run(
+                ["ssh-keygen", "-l", "-F", self.target.known_host_name, "-f",
+                 self.target.known_hosts],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            lines = [line for line in key.stdout.splitlines() if not line.startswith("#")]
+            log.warning(
+                "pinned new host key for %s in %s: %s",
+                self.name,
+                self.target.known_hosts,
+                lines[0] if lines else said.strip(),
+            )
+
+    def _control_path(self) -> str:
+        assert self._mux_dir is not None
+        return f"{self._mux_dir}/m"
+
+    def _live_control_path(self) -> str | None:
+        if self._ready and self._master is not None and self._master.poll() is None:
+            return self._control_path()
+        return None
+
+    # -- commands and streams ----------------------------------------------------------
 
     def run(
         self,
@@ -301,84 +369,56 @@ class SshHost:
         timeout: float | None = COMMAND_TIMEOUT,
     ) -> Result:
         """Run one already quoted command string (a pipeline built by :mod:`transport`)."""
-        import paramiko
-
         argv = argv if argv is not None else ["sh", "-c", command]
-        client = self._connect()
+        self.connect()
+        # Tied to this process like every stage: a killed run must not leave a remote
+        # command (an mbuffer sender, say) running over a master kept alive for it.
+        client = tied_to_us(
+            self.target.ssh_client_argv(command, control_path=self._live_control_path())
+        )
         log.debug("run on %s: %s", self.name, command)
         started = time.monotonic()
         try:
-            transport = client.get_transport()
-            assert transport is not None
-            chan = transport.open_session(timeout=CONNECT_TIMEOUT)
-            chan.settimeout(timeout)
-            chan.exec_command(command)
-            if input is not None:
-                chan.sendall(input.encode())
-            chan.shutdown_write()
-            out = chan.makefile("rb").read()
-            err = chan.makefile_stderr("rb").read()
-            code = chan.recv_exit_status()
-            chan.close()
-        except TimeoutError as exc:
+            proc = subprocess.run(
+                client,
+                input=input.encode() if input is not None else None,
+                stdin=subprocess.DEVNULL if input is None else None,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
             raise TransportError(
                 f"command on {self.name} gave no answer for {timeout:.0f}s: {command}"
             ) from exc
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            self._client = None
-            raise TransportError(f"ssh connection to {self.name} failed: {exc}") from exc
-        log.debug("  exit %d in %.3fs", code, time.monotonic() - started)
+        stderr = proc.stderr.decode(errors="replace")
+        if proc.returncode == 255 and self._lost(stderr):
+            raise TransportError(f"ssh connection to {self.name} failed: {stderr.strip()}")
+        log.debug("  exit %d in %.3fs", proc.returncode, time.monotonic() - started)
         result = Result(
-            argv, self.name, code, out.decode(errors="replace"), err.decode(errors="replace")
+            argv, self.name, proc.returncode, proc.stdout.decode(errors="replace"), stderr
         )
-        if check and code != 0:
-            raise error_for(argv, self.name, code, result.stderr)
+        if check and proc.returncode != 0:
+            raise error_for(argv, self.name, proc.returncode, stderr)
         return result
 
-    def open_stream_master(self) -> None:
-        """Start the OpenSSH connection the data stream will use, in the background.
-
-        Its handshake (0.2-0.3 s) then overlaps the control work (listing, snapshot)
-        instead of adding to every update."""
-        import tempfile
-
-        with self._connect_lock:
-            if self._master is not None:
-                return
-            self._mux_dir = tempfile.mkdtemp(prefix="zb-ssh-")
-            argv = self.target.ssh_client_argv(None, control_path=self._control_path(), master=True)
-            # close() stops the master; a run killed with SIGKILL cannot, and the master
-            # (its own session, -N) would hold its connection to the source forever. The
-            # kernel's parent-death signal stops it then. It follows the thread that
-            # started it: replicate's workers live as long as the run's hosts do.
-            if shutil.which("setpriv"):
-                argv = ["setpriv", "--pdeathsig", "TERM", *argv]
-            log.debug("start ssh master for %s: %s", self.name, shlex.join(argv))
-            self._master = subprocess.Popen(
-                tied_to_us(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-    def _control_path(self) -> str:
-        assert self._mux_dir is not None
-        return f"{self._mux_dir}/m"
+    def _lost(self, stderr: str) -> bool:
+        """Did the connection fail (rather than the remote command exit 255)?"""
+        if self._master is None or self._master.poll() is not None:
+            return True
+        return any(mark in stderr for mark in _SSH_CLIENT_FAILURES)
 
     def stream_argv(self, remote_command: str, stall: int) -> list[str]:
-        """argv of an OpenSSH client that runs ``remote_command`` for the data stream."""
-        if self._master is not None and self._master.poll() is None:
-            return self.target.ssh_client_argv(
-                remote_command, stall, control_path=self._control_path()
-            )
-        return self.target.ssh_client_argv(remote_command, stall)
+        """argv of an OpenSSH client that runs ``remote_command`` for the data stream, on
+        the master once it is up (a connection of its own otherwise)."""
+        return self.target.ssh_client_argv(
+            remote_command, stall, control_path=self._live_control_path()
+        )
 
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+    def _stop_master(self) -> None:
         if self._master is not None:
+            if self._master.stdin is not None:
+                self._master.stdin.close()
             self._master.terminate()
             try:
                 self._master.wait(timeout=5)
@@ -386,46 +426,112 @@ class SshHost:
                 self._master.kill()
                 self._master.wait()
             self._master = None
+        self._ready = False
         if self._mux_dir is not None:
             shutil.rmtree(self._mux_dir, ignore_errors=True)
             self._mux_dir = None
 
-
-def _socket_reason(exc: OSError) -> str:
-    """What the socket said: paramiko wraps a refused or unreachable connection in an
-    error of its own ("Unable to connect to port 22 on ...") that hides the reason."""
-    underlying = [e for e in getattr(exc, "errors", {}).values() if isinstance(e, OSError)]
-    reasons = {e.strerror or str(e) for e in underlying}
-    if reasons:
-        return "; ".join(sorted(reasons))
-    return exc.strerror or str(exc)
+    def close(self) -> None:
+        with self._lock:
+            self._stop_master()
+            if self._master_err is not None:
+                self._master_err.close()
+                self._master_err = None
 
 
-def _pin_new_key_policy(known_hosts: str | None) -> paramiko.MissingHostKeyPolicy:
-    """Missing-host-key policy used only by ``setup --accept-new-host-key``: a key that
-    is not known yet is written to the known_hosts file; a changed key is still refused
-    (paramiko raises BadHostKeyException before asking the policy)."""
-    import os
+# The master's own session: it ends, and the master with it, when the master's stdin
+# closes, which the kernel does when this process ends however it ends (a master started
+# with -N would outlive a killed zettabee).
+LIFELINE = "cat >/dev/null"
 
-    import paramiko
+# What the OpenSSH client says when the connection, not the remote command, failed.
+_SSH_CLIENT_FAILURES = (
+    "mux_client",
+    "Control socket",
+    "Session open refused",
+    "Connection closed by",
+    "Connection reset",
+    "Broken pipe",
+    "ssh: connect to host",
+)
 
-    class PinNewKey(paramiko.MissingHostKeyPolicy):
-        def missing_host_key(
-            self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-        ) -> None:
-            client.get_host_keys().add(hostname, key.get_name(), key)
-            if known_hosts:
-                os.makedirs(os.path.dirname(known_hosts) or ".", exist_ok=True)
-                with open(known_hosts, "a") as handle:
-                    handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-            log.warning(
-                "pinned new host key for %s: %s %s",
-                hostname,
-                key.get_name(),
-                key.get_fingerprint().hex(),
-            )
 
-    return PinNewKey()
+def ssh_failure(target: SshTarget, returncode: int, stderr: str) -> TransportError:
+    """The error for an OpenSSH connection that failed, from what ssh said: what went
+    wrong, whether trying again can help, and what the operator should do."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = "; ".join(line for line in lines if not line.startswith("@")) or f"exit {returncode}"
+    where = f"{target.host} port {target.port}"
+    known = target.known_hosts or "~/.ssh/known_hosts"
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr or "has changed and" in stderr:
+        sent = [line.rstrip(".") for line in lines if line.startswith("SHA256:")]
+        got = f" (it sent {sent[0]})" if sent else ""
+        return TransportError(
+            f"host key of {where} has CHANGED{got}, refusing to connect; if the host was "
+            f"really reinstalled, remove its line from {known} and run `zettabee setup "
+            "--accept-new-host-key`",
+            transient=False,
+        )
+    if "Host key verification failed" in stderr:
+        return TransportError(
+            f"host key of {where} is unknown (not in {known}); check it and run `zettabee "
+            "setup --accept-new-host-key DESTINATION` to pin it",
+            transient=False,
+        )
+    if "Permission denied" in stderr:
+        key = f" (key {target.key})" if target.key else ""
+        return TransportError(f"ssh to {target.user}@{where} failed: {said}{key}", transient=False)
+    if "ssh: connect to host" in stderr or "Connection timed out" in stderr:
+        # "ssh: connect to host H port P: Connection refused": the reason is the news.
+        reason = next(line for line in lines if "connect to host" in line or "timed out" in line)
+        return TransportError(f"cannot connect to {where}: {reason.rsplit(': ', 1)[-1]}")
+    return TransportError(f"ssh to {target.user}@{where} failed (exit {returncode}): {said}")
+
+
+class Hosts:
+    """One host object per (host, port, user, key) for the whole run: pairs from the same
+    host share one control connection, whichever end of a pair it is, and each host is
+    probed once. Here, not in the replicator, so that a run can start its connections
+    before it imports the rest."""
+
+    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
+        from zettabee.capabilities import Prober
+
+        self.known_hosts = known_hosts
+        self.accept_new_host_key = accept_new_host_key
+        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
+        self.prober = Prober()
+
+    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
+        opts = pair.options
+        known = opts.knownhosts or self.known_hosts
+        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+        if key not in self._hosts:
+            if is_local_host(endpoint.host):
+                self._hosts[key] = LocalHost(endpoint.host)
+            else:
+                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
+                self._hosts[key] = SshHost(target, self.accept_new_host_key)
+        return self._hosts[key]
+
+    def features(self, pair: Pair, src: Host, dst: Host) -> PairFeatures:
+        """What the pair can use: each host is probed once per run."""
+        from zettabee.capabilities import plan_features
+
+        opts = pair.options
+        src_caps, dst_caps = self.prober.of_both(src, pair.source.pool, dst, pair.destination.pool)
+        return plan_features(
+            src_caps,
+            dst_caps,
+            resume=opts.resume,
+            hold=opts.hold,
+            bookmark=opts.bookmark,
+            raw=opts.raw,
+        )
+
+    def close(self) -> None:
+        for host in self._hosts.values():
+            host.close()
 
 
 def is_local_host(name: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -70,8 +71,8 @@ class Pair:
     path: str = ""
     line: int = 0
 
-    @property
-    def fingerprint(self) -> str:
+    @functools.cached_property
+    def fingerprint(self) -> str:  # asked for often: thousands of times in a fleet's status
         return fingerprint(self.source, self.destination)
 
     @property

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,15 +13,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from zettabee import transport, zfs
-from zettabee.capabilities import PairFeatures, Prober, plan_features
+from zettabee import fastpath, transport, zfs
+from zettabee.capabilities import PairFeatures
 from zettabee.config import format_bytes
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
-from zettabee.host import Host, LocalHost, SshHost, SshTarget, is_local_host
-from zettabee.pair import Endpoint, Pair, hold_tag, is_own_snapshot, snapshot_name
+from zettabee.host import Host, Hosts, SshHost
+from zettabee.pair import Pair, hold_tag, is_own_snapshot, snapshot_name
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Hosts", "Replicator", "RunReport", "each_pair", "plan_prune"]
 
 
 @dataclass
@@ -55,48 +59,31 @@ class PurgeStep:
         return f"{'destroyed' if done else 'would destroy'} {self.target}"
 
 
-class Hosts:
-    """One host object per (host, port, user, key) for the whole run: pairs from the same
-    host share one control connection, whichever end of a pair it is."""
-
-    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
-        self.known_hosts = known_hosts
-        self.accept_new_host_key = accept_new_host_key
-        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
-        self.prober = Prober()
-
-    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
-        opts = pair.options
-        known = opts.knownhosts or self.known_hosts
-        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-        if key not in self._hosts:
-            if is_local_host(endpoint.host):
-                self._hosts[key] = LocalHost(endpoint.host)
-            else:
-                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-                self._hosts[key] = SshHost(target, self.accept_new_host_key)
-        return self._hosts[key]
-
-    def features(self, pair: Pair, src: Host, dst: Host) -> PairFeatures:
-        """What the pair can use: each host is probed once per run."""
-        opts = pair.options
-        src_caps, dst_caps = self.prober.of_both(src, pair.source.pool, dst, pair.destination.pool)
-        return plan_features(
-            src_caps,
-            dst_caps,
-            resume=opts.resume,
-            hold=opts.hold,
-            bookmark=opts.bookmark,
-            raw=opts.raw,
-        )
-
-    def close(self) -> None:
-        for host in self._hosts.values():
-            host.close()
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+class Stopwatch:
+    """Seconds spent in each part of a run, for ``--debug``: ``with clock("listing"):``
+    adds to that part (a part met twice, as the listing of a fallback, adds up)."""
+
+    def __init__(self, parts: dict[str, float]) -> None:
+        self.parts = parts
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add({part: time.monotonic() - started})
+
+    def add(self, parts: dict[str, float]) -> None:
+        for part, seconds in parts.items():
+            self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+    def __str__(self) -> str:
+        return " ".join(f"{part}={seconds:.3f}s" for part, seconds in self.parts.items())
 
 
 class Replicator:
@@ -120,6 +107,8 @@ class Replicator:
             try:
                 yield status
             except BaseException as exc:
+                if isinstance(exc, ZettabeeError) and not str(exc).startswith(pair.name):
+                    exc.args = (f"{pair.name}: {exc}",)  # every message names its pair
                 status.state, status.result = FAILED, "failed"
                 status.error = str(exc) if isinstance(exc, ZettabeeError) else repr(exc)
                 status.ended, status.pid = time.time(), None
@@ -148,12 +137,10 @@ class Replicator:
         return report
 
     def _early_stream_connection(self, pair: Pair, src: Host, dst: Host) -> None:
-        """Open the OpenSSH masters the stream will ride on: the source's for ``ssh``, a
-        remote destination's for ``ssh`` and ``mbuffer`` (its listener)."""
-        if pair.options.transport == "ssh" and isinstance(src, SshHost):
-            src.open_stream_master()
-        if pair.options.transport in ("ssh", "mbuffer") and isinstance(dst, SshHost):
-            dst.open_stream_master()
+        """Start the connections the run will use now, the source's and a remote
+        destination's: their handshakes overlap the local work."""
+        src.start()
+        dst.start()
 
     def _stream(
         self,
@@ -248,11 +235,15 @@ class Replicator:
 
     def _record(self, pair: Pair, dst: Host, snap: str, first: bool) -> None:
         fs = pair.destination.fs
-        dst.run(zfs.set_prop(fs, zfs.PROP_LASTSNAP, snap))
+        props = [(zfs.PROP_LASTSNAP, snap)]
         if first:
-            dst.run(zfs.set_prop(fs, zfs.PROP_FINGERPRINT, pair.fingerprint))
-            dst.run(zfs.set_prop(fs, zfs.PROP_SOURCE, str(pair.source)))
-            dst.run(zfs.set_prop(fs, "readonly", "on"))
+            props += [
+                (zfs.PROP_FINGERPRINT, pair.fingerprint),
+                (zfs.PROP_SOURCE, str(pair.source)),
+                ("readonly", "on"),
+            ]
+        # One property per zfs set (zfs-fuse takes no more), all at once.
+        wait_all([Background(functools.partial(dst.run, zfs.set_prop(fs, *p))) for p in props])
 
     # -- holds and bookmarks -------------------------------------------------------------
 
@@ -484,13 +475,18 @@ class Replicator:
 
     def initialize(self, pair: Pair, force: bool = False) -> RunReport:
         report = RunReport(pair, "initialize")
+        clock = Stopwatch(report.timings)
         with self._run(pair, "initialize") as status:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
-            feats = self._features(pair, src, dst, status)
-            ssnaps, _marks = self._source_view(pair, src, feats)
-            view = self._dest_view(pair, dst, feats)
+            with clock("connection"):
+                src.connect()
+                dst.connect()
+            with clock("probe"):
+                feats = self._features(pair, src, dst, status)
+            with clock("listing"):
+                view = self._dest_view(pair, dst, feats)
             fs = pair.destination.fs
             if view is not None:
                 props, dsnaps = view
@@ -530,18 +526,64 @@ class Replicator:
                 if feats.destination.holds:
                     self._move_holds(pair, dst, view[1], keep="")
                 destroy(dst, fs, recursive=True)
-            snap = self._new_snapshot(pair, src, ssnaps)
-            if feats.hold_source:
-                self._hold(pair, src, f"{pair.source.fs}@{snap}")
+            done = None
+            needs = self._needs_steps(pair, src, dst, feats, None)
+            if needs:
+                log.debug("%s: initialize step by step (%s)", pair.name, needs)
+            else:
+                done = self._initialize_in_one_round_trip(pair, src, dst, feats, clock)
+            if done is not None:
+                snap, stream = done
+                self._report_initialize(pair, status, report, snap, stream.bytes, stream.seconds)
+                log.debug("%s: timings %s", pair.name, clock)
+                return report
+            # Step by step; also when the script's snapshot failed: the listing says why.
+            with clock("listing"):
+                ssnaps, _marks = self._source_view(pair, src, feats)
+            with clock("snapshot"):
+                snap = self._new_snapshot(pair, src, ssnaps)
+                if feats.hold_source:
+                    self._hold(pair, src, f"{pair.source.fs}@{snap}")
             raw = pair.options.raw
             send = zfs.send(f"{pair.source.fs}@{snap}", raw=raw)
             estimate = zfs.send(f"{pair.source.fs}@{snap}", raw=raw, estimate=True)
             recv = zfs.recv(fs, resumable=feats.resume)
-            stream = self._transfer(pair, src, dst, feats, status, send, recv, snap, estimate)
-            self._finish_initialize(
-                pair, src, dst, feats, status, report, snap, stream.bytes, stream.seconds
-            )
+            with clock("stream"):
+                stream = self._transfer(pair, src, dst, feats, status, send, recv, snap, estimate)
+            with clock("record"):
+                self._finish_initialize(
+                    pair, src, dst, feats, status, report, snap, stream.bytes, stream.seconds
+                )
+        log.debug("%s: timings %s", pair.name, clock)
         return report
+
+    def _initialize_in_one_round_trip(
+        self, pair: Pair, src: Host, dst: Host, feats: PairFeatures, clock: Stopwatch
+    ) -> tuple[str, transport.StreamResult] | None:
+        """The snapshot is taken (and held) in the stream's command on the source, and
+        the record (and the destination's hold) starts as soon as the receive succeeded;
+        None when the snapshot failed (a name taken within the same second, a missing
+        source: the caller looks first)."""
+        snap = snapshot_name(pair.fingerprint, _now())
+        send = zfs.send(f"{pair.source.fs}@{snap}", raw=pair.options.raw)
+        recv = zfs.recv(pair.destination.fs)
+        tag = hold_tag(pair.fingerprint) if feats.hold_source else None
+
+        def received() -> None:
+            with clock("record"):
+                self._record(pair, dst, snap, first=True)
+                if feats.hold_destination:
+                    self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
+
+        with clock("stream"):
+            try:
+                outcome = fastpath.update(
+                    src, dst, pair.source.fs, None, snap, send, recv, pair.options.stall,
+                    self._progress(pair), received, hold=tag,
+                )  # fmt: skip
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc) from exc
+        return (snap, outcome.stream) if outcome is not None else None
 
     def _finish_initialize(
         self,
@@ -562,6 +604,11 @@ class Replicator:
             self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
         if feats.bookmark:
             self._bookmark(pair, src, snap, [])
+        self._report_initialize(pair, status, report, snap, count, seconds)
+
+    def _report_initialize(
+        self, pair: Pair, status: Status, report: RunReport, snap: str, count: int, seconds: float
+    ) -> None:
         report.snapshot, report.bytes, report.seconds = snap, count, seconds
         status.snapshot, status.bytes, status.seconds = snap, count, seconds
         log.info(
@@ -571,15 +618,18 @@ class Replicator:
 
     def update(self, pair: Pair) -> RunReport:
         report = RunReport(pair, "update")
-        timings = report.timings
+        clock = Stopwatch(report.timings)
         with self._run(pair, "update") as status:
-            t0 = time.monotonic()
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
-            feats = self._features(pair, src, dst, status)
-            timings["connect+probe"] = time.monotonic() - t0
-            view = self._dest_view(pair, dst, feats)
+            with clock("connection"):
+                src.connect()
+                dst.connect()
+            with clock("probe"):
+                feats = self._features(pair, src, dst, status)
+            with clock("listing"):
+                view = self._dest_view(pair, dst, feats)
             if view is None:
                 raise StateError(
                     f"{pair.name}: not initialized (the destination {pair.destination} does not "
@@ -587,103 +637,251 @@ class Replicator:
                 )
             props, dsnaps = view
             adopt = self._check_identity(pair, props, dsnaps)
-            ssnaps, marks = self._source_view(pair, src, feats)
-            timings["listing"] = time.monotonic() - t0 - timings["connect+probe"]
             token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
-            if token:
-                if feats.resume:
-                    t = time.monotonic()
+            done = None
+            needs = self._needs_steps(pair, src, dst, feats, token)
+            if adopt:
+                needs = ", ".join(filter(None, [needs, "an interrupted initialize to adopt"]))
+            if needs:
+                log.debug("%s: update step by step (%s)", pair.name, needs)
+            else:
+                done = self._update_in_one_round_trip(pair, src, dst, feats, dsnaps, clock, report)
+            if done is None:
+                done = self._update_step_by_step(
+                    pair, src, dst, feats, status, props, dsnaps, clock, report, adopt
+                )
+            snap, common, stream = done
+            report.snapshot, report.base = snap, common.name
+            report.bytes += stream.bytes  # after what a resume moved, if anything
+            report.seconds += stream.seconds
+            status.snapshot, status.bytes, status.seconds = snap, report.bytes, report.seconds
+        log.info(
+            "%s: updated %s -> %s, %d bytes in %.1fs",
+            pair.name, report.base, report.snapshot, report.bytes, report.seconds,
+        )  # fmt: skip
+        log.debug("%s: timings %s", pair.name, clock)
+        return report
+
+    @staticmethod
+    def _needs_steps(
+        pair: Pair, src: Host, dst: Host, feats: PairFeatures, token: str | None
+    ) -> str:
+        """Why this update cannot go in one round trip (see :mod:`fastpath`), or "".
+
+        It saves round trips to a remote source whose stream comes here over ssh, and it
+        takes the new snapshot's hold in its script and moves the holds after the
+        receive. What needs a step of its own around the stream goes step by step: a
+        size estimate (the snapshot must exist first), a resumable receive and its
+        bookkeeping, a resume token to go on with, a bookmark; so do a remote
+        destination and the transports other than ssh."""
+        reasons = [
+            (pair.options.transport != "ssh", f"transport={pair.options.transport}"),
+            (not isinstance(src, SshHost), "the source is on this host"),
+            (not dst.is_local, "the destination is remote"),
+            (bool(token), "a resume token is pending"),
+            (feats.estimate, "size estimate"),
+            (feats.resume, "resumable receive"),
+            (feats.bookmark, "bookmarks"),
+        ]
+        return ", ".join(why for applies, why in reasons if applies)
+
+    def _update_in_one_round_trip(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        dsnaps: list[zfs.Snapshot],
+        clock: Stopwatch,
+        report: RunReport,
+    ) -> tuple[str, zfs.Snapshot, transport.StreamResult] | None:
+        """The routine update (see :mod:`fastpath`); None when it does not apply.
+
+        The script holds the new snapshot on the source before it sends it. Once both
+        the send and the receive have succeeded, the base is proven the common snapshot:
+        the new one is recorded and held on the destination, the holds on the base are
+        released, and what the prune plan takes on both sides without the source's listing
+        (its base, the destination's surplus) is destroyed, while the source still lists;
+        what that listing adds (rare: leftovers of failed runs) goes after."""
+        if not dsnaps:
+            return None
+        fp, base = pair.fingerprint, dsnaps[-1]
+        snap = snapshot_name(fp, _now())
+        while snap == base.name:  # two runs within one second
+            time.sleep(0.2)
+            snap = snapshot_name(fp, _now())
+        send = zfs.send(
+            f"{pair.source.fs}@{snap}",
+            base=f"{pair.source.fs}@{base.name}",
+            intermediate=pair.options.intermediate,
+            raw=pair.options.raw,
+        )
+        recv = zfs.recv(pair.destination.fs, force=pair.options.rollback)
+        dest_names = [s.name for s in dsnaps] + [snap]
+        early = (
+            [base.name] if is_own_snapshot(base.name, fp) else [],
+            plan_prune(fp, [], dest_names, snap, pair.options.keep)[1],
+        )
+        src_fs, dst_fs = pair.source.fs, pair.destination.fs
+
+        def source_side() -> None:
+            if feats.source.holds and self._release(pair, src, f"{src_fs}@{base.name}"):
+                log.info("%s: released hold on %s:%s@%s", pair.name, src.name, src_fs, base.name)
+            destroy_all(src, src_fs, early[0])
+
+        def destination_side() -> None:
+            self._move_dest_holds(pair, dst, feats, dsnaps, snap, base.name)
+            destroy_all(dst, dst_fs, early[1])
+
+        def received() -> None:
+            with clock("prune"):
+                sides = [Background(source_side), Background(destination_side)]
+                try:
+                    with clock("record"):
+                        self._record(pair, dst, snap, first=False)
+                finally:
+                    wait_all(sides)
+                report.destroyed = [
+                    *(f"{src.name}:{src_fs}@{name}" for name in early[0]),
+                    *(f"{dst.name}:{dst_fs}@{name}" for name in early[1]),
+                ]
+                for name in report.destroyed:
+                    log.info("%s: destroyed %s", pair.name, name)
+
+        tag = hold_tag(fp) if feats.hold_source else None
+        with clock("stream"):
+            try:
+                outcome = fastpath.update(
+                    src, dst, src_fs, base, snap, send, recv,
+                    pair.options.stall, self._progress(pair), received,
+                    check_base=pair.options.intermediate or pair.options.rollback,
+                    hold=tag, holds=feats.source.holds,
+                )  # fmt: skip
+            except (CommandError, TransportError) as exc:
+                raise self._explain_receive(pair, exc, base.name) from exc
+        if outcome is None:
+            return None
+        clock.add(outcome.timings)
+        log.info("%s: snapshot %s@%s", pair.name, src_fs, snap)
+        rest = [s for s in outcome.source_snapshots if s.name != base.name]
+        if feats.source.holds:  # holds a failed run may have left
+            self._move_holds(pair, src, rest, keep=snap if feats.hold_source else "")
+        source_names = [s.name for s in outcome.source_snapshots]
+        late = [n for n in plan_prune(fp, source_names, dest_names, snap, pair.options.keep)[0]
+                if n not in early[0]]  # fmt: skip
+        if late:
+            report.destroyed += self._destroy_planned(pair, src, dst, late, [])
+        return snap, base, outcome.stream
+
+    def _move_dest_holds(
+        self,
+        pair: Pair,
+        dst: Host,
+        feats: PairFeatures,
+        dsnaps: list[zfs.Snapshot],
+        snap: str,
+        base: str,
+    ) -> None:
+        """Hold the snapshot just received, then let go of the earlier holds. Where the
+        host has holds, earlier ones go even when the pair stopped using them (hold=no):
+        a forgotten hold would pin its snapshot for good."""
+        if feats.hold_destination:
+            self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
+        if feats.destination.holds:
+            keep = snap if feats.hold_destination else ""
+            self._move_holds(pair, dst, dsnaps, keep=keep, base=base)
+
+    def _update_step_by_step(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        status: Status,
+        props: dict[str, str],
+        dsnaps: list[zfs.Snapshot],
+        clock: Stopwatch,
+        report: RunReport,
+        adopt: bool = False,
+    ) -> tuple[str, zfs.Snapshot, transport.StreamResult]:
+        with clock("listing"):
+            ssnaps, marks = self._source_view(pair, src, feats)
+        token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
+        if token:
+            if feats.resume:
+                with clock("resume"):
                     resumed = self._resume(
                         pair, src, dst, feats, status, token, force=pair.options.rollback
                     )
-                    timings["resume"] = time.monotonic() - t
-                    if resumed is not None:
-                        self._record(pair, dst, resumed[0], first=False)
-                        report.resumed = resumed[0]
-                        report.bytes, report.seconds = resumed[1].bytes, resumed[1].seconds
-                    view = self._dest_view(pair, dst, feats)
-                    assert view is not None
-                    dsnaps = view[1]
-                else:
-                    self._abort_receive(pair, dst, status, "this pair does not resume (resume=no)")
-            found = zfs.common_base(ssnaps, marks, dsnaps)
-            if adopt:
-                self._adopt(pair, dst, found[0] if found else None)
-            if found is None:
-                raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
-            common, source_base = found
-            newer = dsnaps[dsnaps.index(common) + 1 :]
-            if newer and not pair.options.rollback:
-                raise StateError(
-                    f"{pair.name}: the destination has snapshots the source does not have "
-                    f"after the common snapshot {common.name}: "
-                    f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
-                    "the pair to let zettabee roll the destination back"
-                )
-            if newer:
-                # rollback=yes allows it. Done here, not left to `receive -F`: old ZFS
-                # (zfs-fuse) receives on top of a newer snapshot that holds no changes and
-                # keeps it, so the replica would go on diverged.
-                fs = pair.destination.fs
-                log.warning(
-                    "%s: rollback=yes: rolling %s back to %s, destroying %s",
-                    pair.name, fs, common.name, ", ".join(s.name for s in newer),
-                )  # fmt: skip
-                dst.run(zfs.rollback(f"{fs}@{common.name}"))
-                dsnaps = dsnaps[: dsnaps.index(common) + 1]
-            if "#" in source_base:
-                log.warning(
-                    "%s: the source no longer has %s@%s; sending from its bookmark %s",
-                    pair.name, pair.source.fs, common.name, source_base,
-                )  # fmt: skip
-            t1 = time.monotonic()
+                if resumed is not None:
+                    self._record(pair, dst, resumed[0], first=False)
+                    report.resumed = resumed[0]
+                    report.bytes, report.seconds = resumed[1].bytes, resumed[1].seconds
+                view = self._dest_view(pair, dst, feats)
+                assert view is not None
+                dsnaps = view[1]
+            else:
+                self._abort_receive(pair, dst, status, "this pair does not resume (resume=no)")
+        found = zfs.common_base(ssnaps, marks, dsnaps)
+        if adopt:
+            self._adopt(pair, dst, found[0] if found else None)
+        if found is None:
+            raise StateError(self._no_common_message(pair, ssnaps, dsnaps))
+        common, source_base = found
+        newer = dsnaps[dsnaps.index(common) + 1 :]
+        if newer and not pair.options.rollback:
+            raise StateError(
+                f"{pair.name}: the destination has snapshots the source does not have "
+                f"after the common snapshot {common.name}: "
+                f"{', '.join(s.name for s in newer)}; destroy them, or set rollback=yes on "
+                "the pair to let zettabee roll the destination back"
+            )
+        if newer:
+            # rollback=yes allows it. Done here, not left to `receive -F`: old ZFS
+            # (zfs-fuse) receives on top of a newer snapshot that holds no changes and
+            # keeps it, so the replica would go on diverged.
+            fs = pair.destination.fs
+            log.warning(
+                "%s: rollback=yes: rolling %s back to %s, destroying %s",
+                pair.name, fs, common.name, ", ".join(s.name for s in newer),
+            )  # fmt: skip
+            if feats.destination.holds:  # the pair's own hold would make the rollback fail
+                self._move_holds(pair, dst, newer, keep="")
+            dst.run(zfs.rollback(f"{fs}@{common.name}"))
+            dsnaps = dsnaps[: dsnaps.index(common) + 1]
+        if "#" in source_base:
+            log.warning(
+                "%s: the source no longer has %s@%s; sending from its bookmark %s",
+                pair.name, pair.source.fs, common.name, source_base,
+            )  # fmt: skip
+        with clock("snapshot"):
             snap = self._new_snapshot(pair, src, ssnaps)
             if feats.hold_source:
                 self._hold(pair, src, f"{pair.source.fs}@{snap}")
-            timings["snapshot"] = time.monotonic() - t1
-            target = f"{pair.source.fs}@{snap}"
-            raw, intermediate = pair.options.raw, pair.options.intermediate
-            send = zfs.send(target, source_base, intermediate, raw=raw)
-            estimate = zfs.send(target, source_base, intermediate, raw=raw, estimate=True)
-            recv = zfs.recv(
-                pair.destination.fs, force=pair.options.rollback, resumable=feats.resume
-            )
-            t2 = time.monotonic()
+        target = f"{pair.source.fs}@{snap}"
+        raw, intermediate = pair.options.raw, pair.options.intermediate
+        send = zfs.send(target, source_base, intermediate, raw=raw)
+        estimate = zfs.send(target, source_base, intermediate, raw=raw, estimate=True)
+        recv = zfs.recv(pair.destination.fs, force=pair.options.rollback, resumable=feats.resume)
+        with clock("stream"):
             stream = self._transfer(
                 pair, src, dst, feats, status, send, recv, snap, estimate, base=common.name
             )
-            timings["stream"] = time.monotonic() - t2
-            t3 = time.monotonic()
+        receiver = stream.stages[-1] if stream.stages else None
+        if receiver is not None and receiver.ended is not None and stream.ended:
+            clock.add({"receive": max(0.0, receiver.ended - stream.ended)})
+        with clock("record"):
             self._record(pair, dst, snap, first=False)
-            if feats.hold_destination:
-                self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
-            # Where the host has holds, earlier ones go even when the pair stopped using
-            # them (hold=no): a forgotten hold would pin its snapshot for good.
-            if feats.destination.holds:
-                keep = snap if feats.hold_destination else ""
-                self._move_holds(pair, dst, dsnaps, keep=keep, base=common.name)
+            self._move_dest_holds(pair, dst, feats, dsnaps, snap, common.name)
             if feats.source.holds:
                 keep = snap if feats.hold_source else ""
                 self._move_holds(pair, src, ssnaps, keep=keep, base=common.name)
             if feats.bookmark:
                 self._bookmark(pair, src, snap, marks)
-            timings["record"] = time.monotonic() - t3
-            report.snapshot, report.base = snap, common.name
-            report.bytes += stream.bytes  # after what a resume moved, if anything
-            report.seconds += stream.seconds
-            status.snapshot, status.bytes, status.seconds = snap, report.bytes, report.seconds
-            t4 = time.monotonic()
-            listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
+        listing = ([s.name for s in ssnaps] + [snap], [s.name for s in dsnaps] + [snap], snap)
+        with clock("prune"):
             report.destroyed = self._prune(pair, src, dst, dry_run=False, listing=listing)
-            timings["prune"] = time.monotonic() - t4
-        log.info(
-            "%s: updated %s -> %s, %d bytes in %.1fs",
-            pair.name, report.base, report.snapshot, report.bytes, report.seconds,
-        )  # fmt: skip
-        log.debug(
-            "%s: timings %s", pair.name, " ".join(f"{k}={v:.3f}s" for k, v in timings.items())
-        )
-        return report
+        return snap, common, stream
 
     def purge(self, pair: Pair, dry_run: bool = False, release: bool = False) -> list[PurgeStep]:
         """Destroy obsolete zettabee snapshots and bookmarks on both sides, never the
@@ -833,17 +1031,25 @@ class Replicator:
                 common.name if common else "",
             )
         src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
-        names = []
-        for host, fs, doomed in (
-            (src, pair.source.fs, src_doomed),
-            (dst, pair.destination.fs, dst_doomed),
-        ):
-            for name in doomed:
-                full = f"{fs}@{name}"
-                names.append(f"{host.name}:{full}")
-                if not dry_run:
-                    destroy(host, full)
-                    log.info("%s: destroyed %s:%s", pair.name, host.name, full)
+        if dry_run:
+            sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
+            return [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
+        return self._destroy_planned(pair, src, dst, src_doomed, dst_doomed)
+
+    def _destroy_planned(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        src_doomed: list[str],
+        dst_doomed: list[str],
+    ) -> list[str]:
+        sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
+        names = [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
+        # Both sides at once: each is a command that mostly waits, on the network or on ZFS.
+        wait_all([Background(functools.partial(destroy_all, *side)) for side in sides])
+        for name in names:
+            log.info("%s: destroyed %s", pair.name, name)
         return names
 
 
@@ -879,6 +1085,49 @@ def destroy(host: Host, target: str, recursive: bool = False, attempts: int = 10
                 result.argv, host.name, result.returncode, result.stderr, "zfs destroy"
             )
         time.sleep(0.3 * (attempt + 1))
+
+
+def destroy_all(host: Host, fs: str, names: list[str]) -> None:
+    for name in names:
+        destroy(host, f"{fs}@{name}")
+
+
+class Background:
+    """One call run in a thread, its outcome collected later with :meth:`result`.
+
+    The thread carries its parent's name: a pair's log (``replicate``) keeps the lines of
+    the threads that work for it."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self._call = call
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=threading.current_thread().name, daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def wait_all(calls: list[Background]) -> None:
+    """Wait for every call, then raise the first failure: none is left running."""
+    errors = []
+    for call in calls:
+        try:
+            call.result()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def each_pair(

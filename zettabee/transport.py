@@ -99,25 +99,38 @@ class StreamResult:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def pipeline_script(stages: Sequence[Sequence[str]], live: int | None = None) -> str:
+def pipeline_script(
+    stages: Sequence[Sequence[str]],
+    live: int | None = None,
+    first: Sequence[str] | None = None,
+) -> str:
     """A POSIX sh pipeline that reports every stage's exit status and stderr.
 
     Each command is quoted once here. After the pipeline, the script prints for each
     stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
     stderr, so the caller can say which stage failed and quote it. The stage numbered
     ``live`` keeps its stderr on the script's own, as it is written (a status line read
-    while the stream runs), and reports an empty one.
+    while the stream runs), and reports an empty one. ``first`` runs before the
+    pipeline, which runs only if it succeeded; it is reported as stage 0 and the
+    pipeline's stages follow (``live`` counts from the pipeline's first stage).
     """
     parts = []
-    for i, argv in enumerate(stages):
-        if i == live:
+    offset = 1 if first else 0
+    for i, argv in enumerate(stages, start=offset):
+        if live is not None and i == live + offset:
             parts.append(f'{{ {shlex.join(argv)}; echo $? >"$d/s{i}"; : >"$d/e{i}"; }}')
             continue
         parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
-    report = " ".join(str(i) for i in range(len(stages)))
+    pipeline = " | ".join(parts)
+    if first:
+        pipeline = (
+            f'{shlex.join(first)} 2>"$d/e0"; s=$?; echo $s >"$d/s0"; '
+            f"if [ $s = 0 ]; then {pipeline}; fi"
+        )
+    report = " ".join(str(i) for i in range(len(stages) + offset))
     return (
         "d=$(mktemp -d) || exit 125; "
-        + " | ".join(parts)
+        + pipeline
         + f"; for i in {report}; do "
         + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
         + 'cat "$d/e$i" >&2; done; '
@@ -290,6 +303,7 @@ class Relay:
         self.last_move = self.started
         self.ended = self.started
         self.stalled = False
+        self.receiver_left = False  # the receiver closed its end before the sender's EOF
         self.error: str | None = None
         self._done = threading.Event()
 
@@ -334,7 +348,12 @@ class Relay:
                     while view:
                         view = view[os.write(fout, view) :]
             except BrokenPipeError:
-                if not self._drained(fin):
+                # The receiver went away. zfs receive leaves on the stream's last record,
+                # often before the sender's end-of-file (and splice(2) then says EPIPE
+                # with nothing left to move): with no byte waiting in the pipe, the
+                # receiver's exit status tells whether it had the whole stream.
+                self.receiver_left = True
+                if self._pending(fin):
                     self.error = "the receiving side closed the stream"
                 return
             except OSError as exc:
@@ -349,17 +368,11 @@ class Relay:
             self.last_move = time.monotonic()
 
     @staticmethod
-    def _drained(fd: int) -> bool:
-        """Had the sender finished when the receiver went away?
-
-        splice(2) fails with EPIPE once the receiver has exited even when there is
-        nothing left to move, so a receiver that exits on the stream's last record races
-        the sender's end-of-file. The stream was whole if the sender's pipe now closes
-        with no byte left in it."""
+    def _pending(fd: int) -> bool:
+        """Does the sender's pipe hold bytes that nobody will read now?"""
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        events = poller.poll(5000)
-        return bool(events) and not events[0][1] & select.POLLIN
+        return any(event & select.POLLIN for _, event in poller.poll(0))
 
     def _watch(self, on_stall: Callable[[], None]) -> None:
         while not self._done.wait(1.0):
@@ -507,10 +520,15 @@ def stream_via_processes(
 
 
 def relay_stages(
-    sender: Stage, receiver: Stage, stall: int, progress: ProgressFn | None = None
+    sender: Stage,
+    receiver: Stage,
+    stall: int,
+    progress: ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
 ) -> Relay:
     """Start both processes, relay the stream to its end and wait for both; the caller
-    judges the outcome from the stages and the relay."""
+    judges the outcome from the stages and the relay. ``on_received`` runs as soon as the
+    receiver has taken the whole stream, while the sender may still be finishing."""
     stages = [sender, receiver]
     _start_pipe(sender, receiver)
     assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
@@ -518,8 +536,15 @@ def relay_stages(
     relay.run(_kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    for stage in reversed(stages):
-        stage.finish()
+    receiver.finish()
+    if receiver.failed:
+        sender.kill()
+    try:
+        if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
+            on_received()
+    finally:
+        # A sender still writing after its receiver left would wait forever.
+        sender.finish(timeout=stall or None if relay.receiver_left else None)
     return relay
 
 
@@ -558,7 +583,8 @@ def stream_on_host(
         errs[1] = head.replace("\r", "\n")
         for stage, code, err in zip(stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
-    result = StreamResult(meter.count, time.monotonic() - started, stages)
+    ended = time.monotonic()
+    result = StreamResult(meter.count, ended - started, stages, ended)
     if any(s.failed for s in stages):
         raise describe_failure(stages, None)
     return result
@@ -586,7 +612,9 @@ def stream_via_mbuffer(
     """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
 
     The local listener is up before the source is told to connect (no fixed sleep), and
-    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run.
+    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run. The
+    listener starts before the control connection is waited for, so that both come up
+    together.
     """
     if not dest.is_local:
         assert isinstance(dest, SshHost)
@@ -611,16 +639,20 @@ def stream_via_mbuffer(
         if time.monotonic() > deadline:
             _kill_all(stages)()
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
-        time.sleep(0.01)
+        time.sleep(0.002)
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
     script = pipeline_script([send_argv, out])
     remote: dict[str, object] = {}
 
     def run_remote() -> None:
         try:
-            remote["result"] = source.run_command(script, check=False, timeout=None)
+            result = source.run_command(script, check=False, timeout=None)
+            remote["result"] = result
         except BaseException as exc:  # reported after the local side ends
             remote["error"] = exc
+            _kill_all(stages)()
+            return
+        if result.returncode != 0:  # nothing more will come: the listener must not wait
             _kill_all(stages)()
 
     sender_thread = threading.Thread(target=run_remote, daemon=True)
@@ -722,7 +754,8 @@ def _mbuffer_to_remote(
     all_stages = _sender_stages(source, send_argv, out, remote) + _listener_stages(
         dest, listen, recv_argv, listener
     )
-    result = StreamResult(meter.count, time.monotonic() - started, all_stages)
+    ended = time.monotonic()
+    result = StreamResult(meter.count, ended - started, all_stages, ended)
     if any(s.failed for s in all_stages):
         raise describe_failure(all_stages, None)
     return result

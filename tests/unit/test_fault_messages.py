@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from paramiko.ssh_exception import NoValidConnectionsError
-
 from zettabee.errors import ZettabeeError, naming_pair
-from zettabee.host import _socket_reason
 from zettabee.state import StateStore
 from zettabee.transport import Stage, describe_failure
 
@@ -41,14 +38,6 @@ def test_ssh_exit_255_is_not_a_signal_and_a_silent_one_is_explained() -> None:
         describe_failure([stage("ssh", 255, argv=["ssh"]), stage("zfs receive", 1, "x")], None)
     )
     assert text.startswith("ssh to src failed (exit 255): the connection ended without a message")
-
-
-def test_a_refused_connection_keeps_its_reason_through_paramiko() -> None:
-    refused = ConnectionRefusedError(111, "Connection refused")
-    wrapped = NoValidConnectionsError({("10.0.0.2", 2222): refused})
-    assert "Unable to connect" in str(wrapped)
-    assert _socket_reason(wrapped) == "Connection refused"
-    assert _socket_reason(TimeoutError("timed out")) == "timed out"
 
 
 def test_every_failure_line_names_its_pair() -> None:

@@ -77,6 +77,12 @@ class ScriptedHost:
             list(e[1:]) for e in self.events if e[0] == self.name and e[1:][: len(prefix)] == prefix
         ]
 
+    def start(self) -> None:
+        pass
+
+    def connect(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -483,3 +489,39 @@ def test_rollback_yes_rolls_the_destination_back_before_receiving(tmp_path: Path
     rollback = lab.index("dst", "zfs", "rollback", "-r", f"{DST_FS}@{base}")
     assert rollback < lab.index("stream", *send, "|", *recv)
     assert recv == ["zfs", "receive", "-F", DST_FS]
+
+
+def test_rollback_yes_releases_the_pairs_hold_on_what_it_rolls_back(tmp_path: Path) -> None:
+    """The diverged snapshot is the pair's own (its source copy was destroyed): held on
+    the destination, and a rollback would fail on it while held."""
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    pair = make_pair(rollback=True)
+    fp = pair.fingerprint
+    base, gone = (f"zettabee.{fp}.2026010{i}T000000Z" for i in (1, 2))
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 0)], owner=None))
+    dst_view = listing(DST_FS, [(base, 1, 0), (gone, 2, 1)], owner=fp, lastsnap=gone)
+    lab.dst.on(["zfs", "get"], dst_view)
+    lab.replicator.update(pair)
+    release = lab.index("dst", "zfs", "release", hold_tag(fp), f"{DST_FS}@{gone}")
+    assert release < lab.index("dst", "zfs", "rollback", "-r", f"{DST_FS}@{base}")
+
+
+def test_which_updates_go_in_one_round_trip() -> None:
+    from zettabee.capabilities import Capabilities, plan_features
+    from zettabee.host import LocalHost, SshHost, SshTarget
+
+    fuse = Capabilities("h", "p", "zfs-fuse", holds=True)
+    modern = Capabilities("h", "p", "OpenZFS", holds=True, resumable=True, estimates=True)
+    remote, here = SshHost(SshTarget("src")), LocalHost()
+    needs = Replicator._needs_steps
+    assert needs(PAIR, remote, here, plan_features(fuse, fuse), None) == ""  # holds fold in
+    assert needs(PAIR, remote, here, plan_features(modern, modern), None) == (
+        "size estimate, resumable receive"
+    )
+    assert "resume token" in needs(PAIR, remote, here, plan_features(fuse, fuse), TOKEN)
+    assert "remote" in needs(
+        PAIR, remote, SshHost(SshTarget("dst")), plan_features(fuse, fuse), None
+    )
+    assert "this host" in needs(PAIR, here, here, plan_features(fuse, fuse), None)
+    mbuffer = make_pair(transport="mbuffer")
+    assert needs(mbuffer, remote, here, plan_features(fuse, fuse), None) == "transport=mbuffer"

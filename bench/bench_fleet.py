@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""A fleet of pairs from one source host on the lab: how ``replicate --all`` grows with
+the number of pairs, and how fast ``status`` and ``check_zettabee_lag --all`` read them.
+
+Set-up (not timed): FLEET pairs ``src/fleet/pNNN -> dst/fleet/pNNN``, initialized (the
+file systems hold no data and are not mounted: the cost measured is zettabee's, per pair,
+not the data's). Then, in rounds so that every case sees the same load:
+
+- one ``zettabee update`` of one pair with no change (the unit of the targets);
+- ``replicate --all --jobs J`` over pair files of 1, 10, 50 and 200 other pairs, with
+  no change; the per-pair time is the wall time over the number of pairs;
+- ``zettabee status`` and ``check_zettabee_lag --all`` over all FLEET pairs.
+
+Targets (issue 8): 50 pairs <= 10x one no-change update; status and the check over 500
+pairs < 1 s. Appends one JSON line to bench/results/fleet.jsonl and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.bench_update import release_holds  # noqa: E402
+from bench.record import compile_package, load, machine  # noqa: E402
+from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+
+SIZES = (1, 10, 50, 200)
+TARGET_FLEET_50 = 10.0
+TARGET_STATUS_S = 1.0
+
+
+def destroy_on(lab: ZfsLab, fs: str) -> None:
+    """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
+    can be for a minute after a benchmark wrote through its mount)."""
+    for _ in range(200):
+        settle()
+        proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
+        if proc.returncode == 0 or "does not exist" in proc.stderr:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
+
+
+def settle() -> None:
+    """Write out what was written and drop cached pages: zfs-fuse may not unmount a file
+    system whose pages the kernel still holds."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def destroy(fs: str) -> None:
+    for _ in range(100):
+        proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
+        if proc.returncode == 0 or "does not exist" in proc.stderr:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
+
+
+class Fleet:
+    def __init__(self, lab: ZfsLab, count: int) -> None:
+        self.lab = lab
+        self.count = count
+        self.src = lab.source
+        self.tmp = Path(tempfile.mkdtemp(prefix="zb-fleet-"))
+        self.sparent = f"{self.src.pool}/fleet"
+        self.dparent = f"{lab.dst_pool}/fleet"
+        ssh = Path(self.src.key).parent
+        self.settings = self.tmp / "z.ini"
+        self.settings.write_text(
+            f"[paths]\npairs = {self.tmp}/all.cfg\nstate_dir = {self.tmp}/state\n"
+            f"log_dir = {self.tmp}/log\nlock_dir = {self.tmp}/run\nspool_dir = {self.tmp}/spool\n"
+            f"known_hosts = {ssh}/known_hosts\n[defaults]\nsshkey = {ssh}/client_ed25519\n"
+        )
+        self.lines = [
+            f"{self.src.address}:{self.sparent}/p{i:03d} {lab.dest_address}:{self.dparent}/p{i:03d}\n"
+            for i in range(count)
+        ]
+        (self.tmp / "all.cfg").write_text("".join(self.lines))
+        self.env = dict(os.environ, ZETTABEE_SETTINGS=str(self.settings))
+        bindir = Path(sys.executable).parent
+        self.bin = {name: shutil.which(name, path=str(bindir)) or name
+                    for name in ("zettabee", "replicate", "check_zettabee_lag")}  # fmt: skip
+
+    def pairfile(self, name: str, first: int, size: int) -> Path:
+        path = self.tmp / f"{name}.cfg"
+        path.write_text("".join(self.lines[first : first + size]))
+        return path
+
+    def set_up(self, jobs: int) -> float:
+        """Create and initialize every pair (in this process, one connection)."""
+        started = time.monotonic()
+        self.tear_down()
+        self.src.run("sh", "-c", f"zfs create -o mountpoint=none {self.sparent} && "
+                     f"for i in $(seq -w 0 {self.count - 1}); do zfs create {self.sparent}/p$i "
+                     "|| exit 1; done")  # fmt: skip
+        subprocess.run(["zfs", "create", "-o", "mountpoint=none", self.dparent], check=True)
+        from zettabee.config import load_pairs, load_settings
+        from zettabee.replicator import Hosts, Replicator
+        from zettabee.state import StateStore
+
+        settings = load_settings(str(self.settings))
+        pairs = load_pairs(settings.pairs, settings).pairs
+        store = StateStore(settings.state_dir, settings.lock_dir, settings.log_dir)
+        hosts = Hosts(settings.known_hosts)
+        replicator = Replicator(store, hosts)
+        try:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(replicator.initialize, pairs))
+        finally:
+            hosts.close()
+        return time.monotonic() - started
+
+    def tear_down(self) -> None:
+        release_holds(self.dparent)  # the pairs hold their bases: destroy fails on them
+        destroy(self.dparent)
+        release_holds(self.sparent, self.lab)
+        destroy_on(self.lab, self.sparent)
+
+    def timed(self, *argv: str, ok: tuple[int, ...] = (0,)) -> float:
+        start = time.monotonic()
+        proc = subprocess.run(list(argv), env=self.env, capture_output=True, text=True)
+        elapsed = time.monotonic() - start
+        if proc.returncode not in ok:
+            raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr[-2000:]}")
+        return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", type=int, default=500, help="pairs set up (status, check)")
+    parser.add_argument("--jobs", type=int, default=4, help="replicate --jobs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--keep", action="store_true", help="leave the fleet on the lab")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "fleet.jsonl"))
+    args = parser.parse_args()
+    if args.fleet < 1 + sum(SIZES):
+        parser.error(f"--fleet must be at least {1 + sum(SIZES)}")
+    compile_package()
+    lab = ZfsLab(test_lab_name(), pool_size="3G")
+    load_before = load()
+    times: dict[str, list[float]] = {"single update": [], "status": [], "check --all": []}
+    times.update({f"replicate {n}": [] for n in SIZES})
+    with lab.held():
+        started_lab = not lab.is_up()
+        if started_lab:
+            lab.up()
+        fleet = Fleet(lab, args.fleet)
+        try:
+            setup_s = fleet.set_up(args.jobs)
+            single = fleet.lines[0].split()[1]
+            files, first = {}, 1
+            for size in SIZES:
+                files[size] = fleet.pairfile(f"fleet{size}", first, size)
+                first += size
+            for _ in range(args.rounds):
+                time.sleep(1.0)  # zettabee names snapshots by the second
+                times["single update"].append(fleet.timed(fleet.bin["zettabee"], "update", single))
+                for size in SIZES:
+                    times[f"replicate {size}"].append(
+                        fleet.timed(
+                            fleet.bin["replicate"],
+                            "--all",
+                            "--jobs",
+                            str(args.jobs),
+                            "-c",
+                            str(files[size]),
+                        )  # fmt: skip
+                    )
+                times["status"].append(fleet.timed(fleet.bin["zettabee"], "status"))
+                times["check --all"].append(
+                    fleet.timed(fleet.bin["check_zettabee_lag"], "--all", ok=(0, 1, 2))
+                )
+        finally:
+            if not args.keep:
+                try:
+                    fleet.tear_down()
+                except RuntimeError as exc:  # the figures are taken: report them anyway
+                    print(f"warning: {exc}", file=sys.stderr)
+            if started_lab and not args.keep:
+                lab.down()
+    load_after = load()
+
+    med = {label: statistics.median(values) for label, values in times.items()}
+    per_pair = {str(n): round(med[f"replicate {n}"] / n, 3) for n in SIZES}
+    ratio_50 = med["replicate 50"] / med["single update"]
+    verdicts = {
+        "replicate 50": f"{ratio_50:.1f}x one no-change update (target <= {TARGET_FLEET_50}): "
+        + ("met" if ratio_50 <= TARGET_FLEET_50 else "NOT met"),
+        "status": f"{med['status']:.3f}s for {args.fleet} pairs (target < {TARGET_STATUS_S}s): "
+        + ("met" if med["status"] < TARGET_STATUS_S else "NOT met"),
+        "check --all": f"{med['check --all']:.3f}s for {args.fleet} pairs "
+        f"(target < {TARGET_STATUS_S}s): "
+        + ("met" if med["check --all"] < TARGET_STATUS_S else "NOT met"),
+    }
+    print(f"{'case':<16}{'median s':>10}")
+    for label, value in med.items():
+        print(f"{label:<16}{value:>10.3f}")
+    print(f"\n{'pairs':>6}{'wall s':>9}{'per pair s':>12}   (replicate --all --jobs {args.jobs})")
+    for n in SIZES:
+        print(f"{n:>6}{med[f'replicate {n}']:>9.3f}{per_pair[str(n)]:>12.3f}")
+    for label, text in verdicts.items():
+        print(f"  {label}: {text}")
+    record = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "fleet": args.fleet,
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+        "setup_s": round(setup_s, 1),
+        "median_s": {label: round(value, 3) for label, value in med.items()},
+        "all_s": {label: [round(v, 3) for v in values] for label, values in times.items()},
+        "per_pair_s": per_pair,
+        "replicate_50_over_single": round(ratio_50, 2),
+        "verdicts": verdicts,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""How an update gets there, on the real lab: in one round trip when the destination's
+newest snapshot is still on the source, step by step otherwise, with ``--debug`` saying
+what each part cost."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Zb, write_random
+from zettabee.state import pid_alive
+
+pytestmark = pytest.mark.integration
+
+PARTS = ("connection", "listing", "snapshot", "send", "receive", "record", "prune")
+
+
+def initialized(zb: Zb, options: str = "") -> None:
+    zb.make_source(mb=2)
+    zb.write_pairs(zb.pair_line(options=options))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+
+
+def timings(stderr: str) -> dict[str, float]:
+    line = next(line for line in stderr.splitlines() if ": timings " in line)
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)s", line)}
+
+
+def destroy_from_outside(zb: Zb, snap: str) -> None:
+    """What another tool or an operator does: release the pair's hold, then destroy."""
+    tag = ".".join(snap.partition("@")[2].split(".")[:2])
+    zb.src.run("zfs", "release", tag, snap)
+    zb.src.run("zfs", "destroy", snap)
+
+
+def remote_commands(zb: Zb, stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if f"run on {zb.src.address}:" in line]
+
+
+def test_a_routine_update_is_one_command_on_the_source_and_debug_times_each_part(
+    zb: Zb,
+) -> None:
+    initialized(zb)
+    write_random(zb.src_dir() / "more.bin", 3)
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    # Snapshot, hold, send and listing went as one stream command; besides it, the run's
+    # probe of the host went first, and after it the old base's hold was released and
+    # the base pruned.
+    assert "step by step" not in out.stderr
+    assert [c.split(": ", 2)[-1].split()[:2] for c in remote_commands(zb, out.stderr)] == [
+        ["sh", "-c"],
+        ["zfs", "release"],
+        ["zfs", "destroy"],
+    ]
+    held = zb.src.run(
+        "zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", zb.src_fs()
+    ).stdout.split("\n")
+    snaps = [line.split("\t") for line in held if "@" in line]
+    assert len(snaps) == 1 and snaps[0][1] == "1", held  # the new base, and it is held
+    parts = timings(out.stderr)
+    assert set(PARTS) <= set(parts), parts
+    assert out.stderr.count("ssh to ") == 1
+
+
+def test_a_replaced_base_snapshot_on_the_source_is_never_received(zb: Zb) -> None:
+    initialized(zb)
+    base = zb.src.run("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", zb.src_fs())
+    (snap,) = base.stdout.split()
+    destroy_from_outside(zb, snap)
+    write_random(zb.src_dir() / "after.bin", 1)
+    zb.src.run("zfs", "snapshot", snap)  # the same name, another snapshot (another guid)
+    before = zb.dstside.checksums(zb.dst_dir())
+
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 1
+    assert "is not on" in out.stderr and "step by step" in out.stderr
+    assert "no common snapshot" in out.stderr and "initialize --force" in out.stderr
+    assert zb.dstside.checksums(zb.dst_dir()) == before
+
+
+def test_when_the_newest_snapshot_is_gone_the_update_goes_step_by_step(zb: Zb) -> None:
+    initialized(zb, "intermediate=yes,rollback=yes,keep=3")
+    zb.src.run("zfs", "snapshot", f"{zb.src_fs()}@manual")
+    write_random(zb.src_dir() / "one.bin", 1)
+    assert zb.run("update", zb.dst_fs()).returncode == 0
+    newest = zb.src.run("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", zb.src_fs())
+    destroy_from_outside(zb, newest.stdout.split()[-1])  # gone from the source only
+    write_random(zb.src_dir() / "two.bin", 1)
+
+    out = zb.run("--debug", "update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert "step by step" in out.stderr
+    zb.assert_same_data()
+    status = zb.run("status", zb.dst_fs())
+    assert "Synchronized" in status.stdout
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_a_killed_run_leaves_no_ssh_connection_behind(zb: Zb) -> None:
+    initialized(zb)
+    write_random(zb.src_dir() / "big.bin", 40)
+    run = zb.popen("zettabee", "update", zb.dst_fs())
+    masters: list[int] = []
+    deadline = time.monotonic() + 30
+    while not masters and time.monotonic() < deadline and run.poll() is None:
+        masters = [pid for pid, cmd in children(run.pid) if "ControlMaster=yes" in cmd]
+        time.sleep(0.01)
+    assert masters, "the run's ssh master was never seen"
+    run.kill()  # SIGKILL: no handler, no cleanup of its own
+    run.communicate()
+    deadline = time.monotonic() + 20
+    while pid_alive(masters[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(masters[0]), "the killed run's ssh master is still connected"
+    out = zb.run("update", zb.dst_fs())  # the pair is interrupted, not broken
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+
+
+@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+def test_initialize_takes_its_snapshot_with_the_stream_and_says_when_the_source_is_missing(
+    zb: Zb, transport: str
+) -> None:
+    zb.make_source(mb=2)
+    zb.write_pairs(
+        zb.pair_line(options=f"transport={transport}"),
+        zb.pair_line("absent", f"transport={transport}"),
+    )
+    out = zb.run("--debug", "initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    if transport == "ssh":  # mbuffer's full send goes step by step (holds first)
+        assert f"run on {zb.src.address}: zfs snapshot" not in out.stderr
+    parts = {"listing", "stream", "record"} | ({"connection"} if transport == "ssh" else set())
+    assert parts <= set(timings(out.stderr))
+
+    missing = zb.run("initialize", zb.dst_fs("absent"))
+    assert missing.returncode == 1
+    assert f"the source {zb.src.address}:{zb.src_fs('absent')} does not exist" in missing.stderr

@@ -1,0 +1,175 @@
+"""The one-round-trip update script, run by a real sh against a fake zfs that replays
+recorded output and records what it was asked to do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from zettabee import fastpath, zfs
+
+FS = "tank/home"
+BASE = zfs.Snapshot(FS, "zettabee.0123456789abcdef0123456789abcdef.20260101T000000Z", 42, 1000)
+SNAP = "zettabee.0123456789abcdef0123456789abcdef.20260101T001500Z"
+LISTING = (
+    f"{FS}\tguid\t7\n{FS}\tcreation\t900\n{FS}\tcreatetxg\t1\n"
+    f"{FS}@manual\tguid\t41\n{FS}@manual\tcreation\t950\n{FS}@manual\tcreatetxg\t5\n"
+    f"{FS}@{BASE.name}\tguid\t42\n{FS}@{BASE.name}\tcreation\t1000\n"
+    f"{FS}@{BASE.name}\tcreatetxg\t9\n"
+)
+
+FAKE_ZFS = """#!/bin/sh
+echo "$*" >> "$FAKE/calls"
+case "$1" in
+  get) if [ "$3" = -d ]; then cat "$FAKE/listing"
+       else for last; do :; done; grep "^$last	guid	" "$FAKE/listing" || exit 1; fi ;;
+  snapshot) [ -e "$FAKE/snapshot-fails" ] && { echo "cannot create snapshot: out of space" >&2; exit 1; }; exit 0 ;;
+  hold) [ -e "$FAKE/hold-fails" ] && { echo "cannot hold snapshot: pool is full" >&2; exit 1; }; exit 0 ;;
+  send) printf 'STREAM'; [ -e "$FAKE/send-fails" ] && { echo "send broke" >&2; exit 2; }; exit 0 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Path:
+    (tmp_path / "zfs").write_text(FAKE_ZFS)
+    (tmp_path / "zfs").chmod(0o755)
+    (tmp_path / "listing").write_text(LISTING)
+    return tmp_path
+
+
+def run(
+    fake: Path, clock: bool = False, base: zfs.Snapshot | None = None, hold: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
+    script = fastpath.script(FS, SNAP, send, clock=clock, base=base, hold=hold, holds=bool(hold))
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE=str(fake))
+    return subprocess.run(["sh", "-c", script], capture_output=True, env=env)
+
+
+def calls(fake: Path) -> list[str]:
+    path = fake / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_snapshots_sends_then_lists_with_only_the_stream_on_stdout(fake: Path) -> None:
+    proc = run(fake)
+    assert proc.returncode == 0
+    assert proc.stdout == b"STREAM"
+    assert calls(fake) == [
+        f"snapshot {FS}@{SNAP}",
+        f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+        f"get -Hp -d 1 -o name,property,value guid,creation,createtxg -- {FS}",
+    ]
+    report = fastpath.parse(proc.stderr.decode())
+    assert list(report.steps) == list(fastpath.STEPS)
+    assert all(step.status == 0 for step in report.steps.values())
+    snaps = zfs.parse_snapshots(FS, report.steps["listed"].said)
+    assert [s.name for s in snaps] == ["manual", BASE.name]
+
+
+def test_a_checked_base_goes_on_when_its_guid_is_the_same(fake: Path) -> None:
+    proc = run(fake, base=BASE)
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    assert [c.split()[0] for c in calls(fake)] == ["get", "snapshot", "send", "get"]
+    assert "base" not in fastpath.parse(proc.stderr.decode()).steps
+
+
+@pytest.mark.parametrize("guid", [4242, 4])  # another snapshot; a guid that 42 ends with
+def test_a_checked_base_with_another_guid_stops_before_any_snapshot(fake: Path, guid: int) -> None:
+    proc = run(fake, base=zfs.Snapshot(FS, BASE.name, guid, 1000))
+    assert proc.returncode == 3 and proc.stdout == b""
+    assert [c.split()[0] for c in calls(fake)] == ["get"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["base"].status == 1 and not report.ok("snapshot")
+
+
+def test_a_checked_base_that_is_gone_stops_before_any_snapshot(fake: Path) -> None:
+    proc = run(fake, base=zfs.Snapshot(FS, "gone", 42, 1000))
+    assert proc.returncode == 3 and [c.split()[0] for c in calls(fake)] == ["get"]
+
+
+def test_a_held_update_holds_the_new_snapshot_before_sending_it(fake: Path) -> None:
+    proc = run(fake, hold="zettabee.0123456789abcdef")
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    assert calls(fake)[:3] == [
+        f"snapshot {FS}@{SNAP}",
+        f"hold zettabee.0123456789abcdef {FS}@{SNAP}",
+        f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+    ]
+    assert "userrefs" in calls(fake)[3]  # the listing says which snapshots are held
+    assert fastpath.parse(proc.stderr.decode()).ok("hold")
+
+
+def test_a_failing_hold_stops_before_the_send_and_says_why(fake: Path) -> None:
+    (fake / "hold-fails").touch()
+    proc = run(fake, hold="zettabee.0123456789abcdef")
+    assert proc.returncode == 1 and proc.stdout == b""
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.ok("snapshot") and report.steps["hold"].status == 1
+    assert report.steps["hold"].said == "cannot hold snapshot: pool is full"
+    assert "send" not in report.steps
+
+
+def test_a_failing_snapshot_stops_before_the_send_and_says_why(fake: Path) -> None:
+    (fake / "snapshot-fails").touch()
+    proc = run(fake)
+    assert proc.returncode == 1 and proc.stdout == b""
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["snapshot"].status == 1
+    assert report.steps["snapshot"].said == "cannot create snapshot: out of space"
+    assert "send" not in report.steps
+
+
+def test_a_failing_send_is_reported_with_its_own_words_and_the_listing_still_comes(
+    fake: Path,
+) -> None:
+    (fake / "send-fails").touch()
+    proc = run(fake)
+    assert proc.returncode == 2
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.ok("snapshot") and report.steps["send"].status == 2
+    assert report.steps["send"].said == "send broke"
+    assert BASE.name in report.steps["listed"].said  # to tell a gone base from a broken send
+
+
+def test_clock_times_each_step_on_the_source(fake: Path) -> None:
+    stderr = run(fake, clock=True).stderr.decode()
+    report = fastpath.parse(stderr.strip())  # as a stage keeps it
+    assert list(report.steps) == list(fastpath.STEPS)
+    assert all(step.at is not None for step in report.steps.values())
+    assert report.duration("snapshot", "send") is not None
+    assert fastpath.parse(run(fake).stderr.decode()).duration("snapshot", "send") is None
+
+
+def test_parse_keeps_what_ssh_said_after_the_last_step() -> None:
+    text = (
+        "\n@@zettabee-step start 0\nboom\n@@zettabee-step listing 1\nclient_loop: send disconnect\n"
+    )
+    report = fastpath.parse(text)
+    assert report.steps["listing"].said == "boom"
+    assert report.trailer == "client_loop: send disconnect"
+
+
+def test_the_source_clock_is_read_only_when_a_debug_line_will_be_written() -> None:
+    import logging
+
+    parent = logging.getLogger("zbtest")
+    child = logging.getLogger("zbtest.fastpath")
+    parent.setLevel(logging.DEBUG)
+    parent.propagate = False  # as the command's own logger tree: pytest's stay out
+    handler = logging.NullHandler()
+    handler.setLevel(logging.WARNING)
+    parent.addHandler(handler)
+    try:
+        assert not fastpath.debug_wanted(child)
+        handler.setLevel(logging.DEBUG)
+        assert fastpath.debug_wanted(child)
+    finally:
+        parent.removeHandler(handler)
+        parent.propagate = True

@@ -1,0 +1,78 @@
+"""Unit tests of the SSH side of the runners: the client's argv and what its failures
+mean, from what OpenSSH really prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zettabee.errors import TransportError
+from zettabee.host import SshHost, SshTarget, ssh_failure
+
+TARGET = SshTarget("backup1", 22, "root", "/etc/zettabee/id", "/etc/zettabee/known_hosts")
+
+CHANGED = """\
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @
+@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@
+IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!
+The fingerprint for the ED25519 key sent by the remote host is
+SHA256:o1ddAG3f/7v0l82VP5wJEw5u9RJl7DnQouheIjsIAz4.
+Host key for backup1 has changed and you have requested strict checking.
+Host key verification failed.
+"""
+UNKNOWN = """\
+No ED25519 host key is known for backup1 and you have requested strict checking.
+Host key verification failed.
+"""
+
+
+def test_a_changed_host_key_is_refused_for_good_and_names_the_new_key() -> None:
+    err = ssh_failure(TARGET, 255, CHANGED)
+    assert not err.transient
+    assert "CHANGED" in str(err) and "SHA256:o1ddAG3f/7v0l82VP5wJEw5u9RJl7DnQouheIjsIAz4" in str(
+        err
+    )
+    assert "/etc/zettabee/known_hosts" in str(err)
+
+
+def test_an_unknown_host_key_says_how_to_pin_it() -> None:
+    err = ssh_failure(TARGET, 255, UNKNOWN)
+    assert not err.transient
+    assert "unknown" in str(err) and "setup --accept-new-host-key" in str(err)
+
+
+def test_a_refused_connection_may_heal_a_refused_key_not() -> None:
+    refused = ssh_failure(TARGET, 255, "ssh: connect to host backup1 port 22: Connection refused\n")
+    assert refused.transient
+    assert str(refused) == "cannot connect to backup1 port 22: Connection refused"
+    hung = ssh_failure(
+        TARGET,
+        255,
+        "Connection timed out during banner exchange\nConnection to backup1 port 22 timed out\n",
+    )
+    assert (
+        str(hung)
+        == "cannot connect to backup1 port 22: Connection timed out during banner exchange"
+    )
+    denied = ssh_failure(TARGET, 255, "root@backup1: Permission denied (publickey).\n")
+    assert not denied.transient and "/etc/zettabee/id" in str(denied)
+
+
+def test_client_argv_pins_new_keys_only_when_asked() -> None:
+    strict = TARGET.ssh_client_argv("true")
+    assert "StrictHostKeyChecking=yes" in strict and "accept-new" not in " ".join(strict)
+    pinning = TARGET.ssh_client_argv(None, control_path="/run/m", master=True,
+                                     accept_new_host_key=True)  # fmt: skip
+    assert "StrictHostKeyChecking=accept-new" in pinning and "HashKnownHosts=no" in pinning
+    assert "StrictHostKeyChecking=yes" not in pinning
+    assert pinning[-3:] == ["-N", "--", "backup1"] and "ControlMaster=yes" in pinning
+
+
+def test_a_missing_known_hosts_file_fails_before_any_connection(tmp_path: Path) -> None:
+    host = SshHost(SshTarget("backup1", known_hosts=str(tmp_path / "absent")))
+    with pytest.raises(TransportError, match="does not exist.*--accept-new-host-key") as exc:
+        host.connect()
+    assert not exc.value.transient and host.connections == 0
+    host.close()

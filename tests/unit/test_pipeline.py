@@ -1,0 +1,27 @@
+"""The remote pipeline's report when a command runs before it (the snapshot to send)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from zettabee import transport
+
+
+def run(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", script], capture_output=True, text=True)
+
+
+def test_first_runs_before_the_pipeline_and_is_stage_zero() -> None:
+    proc = run(transport.pipeline_script([["echo", "data"], ["cat"]], first=["true"]))
+    assert (proc.returncode, proc.stdout) == (0, "data\n")
+    codes, errs, _ = transport.parse_pipeline_stderr(proc.stderr, 3)
+    assert codes == [0, 0, 0] and errs == ["", "", ""]
+
+
+def test_a_failing_first_keeps_the_pipeline_from_running() -> None:
+    first = ["sh", "-c", "echo 'cannot create snapshot: dataset already exists' >&2; exit 1"]
+    proc = run(transport.pipeline_script([["echo", "data"], ["cat"]], first=first))
+    assert proc.returncode != 0 and proc.stdout == ""
+    codes, errs, _ = transport.parse_pipeline_stderr(proc.stderr, 3)
+    assert codes[0] == 1 and errs[0] == "cannot create snapshot: dataset already exists"
+    assert codes[1:] == [255, 255]

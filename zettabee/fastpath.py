@@ -1,0 +1,290 @@
+"""An update in one round trip: snapshot, send and listing as one command on the source.
+
+A routine update sends from the destination's newest snapshot, which is still on the
+source. Nothing has to be decided on this side between taking the new snapshot and
+sending it, so the source runs one script: the snapshot, the send (its stdout is the
+stream) and then, while ``zfs receive`` finishes here, the listing that pruning needs.
+Its stderr reports each step: exit status, what the tool said, and the source's clock
+for ``--debug`` timings. That saves the round trips of a step-by-step update, most of a
+no-change update's cost.
+
+A plain incremental stream needs no check of its base first: ``zfs receive`` refuses
+one whose base is not the destination's newest snapshot (by guid), before it changes
+anything. (Pairs with ``intermediate`` or ``rollback`` are checked first: see
+:func:`update`.) When the update fails and the listing shows the base gone from the
+source or replaced by another snapshot of the same name, the premise was wrong: the
+update goes on step by step, which explains the situation properly. At worst the script
+left a new snapshot on the source, which the prune of that step-by-step update takes.
+
+A full send (``initialize``) uses the same script without a base.
+
+Where the pair holds its snapshots, the script holds the new one before it sends it (step
+``hold``); the caller moves the other holds once the receive succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from zettabee import transport, zfs
+from zettabee.errors import CommandError
+from zettabee.host import Host, SshHost
+
+log = logging.getLogger(__name__)
+
+STEP_MARK = "@@zettabee-step"
+# The steps, in the order the script reports them.
+# "base" comes first when the base is checked, "hold" after "snapshot" when it is held.
+STEPS = ("start", "snapshot", "send", "listing", "listed")
+
+
+@dataclass
+class Step:
+    name: str
+    status: int
+    at: float | None  # seconds since the epoch on the source (with --debug)
+    said: str = ""  # what its tools wrote on stderr; for "listed", the listing
+
+
+@dataclass
+class Report:
+    """What the script said about each step, and what came after the last one (the ssh
+    client's own complaint when the connection failed)."""
+
+    steps: dict[str, Step] = field(default_factory=dict)
+    trailer: str = ""
+
+    def ok(self, name: str) -> bool:
+        step = self.steps.get(name)
+        return step is not None and step.status == 0
+
+    def duration(self, first: str, last: str) -> float | None:
+        a, b = self.steps.get(first), self.steps.get(last)
+        if a is None or b is None or a.at is None or b.at is None:
+            return None
+        return max(0.0, b.at - a.at)
+
+
+def script(
+    fs: str,
+    snap: str,
+    send_argv: Sequence[str],
+    clock: bool = False,
+    base: zfs.Snapshot | None = None,
+    hold: str | None = None,
+    holds: bool = False,
+) -> str:
+    """The remote command that snapshots ``fs@snap``, runs ``send_argv`` with its stream
+    on stdout, and lists ``fs`` after it; with ``base``, it first checks that this
+    snapshot is on ``fs`` with the same guid, and stops (step ``base``) if not; with
+    ``hold``, it holds the new snapshot under that tag before sending it, and stops
+    (step ``hold``) if it cannot. ``holds`` lists each snapshot's hold count too.
+
+    After each step the script writes a line ``@@zettabee-step NAME STATUS [TIME]`` on
+    stderr, after what the tool itself said there; the listing is written after its own
+    line and closed by a ``listed`` line. Each command is quoted once, here, where it
+    becomes the string SSH carries. The script needs a POSIX login shell, as every remote
+    pipeline does, and forks nothing but the zfs commands: a fork costs the source a few
+    milliseconds. ``clock`` adds the source's time to each line, for ``--debug`` (one
+    ``date`` each).
+    """
+    now = ' "$(date +%s.%N 2>/dev/null)"' if clock else ""
+    lines = [
+        f'step() {{ printf \'\\n{STEP_MARK} %s %s %s\\n\' "$1" "$2"{now} >&2; }}',
+        "step start 0",
+    ]
+    if base is not None:
+        guid = shlex.join(zfs.get([f"{fs}@{base.name}"], ["guid"]))
+        lines += [
+            f"g=$({guid} 2>/dev/null)",
+            f'[ "${{g##*\tguid\t}}" = {base.guid} ] || {{ step base 1; exit 3; }}',
+        ]
+    lines += [
+        f"{shlex.join(zfs.snapshot(fs, snap))}; s=$?",
+        "step snapshot $s",
+        "[ $s = 0 ] || exit $s",
+    ]
+    if hold is not None:
+        lines += [
+            f"{shlex.join(zfs.hold(hold, f'{fs}@{snap}'))}; s=$?",
+            "step hold $s",
+            "[ $s = 0 ] || exit $s",
+        ]
+    return "\n".join(
+        [
+            *lines,
+            f"{shlex.join(send_argv)}; s=$?",
+            "step send $s",
+            f"o=$({shlex.join(zfs.list_snapshots(fs, holds=holds))}); l=$?",
+            "step listing $l",
+            "printf '%s\\n' \"$o\" >&2",
+            "step listed 0",
+            "exit $s",
+        ]
+    )
+
+
+def parse(stderr: str) -> Report:
+    """The steps :func:`script` reported, from its stderr. What a step's tools said is
+    what came before its line; the listing is what ``listed`` closes."""
+    head, *blocks = f"\n{stderr}".split(f"\n{STEP_MARK} ")  # the first line may start it
+    report = Report()
+    said = head
+    for block in blocks:
+        first, _, rest = block.partition("\n")
+        parts = first.split()
+        if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
+            said += block
+            continue
+        try:
+            at: float | None = float(parts[2]) if len(parts) > 2 else None
+        except ValueError:  # a date without %N (BSD, busybox): no timings from there
+            at = None
+        report.steps[parts[0]] = Step(parts[0], int(parts[1]), at, said.strip("\n"))
+        said = rest
+    report.trailer = said.strip()
+    return report
+
+
+@dataclass
+class Outcome:
+    """A finished one-round-trip update: what the source held, and the stream."""
+
+    source_snapshots: list[zfs.Snapshot]
+    stream: transport.StreamResult
+    timings: dict[str, float]
+
+
+def update(
+    src: Host,
+    dst: Host,
+    fs: str,
+    base: zfs.Snapshot | None,
+    snap: str,
+    send_argv: list[str],
+    recv_argv: list[str],
+    stall: int,
+    progress: transport.ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
+    check_base: bool = False,
+    hold: str | None = None,
+    holds: bool = False,
+) -> Outcome | None:
+    """Run the update in one round trip; None when its premise failed (the caller goes
+    on step by step). A failing send or receive raises otherwise, as in
+    :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
+    the receive have succeeded, beside the source's listing.
+
+    ``base`` is None for a full send (``initialize``): only a failing snapshot then
+    sends the caller step by step.
+
+    ``check_base`` checks the base on the source before anything else: a plain
+    incremental stream (``-i``) from a missing or replaced base is refused by zfs
+    receive before it changes anything, but a missing base makes zfs-fuse's ``send -I``
+    write a replication header that ``receive -F`` takes as a stream, and ``-F`` would
+    roll the destination back for nothing.
+
+    ``hold`` holds the new snapshot on the source under that tag before it is sent; a
+    hold that fails stops the update with zfs's words. ``holds`` lists the hold counts
+    with the source's snapshots, for the caller to release what earlier runs left."""
+    started = time.monotonic()
+    checked = base if check_base and base is not None else None
+    command = script(
+        fs, snap, send_argv, clock=debug_wanted(log), base=checked, hold=hold, holds=holds
+    )
+    if isinstance(src, SshHost):
+        sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
+    else:
+        sender = transport.Stage("zfs send", src.name, ["sh", "-c", command])
+    receiver = transport.Stage(
+        "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
+    )
+
+    def received() -> None:
+        step = _await_step(sender, "send")
+        if on_received is not None and step is not None and step.status == 0:
+            on_received()
+
+    relay = transport.relay_stages(sender, receiver, stall, progress, received)
+    report = parse(sender.stderr)
+    listed = report.steps.get("listed")
+    source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
+    stages = [sender, receiver]
+    failed = any(s.failed for s in stages) or relay.stalled or relay.error
+    premise_failed = base is not None and not _has(source, base) and report.ok("listing")
+    if not report.ok("snapshot") or (failed and premise_failed):
+        log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
+        return None
+    held = report.steps.get("hold")
+    if hold is not None and held is not None and held.status != 0:
+        argv = zfs.hold(hold, f"{fs}@{snap}")
+        raise CommandError(argv, src.name, held.status, held.said, "zfs hold")
+    send = report.steps.get("send")
+    sender.stderr = "\n".join(x for x in (send.said if send else "", report.trailer) if x)
+    if send is None and sender.returncode == 255 and isinstance(src, SshHost):
+        sender.label = "ssh"
+    if failed:
+        raise transport.describe_failure(stages, relay)
+    if not report.ok("listing"):  # the update is done; only the leftovers' prune waits
+        step = report.steps.get("listing")
+        said = (step.said if step else report.trailer) or "no answer"
+        log.warning("%s: listing %s on %s after the send failed: %s", fs, fs, src.name, said)
+    timings = {
+        "snapshot": report.duration("start", "snapshot"),
+        "hold": report.duration("snapshot", "hold"),
+        "send": report.duration("hold" if held else "snapshot", "send"),
+        "listing": report.duration("send", "listing"),
+    }
+    measured = {part: seconds for part, seconds in timings.items() if seconds is not None}
+    if receiver.ended is not None:
+        measured["receive"] = max(0.0, receiver.ended - relay.ended)
+    stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)
+    return Outcome(source, stream, measured)
+
+
+def _await_step(stage: transport.Stage, name: str) -> Step | None:
+    """The step ``name`` as soon as the running script has reported it (None if it ends
+    without): its stderr is a file this process can read while the script writes it."""
+    while True:
+        ended = stage.proc is not None and stage.proc.poll() is not None
+        if stage.errfile is not None:
+            text = os.pread(stage.errfile.fileno(), 1 << 20, 0).decode(errors="replace")
+            step = parse(text).steps.get(name)
+            if step is not None or ended:
+                return step
+        if ended or stage.errfile is None:
+            return None
+        time.sleep(0.002)
+
+
+def _has(snapshots: list[zfs.Snapshot], wanted: zfs.Snapshot) -> bool:
+    return any(s.name == wanted.name and s.guid == wanted.guid for s in snapshots)
+
+
+def debug_wanted(logger: logging.Logger) -> bool:
+    """Will a debug line be written anywhere? zettabee's loggers pass everything and
+    their handlers choose, so the logger's own level does not say."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(handler.level <= logging.DEBUG for handler in current.handlers):
+            return logger.isEnabledFor(logging.DEBUG)
+        current = current.parent if current.propagate else None
+    return False
+
+
+def _why(src: Host, base: zfs.Snapshot | None, report: Report) -> str:
+    if "base" in report.steps and base is not None:
+        return f"{base.name} with guid {base.guid} is not on {src.name}"
+    step = report.steps.get("snapshot")
+    if step is None:
+        return f"the command on {src.name} did not start: {report.trailer or 'no output'}"
+    if step.status != 0:
+        return f"snapshot on {src.name} failed: {step.said.strip() or f'exit {step.status}'}"
+    if base is not None:
+        return f"{base.name} with guid {base.guid} is not on {src.name}"
+    return "the send failed"
