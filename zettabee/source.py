@@ -30,7 +30,11 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 - ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
   [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN``;
 - ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host;
-  ``mbuffer -V``.
+  ``mbuffer -V``;
+- the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
+  the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
+  check of the base, the listing of FS), compared whole with the script zettabee builds
+  from those commands.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from zettabee import zfs
+from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.config import validate_dataset, validate_host
 from zettabee.pair import hold_tag, parse_snapshot_name
@@ -255,6 +259,40 @@ def check_mbuffer(words: list[str], policy: Policy) -> None:
         raise Refused("mbuffer without -O")
 
 
+def check_update_script(command: str, policy: Policy) -> None:
+    """The one-round-trip update's script (:func:`fastpath.script`): its commands are
+    taken out and checked one by one, and the script zettabee builds from them must be
+    the command, character for character, before it may run in a shell."""
+    lines = command.split("\n")
+    commands = [shlex.split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
+    if len(commands) not in (2, 3):
+        raise Refused("not the update script of a zettabee pull")
+    snapshot, *held, send = commands
+    if snapshot[:2] != ["zfs", "snapshot"] or len(snapshot) != 3 or send[:2] != ["zfs", "send"]:
+        raise Refused("the update script does not snapshot and send")
+    target = _own_snapshot(snapshot[2], policy)
+    fs, _, snap = target.partition("@")
+    _check_send(send, policy)
+    if send[-1] != target:
+        raise Refused(f"the update script sends {send[-1]!r}, not the snapshot it takes")
+    tag = None
+    if held:
+        if held[0][:2] != ["zfs", "hold"] or len(held[0]) != 4 or held[0][3] != target:
+            raise Refused("the update script holds something else than its snapshot")
+        tag = held[0][2]
+        _check_hold(tag, target, policy)
+    base = None
+    checked = re.search(r"^g=\$\(.*@([^ ]+) 2>/dev/null\)\n.* = ([0-9]{1,20}) \]", command, re.M)
+    if checked:
+        base_name = _any_snapshot(f"{fs}@{checked.group(1)}", policy).partition("@")[2]
+        base = zfs.Snapshot(fs, base_name, int(checked.group(2)), 0)
+    clock = "date +%s.%N" in lines[0]
+    for holds in (False, True):
+        if fastpath.script(fs, snap, send, clock, base, tag, holds) == command:
+            return
+    raise Refused("the update script is not written as zettabee writes it")
+
+
 def _pipeline_pattern(count: int) -> re.Pattern[str]:
     """A regular expression of :func:`pipeline_script` with each stage left open."""
     holes = [f"ZETTABEESTAGE{i}" for i in range(count)]
@@ -272,6 +310,9 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
     """
     if not command.strip():
         raise Refused("no command given: this key only serves zettabee pulls")
+    if command.startswith("step() {"):
+        check_update_script(command, policy)
+        return [["sh", "-c", command]]
     match = _pipeline_pattern(2).fullmatch(command)
     if match:
         stages = [shlex.split(text) for text in match.groups()]

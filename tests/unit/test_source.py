@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from zettabee import zfs
+from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
 from zettabee.pair import hold_tag, snapshot_name
 from zettabee.source import REFUSED, Policy, Refused, parse_request, run_pipeline
@@ -355,3 +355,59 @@ def test_mbuffer_may_connect_back_to_the_client_only_by_default() -> None:
     assert len(parse_request(ok, policy)) == 2
     with pytest.raises(Refused, match="may not connect"):
         parse_request(ok, POLICY)
+
+
+def update_script(**kw: object) -> str:
+    """The one-round-trip update's script as the replicator builds it."""
+    snap = OWN2.partition("@")[2]
+    send = zfs.send(OWN2, base=kw.pop("send_base", OWN))  # type: ignore[arg-type]
+    return fastpath.script(FS, snap, send, **kw)  # type: ignore[arg-type]
+
+
+BASE = zfs.Snapshot(FS, OWN.partition("@")[2], 1234567890123, 0)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"clock": True},
+        {"hold": TAG, "holds": True},
+        {"base": BASE, "hold": TAG, "holds": True, "clock": True},
+        {"send_base": f"{FS}@hand-made"},
+    ],
+    ids=["plain", "timed", "held", "base-checked", "hand-made-base"],
+)
+def test_the_update_script_runs_whole_in_a_shell(kw: dict[str, object]) -> None:
+    command = update_script(**kw)
+    assert parse_request(command, POLICY) == [["sh", "-c", command]]
+
+
+def test_the_full_send_script_of_initialize_passes() -> None:
+    snap = OWN.partition("@")[2]
+    command = fastpath.script(FS, snap, zfs.send(OWN), hold=TAG, holds=True)
+    assert parse_request(command, POLICY) == [["sh", "-c", command]]
+
+
+SCRIPT_ESCAPES = {
+    "appended command": update_script() + "\nid",
+    "command after the send": update_script().replace("step send $s", "step send $s; id"),
+    "other file system": update_script().replace(FS, "tank/other"),
+    "not an own snapshot": update_script().replace(OWN2.partition("@")[2], "daily"),
+    "sends another snapshot": update_script().replace(
+        f"zfs send -i {OWN} {OWN2}", f"zfs send -i {OWN} {OWN}"
+    ),
+    "another pair's hold tag": update_script(hold=TAG).replace(
+        f"zfs hold {TAG}", f"zfs hold {hold_tag(OTHER_FP)}"
+    ),
+    "guid not a number": update_script(base=BASE).replace("1234567890123", "$(id)"),
+    "recursive send": update_script().replace("zfs send -i", "zfs send -R -i"),
+    "substitution in the listing": update_script().replace("o=$(zfs", "o=$(id; zfs"),
+    "no snapshot step": "step() { :; }\n" + shlex.join(zfs.send(OWN)) + "; s=$?",
+}
+
+
+@pytest.mark.parametrize("command", SCRIPT_ESCAPES.values(), ids=SCRIPT_ESCAPES.keys())
+def test_an_altered_update_script_is_refused(command: str) -> None:
+    with pytest.raises(Refused):
+        parse_request(command, POLICY)
