@@ -7,8 +7,8 @@ check without nagiosplugin's process-wide ``Runtime`` (which prints and exits), 
 passive side; the plugins call ``check.main()`` as usual.
 
 A plugin runs thousands of times a day and reads only this host: local state files and
-one ``zfs get``. This module must never import paramiko (0.2 s and 40 MB), directly or
-through what it imports; a unit test holds it to that.
+one ``zfs get``. This module must never import the replication engine (replicator,
+transport, fastpath), directly or through what it imports; a unit test holds it to that.
 
 States, as documented in the plugins' ``--help``:
 

@@ -237,13 +237,14 @@ class Replicator:
         fs = pair.destination.fs
         props = [(zfs.PROP_LASTSNAP, snap)]
         if first:
-            props += [
-                (zfs.PROP_FINGERPRINT, pair.fingerprint),
-                (zfs.PROP_SOURCE, str(pair.source)),
-                ("readonly", "on"),
-            ]
+            props += [(zfs.PROP_SOURCE, str(pair.source)), ("readonly", "on")]
         # One property per zfs set (zfs-fuse takes no more), all at once.
         wait_all([Background(functools.partial(dst.run, zfs.set_prop(fs, *p))) for p in props])
+        if first:
+            # The fingerprint last: it claims the destination for the pair, so a run killed
+            # before it leaves one the next update adopts (see _adopt), never a pair that
+            # is recorded without its snapshot.
+            dst.run(zfs.set_prop(fs, zfs.PROP_FINGERPRINT, pair.fingerprint))
 
     # -- holds and bookmarks -------------------------------------------------------------
 
@@ -729,16 +730,18 @@ class Replicator:
                 log.info("%s: released hold on %s:%s@%s", pair.name, src.name, src_fs, base.name)
             destroy_all(src, src_fs, early[0])
 
-        def destination_side() -> None:
-            self._move_dest_holds(pair, dst, feats, dsnaps, snap, base.name)
-            destroy_all(dst, dst_fs, early[1])
-
         def received() -> None:
             with clock("prune"):
-                sides = [Background(source_side), Background(destination_side)]
+                holds = functools.partial(
+                    self._move_dest_holds, pair, dst, feats, dsnaps, snap, base.name
+                )
+                sides = [Background(source_side), Background(holds)]
                 try:
                     with clock("record"):
                         self._record(pair, dst, snap, first=False)
+                    # Only once the new snapshot is recorded: until then the recorded one
+                    # is what a killed run leaves for status, the checks and the next run.
+                    destroy_all(dst, dst_fs, early[1])
                 finally:
                     wait_all(sides)
                 report.destroyed = [

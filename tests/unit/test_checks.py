@@ -1,7 +1,7 @@
 """The check compositions on fake healths: states, thresholds, texts, perfdata, exit codes.
 
 Also the plugins' command lines (usage errors are UNKNOWN), that the plugins never load
-paramiko, and that passive results carry exactly what the active checks print.
+the replication engine, and that passive results carry exactly what the active checks print.
 """
 
 from __future__ import annotations
@@ -413,10 +413,15 @@ def test_help_and_version_are_unknown_and_document_permissions() -> None:
     )
 
 
-def test_plugins_never_import_paramiko() -> None:
-    code = "import sys, zettabee.checks; print('paramiko' in sys.modules)"
+# What a check plugin must not load: the replication engine and its streams (a plugin
+# reads local state and this host's ZFS only, and Nagios starts it thousands of times).
+ENGINE = ("zettabee.replicator", "zettabee.transport", "zettabee.fastpath", "paramiko")
+
+
+def test_plugins_never_import_the_engine() -> None:
+    code = f"import sys, zettabee.checks; print([m for m in {ENGINE!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "[]", out.stderr
     for name in ("check_zettabee_lag", "check_zettabee_runtime"):
         proc = subprocess.run(
             [sys.executable, "-X", "importtime", str(REPO / "plugins" / name), "--help"],
@@ -425,7 +430,7 @@ def test_plugins_never_import_paramiko() -> None:
             env={"PYTHONPATH": str(REPO)},
         )
         assert "zettabee.checks" in proc.stderr, "the import trace is missing"
-        assert "paramiko" not in proc.stderr
+        assert not [m for m in ENGINE if f" {m}\n" in proc.stderr], proc.stderr
 
 
 # -- passive results share the checks -------------------------------------------------------

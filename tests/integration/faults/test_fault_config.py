@@ -2,8 +2,8 @@
 
 Config checks happen when the file loads, with file and line; a broken line must not stop
 the good pairs, and nothing in a name may ever run as a command. Names are also sent
-through every runner directly (past the config's checks): local commands, paramiko, the
-OpenSSH client, the mbuffer pipeline. The proof is a marker file that a command in a name
+through every runner directly (past the config's checks): local commands, commands on the
+SSH master connection, the OpenSSH client's stream, the mbuffer pipeline. The proof is a marker file that a command in a name
 would create: it must not exist afterwards, on either host (they share this file system).
 """
 
@@ -178,7 +178,7 @@ def test_hostile_names_through_every_runner(faults: Faults, lab: ZfsLab, marker:
     remote = SshHost(SshTarget(src.address, src.port, src.user, src.key, src.known_hosts))
     local = LocalHost()
     row = faults.expect(
-        "hostile names through every runner (local, paramiko, ssh client, mbuffer pipeline)",
+        "hostile names through every runner (local, ssh master, ssh client, mbuffer pipeline)",
         "each refused by zfs or ssh with its own message; nothing executed, nothing created",
     )
     seen = 0
@@ -205,8 +205,8 @@ def test_hostile_names_through_every_runner(faults: Faults, lab: ZfsLab, marker:
                 marker,
             )
             seen += 1
-        # A hostile host: for paramiko a name that does not resolve, for the OpenSSH
-        # client never an option (-oProxyCommand=...).
+        # A hostile host: for the master and the OpenSSH client alike never an option
+        # (-oProxyCommand=...), at most a name that does not resolve.
         for host in hostile(marker):
             target = SshTarget(host, src.port, src.user, src.key, src.known_hosts)
             assert_refused(lambda t=target: SshHost(t).run(["true"]), marker)
@@ -225,7 +225,7 @@ def test_hostile_names_through_every_runner(faults: Faults, lab: ZfsLab, marker:
         if re.search(r"touch|\$|`|;|\||'|\"| |^-|/-", n)
     ]
     row.observed = (
-        f"{seen} hostile names and hosts: every one refused by zfs, ssh or paramiko; "
+        f"{seen} hostile names and hosts: every one refused by zfs or ssh; "
         f"marker file {'PRESENT' if marker.exists() else 'absent'}; datasets created: "
         f"{created or 'none'}"
     )

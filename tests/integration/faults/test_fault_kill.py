@@ -67,7 +67,7 @@ def test_sigkill_during_the_stream(faults: Faults) -> None:
         run = faults.popen("zettabee", "update", replica.fs)
         faults.wait_for_stream(run, replica)
         helpers = descendants(run.pid)
-        assert faults.processes(helpers, "ssh", "-N"), "the stream's ssh master"
+        assert faults.processes(helpers, "ssh", "ControlMaster=yes"), "the ssh master"
         kill([run.pid])
         run.wait()
     # Nothing the run started outlives it: not the stream, not the ssh master.
