@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import release_holds  # noqa: E402
-from bench.record import compile_package, load, machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.record import compile_package, lab_held, load, machine  # noqa: E402
+from lab.zfslab import ZfsLab  # noqa: E402
 
 SIZES = (1, 10, 50, 200)
 TARGET_FLEET_50 = 10.0
@@ -149,14 +149,10 @@ def main() -> int:
     if args.fleet < 1 + sum(SIZES):
         parser.error(f"--fleet must be at least {1 + sum(SIZES)}")
     compile_package()
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
     load_before = load()
     times: dict[str, list[float]] = {"single update": [], "status": [], "check --all": []}
     times.update({f"replicate {n}": [] for n in SIZES})
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held(keep=args.keep) as lab:
         fleet = Fleet(lab, args.fleet)
         try:
             setup_s = fleet.set_up(args.jobs)
@@ -189,8 +185,6 @@ def main() -> int:
                     fleet.tear_down()
                 except RuntimeError as exc:  # the figures are taken: report them anyway
                     print(f"warning: {exc}", file=sys.stderr)
-            if started_lab and not args.keep:
-                lab.down()
     load_after = load()
 
     med = {label: statistics.median(values) for label, values in times.items()}

@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.record import lab_held, machine  # noqa: E402
+from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET_MS = 80.0
 TARGET_MB = 25.0
@@ -92,11 +92,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plugins.jsonl"))
     args = parser.parse_args()
 
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held() as lab:
         tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
         dst = ""
         try:
@@ -116,8 +112,6 @@ def main() -> int:
         finally:
             if dst:
                 tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
-            if started_lab:
-                lab.down()
 
     print(f"{'case':<26}{'median ms':>10}{'p90 ms':>8}{'peak MiB':>10}  exit codes")
     for label, row in results.items():
