@@ -13,7 +13,6 @@ Appends one JSON line to bench/results/features.jsonl and prints medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import release_holds  # noqa: E402
-from bench.record import lab_held, machine  # noqa: E402
+from bench.record import append, lab_held, machine  # noqa: E402
 
 VARIANTS = {"holds": "", "hold=no": "hold=no"}
 
@@ -88,8 +87,7 @@ def main() -> int:
         "repeats": args.repeats,
         "median_s": medians,
     }
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

@@ -18,7 +18,6 @@ pairs < 1 s. Appends one JSON line to bench/results/fleet.jsonl and prints table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import release_holds  # noqa: E402
-from bench.record import compile_package, lab_held, load, machine  # noqa: E402
+from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 SIZES = (1, 10, 50, 200)
@@ -222,10 +221,7 @@ def main() -> int:
         "replicate_50_over_single": round(ratio_50, 2),
         "verdicts": verdicts,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

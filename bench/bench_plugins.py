@@ -13,7 +13,6 @@ Targets (issue 4): median <= 80 ms and peak RSS <= 25 MB per plugin run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import lab_held, machine  # noqa: E402
+from bench.record import append, lab_held, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET_MS = 80.0
@@ -125,10 +124,7 @@ def main() -> int:
         "targets": {"median_ms": TARGET_MS, "peak_rss_mib": TARGET_MB},
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

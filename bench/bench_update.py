@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import compile_package, lab_held, load, machine  # noqa: E402
+from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 from zettabee.transport import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
 
@@ -332,10 +332,7 @@ def main() -> int:
         "verdicts": said,
         "no_change_timings": parts,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from lab.zfslab import ZfsLab, test_lab_name
@@ -35,6 +36,15 @@ def machine() -> dict[str, object]:
 def load() -> list[float]:
     """The load averages (1, 5, 15 min): the machine is shared, figures move with it."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def append(out: str | Path, record: Mapping[str, object]) -> None:
+    """Add ``record`` as one JSON line to ``out``: a results file keeps every run, so the
+    figures of busy and quiet days stand side by side."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def compile_package() -> None:
