@@ -31,32 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import release_holds  # noqa: E402
+from bench.bench_update import destroy_on, release_holds  # noqa: E402
 from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 SIZES = (1, 10, 50, 200)
 TARGET_FLEET_50 = 10.0
 TARGET_STATUS_S = 1.0
-
-
-def destroy_on(lab: ZfsLab, fs: str) -> None:
-    """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
-    can be for a minute after a benchmark wrote through its mount)."""
-    for _ in range(200):
-        settle()
-        proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
-        if proc.returncode == 0 or "does not exist" in proc.stderr:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
-
-
-def settle() -> None:
-    """Write out what was written and drop cached pages: zfs-fuse may not unmount a file
-    system whose pages the kernel still holds."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def destroy(fs: str) -> None:
