@@ -13,7 +13,6 @@ Appends one JSON line to bench/results/features.jsonl and prints medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,8 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import release_holds  # noqa: E402
-from bench.record import machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.record import append, lab_held, machine  # noqa: E402
 
 VARIANTS = {"holds": "", "hold=no": "hold=no"}
 
@@ -37,12 +35,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "features.jsonl"))
     args = parser.parse_args()
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
     zettabee = str(Path(sys.executable).parent / "zettabee")
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held() as lab:
         tmp = Path(tempfile.mkdtemp(prefix="zb-features-"))
         ssh = Path(lab.source.key).parent
         (tmp / "z.ini").write_text(
@@ -81,8 +75,6 @@ def main() -> int:
             for fs in fss:
                 release_holds(fs)
                 subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True)
-            if started_lab:
-                lab.down()
     medians = {v: statistics.median(t) for v, t in timings.items()}
     for variant, value in medians.items():
         print(f"{variant:<10}{value:>8.3f} s  (median of {args.repeats})")
@@ -95,8 +87,7 @@ def main() -> int:
         "repeats": args.repeats,
         "median_s": medians,
     }
-    with open(args.out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

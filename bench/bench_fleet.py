@@ -18,7 +18,6 @@ pairs < 1 s. Appends one JSON line to bench/results/fleet.jsonl and prints table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,32 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import release_holds  # noqa: E402
-from bench.record import compile_package, load, machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.bench_update import destroy_on, release_holds  # noqa: E402
+from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
+from lab.zfslab import ZfsLab  # noqa: E402
 
 SIZES = (1, 10, 50, 200)
 TARGET_FLEET_50 = 10.0
 TARGET_STATUS_S = 1.0
-
-
-def destroy_on(lab: ZfsLab, fs: str) -> None:
-    """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
-    can be for a minute after a benchmark wrote through its mount)."""
-    for _ in range(200):
-        settle()
-        proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
-        if proc.returncode == 0 or "does not exist" in proc.stderr:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
-
-
-def settle() -> None:
-    """Write out what was written and drop cached pages: zfs-fuse may not unmount a file
-    system whose pages the kernel still holds."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def destroy(fs: str) -> None:
@@ -149,14 +129,10 @@ def main() -> int:
     if args.fleet < 1 + sum(SIZES):
         parser.error(f"--fleet must be at least {1 + sum(SIZES)}")
     compile_package()
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
     load_before = load()
     times: dict[str, list[float]] = {"single update": [], "status": [], "check --all": []}
     times.update({f"replicate {n}": [] for n in SIZES})
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held(keep=args.keep) as lab:
         fleet = Fleet(lab, args.fleet)
         try:
             setup_s = fleet.set_up(args.jobs)
@@ -189,8 +165,6 @@ def main() -> int:
                     fleet.tear_down()
                 except RuntimeError as exc:  # the figures are taken: report them anyway
                     print(f"warning: {exc}", file=sys.stderr)
-            if started_lab and not args.keep:
-                lab.down()
     load_after = load()
 
     med = {label: statistics.median(values) for label, values in times.items()}
@@ -228,10 +202,7 @@ def main() -> int:
         "replicate_50_over_single": round(ratio_50, 2),
         "verdicts": verdicts,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

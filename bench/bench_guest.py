@@ -13,7 +13,6 @@ Appends one JSON line to bench/results/guest.jsonl and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import machine  # noqa: E402
+from bench.record import append, machine  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
 
 
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         f"boot to SSH median {record['boot_to_ssh_seconds']['median']} s over {len(boots)} "  # type: ignore[index]
         f"boots, zfs list {record['zfs_list_over_open_ssh_ms']} ms"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

@@ -13,7 +13,6 @@ Targets (issue 4): median <= 80 ms and peak RSS <= 25 MB per plugin run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.record import append, lab_held, machine  # noqa: E402
+from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET_MS = 80.0
 TARGET_MB = 25.0
@@ -92,11 +91,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plugins.jsonl"))
     args = parser.parse_args()
 
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held() as lab:
         tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
         dst = ""
         try:
@@ -116,8 +111,6 @@ def main() -> int:
         finally:
             if dst:
                 tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
-            if started_lab:
-                lab.down()
 
     print(f"{'case':<26}{'median ms':>10}{'p90 ms':>8}{'peak MiB':>10}  exit codes")
     for label, row in results.items():
@@ -131,10 +124,7 @@ def main() -> int:
         "targets": {"median_ms": TARGET_MS, "peak_rss_mib": TARGET_MB},
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import compile_package, load, machine  # noqa: E402
-from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
+from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
+from lab.zfslab import ZfsLab  # noqa: E402
 from zettabee.transport import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
 
 TARGETS = {"no change": 1.5, "+MB": 1.1, "full ssh": 0.95, "full mbuffer": 0.95}
@@ -292,12 +292,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
     args = parser.parse_args()
     compile_package()
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
     load_before = load()
-    with lab.held():
-        started_lab = not lab.is_up()
-        if started_lab:
-            lab.up()
+    with lab_held() as lab:
         bench = Bench(lab)
         try:
             bench.cleanup()
@@ -313,8 +309,6 @@ def main() -> int:
                 bench.cleanup()
             except RuntimeError as exc:  # the figures are taken: report them anyway
                 print(f"warning: {exc}", file=sys.stderr)
-            if started_lab:
-                lab.down()
     load_after = load()
 
     print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}")
@@ -338,10 +332,7 @@ def main() -> int:
         "verdicts": said,
         "no_change_timings": parts,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append(args.out, record)
     return 0
 
 

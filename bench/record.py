@@ -1,12 +1,18 @@
 """What every benchmark records beside its figures: the machine it ran on, how busy it
-was, one JSON line; and the package prepared as an installation has it."""
+was, one JSON line; the package prepared as an installation has it; and the lab the
+benchmarks on ZFS share with the test suite."""
 
 from __future__ import annotations
 
 import compileall
+import contextlib
+import json
 import os
 import platform
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from lab.zfslab import ZfsLab, test_lab_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,6 +38,15 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def append(out: str | Path, record: Mapping[str, object]) -> None:
+    """Add ``record`` as one JSON line to ``out``: a results file keeps every run, so the
+    figures of busy and quiet days stand side by side."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def compile_package() -> None:
     """Write the bytecode of zettabee and nsca, as installing the package does.
 
@@ -40,3 +55,20 @@ def compile_package() -> None:
     """
     for package in ("zettabee", "nsca"):
         compileall.compile_dir(str(REPO / package), quiet=1)
+
+
+@contextlib.contextmanager
+def lab_held(keep: bool = False) -> Iterator[ZfsLab]:
+    """The test suite's lab (ZETTABEE_LAB), held so that no test session tears it down
+    during the run. A lab that was down is brought up, and down again at the end unless
+    ``keep``; one already up (a kept test lab) is left as it was."""
+    lab = ZfsLab(test_lab_name(), pool_size="3G")
+    with lab.held():
+        started_lab = not lab.is_up()
+        if started_lab:
+            lab.up()
+        try:
+            yield lab
+        finally:
+            if started_lab and not keep:
+                lab.down()

@@ -16,10 +16,15 @@ mirror=${ZETTABEE_GUEST_MIRROR:-http://deb.debian.org/debian}
 security=${ZETTABEE_GUEST_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 suite=bookworm
 
-# The chroot's mounts (proc, sys, dev) live in a private mount namespace: they vanish with
-# this script however it ends, and never leak into the host's mount table.
+# The chroot's mounts (proc, sys, dev) live in a mount namespace of their own: they vanish
+# with this script however it ends, and never leak into the host's mount table. It is a
+# slave, not private: a private one keeps its copy of every file system another lab mounted
+# under its (shared) zfs-fuse pool mount, so zfs-fuse calls it busy and the other lab cannot
+# destroy it for the build's 5-8 minutes; a slave follows the host's mounts and unmounts
+# there, and still sends none of its own back. (Pool mounts themselves sit on a private
+# parent here, so their copies stay; lab.hosts.release_foreign_mounts detaches those.)
 if [ -z "${ZETTABEE_GUEST_UNSHARED:-}" ]; then
-    ZETTABEE_GUEST_UNSHARED=1 exec unshare --mount --propagation private -- "$0" "$@"
+    ZETTABEE_GUEST_UNSHARED=1 exec unshare --mount --propagation slave -- "$0" "$@"
 fi
 
 started=$(date +%s)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import lzma
@@ -52,7 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lab.hosts import NetnsSshHost, SourceHost, sh, stop_pid
-from lab.zfslab import LAB_ROOT, LAYOUTS, test_lab_name
+from lab.zfslab import LAB_ROOT, LAYOUTS, hold, test_lab_name
 from zettabee.state import pid_alive
 
 GUEST_CACHE = Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab/guest"))
@@ -177,13 +176,8 @@ class Guest:
         for tool in ("debootstrap", "qemu-system-x86_64", "mkfs.ext4", "unshare", "chroot"):
             if not shutil.which(tool):
                 raise GuestError(f"guest: {tool} is missing; run `make deps` first")
-        GUEST_CACHE.mkdir(parents=True, exist_ok=True)
-        with open(GUEST_CACHE / "build.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print("guest: another process is building the image, waiting", file=sys.stderr)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = "guest: another process is building the image, waiting"
+        with hold(GUEST_CACHE / "build.lock", waiting):
             if self.built():
                 return self.image
             return self._build_locked(quiet)
@@ -237,13 +231,8 @@ class Guest:
     def held(self) -> Iterator[None]:
         """Hold this lab's guest for a whole test session: a second session waits here
         instead of rebooting the guest under the first one."""
-        LAB_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(LAB_ROOT / f"{self.lab}.guest.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"guest {self.lab}: in use by another run, waiting", file=sys.stderr)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+        lock = LAB_ROOT / f"{self.lab}.guest.lock"
+        with hold(lock, f"guest {self.lab}: in use by another run, waiting"):
             yield
 
     def is_up(self) -> bool:

@@ -55,8 +55,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from lab.daemon import LabDaemon, terminate
 
 ICINGA2_BINARY = "/usr/sbin/icinga2"
 NODE_NAME = "localhost"
@@ -142,7 +143,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class Icinga2Daemon:
+class Icinga2Daemon(LabDaemon):
     """A private icinga2 with the API on 127.0.0.1 and its own CA."""
 
     def __init__(
@@ -226,30 +227,6 @@ class Icinga2Daemon:
 
     # life cycle ----------------------------------------------------------------------------
 
-    def __enter__(self) -> Icinga2Daemon:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()  # __exit__ will not run: do not leave the directory behind
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        self.cleanup()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
     def start(self, timeout: float = 60.0) -> Icinga2Daemon:
         if self.running:
             return self
@@ -288,13 +265,7 @@ class Icinga2Daemon:
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
+        terminate(process, timeout)
         # The worker may outlive the umbrella process by a moment while it saves its state;
         # anything still in the session we created (pgid == its pid) after that is killed.
         deadline = time.monotonic() + 5
@@ -312,12 +283,6 @@ class Icinga2Daemon:
             return
         for path in [self.workdir, *self.workdir.rglob("*")]:
             shutil.chown(path, self.run_as, self._group())
-
-    def cleanup(self) -> None:
-        if self.running:
-            self.stop()
-        if not self.keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

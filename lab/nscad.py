@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -33,7 +32,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from lab.daemon import LabDaemon, terminate
 
 NSCA_BINARY = "/usr/sbin/nsca"
 SEND_NSCA_BINARY = "/usr/sbin/send_nsca"
@@ -95,7 +95,7 @@ def is_listening(host: str, port: int) -> bool:
         return False
 
 
-class NscaDaemon:
+class NscaDaemon(LabDaemon):
     """Debian's nsca daemon on loopback with its own config, command file and syslog."""
 
     def __init__(
@@ -136,30 +136,6 @@ class NscaDaemon:
 
     # life cycle ----------------------------------------------------------------------------
 
-    def __enter__(self) -> NscaDaemon:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()  # __exit__ will not run: do not leave the directory behind
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        self.cleanup()
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def start(self, timeout: float = 10.0) -> NscaDaemon:
         if self.running:
             return self
@@ -189,25 +165,14 @@ class NscaDaemon:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate exactly the process we started, and wait for it."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout)
+        if process is not None:
+            terminate(process, timeout)
         if self._syslog_socket is not None:
             self._syslog_socket.close()
             self._syslog_socket = None
         if self._syslog_thread is not None:
             self._syslog_thread.join(2)
             self._syslog_thread = None
-
-    def cleanup(self) -> None:
-        if self.running:
-            self.stop()
-        if not self.keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # what arrived --------------------------------------------------------------------------
 

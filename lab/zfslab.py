@@ -59,6 +59,20 @@ def test_lab_name() -> str:
     return name
 
 
+@contextlib.contextmanager
+def hold(lock: Path, waiting: str) -> Iterator[None]:
+    """An flock on ``lock`` for as long as the block runs; the kernel drops it if the holder
+    dies. A second user prints ``waiting`` (so a stalled run says why) and waits its turn."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 class ZfsLab:
     """Bring up and tear down one lab; safe to call ``up`` over a half-dead earlier lab."""
 
@@ -108,13 +122,8 @@ class ZfsLab:
     def held(self) -> Iterator[None]:
         """Hold the lab for a whole test session or benchmark: a second user waits here
         instead of tearing the lab down under the first one's feet."""
-        LAB_ROOT.mkdir(parents=True, exist_ok=True)
-        with open(LAB_ROOT / f"{self.layout.name}.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"lab {self.layout.name}: in use by another run, waiting", file=sys.stderr)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+        name = self.layout.name
+        with hold(LAB_ROOT / f"{name}.lock", f"lab {name}: in use by another run, waiting"):
             yield
 
     def is_up(self) -> bool:

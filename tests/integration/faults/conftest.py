@@ -429,6 +429,35 @@ class Faults:
             assert re.search(plugin_says or says, run_text), (plugin_says or says, run_text)
         assert self.row.data == INTACT
 
+    def failed(
+        self,
+        replica: Replica,
+        outcome: Outcome,
+        says: str,
+        *,
+        lag: int = 0,
+        snapshot_destroyed: bool = False,
+    ) -> None:
+        """What most faults must end in: exit 1 saying ``says``, check_zettabee_runtime
+        CRITICAL with the same words, check_zettabee_lag ``lag`` (OK while the last good
+        snapshot stays recorded) and the replica intact."""
+        self.check(
+            replica,
+            outcome,
+            code=1,
+            lag=lag,
+            runtime=2,
+            says=says,
+            snapshot_destroyed=snapshot_destroyed,
+        )
+
+    def update_fails(
+        self, replica: Replica, says: str, *, lag: int = 0, snapshot_destroyed: bool = False
+    ) -> None:
+        """An update run under a fault that is already in place ends as :meth:`failed`."""
+        outcome = self.run("zettabee", "update", replica.fs)
+        self.failed(replica, outcome, says, lag=lag, snapshot_destroyed=snapshot_destroyed)
+
     def check_killed(self, replica: Replica, *, lag: int, runtime: int, says: str) -> None:
         """After a SIGKILL: what ``zettabee status`` and the plugins tell the user."""
         assert self.row is not None, "expect() first"

@@ -28,7 +28,7 @@ def test_ssh_connection_killed_mid_transfer(faults: Faults) -> None:
         faults.wait_for_stream(run, replica)
         kill(faults.sshd_sessions())
         outcome = faults.finish(run)
-    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"ssh to \S+ failed \(exit 255\)")
+    faults.failed(replica, outcome, r"ssh to \S+ failed \(exit 255\)")
     faults.recovers(replica)
 
 
@@ -44,7 +44,7 @@ def test_link_cut_mid_transfer(faults: Faults) -> None:
         faults.wait_for_stream(run, replica)
         cut()
         outcome = faults.finish(run)
-    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.failed(replica, outcome, r"stalled: no data for 5s")
     faults.recovers(replica)
 
 
@@ -56,14 +56,8 @@ def test_source_sshd_gone_before_a_run(faults: Faults, sshd: Sshd) -> None:
         "source sshd gone before a run",
         "exit 1; lag OK; runtime CRITICAL 'cannot connect ... refused'; recovers",
     )
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica,
-        outcome,
-        code=1,
-        lag=0,
-        runtime=2,
-        says=rf"cannot connect to {sshd.address} port {sshd.port}: Connection refused",
+    faults.update_fails(
+        replica, rf"cannot connect to {sshd.address} port {sshd.port}: Connection refused"
     )
     sshd.start()
     faults.recovers(replica)
@@ -82,7 +76,7 @@ def test_stream_stalled_by_dropped_packets(faults: Faults, transport: str) -> No
         faults.wait_for_stream(run, replica)
         drop()
         outcome = faults.finish(run)
-    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.failed(replica, outcome, r"stalled: no data for 5s")
     faults.recovers(replica)
 
 
@@ -98,7 +92,7 @@ def test_stream_stalled_by_a_rate_near_zero(faults: Faults) -> None:
         faults.wait_for_stream(run, replica)
         rate("1kbit")
         outcome = faults.finish(run)
-    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=r"stalled: no data for 5s")
+    faults.failed(replica, outcome, r"stalled: no data for 5s")
     faults.recovers(replica)
 
 
@@ -125,5 +119,5 @@ def test_mbuffer_killed_mid_transfer(faults: Faults, side: str, says: str) -> No
     assert victims, f"no mbuffer {side} found"
     kill(victims)
     outcome = faults.finish(run)
-    faults.check(replica, outcome, code=1, lag=0, runtime=2, says=says)
+    faults.failed(replica, outcome, says)
     faults.recovers(replica)

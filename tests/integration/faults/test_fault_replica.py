@@ -28,10 +28,7 @@ def test_destination_pool_full_mid_receive(faults: Faults, tiny_pool: str) -> No
         "exit 1; lag OK; runtime CRITICAL quoting zfs receive's 'out of space'; recovers "
         "once the data fits",
     )
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica, outcome, code=1, lag=0, runtime=2, says=r"zfs receive on \S+ failed .*space"
-    )
+    faults.update_fails(replica, r"zfs receive on \S+ failed .*space")
     (replica.source_dir / "too-big.bin").unlink()
     faults.recovers(replica)
 
@@ -46,14 +43,8 @@ def test_destination_modified_since_the_common_snapshot(faults: Faults) -> None:
         "exit 1; lag OK; runtime CRITICAL 'modified ... rollback=yes'; nothing discarded; "
         "rollback=yes (as told) recovers",
     )
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica,
-        outcome,
-        code=1,
-        lag=0,
-        runtime=2,
-        says=r"was modified since the common snapshot .*set rollback=yes .*zfs diff",
+    faults.update_fails(
+        replica, r"was modified since the common snapshot .*set rollback=yes .*zfs diff"
     )
     assert (replica.dest_dir / "local-change.txt").exists()  # kept until the operator says
     faults.zb.write_pairs(faults.zb.pair_line(replica.leaf, "rollback=yes"))
@@ -67,15 +58,7 @@ def test_destination_with_a_snapshot_the_source_lacks(faults: Faults) -> None:
         "destination has a snapshot the source lacks",
         "exit 1; runtime CRITICAL naming it and rollback=yes; the snapshot kept",
     )
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica,
-        outcome,
-        code=1,
-        lag=0,
-        runtime=2,
-        says=r"operator-kept; destroy them, or set rollback=yes",
-    )
+    faults.update_fails(replica, r"operator-kept; destroy them, or set rollback=yes")
     assert "operator-kept" in snapshots(replica.fs)
 
 
@@ -98,15 +81,8 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
         "runtime CRITICAL; nothing resent; initialize --force (as told) recovers",
     )
     before = snapshots(replica.fs)
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica,
-        outcome,
-        code=1,
-        lag=2 if on_destination else 0,
-        runtime=2,
-        says=NO_COMMON,
-        snapshot_destroyed=on_destination,
+    faults.update_fails(
+        replica, NO_COMMON, lag=2 if on_destination else 0, snapshot_destroyed=on_destination
     )
     assert snapshots(replica.fs) == before  # nothing received over it, nothing destroyed
     if on_destination:

@@ -71,14 +71,8 @@ def test_changed_host_key_is_refused(faults: Faults, sshd: Sshd) -> None:
         "exit 1 'host key ... has CHANGED, refusing'; runtime CRITICAL; ssh client refuses "
         "too; setup --accept-new-host-key refuses it",
     )
-    outcome = faults.run("zettabee", "update", replica.fs)
-    faults.check(
-        replica,
-        outcome,
-        code=1,
-        lag=0,
-        runtime=2,
-        says=rf"host key of {sshd.address} port {sshd.port} has CHANGED .*refusing to connect",
+    faults.update_fails(
+        replica, rf"host key of {sshd.address} port {sshd.port} has CHANGED .*refusing to connect"
     )
     lab = faults.lab
     target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
