@@ -50,7 +50,7 @@ def destroy(fs: str) -> None:
 
 
 class Fleet:
-    def __init__(self, lab: ZfsLab, count: int) -> None:
+    def __init__(self, lab: ZfsLab, count: int, options: str = "") -> None:
         self.lab = lab
         self.count = count
         self.src = lab.source
@@ -65,7 +65,8 @@ class Fleet:
             f"known_hosts = {ssh}/known_hosts\n[defaults]\nsshkey = {ssh}/client_ed25519\n"
         )
         self.lines = [
-            f"{self.src.address}:{self.sparent}/p{i:03d} {lab.dest_address}:{self.dparent}/p{i:03d}\n"
+            f"{self.src.address}:{self.sparent}/p{i:03d} {lab.dest_address}:{self.dparent}/p{i:03d}"
+            f"{' ' + options if options else ''}\n"
             for i in range(count)
         ]
         (self.tmp / "all.cfg").write_text("".join(self.lines))
@@ -124,6 +125,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=4, help="replicate --jobs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="leave the fleet on the lab")
+    parser.add_argument(
+        "--options", default="", help="options of every pair, e.g. hold=no (default: none)"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "fleet.jsonl"))
     args = parser.parse_args()
     if args.fleet < 1 + sum(SIZES):
@@ -133,7 +137,7 @@ def main() -> int:
     times: dict[str, list[float]] = {"single update": [], "status": [], "check --all": []}
     times.update({f"replicate {n}": [] for n in SIZES})
     with lab_held(keep=args.keep) as lab:
-        fleet = Fleet(lab, args.fleet)
+        fleet = Fleet(lab, args.fleet, args.options)
         try:
             setup_s = fleet.set_up(args.jobs)
             single = fleet.lines[0].split()[1]
@@ -194,6 +198,7 @@ def main() -> int:
         "load_after": load_after,
         "fleet": args.fleet,
         "jobs": args.jobs,
+        "options": args.options,
         "rounds": args.rounds,
         "setup_s": round(setup_s, 1),
         "median_s": {label: round(value, 3) for label, value in med.items()},

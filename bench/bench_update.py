@@ -72,6 +72,7 @@ def release_holds(fs: str, lab: ZfsLab | None = None) -> None:
 def destroy_on(lab: ZfsLab, fs: str) -> None:
     """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
     can be for a minute after a benchmark wrote through its mount)."""
+    release_holds(fs, lab)
     for _ in range(200):
         settle()
         proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
@@ -89,6 +90,7 @@ def settle() -> None:
 
 
 def destroy(fs: str) -> None:
+    release_holds(fs)
     for _ in range(50):
         proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
@@ -98,7 +100,7 @@ def destroy(fs: str) -> None:
 
 
 class Bench:
-    def __init__(self, lab: ZfsLab) -> None:
+    def __init__(self, lab: ZfsLab, options: str = "") -> None:
         self.lab = lab
         self.src = lab.source
         self.tmp = Path(tempfile.mkdtemp(prefix="zb-bench-"))
@@ -113,7 +115,8 @@ class Bench:
         )
         (self.tmp / "pairs.cfg").write_text(
             "".join(
-                f"{self.src.address}:{self.sfs} {lab.dest_address}:{fs} transport={kind}\n"
+                f"{self.src.address}:{self.sfs} {lab.dest_address}:{fs} transport={kind}"
+                f"{',' + options if options else ''}\n"
                 for kind, fs in self.dfs.items()
             )
         )
@@ -124,9 +127,7 @@ class Bench:
 
     def cleanup(self) -> None:
         for fs in (*self.dfs.values(), self.rawfs):
-            release_holds(fs)
             destroy(fs)
-        release_holds(self.sfs, self.lab)
         destroy_on(self.lab, self.sfs)
 
     # -- one timed run of each kind -------------------------------------------------------
@@ -289,12 +290,15 @@ def main() -> int:
     parser.add_argument("--add-mb", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=9, help="incremental runs of each kind")
     parser.add_argument("--full-repeats", type=int, default=3, help="0: no full sends")
+    parser.add_argument(
+        "--options", default="", help="more options of the pairs, e.g. hold=no (default: none)"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
     args = parser.parse_args()
     compile_package()
     load_before = load()
     with lab_held() as lab:
-        bench = Bench(lab)
+        bench = Bench(lab, args.options)
         try:
             bench.cleanup()
             bench.src.run("zfs", "create", bench.sfs)
@@ -328,6 +332,7 @@ def main() -> int:
         "load_after": load_after,
         "full_mb": args.full_mb,
         "add_mb": args.add_mb,
+        "options": args.options,
         "results": result,
         "verdicts": said,
         "no_change_timings": parts,

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from zettabee import fastpath, transport, zfs
-from zettabee.capabilities import PairFeatures
+from zettabee.capabilities import Capabilities, PairFeatures
 from zettabee.config import format_bytes
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.host import Host, Hosts, SshHost
@@ -186,14 +186,15 @@ class Replicator:
     # -- reading both sides ------------------------------------------------------------
 
     def _dest_view(
-        self, pair: Pair, dst: Host, feats: PairFeatures | None = None
+        self, pair: Pair, dst: Host, caps: Capabilities | None = None
     ) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
-        """The destination's zettabee properties, resume token and snapshots, in one call."""
+        """The destination's zettabee properties, resume token and snapshots, in one call
+        (``caps``: what the destination can do, which says what there is to read)."""
         fs = pair.destination.fs
         props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
-        if feats is not None and feats.destination.resumable:
+        if caps is not None and caps.resumable:
             props.append(zfs.PROP_RESUME_TOKEN)
-        if feats is not None and feats.destination.holds:
+        if caps is not None and caps.holds:
             props.append(zfs.PROP_USERREFS)
         result = dst.run(zfs.get([fs], props, depth=1), check=False)
         if result.returncode != 0:
@@ -487,7 +488,7 @@ class Replicator:
             with clock("probe"):
                 feats = self._features(pair, src, dst, status)
             with clock("listing"):
-                view = self._dest_view(pair, dst, feats)
+                view = self._dest_view(pair, dst, feats.destination)
             fs = pair.destination.fs
             if view is not None:
                 props, dsnaps = view
@@ -515,7 +516,7 @@ class Replicator:
                             stream.seconds,
                         )
                         return report
-                    view = self._dest_view(pair, dst, feats)
+                    view = self._dest_view(pair, dst, feats.destination)
             if view is not None:
                 if not force:
                     raise StateError(
@@ -624,13 +625,19 @@ class Replicator:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
+            view = None
+            if dst.is_local:  # this host's side while the source's handshake runs
+                with clock("listing"):
+                    here = self.hosts.prober.of(dst, pair.destination.pool)
+                    view = self._dest_view(pair, dst, here)
             with clock("connection"):
                 src.connect()
                 dst.connect()
             with clock("probe"):
                 feats = self._features(pair, src, dst, status)
-            with clock("listing"):
-                view = self._dest_view(pair, dst, feats)
+            if not dst.is_local:
+                with clock("listing"):
+                    view = self._dest_view(pair, dst, feats.destination)
             if view is None:
                 raise StateError(
                     f"{pair.name}: not initialized (the destination {pair.destination} does not "
@@ -820,7 +827,7 @@ class Replicator:
                     self._record(pair, dst, resumed[0], first=False)
                     report.resumed = resumed[0]
                     report.bytes, report.seconds = resumed[1].bytes, resumed[1].seconds
-                view = self._dest_view(pair, dst, feats)
+                view = self._dest_view(pair, dst, feats.destination)
                 assert view is not None
                 dsnaps = view[1]
             else:
@@ -904,7 +911,7 @@ class Replicator:
     def _purge(
         self, pair: Pair, src: Host, dst: Host, feats: PairFeatures, dry_run: bool, release: bool
     ) -> list[PurgeStep]:
-        view = self._dest_view(pair, dst, feats)
+        view = self._dest_view(pair, dst, feats.destination)
         if view is None:
             raise StateError(f"{pair.name}: not initialized; nothing to purge")
         dsnaps = view[1]
