@@ -218,7 +218,7 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
     from zettabee.host import Hosts
 
     args = app.args
-    hosts = Hosts(app.settings.known_hosts)
+    hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
     if pairs:  # the handshakes go on while the rest of zettabee is imported
         hosts.get(pairs[0].source, pairs[0]).start()
         hosts.get(pairs[0].destination, pairs[0]).start()

@@ -494,13 +494,15 @@ class Hosts:
     probed once. Here, not in the replicator, so that a run can start its connections
     before it imports the rest."""
 
-    def __init__(self, known_hosts: str, accept_new_host_key: bool = False) -> None:
+    def __init__(
+        self, known_hosts: str, accept_new_host_key: bool = False, probe_cache: str | None = None
+    ) -> None:
         from zettabee.capabilities import Prober
 
         self.known_hosts = known_hosts
         self.accept_new_host_key = accept_new_host_key
         self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
-        self.prober = Prober()
+        self.prober = Prober(probe_cache)
 
     def get(self, endpoint: Endpoint, pair: Pair) -> Host:
         opts = pair.options
@@ -528,6 +530,11 @@ class Hosts:
             bookmark=opts.bookmark,
             raw=opts.raw,
         )
+
+    def forget_probes(self, pair: Pair) -> None:
+        """After a failed run: its hosts are probed afresh next time."""
+        self.prober.forget(self.get(pair.source, pair), pair.source.pool)
+        self.prober.forget(self.get(pair.destination, pair), pair.destination.pool)
 
     def close(self) -> None:
         for host in self._hosts.values():

@@ -109,6 +109,7 @@ class Replicator:
             except BaseException as exc:
                 if isinstance(exc, ZettabeeError) and not str(exc).startswith(pair.name):
                     exc.args = (f"{pair.name}: {exc}",)  # every message names its pair
+                self.hosts.forget_probes(pair)
                 status.state, status.result = FAILED, "failed"
                 status.error = str(exc) if isinstance(exc, ZettabeeError) else repr(exc)
                 status.ended, status.pid = time.time(), None

@@ -3,6 +3,7 @@ OpenZFS 2.1.11 (Debian 12's, the lab guest)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -125,6 +126,40 @@ def test_prober_asks_each_host_once_per_run() -> None:
     assert prober.of(host, "other").bookmarks  # type: ignore[arg-type]
     assert host.calls[1] == ["zpool", "get", "all", "other"]
     assert len(host.calls) == 2
+
+
+class RemoteHost(CountingHost):
+    is_local = False
+
+
+def test_a_remote_host_s_answer_is_kept_for_the_next_runs_for_an_hour(tmp_path: Path) -> None:
+    host = RemoteHost(OPENZFS_PROBE)
+    assert Prober(str(tmp_path)).of(host, "gsrc").resumable  # type: ignore[arg-type]
+    assert Prober(str(tmp_path)).of(host, "gsrc").resumable  # type: ignore[arg-type]
+    assert len(host.calls) == 1  # the second run believed the first one's answer
+    (kept,) = tmp_path.glob("probe-*.txt")
+    assert kept.stat().st_mode & 0o777 == 0o640
+    Prober(str(tmp_path)).of(host, "other")  # type: ignore[arg-type]
+    assert len(host.calls) == 2  # another pool: asked
+    old = time.time() - 3601
+    for path in tmp_path.glob("probe-*.txt"):
+        os.utime(path, (old, old))
+    Prober(str(tmp_path)).of(host, "gsrc")  # type: ignore[arg-type]
+    assert len(host.calls) == 3  # too old: asked again
+    Prober(str(tmp_path)).forget(host, "gsrc")  # type: ignore[arg-type]
+    Prober(str(tmp_path)).of(host, "gsrc")  # type: ignore[arg-type]
+    assert len(host.calls) == 4  # forgotten after a failed run: asked again
+
+
+def test_this_host_and_failed_probes_are_never_kept(tmp_path: Path) -> None:
+    local = CountingHost(OPENZFS_PROBE)
+    Prober(str(tmp_path)).of(local, "gsrc")  # type: ignore[arg-type]
+    Prober(str(tmp_path)).of(local, "gsrc")  # type: ignore[arg-type]
+    assert len(local.calls) == 2
+    failing = RemoteHost(OPENZFS_PROBE)
+    failing.run = lambda argv, **_: Result(list(argv), "h", 255, "", "refused")  # type: ignore[method-assign]
+    assert not Prober(str(tmp_path)).of(failing, "gsrc").holds  # type: ignore[arg-type]
+    assert not list(tmp_path.glob("probe-*.txt"))
 
 
 def test_plan_features_uses_what_both_sides_have() -> None:
