@@ -31,22 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import destroy_on, release_holds  # noqa: E402
+from bench.bench_update import destroy, destroy_on  # noqa: E402
 from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 SIZES = (1, 10, 50, 200)
 TARGET_FLEET_50 = 10.0
 TARGET_STATUS_S = 1.0
-
-
-def destroy(fs: str) -> None:
-    for _ in range(100):
-        proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
-        if proc.returncode == 0 or "does not exist" in proc.stderr:
-            return
-        time.sleep(0.3)
-    raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
 
 
 class Fleet:
@@ -105,9 +96,7 @@ class Fleet:
         return time.monotonic() - started
 
     def tear_down(self) -> None:
-        release_holds(self.dparent)  # the pairs hold their bases: destroy fails on them
-        destroy(self.dparent)
-        release_holds(self.sparent, self.lab)
+        destroy(self.dparent, tries=100, pause=0.3)  # a fleet takes longer to go
         destroy_on(self.lab, self.sparent)
 
     def timed(self, *argv: str, ok: tuple[int, ...] = (0,)) -> float:

@@ -89,13 +89,15 @@ def settle() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def destroy(fs: str) -> None:
+def destroy(fs: str, tries: int = 50, pause: float = 0.2) -> None:
+    """``zfs destroy -r`` here, the pairs' holds released first, again while zfs-fuse
+    says it is busy."""
     release_holds(fs)
-    for _ in range(50):
+    for _ in range(tries):
         proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
-        time.sleep(0.2)
+        time.sleep(pause)
     raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
 
 
