@@ -17,14 +17,15 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from zettabee.host import Host
+from zettabee.state import write_atomic
 
 # Holds arrived with pool version 18; pools with feature flags report version "-".
 HOLDS_POOL_VERSION = 18
@@ -276,7 +277,7 @@ class Prober:
     ``max_age`` seconds: a cron run every few minutes then spends no round trip on it
     (about 20 ms of a 0.3 s update on a LAN). A ZFS upgraded in between is noticed within
     the hour; a run that fails forgets its hosts' answers (:meth:`forget`), so the next
-    one asks again. ``setup`` and ``status --fullstatus`` always ask."""
+    one asks again. ``setup`` always asks."""
 
     def __init__(self, cache_dir: str | None = None, max_age: float = PROBE_MAX_AGE) -> None:
         self.cache_dir = cache_dir
@@ -353,11 +354,7 @@ class Prober:
             return
         try:  # a cache that cannot be written costs the next run a round trip, no more
             os.makedirs(self.cache_dir or ".", mode=0o750, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".probe-")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o640)
-            os.replace(tmp, path)
+            write_atomic(Path(path), text, durable=False)
         except OSError:
             pass
 
