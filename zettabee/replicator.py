@@ -648,9 +648,7 @@ class Replicator:
             adopt = self._check_identity(pair, props, dsnaps)
             token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
             done = None
-            needs = self._needs_steps(pair, src, dst, feats, token)
-            if adopt:
-                needs = ", ".join(filter(None, [needs, "an interrupted initialize to adopt"]))
+            needs = self._needs_steps(pair, src, dst, feats, token, adopt)
             if needs:
                 log.debug("%s: update step by step (%s)", pair.name, needs)
             else:
@@ -673,7 +671,12 @@ class Replicator:
 
     @staticmethod
     def _needs_steps(
-        pair: Pair, src: Host, dst: Host, feats: PairFeatures, token: str | None
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        token: str | None,
+        adopt: bool = False,
     ) -> str:
         """Why this update cannot go in one round trip (see :mod:`fastpath`), or "".
 
@@ -681,8 +684,9 @@ class Replicator:
         takes the new snapshot's hold in its script and moves the holds after the
         receive. What needs a step of its own around the stream goes step by step: a
         size estimate (the snapshot must exist first), a resumable receive and its
-        bookkeeping, a resume token to go on with, a bookmark; so do a remote
-        destination and the transports other than ssh."""
+        bookkeeping, a resume token to go on with, a bookmark, the adoption of a
+        destination that an interrupted initialize received; so do a remote destination
+        and the transports other than ssh."""
         reasons = [
             (pair.options.transport != "ssh", f"transport={pair.options.transport}"),
             (not isinstance(src, SshHost), "the source is on this host"),
@@ -691,6 +695,7 @@ class Replicator:
             (feats.estimate, "size estimate"),
             (feats.resume, "resumable receive"),
             (feats.bookmark, "bookmarks"),
+            (adopt, "an interrupted initialize to adopt"),
         ]
         return ", ".join(why for applies, why in reasons if applies)
 
