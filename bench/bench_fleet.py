@@ -76,7 +76,7 @@ class Fleet:
         started = time.monotonic()
         self.tear_down()
         self.src.run("sh", "-c", f"zfs create -o mountpoint=none {self.sparent} && "
-                     f"for i in $(seq -w 0 {self.count - 1}); do zfs create {self.sparent}/p$i "
+                     f"for i in $(seq -f %03g 0 {self.count - 1}); do zfs create {self.sparent}/p$i "
                      "|| exit 1; done")  # fmt: skip
         subprocess.run(["zfs", "create", "-o", "mountpoint=none", self.dparent], check=True)
         from zettabee.config import load_pairs, load_settings

@@ -19,7 +19,13 @@ left a new snapshot on the source, which the prune of that step-by-step update t
 A full send (``initialize``) uses the same script without a base.
 
 Where the pair holds its snapshots, the script holds the new one before it sends it (step
-``hold``); the caller moves the other holds once the receive succeeded.
+``hold``).
+
+What the source does once the new snapshot is safely on the destination (release the
+hold on the old base, destroy it) waits in the same script: the script reads one line
+from its stdin after the send, and runs those commands only if it says ``received``,
+which this side writes once the receive has succeeded. A run killed before that closes
+the connection, the script reads the end of its input instead, and the base stays.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ STEP_MARK = "@@zettabee-step"
 # The steps, in the order the script reports them.
 # "base" comes first when the base is checked, "hold" after "snapshot" when it is held.
 STEPS = ("start", "snapshot", "send", "listing", "listed")
+# The line the script waits for before its commands that follow a received stream.
+RECEIVED = "received"
 
 
 @dataclass
@@ -78,12 +86,18 @@ def script(
     base: zfs.Snapshot | None = None,
     hold: str | None = None,
     holds: bool = False,
+    then: Sequence[tuple[str, Sequence[str]]] = (),
+    listing: bool = True,
 ) -> str:
     """The remote command that snapshots ``fs@snap``, runs ``send_argv`` with its stream
     on stdout, and lists ``fs`` after it; with ``base``, it first checks that this
     snapshot is on ``fs`` with the same guid, and stops (step ``base``) if not; with
     ``hold``, it holds the new snapshot under that tag before sending it, and stops
     (step ``hold``) if it cannot. ``holds`` lists each snapshot's hold count too.
+    ``then`` are the steps (name, argv) that run after a successful send once the line
+    :data:`RECEIVED` arrives on stdin, each reported whatever the one before did.
+    Without ``listing`` the script lists only when the update did not go through: the
+    caller knows the source from the runs before.
 
     After each step the script writes a line ``@@zettabee-step NAME STATUS [TIME]`` on
     stderr, after what the tool itself said there; the listing is written after its own
@@ -115,11 +129,16 @@ def script(
             "step hold $s",
             "[ $s = 0 ] || exit $s",
         ]
+    lines += [f"{shlex.join(send_argv)}; s=$?", "step send $s"]
+    if then or not listing:
+        lines.append(f'if [ $s = 0 ] && read -r r && [ "$r" = {RECEIVED} ]; then')
+        for name, argv in then:
+            lines += [f"{shlex.join(argv)}; r=$?", f"step {name} $r"]
+        lines += [] if listing else ["exit 0"]
+        lines.append("fi")
     return "\n".join(
         [
             *lines,
-            f"{shlex.join(send_argv)}; s=$?",
-            "step send $s",
             f"o=$({shlex.join(zfs.list_snapshots(fs, holds=holds))}); l=$?",
             "step listing $l",
             "printf '%s\\n' \"$o\" >&2",
@@ -155,9 +174,10 @@ def parse(stderr: str) -> Report:
 class Outcome:
     """A finished one-round-trip update: what the source held, and the stream."""
 
-    source_snapshots: list[zfs.Snapshot]
+    source_snapshots: list[zfs.Snapshot] | None  # None: not listed (see update's listing)
     stream: transport.StreamResult
     timings: dict[str, float]
+    then: dict[str, Step] = field(default_factory=dict)  # the steps after the receive
 
 
 def update(
@@ -174,6 +194,8 @@ def update(
     check_base: bool = False,
     hold: str | None = None,
     holds: bool = False,
+    then: Sequence[tuple[str, Sequence[str]]] = (),
+    listing: bool = True,
 ) -> Outcome | None:
     """Run the update in one round trip; None when its premise failed (the caller goes
     on step by step). A failing send or receive raises otherwise, as in
@@ -191,32 +213,44 @@ def update(
 
     ``hold`` holds the new snapshot on the source under that tag before it is sent; a
     hold that fails stops the update with zfs's words. ``holds`` lists the hold counts
-    with the source's snapshots, for the caller to release what earlier runs left."""
+    with the source's snapshots, for the caller to release what earlier runs left.
+    ``then`` are the source's steps once the receive has succeeded (see :func:`script`):
+    they start before ``on_received``, and the caller judges what they reported
+    (:attr:`Outcome.then`). Without ``listing``, the source is listed only when the
+    update fails (:attr:`Outcome.source_snapshots` is None then)."""
     started = time.monotonic()
     checked = base if check_base and base is not None else None
     command = script(
-        fs, snap, send_argv, clock=debug_wanted(log), base=checked, hold=hold, holds=holds
-    )
+        fs, snap, send_argv, clock=debug_wanted(log), base=checked, hold=hold, holds=holds,
+        then=then, listing=listing,
+    )  # fmt: skip
     if isinstance(src, SshHost):
         sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
     else:
         sender = transport.Stage("zfs send", src.name, ["sh", "-c", command])
+    sender.feed = bool(then) or not listing
     receiver = transport.Stage(
         "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
     )
 
     def received() -> None:
         step = _await_step(sender, "send")
-        if on_received is not None and step is not None and step.status == 0:
+        if step is None or step.status != 0:
+            return
+        if sender.feed:
+            transport.answer(sender, f"{RECEIVED}\n")
+        if on_received is not None:
             on_received()
 
     relay = transport.relay_stages(sender, receiver, stall, progress, received)
     report = parse(sender.stderr)
     listed = report.steps.get("listed")
-    source = zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
+    listed_snapshots = (
+        zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
+    )
     stages = [sender, receiver]
     failed = any(s.failed for s in stages) or relay.stalled or relay.error
-    premise_failed = base is not None and not _has(source, base) and report.ok("listing")
+    premise_failed = base is not None and not _has(listed_snapshots, base) and report.ok("listing")
     if not report.ok("snapshot") or (failed and premise_failed):
         log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
         return None
@@ -230,7 +264,10 @@ def update(
         sender.label = "ssh"
     if failed:
         raise transport.describe_failure(stages, relay)
-    if not report.ok("listing"):  # the update is done; only the leftovers' prune waits
+    source: list[zfs.Snapshot] | None = listed_snapshots
+    if not listing and "listing" not in report.steps:
+        source = None
+    elif not report.ok("listing"):  # the update is done; only the leftovers' prune waits
         step = report.steps.get("listing")
         said = (step.said if step else report.trailer) or "no answer"
         log.warning("%s: listing %s on %s after the send failed: %s", fs, fs, src.name, said)
@@ -244,7 +281,8 @@ def update(
     if receiver.ended is not None:
         measured["receive"] = max(0.0, receiver.ended - relay.ended)
     stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)
-    return Outcome(source, stream, measured)
+    after = {name: report.steps[name] for name, _argv in then if name in report.steps}
+    return Outcome(source, stream, measured, after)
 
 
 def _await_step(stage: transport.Stage, name: str) -> Step | None:

@@ -90,6 +90,7 @@ class Replicator:
     def __init__(self, store: StateStore, hosts: Hosts) -> None:
         self.store = store
         self.hosts = hosts
+        self._tidy_before: dict[str, bool] = {}  # per fingerprint, for the run under way
 
     # -- the run around every mutating action ------------------------------------------
 
@@ -103,6 +104,10 @@ class Replicator:
             status.state, status.action, status.pid = RUNNING, action, os.getpid()
             status.started, status.ended, status.error, status.corrupt = time.time(), None, "", ""
             status.extra["previous_state"] = previous
+            # Whether the last run left the source tidy: only an update asks, only now.
+            tidy = status.extra.pop(TIDY, False) is True and previous == IDLE
+            if action == "update":
+                self._tidy_before[fp] = tidy
             self.store.write_status(status)
             try:
                 yield status
@@ -264,7 +269,6 @@ class Replicator:
         """Release the pair's hold on ``snap``; False when it carried none."""
         result = host.run(zfs.release(hold_tag(pair.fingerprint), snap), check=False)
         if result.ok:
-            log.debug("%s: released hold on %s:%s", pair.name, host.name, snap)
             return True
         if zfs.tag_missing(result.stderr) or zfs.missing_dataset(result.stderr):
             return False
@@ -647,12 +651,16 @@ class Replicator:
             props, dsnaps = view
             adopt = self._check_identity(pair, props, dsnaps)
             token = zfs.resume_token(props.get(zfs.PROP_RESUME_TOKEN))
+            # The run before left the source as planned: this one need not list it.
+            tidy = self._tidy_before.pop(pair.fingerprint, False)
             done = None
             needs = self._needs_steps(pair, src, dst, feats, token, adopt)
             if needs:
                 log.debug("%s: update step by step (%s)", pair.name, needs)
             else:
-                done = self._update_in_one_round_trip(pair, src, dst, feats, dsnaps, clock, report)
+                done = self._update_in_one_round_trip(
+                    pair, src, dst, feats, dsnaps, clock, report, status, listing=not tidy
+                )
             if done is None:
                 done = self._update_step_by_step(
                     pair, src, dst, feats, status, props, dsnaps, clock, report, adopt
@@ -708,15 +716,21 @@ class Replicator:
         dsnaps: list[zfs.Snapshot],
         clock: Stopwatch,
         report: RunReport,
+        status: Status,
+        listing: bool = True,
     ) -> tuple[str, zfs.Snapshot, transport.StreamResult] | None:
         """The routine update (see :mod:`fastpath`); None when it does not apply.
 
         The script holds the new snapshot on the source before it sends it. Once both
         the send and the receive have succeeded, the base is proven the common snapshot:
-        the new one is recorded and held on the destination, the holds on the base are
-        released, and what the prune plan takes on both sides without the source's listing
-        (its base, the destination's surplus) is destroyed, while the source still lists;
-        what that listing adds (rare: leftovers of failed runs) goes after."""
+        the script releases the pair's hold on it and destroys it on the source, while
+        here the new snapshot is recorded and held, the base's hold released and the
+        destination's surplus destroyed. What the source's listing adds (rare: leftovers
+        of failed runs) goes after.
+
+        Without ``listing`` (the run before left the source tidy), the source is listed
+        only if the update fails. A run that found and left the source as planned says
+        so in the status, for the next one (:data:`TIDY`)."""
         if not dsnaps:
             return None
         fp, base = pair.fingerprint, dsnaps[-1]
@@ -737,41 +751,37 @@ class Replicator:
             plan_prune(fp, [], dest_names, snap, pair.options.keep)[1],
         )
         src_fs, dst_fs = pair.source.fs, pair.destination.fs
-
-        def source_side() -> None:
-            if feats.source.holds and self._release(pair, src, f"{src_fs}@{base.name}"):
-                log.info("%s: released hold on %s:%s@%s", pair.name, src.name, src_fs, base.name)
-            destroy_all(src, src_fs, early[0])
+        tag = hold_tag(fp) if feats.hold_source else None
+        then = [("release", zfs.release(tag, f"{src_fs}@{base.name}"))] if tag else []
+        then += [("destroy", zfs.destroy(f"{src_fs}@{name}")) for name in early[0]]
 
         def received() -> None:
             with clock("prune"):
-                holds = functools.partial(
-                    self._move_dest_holds, pair, dst, feats, dsnaps, snap, base.name
+                holds = Background(
+                    functools.partial(
+                        self._move_dest_holds, pair, dst, feats, dsnaps, snap, base.name
+                    )
                 )
-                sides = [Background(source_side), Background(holds)]
                 try:
                     with clock("record"):
                         self._record(pair, dst, snap, first=False)
-                    # Only once the new snapshot is recorded: until then the recorded one
-                    # is what a killed run leaves for status, the checks and the next run.
-                    destroy_all(dst, dst_fs, early[1])
                 finally:
-                    wait_all(sides)
-                report.destroyed = [
-                    *(f"{src.name}:{src_fs}@{name}" for name in early[0]),
-                    *(f"{dst.name}:{dst_fs}@{name}" for name in early[1]),
-                ]
+                    holds.result()
+                # Only once the new snapshot is recorded: until then the recorded one is
+                # what a killed run leaves for status, the checks and the next run. And
+                # once the holds moved: a snapshot still held cannot go.
+                destroy_all(dst, dst_fs, early[1])
+                report.destroyed = [f"{dst.name}:{dst_fs}@{name}" for name in early[1]]
                 for name in report.destroyed:
                     log.info("%s: destroyed %s", pair.name, name)
 
-        tag = hold_tag(fp) if feats.hold_source else None
         with clock("stream"):
             try:
                 outcome = fastpath.update(
                     src, dst, src_fs, base, snap, send, recv,
                     pair.options.stall, self._progress(pair), received,
                     check_base=pair.options.intermediate or pair.options.rollback,
-                    hold=tag, holds=feats.source.holds,
+                    hold=tag, holds=feats.source.holds, then=then, listing=listing,
                 )  # fmt: skip
             except (CommandError, TransportError) as exc:
                 raise self._explain_receive(pair, exc, base.name) from exc
@@ -779,15 +789,82 @@ class Replicator:
             return None
         clock.add(outcome.timings)
         log.info("%s: snapshot %s@%s", pair.name, src_fs, snap)
-        rest = [s for s in outcome.source_snapshots if s.name != base.name]
+        as_planned = all(step.status == 0 for step in outcome.then.values())
+        report.destroyed += self._source_base_gone(pair, src, base.name, then, outcome.then)
+        if outcome.source_snapshots is not None:
+            as_planned = as_planned and self._source_leftovers(
+                pair, src, dst, feats, outcome.source_snapshots, base.name, snap, dest_names,
+                early[0], report,
+            )  # fmt: skip
+        if as_planned:
+            status.extra[TIDY] = True
+        return snap, base, outcome.stream
+
+    def _source_leftovers(
+        self,
+        pair: Pair,
+        src: Host,
+        dst: Host,
+        feats: PairFeatures,
+        listed: list[zfs.Snapshot],
+        base: str,
+        snap: str,
+        dest_names: list[str],
+        gone: list[str],
+        report: RunReport,
+    ) -> bool:
+        """Release the holds and destroy the snapshots that failed runs left on the
+        source, as its listing after the send shows them; True when there were none."""
+        fp = pair.fingerprint
+        rest = [s for s in listed if s.name != base]
+        stray: list[zfs.Snapshot] = []
         if feats.source.holds:  # holds a failed run may have left
-            self._move_holds(pair, src, rest, keep=snap if feats.hold_source else "")
-        source_names = [s.name for s in outcome.source_snapshots]
+            keep = snap if feats.hold_source else ""
+            stray = [s for s in self._held(pair, rest) if s.name != keep]
+            self._move_holds(pair, src, rest, keep=keep)
+        source_names = [s.name for s in listed]
         late = [n for n in plan_prune(fp, source_names, dest_names, snap, pair.options.keep)[0]
-                if n not in early[0]]  # fmt: skip
+                if n not in gone]  # fmt: skip
         if late:
             report.destroyed += self._destroy_planned(pair, src, dst, late, [])
-        return snap, base, outcome.stream
+        return not stray and not late
+
+    def _source_base_gone(
+        self,
+        pair: Pair,
+        src: Host,
+        base: str,
+        then: list[tuple[str, list[str]]],
+        done: dict[str, fastpath.Step],
+    ) -> list[str]:
+        """Judge the script's release and destroy of the old base on the source; what it
+        could not do (a destroy that found the snapshot busy, a connection lost after
+        the receive) is done here, step by step. The source's snapshots destroyed."""
+        target = f"{pair.source.fs}@{base}"
+        planned = dict(then)
+        released = done.get("release")
+        if "release" in planned:
+            if released is None and self._release(pair, src, target):
+                log.info("%s: released hold on %s:%s", pair.name, src.name, target)
+            elif released is not None and released.status == 0:
+                log.info("%s: released hold on %s:%s", pair.name, src.name, target)
+            elif released is not None and not (
+                zfs.tag_missing(released.said) or zfs.missing_dataset(released.said)
+            ):
+                argv = planned["release"]
+                raise CommandError(argv, src.name, released.status, released.said, "zfs release")
+        if "destroy" not in planned:
+            return []
+        destroyed = done.get("destroy")
+        if destroyed is None or destroyed.status != 0:
+            if destroyed is not None and "busy" not in destroyed.said:
+                argv = planned["destroy"]
+                raise CommandError(argv, src.name, destroyed.status, destroyed.said, "zfs destroy")
+            if self._release(pair, src, target):  # held since hold=yes, say
+                log.info("%s: released hold on %s:%s", pair.name, src.name, target)
+            destroy(src, target)
+        log.info("%s: destroyed %s:%s", pair.name, src.name, target)
+        return [f"{src.name}:{target}"]
 
     def _move_dest_holds(
         self,
@@ -1067,6 +1144,11 @@ class Replicator:
         for name in names:
             log.info("%s: destroyed %s", pair.name, name)
         return names
+
+
+# In a pair's status: its last update left the source as planned (see
+# Replicator._update_in_one_round_trip), so the next one need not list it.
+TIDY = "tidy"
 
 
 def plan_prune(

@@ -33,8 +33,9 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
   ``mbuffer -V``;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
   the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
-  check of the base, the listing of FS), compared whole with the script zettabee builds
-  from those commands.
+  check of the base, once the destination says it received the stream the release and
+  destroy of the old base, the listing of FS), compared whole with the script zettabee
+  builds from those commands.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ def check_update_script(command: str, policy: Policy) -> None:
     the command, character for character, before it may run in a shell."""
     lines = command.split("\n")
     commands = [shlex.split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
+    after = [shlex.split(line[: -len("; r=$?")]) for line in lines if line.endswith("; r=$?")]
     if len(commands) not in (2, 3):
         raise Refused("not the update script of a zettabee pull")
     snapshot, *held, send = commands
@@ -286,11 +288,29 @@ def check_update_script(command: str, policy: Policy) -> None:
     if checked:
         base_name = _any_snapshot(f"{fs}@{checked.group(1)}", policy).partition("@")[2]
         base = zfs.Snapshot(fs, base_name, int(checked.group(2)), 0)
+    then = [(_check_after(words, fs, policy), words) for words in after]
     clock = "date +%s.%N" in lines[0]
     for holds in (False, True):
-        if fastpath.script(fs, snap, send, clock, base, tag, holds) == command:
-            return
+        for listing in (True, False):
+            if fastpath.script(fs, snap, send, clock, base, tag, holds, then, listing) == command:
+                return
     raise Refused("the update script is not written as zettabee writes it")
+
+
+def _check_after(words: list[str], fs: str, policy: Policy) -> str:
+    """A command the update script runs once the stream was received: the release of a
+    zettabee hold, or the destroy of a zettabee snapshot, on the script's file system.
+    Its step's name, as :func:`fastpath.script` reports it."""
+    match words:
+        case ["zfs", "release", tag, target]:
+            _check_release(tag, target, policy)
+        case ["zfs", "destroy", target]:
+            _own_snapshot(target, policy)
+        case _:
+            raise Refused("the update script runs something else than a release or a destroy")
+    if target.partition("@")[0] != fs:
+        raise Refused(f"the update script of {fs!r} touches {target!r}")
+    return words[1]
 
 
 def _pipeline_pattern(count: int) -> re.Pattern[str]:

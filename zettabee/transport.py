@@ -60,6 +60,7 @@ class Stage:
     stderr: str = ""
     killed: bool = False
     ended: float | None = None  # time.monotonic() when the process was seen to exit
+    feed: bool = False  # a sender whose stdin stays open for :func:`answer`
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -330,14 +331,22 @@ class Relay:
         use_splice = hasattr(os, "splice")
         poller = select.poll()
         poller.register(fin, select.POLLIN | select.POLLHUP | select.POLLERR)
+        # The receiver's end too: its error event says the receiver has gone. zfs receive
+        # leaves on the stream's last record, and the sender's end-of-file may be long
+        # in coming (an update script that still works on the source keeps its stdout).
+        poller.register(fout, 0)
         while True:
             # Wait with a timeout, so a stall aborts the relay even when the stuck writer
             # is a grandchild that killing our child does not reach.
-            if not poller.poll(500):
+            events = dict(poller.poll(500))
+            if not events:
                 if self.stalled:
                     self.error = "aborted: the stream stalled"
                     return
                 continue
+            if fout in events and not events.get(fin, 0) & select.POLLIN:
+                self.receiver_left = True
+                return
             try:
                 if use_splice:
                     moved = os.splice(fin, fout, CHUNK)
@@ -407,7 +416,7 @@ def _start_pipe(sender: Stage, receiver: Stage) -> None:
     leaves no receiver behind."""
     _spawn(receiver, subprocess.PIPE, None)
     try:
-        _spawn(sender, None, subprocess.PIPE)
+        _spawn(sender, subprocess.PIPE if sender.feed else None, subprocess.PIPE)
     except BaseException:
         receiver.kill()
         receiver.finish()
@@ -543,9 +552,22 @@ def relay_stages(
         if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
             on_received()
     finally:
+        answer(sender, "")  # a sender still waiting for a line reads the end of its input
         # A sender still writing after its receiver left would wait forever.
         sender.finish(timeout=stall or None if relay.receiver_left else None)
     return relay
+
+
+def answer(stage: Stage, line: str) -> None:
+    """Write ``line`` to a fed stage's stdin and close it; a stage that has gone (its
+    connection lost) hears nothing, and says so by its own exit status."""
+    stdin = stage.proc.stdin if stage.proc is not None else None
+    if stdin is None or stdin.closed:
+        return
+    with contextlib.suppress(OSError):
+        stdin.write(line.encode())
+    with contextlib.suppress(OSError):
+        stdin.close()  # closes the pipe even when the flush fails
 
 
 def stream_on_host(

@@ -42,12 +42,28 @@ def fake(tmp_path: Path) -> Path:
 
 
 def run(
-    fake: Path, clock: bool = False, base: zfs.Snapshot | None = None, hold: str | None = None
+    fake: Path,
+    clock: bool = False,
+    base: zfs.Snapshot | None = None,
+    hold: str | None = None,
+    then: list[tuple[str, list[str]]] | None = None,
+    answer: bytes = b"",
+    listing: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
-    script = fastpath.script(FS, SNAP, send, clock=clock, base=base, hold=hold, holds=bool(hold))
+    script = fastpath.script(
+        FS, SNAP, send, clock=clock, base=base, hold=hold, holds=bool(hold), then=then or (),
+        listing=listing,
+    )  # fmt: skip
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE=str(fake))
-    return subprocess.run(["sh", "-c", script], capture_output=True, env=env)
+    return subprocess.run(["sh", "-c", script], capture_output=True, env=env, input=answer)
+
+
+TAG = "zettabee.0123456789abcdef0123456789abcdef"
+LET_GO = [
+    ("release", zfs.release(TAG, f"{FS}@{BASE.name}")),
+    ("destroy", zfs.destroy(f"{FS}@{BASE.name}")),
+]
 
 
 def calls(fake: Path) -> list[str]:
@@ -173,3 +189,50 @@ def test_the_source_clock_is_read_only_when_a_debug_line_will_be_written() -> No
     finally:
         parent.removeHandler(handler)
         parent.propagate = True
+
+
+def test_the_base_goes_once_the_destination_says_it_received_the_stream(fake: Path) -> None:
+    proc = run(fake, hold=TAG, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    assert calls(fake)[2:5] == [
+        f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+        f"release {TAG} {FS}@{BASE.name}",
+        f"destroy {FS}@{BASE.name}",
+    ]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.ok("release") and report.ok("destroy") and report.ok("listed")
+
+
+@pytest.mark.parametrize("answer", [b"", b"received?\n", b"no\n"])
+def test_the_base_stays_without_word_from_the_destination(fake: Path, answer: bytes) -> None:
+    """A run killed before the receive ended closes the connection: the end of the input."""
+    proc = run(fake, hold=TAG, then=LET_GO, answer=answer)
+    assert proc.returncode == 0
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert "release" not in report.steps and "destroy" not in report.steps
+
+
+def test_the_base_stays_after_a_failed_send(fake: Path) -> None:
+    (fake / "send-fails").touch()
+    proc = run(fake, hold=TAG, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
+    assert proc.returncode == 2
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+
+
+def test_a_tidy_source_is_not_listed_once_the_stream_was_received(fake: Path) -> None:
+    proc = run(fake, hold=TAG, then=LET_GO, answer=b"received\n", listing=False)
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "release", "destroy"]
+    assert "listing" not in fastpath.parse(proc.stderr.decode()).steps
+
+
+@pytest.mark.parametrize("fails", ["send", "receive"])
+def test_a_tidy_source_is_still_listed_when_the_update_fails(fake: Path, fails: str) -> None:
+    """The listing tells a base gone from the source from a broken stream."""
+    if fails == "send":
+        (fake / "send-fails").touch()
+    answer = b"" if fails == "receive" else b"received\n"
+    proc = run(fake, hold=TAG, then=LET_GO, answer=answer, listing=False)
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+    assert BASE.name in fastpath.parse(proc.stderr.decode()).steps["listed"].said

@@ -365,6 +365,8 @@ def update_script(**kw: object) -> str:
 
 
 BASE = zfs.Snapshot(FS, OWN.partition("@")[2], 1234567890123, 0)
+# What the script does with the old base once the destination received the stream.
+THEN = [("release", zfs.release(TAG, OWN)), ("destroy", zfs.destroy(OWN))]
 
 
 @pytest.mark.parametrize(
@@ -375,8 +377,14 @@ BASE = zfs.Snapshot(FS, OWN.partition("@")[2], 1234567890123, 0)
         {"hold": TAG, "holds": True},
         {"base": BASE, "hold": TAG, "holds": True, "clock": True},
         {"send_base": f"{FS}@hand-made"},
+        {"hold": TAG, "holds": True, "then": THEN},
+        {"hold": TAG, "holds": True, "then": THEN, "listing": False},
+        {"listing": False},
     ],
-    ids=["plain", "timed", "held", "base-checked", "hand-made-base"],
+    ids=[
+        "plain", "timed", "held", "base-checked", "hand-made-base", "base-let-go",
+        "base-let-go-unlisted", "unlisted",
+    ],  # fmt: skip
 )
 def test_the_update_script_runs_whole_in_a_shell(kw: dict[str, object]) -> None:
     command = update_script(**kw)
@@ -404,6 +412,14 @@ SCRIPT_ESCAPES = {
     "recursive send": update_script().replace("zfs send -i", "zfs send -R -i"),
     "substitution in the listing": update_script().replace("o=$(zfs", "o=$(id; zfs"),
     "no snapshot step": "step() { :; }\n" + shlex.join(zfs.send(OWN)) + "; s=$?",
+    "destroys another file system's snapshot": update_script(
+        then=[("destroy", zfs.destroy(f"tank/pg@{OWN.partition('@')[2]}"))]
+    ),
+    "destroys a snapshot not its own": update_script(then=[("destroy", zfs.destroy(f"{FS}@daily"))]),
+    "destroys recursively": update_script(then=[("destroy", zfs.destroy(FS, recursive=True))]),
+    "releases a foreign tag": update_script(then=[("release", zfs.release("backup", OWN))]),
+    "runs another command once received": update_script(then=[("rm", ["rm", "-rf", "/"])]),
+    "a step named otherwise": update_script(then=[("cleanup", zfs.destroy(OWN))]),
 }
 
 
