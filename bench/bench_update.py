@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,13 +74,28 @@ def destroy_on(lab: ZfsLab, fs: str) -> None:
     """``zfs destroy -r`` on the source host, again while zfs-fuse says it is busy (it
     can be for a minute after a benchmark wrote through its mount)."""
     release_holds(fs, lab)
-    for _ in range(200):
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return lab.source.run(*argv, check=False)
+
+    for attempt in range(200):
         settle()
-        proc = lab.source.run("zfs", "destroy", "-r", fs, check=False)
+        proc = run("zfs", "destroy", "-r", fs)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
+        if attempt == 5:
+            unmount_all(fs, run)
         time.sleep(0.5)
     raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
+
+
+def unmount_all(fs: str, run: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    """What zfs-fuse still calls busy after a benchmark wrote through its mount, a plain
+    umount(8) lets go of: unmount ``fs`` and what is below it, deepest first."""
+    out = run("zfs", "list", "-H", "-o", "mounted,mountpoint", "-r", fs).stdout
+    points = [line.split("\t", 1)[1] for line in out.splitlines() if line.startswith("yes\t")]
+    for point in sorted(points, reverse=True):
+        run("umount", point)
 
 
 def settle() -> None:
@@ -93,10 +109,16 @@ def destroy(fs: str, tries: int = 50, pause: float = 0.2) -> None:
     """``zfs destroy -r`` here, the pairs' holds released first, again while zfs-fuse
     says it is busy."""
     release_holds(fs)
-    for _ in range(tries):
-        proc = subprocess.run(["zfs", "destroy", "-r", fs], capture_output=True, text=True)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, capture_output=True, text=True)
+
+    for attempt in range(tries):
+        proc = run("zfs", "destroy", "-r", fs)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
+        if attempt == tries // 4:
+            unmount_all(fs, run)
         time.sleep(pause)
     raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
 
@@ -229,8 +251,8 @@ class Bench:
                 time.sleep(1.0)
                 rows[label]["zettabee"].append(self.zb("initialize", self.dfs[kind]))
                 status = self.status(self.dfs[kind])
-                size = int(status["bytes"])
-                rows[label]["stream"].append(float(status["seconds"]))
+                size = int(str(status["bytes"]))
+                rows[label]["stream"].append(float(str(status["seconds"])))
         result = {}
         for label, cols in rows.items():
             row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)

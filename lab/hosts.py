@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def stop_pid(pid: int | None, wait: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def wait_for(what: str, ready: callable, timeout: float = 20.0) -> None:  # type: ignore[valid-type]
+def wait_for(what: str, ready: Callable[[], object], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ready():

@@ -229,6 +229,7 @@ def update(
     else:
         sender = transport.Stage("zfs send", src.name, ["sh", "-c", command])
     sender.feed = bool(then) or not listing
+    sender.lingers = True  # its listing tells a base gone from a broken stream
     receiver = transport.Stage(
         "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
     )

@@ -156,7 +156,10 @@ class Replicator:
         send: list[str],
         recv: list[str],
         total: int | None = None,
+        first: list[list[str]] | None = None,
     ) -> transport.StreamResult:
+        """The stream on the pair's transport; ``first`` (mbuffer only) runs on the source
+        in the sending command, before the send."""
         opts = pair.options
         progress = self._progress(pair, total)
         if opts.transport == "mbuffer":
@@ -164,8 +167,9 @@ class Replicator:
                 raise StateError(f"{pair.name}: transport=mbuffer needs a remote source host")
             connect = opts.mbufferhost or pair.destination.host
             return transport.stream_via_mbuffer(
-                src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress
-            )
+                src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress,
+                first=first or (),
+            )  # fmt: skip
         if opts.transport == "local":
             if not (src is dst or (src.is_local and dst.is_local)):
                 raise StateError(
@@ -487,13 +491,19 @@ class Replicator:
             src = self.hosts.get(pair.source, pair)
             dst = self.hosts.get(pair.destination, pair)
             self._early_stream_connection(pair, src, dst)
+            here = None
+            if dst.is_local:  # this host's side while the source's handshake runs
+                with clock("listing"):
+                    here = self.hosts.prober.of(dst, pair.destination.pool)
+                    view = self._dest_view(pair, dst, here)
             with clock("connection"):
                 src.connect()
                 dst.connect()
             with clock("probe"):
                 feats = self._features(pair, src, dst, status)
-            with clock("listing"):
-                view = self._dest_view(pair, dst, feats.destination)
+            if here is None:
+                with clock("listing"):
+                    view = self._dest_view(pair, dst, feats.destination)
             fs = pair.destination.fs
             if view is not None:
                 props, dsnaps = view
@@ -534,9 +544,11 @@ class Replicator:
                     self._move_holds(pair, dst, view[1], keep="")
                 destroy(dst, fs, recursive=True)
             done = None
-            needs = self._needs_steps(pair, src, dst, feats, None)
+            needs = self._needs_steps(pair, src, dst, feats, None, streams=("ssh", "mbuffer"))
             if needs:
                 log.debug("%s: initialize step by step (%s)", pair.name, needs)
+            elif pair.options.transport == "mbuffer":
+                done = self._initialize_over_mbuffer(pair, src, dst, feats, clock)
             else:
                 done = self._initialize_in_one_round_trip(pair, src, dst, feats, clock)
             if done is not None:
@@ -591,6 +603,38 @@ class Replicator:
             except (CommandError, TransportError) as exc:
                 raise self._explain_receive(pair, exc) from exc
         return (snap, outcome.stream) if outcome is not None else None
+
+    def _initialize_over_mbuffer(
+        self, pair: Pair, src: Host, dst: Host, feats: PairFeatures, clock: Stopwatch
+    ) -> tuple[str, transport.StreamResult] | None:
+        """The snapshot is taken (and held) on the source by the command that sends it
+        into mbuffer; the record and the destination's hold go together after it. None
+        when the snapshot failed (the caller looks first, step by step)."""
+        snap = snapshot_name(pair.fingerprint, _now())
+        target = f"{pair.source.fs}@{snap}"
+        first = [zfs.snapshot(pair.source.fs, snap)]
+        if feats.hold_source:
+            first.append(zfs.hold(hold_tag(pair.fingerprint), target))
+        send = zfs.send(target, raw=pair.options.raw)
+        with clock("stream"):
+            try:
+                stream = self._stream(
+                    pair, src, dst, send, zfs.recv(pair.destination.fs), first=first
+                )
+            except CommandError as exc:
+                if exc.stage == "zfs snapshot":
+                    log.debug("%s: snapshot on %s failed: step by step", pair.name, src.name)
+                    return None
+                raise self._explain_receive(pair, exc) from exc
+            except TransportError as exc:
+                raise self._explain_receive(pair, exc) from exc
+        with clock("record"):
+            calls = [Background(functools.partial(self._record, pair, dst, snap, True))]
+            if feats.hold_destination:
+                dst_snap = f"{pair.destination.fs}@{snap}"
+                calls.append(Background(functools.partial(self._hold, pair, dst, dst_snap)))
+            wait_all(calls)
+        return snap, stream
 
     def _finish_initialize(
         self,
@@ -685,6 +729,7 @@ class Replicator:
         feats: PairFeatures,
         token: str | None,
         adopt: bool = False,
+        streams: tuple[str, ...] = ("ssh",),
     ) -> str:
         """Why this update cannot go in one round trip (see :mod:`fastpath`), or "".
 
@@ -694,9 +739,10 @@ class Replicator:
         size estimate (the snapshot must exist first), a resumable receive and its
         bookkeeping, a resume token to go on with, a bookmark, the adoption of a
         destination that an interrupted initialize received; so do a remote destination
-        and the transports other than ssh."""
+        and the transports other than ``streams`` (initialize takes its snapshot in the
+        mbuffer pipeline's command too)."""
         reasons = [
-            (pair.options.transport != "ssh", f"transport={pair.options.transport}"),
+            (pair.options.transport not in streams, f"transport={pair.options.transport}"),
             (not isinstance(src, SshHost), "the source is on this host"),
             (not dst.is_local, "the destination is remote"),
             (bool(token), "a resume token is pending"),

@@ -29,7 +29,8 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
   zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
 - ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
   [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN``;
-- ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host;
+- ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host,
+  also after the ``zfs snapshot FS@OWN`` (and its hold) of the snapshot it sends;
   ``mbuffer -V``;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
   the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
@@ -313,10 +314,38 @@ def _check_after(words: list[str], fs: str, policy: Policy) -> str:
     return words[1]
 
 
-def _pipeline_pattern(count: int) -> re.Pattern[str]:
-    """A regular expression of :func:`pipeline_script` with each stage left open."""
-    holes = [f"ZETTABEESTAGE{i}" for i in range(count)]
-    text = re.escape(pipeline_script([[hole] for hole in holes]))
+def check_snapshot_and_send(
+    words: list[list[str]], first: int, command: str, policy: Policy
+) -> None:
+    """``zfs snapshot FS@OWN [; zfs hold TAG FS@OWN]; zfs send ... FS@OWN | mbuffer -O``:
+    the full send of ``initialize`` over mbuffer, which takes its snapshot in the same
+    command. Checked stage by stage, then rebuilt and compared whole."""
+    before, (send, out) = words[:first], words[first:]
+    if pipeline_script([send, out], first=before) != command:
+        raise Refused("the pipeline is not written as zettabee writes it")
+    snapshot = before[0]
+    if snapshot[:2] != ["zfs", "snapshot"] or len(snapshot) != 3:
+        raise Refused("the command before the send is not zfs snapshot")
+    target = _own_snapshot(snapshot[2], policy)
+    if first == 2:
+        held = before[1]
+        if held[:2] != ["zfs", "hold"] or len(held) != 4 or held[3] != target:
+            raise Refused("the pipeline holds something else than its snapshot")
+        _check_hold(held[2], target, policy)
+    if send[:2] != ["zfs", "send"]:
+        raise Refused("the first stage is not zfs send")
+    _check_send(send, policy)
+    if send[-1] != target:
+        raise Refused(f"the pipeline sends {send[-1]!r}, not the snapshot it takes")
+    check_mbuffer(out, policy)
+
+
+def _pipeline_pattern(count: int, first: int = 0) -> re.Pattern[str]:
+    """A regular expression of :func:`pipeline_script` with each stage left open (and
+    ``first`` commands before them)."""
+    holes = [f"ZETTABEESTAGE{i}" for i in range(first + count)]
+    stages = [[hole] for hole in holes]
+    text = re.escape(pipeline_script(stages[first:], first=stages[:first]))
     for hole in holes:
         text = text.replace(hole, "(.+?)", 1)
     return re.compile(text, re.DOTALL)
@@ -343,6 +372,13 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
         _check_send(stages[0], policy)
         check_mbuffer(stages[1], policy)
         return stages
+    for first in (1, 2):
+        match = _pipeline_pattern(2, first).fullmatch(command)
+        if match:
+            check_snapshot_and_send(
+                [shlex.split(text) for text in match.groups()], first, command, policy
+            )
+            return [["sh", "-c", command]]
     try:
         words = shlex.split(command)
     except ValueError as exc:

@@ -61,6 +61,9 @@ class Stage:
     killed: bool = False
     ended: float | None = None  # time.monotonic() when the process was seen to exit
     feed: bool = False  # a sender whose stdin stays open for :func:`answer`
+    # A sender that reports after its stream (the update script): when the receiver
+    # fails it is cut off from it, not killed, and says what it found.
+    lingers: bool = False
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -103,7 +106,7 @@ class StreamResult:
 def pipeline_script(
     stages: Sequence[Sequence[str]],
     live: int | None = None,
-    first: Sequence[str] | None = None,
+    first: Sequence[Sequence[str]] = (),
 ) -> str:
     """A POSIX sh pipeline that reports every stage's exit status and stderr.
 
@@ -111,21 +114,23 @@ def pipeline_script(
     stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
     stderr, so the caller can say which stage failed and quote it. The stage numbered
     ``live`` keeps its stderr on the script's own, as it is written (a status line read
-    while the stream runs), and reports an empty one. ``first`` runs before the
-    pipeline, which runs only if it succeeded; it is reported as stage 0 and the
-    pipeline's stages follow (``live`` counts from the pipeline's first stage).
+    while the stream runs), and reports an empty one. The commands ``first`` run one
+    after the other before the pipeline, each only if the one before succeeded, and the
+    pipeline only if all did; they are reported as the first stages (what they print
+    too: only the pipeline writes the stream), and the pipeline's stages follow (``live`` counts from the pipeline's first stage). A stage that did
+    not run reports 255 and nothing said.
     """
     parts = []
-    offset = 1 if first else 0
+    offset = len(first)
     for i, argv in enumerate(stages, start=offset):
         if live is not None and i == live + offset:
             parts.append(f'{{ {shlex.join(argv)}; echo $? >"$d/s{i}"; : >"$d/e{i}"; }}')
             continue
         parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
     pipeline = " | ".join(parts)
-    if first:
+    for i, argv in reversed(list(enumerate(first))):
         pipeline = (
-            f'{shlex.join(first)} 2>"$d/e0"; s=$?; echo $s >"$d/s0"; '
+            f'{shlex.join(argv)} 2>"$d/e{i}" >&2; s=$?; echo $s >"$d/s{i}"; '
             f"if [ $s = 0 ]; then {pipeline}; fi"
         )
     report = " ".join(str(i) for i in range(len(stages) + offset))
@@ -134,7 +139,7 @@ def pipeline_script(
         + pipeline
         + f"; for i in {report}; do "
         + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
-        + 'cat "$d/e$i" >&2; done; '
+        + 'cat "$d/e$i" >&2 2>/dev/null; done; '
         + "rc=0; for i in "
         + report
         + '; do s=$(cat "$d/s$i" 2>/dev/null || echo 255); [ "$s" = 0 ] || rc=$s; done; '
@@ -546,7 +551,7 @@ def relay_stages(
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
     receiver.finish()
-    if receiver.failed:
+    if receiver.failed and not sender.lingers:
         sender.kill()
     try:
         if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
@@ -554,7 +559,8 @@ def relay_stages(
     finally:
         answer(sender, "")  # a sender still waiting for a line reads the end of its input
         # A sender still writing after its receiver left would wait forever.
-        sender.finish(timeout=stall or None if relay.receiver_left else None)
+        cut_off = relay.receiver_left or receiver.failed
+        sender.finish(timeout=stall or None if cut_off else None)
     return relay
 
 
@@ -630,14 +636,18 @@ def stream_via_mbuffer(
     connect_host: str,
     bwlimit: str | None = None,
     progress: ProgressFn | None = None,
+    first: Sequence[Sequence[str]] = (),
 ) -> StreamResult:
     """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
 
     The local listener is up before the source is told to connect (no fixed sleep), and
     both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run. The
     listener starts before the control connection is waited for, so that both come up
-    together.
+    together. ``first`` (to a destination on this host) runs on the source before the
+    send, in the same command (:func:`pipeline_script`): the snapshot to send, say.
     """
+    if first and not dest.is_local:
+        raise ValueError("commands before an mbuffer stream only to a local destination")
     if not dest.is_local:
         assert isinstance(dest, SshHost)
         return _mbuffer_to_remote(
@@ -663,7 +673,7 @@ def stream_via_mbuffer(
             raise TransportError(f"mbuffer did not listen on port {port} within 10s")
         time.sleep(0.002)
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
-    script = pipeline_script([send_argv, out])
+    script = pipeline_script([send_argv, out], first=first)
     remote: dict[str, object] = {}
 
     def run_remote() -> None:
@@ -687,7 +697,7 @@ def stream_via_mbuffer(
     for stage in reversed(stages):
         stage.finish()
     sender_thread.join(timeout=stall + 30)
-    all_stages = _sender_stages(source, send_argv, out, remote) + stages
+    all_stages = _sender_stages(source, send_argv, out, remote, first) + stages
     result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
@@ -702,10 +712,16 @@ def _mbuffer_out(stall: int, bwlimit: str | None, connect_host: str, port: int) 
 
 
 def _sender_stages(
-    source: SshHost, send_argv: list[str], out: list[str], remote: dict[str, object]
+    source: SshHost,
+    send_argv: list[str],
+    out: list[str],
+    remote: dict[str, object],
+    first: Sequence[Sequence[str]] = (),
 ) -> list[Stage]:
-    """The source's ``zfs send | mbuffer -O`` as two stages, from its pipeline report."""
-    stages = [
+    """The source's ``zfs send | mbuffer -O`` as two stages (after those of the commands
+    ``first``), from its pipeline report."""
+    stages = [Stage(" ".join(argv[:2]), source.name, list(argv)) for argv in first]
+    stages += [
         Stage("zfs send", source.name, list(send_argv)),
         Stage("mbuffer -O", source.name, out),
     ]
@@ -713,7 +729,7 @@ def _sender_stages(
         raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
     res = remote.get("result")
     if res is not None:
-        codes, errs, _ = parse_pipeline_stderr(res.stderr, 2)  # type: ignore[attr-defined]
+        codes, errs, _ = parse_pipeline_stderr(res.stderr, len(stages))  # type: ignore[attr-defined]
         for stage, code, err in zip(stages, codes, errs, strict=True):
             stage.returncode, stage.stderr = code, err
     return stages

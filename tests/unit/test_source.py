@@ -160,6 +160,19 @@ def test_the_mbuffer_pipeline_passes_as_two_stages() -> None:
             assert parse_request(pipeline_script([send, out]), POLICY) == [send, out]
 
 
+def test_the_mbuffer_initialize_takes_its_snapshot_in_the_same_command() -> None:
+    for first in ([zfs.snapshot(FS, OWN.partition("@")[2])], [
+        zfs.snapshot(FS, OWN.partition("@")[2]), zfs.hold(TAG, OWN)
+    ]):  # fmt: skip
+        command = pipeline_script([zfs.send(OWN), mbuffer_out()], first=first)
+        assert parse_request(command, POLICY) == [["sh", "-c", command]]
+
+
+def snapshot_then(send: list[str], *first: list[str], out: list[str] | None = None) -> str:
+    snapshot = zfs.snapshot(FS, OWN.partition("@")[2])
+    return pipeline_script([send, out or mbuffer_out()], first=[snapshot, *first])
+
+
 ESCAPES = {
     "a second command": "zfs list -H -o name tank; id",
     "and-then": f"zfs snapshot {OWN} && id",
@@ -201,6 +214,22 @@ ESCAPES = {
         'rm -rf "$d"', "rm -rf /"
     ),
     "a quoted newline after a zettabee name": shlex.join(["zfs", "snapshot", f"{OWN}\n"]),
+    # the snapshot taken in the mbuffer pipeline
+    "a pipeline sending another snapshot than it takes": snapshot_then(zfs.send(OWN2)),
+    "a pipeline after another command": pipeline_script(
+        [zfs.send(OWN), mbuffer_out()], first=[["id"]]
+    ),
+    "a pipeline holding another snapshot": snapshot_then(zfs.send(OWN), zfs.hold(TAG, OWN2)),
+    "a pipeline holding with another pair's tag": snapshot_then(
+        zfs.send(OWN), zfs.hold(hold_tag(OTHER_FP), OWN)
+    ),
+    "a pipeline destroying after its snapshot": snapshot_then(zfs.send(OWN), zfs.destroy(OWN2)),
+    "a snapshot pipeline to another host": snapshot_then(
+        zfs.send(OWN), out=mbuffer_out("10.6.6.6:9090")
+    ),
+    "a snapshot pipeline with a changed script": snapshot_then(zfs.send(OWN)).replace(
+        "if [ $s = 0 ]", "id; if [ $s = 0 ]"
+    ),
     # the probe
     "a probe with another script": shlex.join(
         ["sh", "-c", f"{PROBE_SCRIPT}; id", "zettabee-probe", "tank"]
@@ -382,8 +411,14 @@ THEN = [("release", zfs.release(TAG, OWN)), ("destroy", zfs.destroy(OWN))]
         {"listing": False},
     ],
     ids=[
-        "plain", "timed", "held", "base-checked", "hand-made-base", "base-let-go",
-        "base-let-go-unlisted", "unlisted",
+        "plain",
+        "timed",
+        "held",
+        "base-checked",
+        "hand-made-base",
+        "base-let-go",
+        "base-let-go-unlisted",
+        "unlisted",
     ],  # fmt: skip
 )
 def test_the_update_script_runs_whole_in_a_shell(kw: dict[str, object]) -> None:
@@ -415,7 +450,9 @@ SCRIPT_ESCAPES = {
     "destroys another file system's snapshot": update_script(
         then=[("destroy", zfs.destroy(f"tank/pg@{OWN.partition('@')[2]}"))]
     ),
-    "destroys a snapshot not its own": update_script(then=[("destroy", zfs.destroy(f"{FS}@daily"))]),
+    "destroys a snapshot not its own": update_script(
+        then=[("destroy", zfs.destroy(f"{FS}@daily"))]
+    ),
     "destroys recursively": update_script(then=[("destroy", zfs.destroy(FS, recursive=True))]),
     "releases a foreign tag": update_script(then=[("release", zfs.release("backup", OWN))]),
     "runs another command once received": update_script(then=[("rm", ["rm", "-rf", "/"])]),
