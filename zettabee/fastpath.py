@@ -18,14 +18,16 @@ left a new snapshot on the source, which the prune of that step-by-step update t
 
 A full send (``initialize``) uses the same script without a base.
 
-Where the pair holds its snapshots, the script holds the new one before it sends it (step
-``hold``).
+Where the pair holds its snapshots, the script of an initialize holds the new one before
+it sends it (step ``hold``).
 
-What the source does once the new snapshot is safely on the destination (release the
-hold on the old base, destroy it) waits in the same script: the script reads one line
-from its stdin after the send, and runs those commands only if it says ``received``,
-which this side writes once the receive has succeeded. A run killed before that closes
-the connection, the script reads the end of its input instead, and the base stays.
+What the source does once the new snapshot is safely on the destination (hold it,
+release the hold on the old base, destroy that) waits in the same script. Until then
+the old base, held, is the common snapshot; the new one needs its hold only once it is
+the common snapshot too. So the script reads one line from its stdin after the send,
+and runs those commands only if it says ``received``, which this side writes once the
+receive has succeeded. A run killed before that closes the connection, the script reads
+the end of its input instead, and the old base stays, held.
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def script(
     ``hold``, it holds the new snapshot under that tag before sending it, and stops
     (step ``hold``) if it cannot. ``holds`` lists each snapshot's hold count too.
     ``then`` are the steps (name, argv) that run after a successful send once the line
-    :data:`RECEIVED` arrives on stdin, each reported whatever the one before did.
+    :data:`RECEIVED` arrives on stdin, each reported whatever the one before did, except
+    after a step ``hold`` that failed: the new snapshot is not held, so the old base is
+    left alone.
     Without ``listing`` the script lists only when the update did not go through: the
     caller knows the source from the runs before.
 
@@ -132,8 +136,13 @@ def script(
     lines += [f"{shlex.join(send_argv)}; s=$?", "step send $s"]
     if then or not listing:
         lines.append(f'if [ $s = 0 ] && read -r r && [ "$r" = {RECEIVED} ]; then')
+        gates = 0
         for name, argv in then:
             lines += [f"{shlex.join(argv)}; r=$?", f"step {name} $r"]
+            if name == "hold":
+                lines.append("if [ $r = 0 ]; then")
+                gates += 1
+        lines += ["fi"] * gates
         lines += [] if listing else ["exit 0"]
         lines.append("fi")
     return "\n".join(

@@ -767,11 +767,10 @@ class Replicator:
     ) -> tuple[str, zfs.Snapshot, transport.StreamResult] | None:
         """The routine update (see :mod:`fastpath`); None when it does not apply.
 
-        The script holds the new snapshot on the source before it sends it. Once both
-        the send and the receive have succeeded, the base is proven the common snapshot:
-        the script releases the pair's hold on it and destroys it on the source, while
-        here the new snapshot is recorded and held, the base's hold released and the
-        destination's surplus destroyed. What the source's listing adds (rare: leftovers
+        Once both the send and the receive have succeeded, the new snapshot is the
+        common one: the script holds it on the source, releases the pair's hold on the
+        old base and destroys that, while here the new snapshot is recorded and held,
+        the base's hold released and the destination's surplus destroyed. What the source's listing adds (rare: leftovers
         of failed runs) goes after.
 
         Without ``listing`` (the run before left the source tidy), the source is listed
@@ -798,7 +797,12 @@ class Replicator:
         )
         src_fs, dst_fs = pair.source.fs, pair.destination.fs
         tag = hold_tag(fp) if feats.hold_source else None
-        then = [("release", zfs.release(tag, f"{src_fs}@{base.name}"))] if tag else []
+        then = []
+        if tag:  # the new snapshot's hold, then the old base's release
+            then += [
+                ("hold", zfs.hold(tag, f"{src_fs}@{snap}")),
+                ("release", zfs.release(tag, f"{src_fs}@{base.name}")),
+            ]
         then += [("destroy", zfs.destroy(f"{src_fs}@{name}")) for name in early[0]]
 
         def received() -> None:
@@ -827,7 +831,7 @@ class Replicator:
                     src, dst, src_fs, base, snap, send, recv,
                     pair.options.stall, self._progress(pair), received,
                     check_base=pair.options.intermediate or pair.options.rollback,
-                    hold=tag, holds=feats.source.holds, then=then, listing=listing,
+                    holds=feats.source.holds, then=then, listing=listing,
                 )  # fmt: skip
             except (CommandError, TransportError) as exc:
                 raise self._explain_receive(pair, exc, base.name) from exc
@@ -883,11 +887,20 @@ class Replicator:
         then: list[tuple[str, list[str]]],
         done: dict[str, fastpath.Step],
     ) -> list[str]:
-        """Judge the script's release and destroy of the old base on the source; what it
-        could not do (a destroy that found the snapshot busy, a connection lost after
-        the receive) is done here, step by step. The source's snapshots destroyed."""
+        """Judge the script's hold of the new snapshot and its release and destroy of the
+        old base on the source; what it could not do (a destroy that found the snapshot
+        busy, a connection lost after the receive) is done here, step by step. A hold
+        that failed fails the update, the old base left held. The source's snapshots
+        destroyed."""
         target = f"{pair.source.fs}@{base}"
         planned = dict(then)
+        if "hold" in planned:
+            held = done.get("hold")
+            if held is None:
+                self._hold(pair, src, planned["hold"][-1])
+            elif held.status != 0:
+                argv = planned["hold"]
+                raise CommandError(argv, src.name, held.status, held.said, "zfs hold")
         released = done.get("release")
         if "release" in planned:
             if released is None and self._release(pair, src, target):

@@ -34,9 +34,9 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
   ``mbuffer -V``;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
   the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
-  check of the base, once the destination says it received the stream the release and
-  destroy of the old base, the listing of FS), compared whole with the script zettabee
-  builds from those commands.
+  check of the base, once the destination says it received the stream the hold of the
+  new snapshot and the release and destroy of the old base, the listing of FS), compared
+  whole with the script zettabee builds from those commands.
 """
 
 from __future__ import annotations
@@ -299,16 +299,19 @@ def check_update_script(command: str, policy: Policy) -> None:
 
 
 def _check_after(words: list[str], fs: str, policy: Policy) -> str:
-    """A command the update script runs once the stream was received: the release of a
-    zettabee hold, or the destroy of a zettabee snapshot, on the script's file system.
+    """A command the update script runs once the stream was received: the hold of a
+    zettabee snapshot, the release of a zettabee hold, or the destroy of a zettabee
+    snapshot, on the script's file system.
     Its step's name, as :func:`fastpath.script` reports it."""
     match words:
+        case ["zfs", "hold", tag, target]:
+            _check_hold(tag, target, policy)
         case ["zfs", "release", tag, target]:
             _check_release(tag, target, policy)
         case ["zfs", "destroy", target]:
             _own_snapshot(target, policy)
         case _:
-            raise Refused("the update script runs something else than a release or a destroy")
+            raise Refused("the update script runs something else than a hold, release or destroy")
     if target.partition("@")[0] != fs:
         raise Refused(f"the update script of {fs!r} touches {target!r}")
     return words[1]

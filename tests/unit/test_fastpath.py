@@ -61,6 +61,7 @@ def run(
 
 TAG = "zettabee.0123456789abcdef0123456789abcdef"
 LET_GO = [
+    ("hold", zfs.hold(TAG, f"{FS}@{SNAP}")),
     ("release", zfs.release(TAG, f"{FS}@{BASE.name}")),
     ("destroy", zfs.destroy(f"{FS}@{BASE.name}")),
 ]
@@ -192,38 +193,51 @@ def test_the_source_clock_is_read_only_when_a_debug_line_will_be_written() -> No
 
 
 def test_the_base_goes_once_the_destination_says_it_received_the_stream(fake: Path) -> None:
-    proc = run(fake, hold=TAG, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
+    """The new snapshot is held only once it is the common one, then the old base goes."""
+    proc = run(fake, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
     assert proc.returncode == 0 and proc.stdout == b"STREAM"
-    assert calls(fake)[2:5] == [
+    assert calls(fake)[:5] == [
+        f"snapshot {FS}@{SNAP}",
         f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+        f"hold {TAG} {FS}@{SNAP}",
         f"release {TAG} {FS}@{BASE.name}",
         f"destroy {FS}@{BASE.name}",
     ]
     report = fastpath.parse(proc.stderr.decode())
-    assert report.ok("release") and report.ok("destroy") and report.ok("listed")
+    assert all(report.ok(step) for step in ("hold", "release", "destroy", "listed"))
+
+
+def test_the_old_base_stays_held_when_the_new_snapshot_cannot_be_held(fake: Path) -> None:
+    (fake / "hold-fails").touch()
+    proc = run(fake, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "hold", "get"]
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["hold"].status == 1 and report.steps["hold"].said == (
+        "cannot hold snapshot: pool is full"
+    )
 
 
 @pytest.mark.parametrize("answer", [b"", b"received?\n", b"no\n"])
 def test_the_base_stays_without_word_from_the_destination(fake: Path, answer: bytes) -> None:
     """A run killed before the receive ended closes the connection: the end of the input."""
-    proc = run(fake, hold=TAG, then=LET_GO, answer=answer)
+    proc = run(fake, then=LET_GO, answer=answer)
     assert proc.returncode == 0
-    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "get"]
     report = fastpath.parse(proc.stderr.decode())
     assert "release" not in report.steps and "destroy" not in report.steps
 
 
 def test_the_base_stays_after_a_failed_send(fake: Path) -> None:
     (fake / "send-fails").touch()
-    proc = run(fake, hold=TAG, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
+    proc = run(fake, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())
     assert proc.returncode == 2
-    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "get"]
 
 
 def test_a_tidy_source_is_not_listed_once_the_stream_was_received(fake: Path) -> None:
-    proc = run(fake, hold=TAG, then=LET_GO, answer=b"received\n", listing=False)
+    proc = run(fake, then=LET_GO, answer=b"received\n", listing=False)
     assert proc.returncode == 0 and proc.stdout == b"STREAM"
-    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "release", "destroy"]
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "hold", "release", "destroy"]
     assert "listing" not in fastpath.parse(proc.stderr.decode()).steps
 
 
@@ -233,6 +247,6 @@ def test_a_tidy_source_is_still_listed_when_the_update_fails(fake: Path, fails: 
     if fails == "send":
         (fake / "send-fails").touch()
     answer = b"" if fails == "receive" else b"received\n"
-    proc = run(fake, hold=TAG, then=LET_GO, answer=answer, listing=False)
-    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "hold", "send", "get"]
+    proc = run(fake, then=LET_GO, answer=answer, listing=False)
+    assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "get"]
     assert BASE.name in fastpath.parse(proc.stderr.decode()).steps["listed"].said

@@ -395,7 +395,11 @@ def update_script(**kw: object) -> str:
 
 BASE = zfs.Snapshot(FS, OWN.partition("@")[2], 1234567890123, 0)
 # What the script does with the old base once the destination received the stream.
-THEN = [("release", zfs.release(TAG, OWN)), ("destroy", zfs.destroy(OWN))]
+THEN = [
+    ("hold", zfs.hold(TAG, OWN2)),
+    ("release", zfs.release(TAG, OWN)),
+    ("destroy", zfs.destroy(OWN)),
+]
 
 
 @pytest.mark.parametrize(
@@ -406,8 +410,8 @@ THEN = [("release", zfs.release(TAG, OWN)), ("destroy", zfs.destroy(OWN))]
         {"hold": TAG, "holds": True},
         {"base": BASE, "hold": TAG, "holds": True, "clock": True},
         {"send_base": f"{FS}@hand-made"},
-        {"hold": TAG, "holds": True, "then": THEN},
-        {"hold": TAG, "holds": True, "then": THEN, "listing": False},
+        {"holds": True, "then": THEN},
+        {"holds": True, "then": THEN, "listing": False},
         {"listing": False},
     ],
     ids=[
@@ -455,6 +459,9 @@ SCRIPT_ESCAPES = {
     ),
     "destroys recursively": update_script(then=[("destroy", zfs.destroy(FS, recursive=True))]),
     "releases a foreign tag": update_script(then=[("release", zfs.release("backup", OWN))]),
+    "holds under another pair's tag": update_script(
+        then=[("hold", zfs.hold(hold_tag(OTHER_FP), OWN2))]
+    ),
     "runs another command once received": update_script(then=[("rm", ["rm", "-rf", "/"])]),
     "a step named otherwise": update_script(then=[("cleanup", zfs.destroy(OWN))]),
 }
