@@ -83,10 +83,14 @@ def destroy_on(lab: ZfsLab, fs: str) -> None:
         proc = run("zfs", "destroy", "-r", fs)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
-        if attempt == 5:
-            unmount_all(fs, run)
+        if attempt == 5:  # zfs-fuse mounts on this host, not in the source's namespace
+            unmount_all(fs, local_run)
         time.sleep(0.5)
     raise RuntimeError(f"cannot destroy {fs} on the source: {proc.stderr.strip()}")
+
+
+def local_run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True)
 
 
 def unmount_all(fs: str, run: Callable[..., subprocess.CompletedProcess[str]]) -> None:
@@ -110,15 +114,12 @@ def destroy(fs: str, tries: int = 50, pause: float = 0.2) -> None:
     says it is busy."""
     release_holds(fs)
 
-    def run(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, capture_output=True, text=True)
-
     for attempt in range(tries):
-        proc = run("zfs", "destroy", "-r", fs)
+        proc = local_run("zfs", "destroy", "-r", fs)
         if proc.returncode == 0 or "does not exist" in proc.stderr:
             return
         if attempt == tries // 4:
-            unmount_all(fs, run)
+            unmount_all(fs, local_run)
         time.sleep(pause)
     raise RuntimeError(f"cannot destroy {fs}: {proc.stderr.strip()}")
 

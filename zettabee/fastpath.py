@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 STEP_MARK = "@@zettabee-step"
 # The steps, in the order the script reports them.
-# "base" comes first when the base is checked, "hold" after "snapshot" when it is held.
+# "base" comes first when the base is checked, "hold" after "snapshot" when an initialize
+# holds its snapshot; the closing steps of an update (see script's then) after "send".
 STEPS = ("start", "snapshot", "send", "listing", "listed")
 # The line the script waits for before its commands that follow a received stream.
 RECEIVED = "received"
@@ -78,6 +79,13 @@ class Report:
         if a is None or b is None or a.at is None or b.at is None:
             return None
         return max(0.0, b.at - a.at)
+
+    def durations(self) -> dict[str, float]:
+        """How long each step took on the source's clock, from the one before it (the
+        steps the script reported with a time: with ``--debug``)."""
+        names = [name for name in self.steps if name != "listed"]
+        spans = {b: self.duration(a, b) for a, b in zip(names, names[1:], strict=False)}
+        return {name: seconds for name, seconds in spans.items() if seconds is not None}
 
 
 def script(
@@ -281,13 +289,7 @@ def update(
         step = report.steps.get("listing")
         said = (step.said if step else report.trailer) or "no answer"
         log.warning("%s: listing %s on %s after the send failed: %s", fs, fs, src.name, said)
-    timings = {
-        "snapshot": report.duration("start", "snapshot"),
-        "hold": report.duration("snapshot", "hold"),
-        "send": report.duration("hold" if held else "snapshot", "send"),
-        "listing": report.duration("send", "listing"),
-    }
-    measured = {part: seconds for part, seconds in timings.items() if seconds is not None}
+    measured = report.durations()
     if receiver.ended is not None:
         measured["receive"] = max(0.0, receiver.ended - relay.ended)
     stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)

@@ -164,6 +164,13 @@ def test_clock_times_each_step_on_the_source(fake: Path) -> None:
     assert fastpath.parse(run(fake).stderr.decode()).duration("snapshot", "send") is None
 
 
+def test_debug_times_each_step_from_the_one_before_it(fake: Path) -> None:
+    proc = run(fake, clock=True, then=LET_GO, answer=b"received\n")
+    spans = fastpath.parse(proc.stderr.decode()).durations()
+    assert list(spans) == ["snapshot", "send", "hold", "release", "destroy", "listing"]
+    assert fastpath.parse(run(fake).stderr.decode()).durations() == {}  # no clock, no times
+
+
 def test_parse_keeps_what_ssh_said_after_the_last_step() -> None:
     text = (
         "\n@@zettabee-step start 0\nboom\n@@zettabee-step listing 1\nclient_loop: send disconnect\n"
