@@ -27,7 +27,7 @@ demo-clean: deps
 lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy zettabee nsca
+	$(VENV)/bin/mypy zettabee nsca bench lab
 
 unit: deps
 	$(PY) -m pytest tests/unit

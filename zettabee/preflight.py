@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from nsca.client import HOST_FIELD, SERVICE_FIELD
 from zettabee import zfs
-from zettabee.config import Settings
+from zettabee.config import CHECKS, Settings
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host
 from zettabee.pair import Pair
@@ -26,12 +27,39 @@ def _check(label: str, host: Host, argv: list[str], fix: str) -> tuple[bool, str
     return True, f"  ok   {label} on {host.name}"
 
 
+def nsca_name_problems(settings: Settings, pair: Pair) -> list[str]:
+    """The pair's monitoring names that an NSCA back end cannot carry: NSCA's packet has
+    room for a host name of 63 bytes and a service name of 127, and the results of such a
+    pair would be refused at every run."""
+    if not {"nsca", "send_nsca"} & set(settings.passive):
+        return []
+    problems = []
+    host = settings.monitoring_host()
+    if len(host.encode()) >= HOST_FIELD:
+        problems.append(
+            f"NSCA host name {host!r} is {len(host.encode())} bytes; NSCA carries at most "
+            f"{HOST_FIELD - 1}\n       fix: set a shorter host_name in [monitoring]"
+        )
+    for check in CHECKS:
+        service = settings.service_name(pair, check)
+        if len(service.encode()) >= SERVICE_FIELD:
+            problems.append(
+                f"NSCA service name {service!r} is {len(service.encode())} bytes; NSCA "
+                f"carries at most {SERVICE_FIELD - 1}\n       fix: shorten service_template "
+                "in [monitoring], e.g. 'zettabee {check} {fingerprint}'"
+            )
+    return problems
+
+
 def check_pairs(settings: Settings, pairs: Sequence[Pair], accept_new_host_key: bool) -> bool:
     hosts = Hosts(settings.known_hosts, accept_new_host_key=accept_new_host_key)
     all_ok = True
     try:
         for pair in pairs:
             print(f"{pair}:")
+            for problem in nsca_name_problems(settings, pair):
+                print(f"  FAIL {problem}")
+                all_ok = False
             src = hosts.get(pair.source, pair)
             dst = hosts.get(pair.destination, pair)
             checks = [
