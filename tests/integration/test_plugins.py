@@ -138,8 +138,10 @@ def test_all_pairs_in_one_check(zb: Zb) -> None:
 
 
 def test_killed_run_is_critical_with_the_unlock_fix(zb: Zb) -> None:
-    zb.make_source("big", 200)
-    zb.write_pairs(zb.pair_line("big"))
+    # A stream of 5 s at least: the first progress report (after 1 s) comes mid-stream,
+    # before anything is recorded, however fast the lab is that day.
+    zb.make_source("big", 50)
+    zb.write_pairs(zb.pair_line("big", zb.mbuffer("bwlimit=10M")))
     fs = zb.dst_fs("big")
     progress = zb.tmp / "state" / f"{zb.fingerprint('big')}.progress"
     run = zb.popen("zettabee", "initialize", fs)
