@@ -16,6 +16,7 @@ no guest) fails the run: a CI that skipped the real parts has proven nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 import pytest
 
@@ -422,3 +424,24 @@ def backend_zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
     else:
         backend = zfs_fuse_backend(request.getfixturevalue("lab"))
     yield from _zb(backend, tmp_path, request)
+
+
+class _Daemon(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def cleanup(self) -> None: ...
+
+
+@contextlib.contextmanager
+def running_daemon(daemon: _Daemon) -> Iterator[_Daemon]:
+    """A lab monitoring daemon for the length of a test: skipped (and the run then fails,
+    see the suite's end) only where its Debian package is missing."""
+    try:
+        daemon.start()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.cleanup()

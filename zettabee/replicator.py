@@ -484,26 +484,35 @@ class Replicator:
 
     # -- actions -----------------------------------------------------------------------
 
+    def _open(
+        self, pair: Pair, status: Status, clock: Stopwatch
+    ) -> tuple[Host, Host, PairFeatures, tuple[dict[str, str], list[zfs.Snapshot]] | None]:
+        """Both hosts of the pair connected and probed, and the destination's view (None:
+        no destination). A local destination is probed and listed while the source's
+        handshake runs."""
+        src = self.hosts.get(pair.source, pair)
+        dst = self.hosts.get(pair.destination, pair)
+        self._early_stream_connection(pair, src, dst)
+        view = None
+        if dst.is_local:
+            with clock("listing"):
+                here = self.hosts.prober.of(dst, pair.destination.pool)
+                view = self._dest_view(pair, dst, here)
+        with clock("connection"):
+            src.connect()
+            dst.connect()
+        with clock("probe"):
+            feats = self._features(pair, src, dst, status)
+        if not dst.is_local:
+            with clock("listing"):
+                view = self._dest_view(pair, dst, feats.destination)
+        return src, dst, feats, view
+
     def initialize(self, pair: Pair, force: bool = False) -> RunReport:
         report = RunReport(pair, "initialize")
         clock = Stopwatch(report.timings)
         with self._run(pair, "initialize") as status:
-            src = self.hosts.get(pair.source, pair)
-            dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src, dst)
-            here = None
-            if dst.is_local:  # this host's side while the source's handshake runs
-                with clock("listing"):
-                    here = self.hosts.prober.of(dst, pair.destination.pool)
-                    view = self._dest_view(pair, dst, here)
-            with clock("connection"):
-                src.connect()
-                dst.connect()
-            with clock("probe"):
-                feats = self._features(pair, src, dst, status)
-            if here is None:
-                with clock("listing"):
-                    view = self._dest_view(pair, dst, feats.destination)
+            src, dst, feats, view = self._open(pair, status, clock)
             fs = pair.destination.fs
             if view is not None:
                 props, dsnaps = view
@@ -671,22 +680,7 @@ class Replicator:
         report = RunReport(pair, "update")
         clock = Stopwatch(report.timings)
         with self._run(pair, "update") as status:
-            src = self.hosts.get(pair.source, pair)
-            dst = self.hosts.get(pair.destination, pair)
-            self._early_stream_connection(pair, src, dst)
-            view = None
-            if dst.is_local:  # this host's side while the source's handshake runs
-                with clock("listing"):
-                    here = self.hosts.prober.of(dst, pair.destination.pool)
-                    view = self._dest_view(pair, dst, here)
-            with clock("connection"):
-                src.connect()
-                dst.connect()
-            with clock("probe"):
-                feats = self._features(pair, src, dst, status)
-            if not dst.is_local:
-                with clock("listing"):
-                    view = self._dest_view(pair, dst, feats.destination)
+            src, dst, feats, view = self._open(pair, status, clock)
             if view is None:
                 raise StateError(
                     f"{pair.name}: not initialized (the destination {pair.destination} does not "

@@ -17,7 +17,7 @@ import pytest
 from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import CommandLine, NscaDaemon
 from nsca.spool import Spool
-from tests.conftest import Zb, write_random
+from tests.conftest import Zb, running_daemon, write_random
 
 pytestmark = pytest.mark.integration
 
@@ -161,15 +161,8 @@ def test_monitoring_down_loses_nothing(zb: Zb, nscad: NscaDaemon) -> None:
 def icinga(zb: Zb) -> Iterator[Icinga2Daemon]:
     names = [name for leaf in ("ok", "bad") for name in services(zb, leaf)]
     daemon = Icinga2Daemon(passive_service_config(HOST, names))
-    try:
-        daemon.start()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
+    with running_daemon(daemon):
         yield daemon
-    finally:
-        daemon.stop()
-        daemon.cleanup()
 
 
 def test_results_reach_the_icinga2_api(zb: Zb, icinga: Icinga2Daemon) -> None:

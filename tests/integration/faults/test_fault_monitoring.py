@@ -16,6 +16,7 @@ import pytest
 from lab.icinga import Icinga2Daemon, free_port, passive_service_config
 from lab.nscad import NscaDaemon
 from nsca.spool import Spool
+from tests.conftest import running_daemon
 from tests.integration.faults.conftest import INTACT, Faults, Replica
 
 pytestmark = pytest.mark.integration
@@ -75,15 +76,8 @@ def icinga(faults: Faults) -> Iterator[Icinga2Daemon]:
             HOST, [f"zettabee {c} {faults.zb.dst_fs()}" for c in ("lag", "runtime")]
         )
     )
-    try:
-        daemon.start()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
+    with running_daemon(daemon):
         yield daemon
-    finally:
-        daemon.stop()
-        daemon.cleanup()
 
 
 def api_settings(url: str, user: str, password: str, cafile: str) -> str:

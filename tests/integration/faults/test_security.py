@@ -25,6 +25,7 @@ import pytest
 
 from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
+from tests.conftest import running_daemon
 from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
 from zettabee.host import SshTarget
 from zettabee.pair import hold_tag
@@ -251,15 +252,8 @@ def test_state_files_are_not_writable_by_others_even_under_umask_000(
 def icinga(faults: Faults) -> Iterator[Icinga2Daemon]:
     names = [f"zettabee {check} {faults.zb.dst_fs()}" for check in ("lag", "runtime")]
     daemon = Icinga2Daemon(passive_service_config("backup1", names))
-    try:
-        daemon.start()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    try:
+    with running_daemon(daemon):
         yield daemon
-    finally:
-        daemon.stop()
-        daemon.cleanup()
 
 
 def test_secrets_never_in_logs_outputs_files_or_process_arguments(
