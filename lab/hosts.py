@@ -104,8 +104,23 @@ class ZfsServer:
             proc = sh("zpool", "destroy", "-f", name, check=False)
             if proc.returncode == 0 or name not in ZfsServer.pools():
                 return
+            if "not connected" in proc.stderr:
+                detach_stale_mounts(name)
             time.sleep(0.2)
         raise RuntimeError(f"lab: cannot destroy pool {name}: {proc.stderr.strip()}")
+
+
+def detach_stale_mounts(pool: str) -> None:
+    """Lazily unmount the pool's file systems whose FUSE connection is gone ("Transport
+    endpoint is not connected", left by a zfs-fuse that stopped under them): zpool
+    destroy cannot unmount those itself."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        source, point, fstype, *_ = line.split()
+        if fstype == "fuse.zfs" and (source == pool or source.startswith(f"{pool}/")):
+            try:
+                os.stat(point)
+            except OSError:  # ENOTCONN: nobody serves it any more
+                sh("umount", "-l", point, check=False)
 
 
 def release_foreign_mounts(root: Path) -> None:
