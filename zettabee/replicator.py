@@ -285,8 +285,13 @@ class Replicator:
         one of its own) except ``keep``. Only snapshots that carry holds are asked: one
         command each, normally just the previous base."""
         for snap in self._held(pair, snaps, base):
-            if snap.name != keep and self._release(pair, host, snap.full):
-                log.info("%s: released hold on %s:%s", pair.name, host.name, snap.full)
+            if snap.name != keep:
+                self._let_go(pair, host, snap.full)
+
+    def _let_go(self, pair: Pair, host: Host, snap: str) -> None:
+        """Release the pair's hold on ``snap`` and say so, if it carried one."""
+        if self._release(pair, host, snap):
+            log.info("%s: released hold on %s:%s", pair.name, host.name, snap)
 
     @staticmethod
     def _held(pair: Pair, snaps: list[zfs.Snapshot], base: str = "") -> list[zfs.Snapshot]:
@@ -895,15 +900,13 @@ class Replicator:
             elif held.status != 0:
                 argv = planned["hold"]
                 raise CommandError(argv, src.name, held.status, held.said, "zfs hold")
-        released = done.get("release")
         if "release" in planned:
-            if released is None and self._release(pair, src, target):
+            released = done.get("release")
+            if released is None:
+                self._let_go(pair, src, target)
+            elif released.status == 0:
                 log.info("%s: released hold on %s:%s", pair.name, src.name, target)
-            elif released is not None and released.status == 0:
-                log.info("%s: released hold on %s:%s", pair.name, src.name, target)
-            elif released is not None and not (
-                zfs.tag_missing(released.said) or zfs.missing_dataset(released.said)
-            ):
+            elif not (zfs.tag_missing(released.said) or zfs.missing_dataset(released.said)):
                 argv = planned["release"]
                 raise CommandError(argv, src.name, released.status, released.said, "zfs release")
         if "destroy" not in planned:
@@ -913,8 +916,7 @@ class Replicator:
             if destroyed is not None and "busy" not in destroyed.said:
                 argv = planned["destroy"]
                 raise CommandError(argv, src.name, destroyed.status, destroyed.said, "zfs destroy")
-            if self._release(pair, src, target):  # held since hold=yes, say
-                log.info("%s: released hold on %s:%s", pair.name, src.name, target)
+            self._let_go(pair, src, target)  # held since hold=yes, say
             destroy(src, target)
         log.info("%s: destroyed %s:%s", pair.name, src.name, target)
         return [f"{src.name}:{target}"]

@@ -273,17 +273,9 @@ def check_update_script(command: str, policy: Policy) -> None:
     snapshot, *held, send = commands
     if snapshot[:2] != ["zfs", "snapshot"] or len(snapshot) != 3 or send[:2] != ["zfs", "send"]:
         raise Refused("the update script does not snapshot and send")
-    target = _own_snapshot(snapshot[2], policy)
+    target = _check_taken(snapshot, held, send, policy, "the update script")
     fs, _, snap = target.partition("@")
-    _check_send(send, policy)
-    if send[-1] != target:
-        raise Refused(f"the update script sends {send[-1]!r}, not the snapshot it takes")
-    tag = None
-    if held:
-        if held[0][:2] != ["zfs", "hold"] or len(held[0]) != 4 or held[0][3] != target:
-            raise Refused("the update script holds something else than its snapshot")
-        tag = held[0][2]
-        _check_hold(tag, target, policy)
+    tag = held[0][2] if held else None
     base = None
     checked = re.search(r"^g=\$\(.*@([^ ]+) 2>/dev/null\)\n.* = ([0-9]{1,20}) \]", command, re.M)
     if checked:
@@ -326,21 +318,30 @@ def check_snapshot_and_send(
     before, (send, out) = words[:first], words[first:]
     if pipeline_script([send, out], first=before) != command:
         raise Refused("the pipeline is not written as zettabee writes it")
-    snapshot = before[0]
+    snapshot, *held = before
     if snapshot[:2] != ["zfs", "snapshot"] or len(snapshot) != 3:
         raise Refused("the command before the send is not zfs snapshot")
-    target = _own_snapshot(snapshot[2], policy)
-    if first == 2:
-        held = before[1]
-        if held[:2] != ["zfs", "hold"] or len(held) != 4 or held[3] != target:
-            raise Refused("the pipeline holds something else than its snapshot")
-        _check_hold(held[2], target, policy)
     if send[:2] != ["zfs", "send"]:
         raise Refused("the first stage is not zfs send")
+    _check_taken(snapshot, held, send, policy, "the pipeline")
+    check_mbuffer(out, policy)
+
+
+def _check_taken(
+    snapshot: list[str], held: list[list[str]], send: list[str], policy: Policy, what: str
+) -> str:
+    """``zfs snapshot FS@OWN``, then maybe its hold, then a send of that very snapshot:
+    how the update script and an initialize's mbuffer pipeline take what they send.
+    The snapshot, ``FS@OWN``."""
+    target = _own_snapshot(snapshot[2], policy)
     _check_send(send, policy)
     if send[-1] != target:
-        raise Refused(f"the pipeline sends {send[-1]!r}, not the snapshot it takes")
-    check_mbuffer(out, policy)
+        raise Refused(f"{what} sends {send[-1]!r}, not the snapshot it takes")
+    if held:
+        if held[0][:2] != ["zfs", "hold"] or len(held[0]) != 4 or held[0][3] != target:
+            raise Refused(f"{what} holds something else than its snapshot")
+        _check_hold(held[0][2], target, policy)
+    return target
 
 
 def _pipeline_pattern(count: int, first: int = 0) -> re.Pattern[str]:

@@ -117,8 +117,9 @@ def pipeline_script(
     while the stream runs), and reports an empty one. The commands ``first`` run one
     after the other before the pipeline, each only if the one before succeeded, and the
     pipeline only if all did; they are reported as the first stages (what they print
-    too: only the pipeline writes the stream), and the pipeline's stages follow (``live`` counts from the pipeline's first stage). A stage that did
-    not run reports 255 and nothing said.
+    too: only the pipeline writes the stream), and the pipeline's stages follow
+    (``live`` counts from the pipeline's first stage). A stage that did not run reports
+    255 and nothing said.
     """
     parts = []
     offset = len(first)
