@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from zettabee import fastpath, transport, zfs
 from zettabee.capabilities import Capabilities, PairFeatures
@@ -22,6 +22,8 @@ from zettabee.pair import Pair, hold_tag, is_own_snapshot, snapshot_name
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 __all__ = ["Hosts", "Replicator", "RunReport", "each_pair", "plan_prune"]
 
@@ -819,10 +821,13 @@ class Replicator:
                 # Only once the new snapshot is recorded: until then the recorded one is
                 # what a killed run leaves for status, the checks and the next run. And
                 # once the holds moved: a snapshot still held cannot go.
-                destroy_all(dst, dst_fs, early[1])
-                report.destroyed = [f"{dst.name}:{dst_fs}@{name}" for name in early[1]]
-                for name in report.destroyed:
-                    log.info("%s: destroyed %s", pair.name, name)
+                kept = destroy_all(dst, dst_fs, early[1])
+                for name in early[1]:
+                    if name in kept:
+                        kept_held(pair, dst, f"{dst_fs}@{name}")
+                    else:
+                        report.destroyed.append(f"{dst.name}:{dst_fs}@{name}")
+                        log.info("%s: destroyed %s", pair.name, report.destroyed[-1])
 
         with clock("stream"):
             try:
@@ -841,10 +846,11 @@ class Replicator:
         as_planned = all(step.status == 0 for step in outcome.then.values())
         report.destroyed += self._source_base_gone(pair, src, base.name, then, outcome.then)
         if outcome.source_snapshots is not None:
-            as_planned = as_planned and self._source_leftovers(
+            none_left = self._source_leftovers(
                 pair, src, dst, feats, outcome.source_snapshots, base.name, snap, dest_names,
                 early[0], report,
             )  # fmt: skip
+            as_planned = as_planned and none_left
         if as_planned:
             status.extra[TIDY] = True
         return snap, base, outcome.stream
@@ -888,9 +894,9 @@ class Replicator:
     ) -> list[str]:
         """Judge the script's hold of the new snapshot and its release and destroy of the
         old base on the source; what it could not do (a destroy that found the snapshot
-        busy, a connection lost after the receive) is done here, step by step. A hold
-        that failed fails the update, the old base left held. The source's snapshots
-        destroyed."""
+        busy, a connection lost after the receive) is done here, step by step; a base
+        that another tag's hold keeps stays. A hold that failed fails the update, the old
+        base left held. The source's snapshots destroyed."""
         target = f"{pair.source.fs}@{base}"
         planned = dict(then)
         if "hold" in planned:
@@ -917,7 +923,11 @@ class Replicator:
                 argv = planned["destroy"]
                 raise CommandError(argv, src.name, destroyed.status, destroyed.said, "zfs destroy")
             self._let_go(pair, src, target)  # held since hold=yes, say
-            destroy(src, target)
+            try:
+                destroy(src, target)
+            except HeldElsewhere:
+                kept_held(pair, src, target)
+                return []
         log.info("%s: destroyed %s:%s", pair.name, src.name, target)
         return [f"{src.name}:{target}"]
 
@@ -1193,11 +1203,17 @@ class Replicator:
         dst_doomed: list[str],
     ) -> list[str]:
         sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
-        names = [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]
         # Both sides at once: each is a command that mostly waits, on the network or on ZFS.
-        wait_all([Background(functools.partial(destroy_all, *side)) for side in sides])
-        for name in names:
-            log.info("%s: destroyed %s", pair.name, name)
+        runs = [Background(functools.partial(destroy_all, *side)) for side in sides]
+        kept = wait_all(runs)
+        names = []
+        for (host, fs, doomed), left in zip(sides, kept, strict=True):
+            for name in doomed:
+                if name in left:
+                    kept_held(pair, host, f"{fs}@{name}")
+                else:
+                    names.append(f"{host.name}:{fs}@{name}")
+                    log.info("%s: destroyed %s", pair.name, names[-1])
         return names
 
 
@@ -1228,31 +1244,68 @@ def plan_prune(
 
 def destroy(host: Host, target: str, recursive: bool = False, attempts: int = 10) -> None:
     """``zfs destroy``, tried again while ZFS says the dataset is busy: a mount change or a
-    process passing through it holds it for a moment (seen often on zfs-fuse)."""
+    process passing through it holds it for a moment (seen often on zfs-fuse). A snapshot
+    that is busy because a hold keeps it (another tag's: zettabee releases its own first)
+    is not tried again: :class:`HeldElsewhere`."""
     for attempt in range(attempts):
         result = host.run(zfs.destroy(target, recursive), check=False)
         if result.ok:
             return
-        if "busy" not in result.stderr or attempt == attempts - 1:
+        busy = "busy" in result.stderr
+        if busy and not recursive and "@" in target and _hold_count(host, target):
+            raise HeldElsewhere(
+                result.argv, host.name, result.returncode, result.stderr, "zfs destroy"
+            )
+        if not busy or attempt == attempts - 1:
             raise CommandError(
                 result.argv, host.name, result.returncode, result.stderr, "zfs destroy"
             )
         time.sleep(0.3 * (attempt + 1))
 
 
-def destroy_all(host: Host, fs: str, names: list[str]) -> None:
+class HeldElsewhere(CommandError):
+    """A snapshot zettabee meant to destroy that a hold under another tag keeps."""
+
+
+def _hold_count(host: Host, snap: str) -> int:
+    """The holds on ``snap`` (0 where the host has no holds or cannot tell)."""
+    result = host.run(zfs.get([snap], [zfs.PROP_USERREFS]), check=False)
+    try:
+        props = zfs.parse_get(result.stdout).get(snap, {}) if result.ok else {}
+    except ValueError:
+        return 0
+    value = props.get(zfs.PROP_USERREFS, "")
+    return int(value) if value.isdigit() else 0
+
+
+def destroy_all(host: Host, fs: str, names: list[str]) -> list[str]:
+    """Destroy the snapshots ``fs@name``; the names that another tag's hold kept."""
+    kept = []
     for name in names:
-        destroy(host, f"{fs}@{name}")
+        try:
+            destroy(host, f"{fs}@{name}")
+        except HeldElsewhere:
+            kept.append(name)
+    return kept
 
 
-class Background:
+def kept_held(pair: Pair, host: Host, snap: str) -> None:
+    log.info(
+        "%s: kept %s:%s: a hold under another tag keeps it; it goes with the first run "
+        "after that hold is released",
+        pair.name, host.name, snap,
+    )  # fmt: skip
+
+
+class Background(Generic[T]):
     """One call run in a thread, its outcome collected later with :meth:`result`.
 
     The thread carries its parent's name: a pair's log (``replicate``) keeps the lines of
     the threads that work for it."""
 
-    def __init__(self, call: Callable[[], object]) -> None:
+    def __init__(self, call: Callable[[], T]) -> None:
         self._call = call
+        self._value: T | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, name=threading.current_thread().name, daemon=True
@@ -1261,26 +1314,29 @@ class Background:
 
     def _run(self) -> None:
         try:
-            self._call()
+            self._value = self._call()
         except BaseException as exc:  # handed to the caller by result()
             self._error = exc
 
-    def result(self) -> None:
+    def result(self) -> T:
         self._thread.join()
         if self._error is not None:
             raise self._error
+        return self._value  # type: ignore[return-value]  # set, since no error
 
 
-def wait_all(calls: list[Background]) -> None:
-    """Wait for every call, then raise the first failure: none is left running."""
-    errors = []
+def wait_all(calls: list[Background[T]]) -> list[T]:
+    """Wait for every call, then raise the first failure: none is left running. What
+    each returned, in order."""
+    values, errors = [], []
     for call in calls:
         try:
-            call.result()
+            values.append(call.result())
         except BaseException as exc:
             errors.append(exc)
     if errors:
         raise errors[0]
+    return values
 
 
 def each_pair(

@@ -15,7 +15,7 @@ from zettabee.errors import LockHeld
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, read_health
 from zettabee.host import Result, SshTarget, error_for
 from zettabee.pair import Endpoint, Pair, fingerprint, parse_snapshot_name, snapshot_name
-from zettabee.replicator import plan_prune
+from zettabee.replicator import HeldElsewhere, destroy, destroy_all, plan_prune
 from zettabee.state import INTERRUPTED, RUNNING, StateStore, Status
 
 FP = "0123456789abcdef0123456789abcdef"
@@ -468,3 +468,36 @@ def test_a_remote_counter_is_read_even_when_the_stream_ends_within_a_tick() -> N
     stage.finish()
     meter.stop()
     assert meter.count == 3000000
+
+
+class ScriptedHost(FakeHost):
+    """Answers each command by its verb: ``answers[verb]`` is (exit, stdout, stderr), where
+    ``{target}`` in stdout stands for the command's last argument."""
+
+    def __init__(self, answers: dict[str, tuple[int, str, str]]) -> None:
+        super().__init__("")
+        self.answers = answers
+
+    def run(self, argv: list[str], **_: object) -> Result:
+        self.calls.append(list(argv))
+        code, out, err = self.answers[argv[1]]
+        return Result(list(argv), self.name, code, out.format(target=argv[-1]), err)
+
+
+BUSY = (1, "", "cannot destroy 'p/fs@a': dataset is busy\n")
+
+
+def test_a_snapshot_held_under_another_tag_is_not_destroyed_again_and_again() -> None:
+    host = ScriptedHost({"destroy": BUSY, "get": (0, "{target}\tuserrefs\t1\n", "")})
+    with pytest.raises(HeldElsewhere, match="dataset is busy"):
+        destroy(host, "p/fs@a")  # type: ignore[arg-type]
+    assert [argv[1] for argv in host.calls] == ["destroy", "get"]
+    assert destroy_all(host, "p/fs", ["a", "b"]) == ["a", "b"]  # type: ignore[arg-type]
+
+
+def test_a_busy_snapshot_nobody_holds_is_tried_again() -> None:
+    host = ScriptedHost({"destroy": BUSY, "get": (0, "{target}\tuserrefs\t0\n", "")})
+    with pytest.raises(Exception, match="dataset is busy") as caught:
+        destroy(host, "p/fs@a", attempts=2)  # type: ignore[arg-type]
+    assert not isinstance(caught.value, HeldElsewhere)
+    assert [argv[1] for argv in host.calls] == ["destroy", "get", "destroy", "get"]
