@@ -52,7 +52,7 @@ fault-test: deps
 # (bench/README.md explains them). Several minutes: 500 MB sends, a fleet of 500 pairs.
 bench: deps
 	$(PY) bench/bench_update.py
-	$(PY) bench/bench_fleet.py
+	$(PY) bench/bench_fleet.py --jobs 4,8
 	$(PY) bench/bench_plugins.py
 	$(PY) bench/bench_nsca.py
 

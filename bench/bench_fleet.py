@@ -8,11 +8,13 @@ not the data's). Then, in rounds so that every case sees the same load:
 
 - one ``zettabee update`` of one pair with no change (the unit of the targets);
 - ``replicate --all --jobs J`` over pair files of 1, 10, 50 and 200 other pairs, with
-  no change; the per-pair time is the wall time over the number of pairs;
+  no change, for each J of ``--jobs`` (``4,8`` measures both in the same rounds); the
+  per-pair time is the wall time over the number of pairs;
 - ``zettabee status`` and ``check_zettabee_lag --all`` over all FLEET pairs.
 
-Targets (issue 8): 50 pairs <= 10x one no-change update; status and the check over 500
-pairs < 1 s. Appends one JSON line to bench/results/fleet.jsonl and prints tables.
+Targets (issue 8): 50 pairs <= 10x one no-change update (judged for each J); status and
+the check over 500 pairs < 1 s. Appends one JSON line to bench/results/fleet.jsonl and
+prints tables.
 """
 
 from __future__ import annotations
@@ -108,10 +110,26 @@ class Fleet:
         return elapsed
 
 
+def _jobs(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of jobs, e.g. 4 or 4,8") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: each number of jobs must be 1 or more")
+    return values
+
+
+def _case(pairs: int, jobs: int) -> str:
+    return f"replicate {pairs} jobs {jobs}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fleet", type=int, default=500, help="pairs set up (status, check)")
-    parser.add_argument("--jobs", type=int, default=4, help="replicate --jobs")
+    parser.add_argument(
+        "--jobs", type=_jobs, default=[4], help="replicate --jobs, or several: 4,8 (default 4)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="leave the fleet on the lab")
     parser.add_argument(
@@ -124,11 +142,11 @@ def main() -> int:
     compile_package()
     load_before = load()
     times: dict[str, list[float]] = {"single update": [], "status": [], "check --all": []}
-    times.update({f"replicate {n}": [] for n in SIZES})
+    times.update({_case(n, j): [] for j in args.jobs for n in SIZES})
     with lab_held(keep=args.keep) as lab:
         fleet = Fleet(lab, args.fleet, args.options)
         try:
-            setup_s = fleet.set_up(args.jobs)
+            setup_s = fleet.set_up(max(args.jobs))
             single = fleet.lines[0].split()[1]
             files, first = {}, 1
             for size in SIZES:
@@ -138,16 +156,10 @@ def main() -> int:
                 time.sleep(1.0)  # zettabee names snapshots by the second
                 times["single update"].append(fleet.timed(fleet.bin["zettabee"], "update", single))
                 for size in SIZES:
-                    times[f"replicate {size}"].append(
-                        fleet.timed(
-                            fleet.bin["replicate"],
-                            "--all",
-                            "--jobs",
-                            str(args.jobs),
-                            "-c",
-                            str(files[size]),
-                        )  # fmt: skip
-                    )
+                    for jobs in args.jobs:
+                        time.sleep(1.0)  # the same pairs again: a new second
+                        argv = ["--all", "--jobs", str(jobs), "-c", str(files[size])]
+                        times[_case(size, jobs)].append(fleet.timed(fleet.bin["replicate"], *argv))
                 times["status"].append(fleet.timed(fleet.bin["zettabee"], "status"))
                 times["check --all"].append(
                     fleet.timed(fleet.bin["check_zettabee_lag"], "--all", ok=(0, 1, 2))
@@ -161,23 +173,26 @@ def main() -> int:
     load_after = load()
 
     med = {label: statistics.median(values) for label, values in times.items()}
-    per_pair = {str(n): round(med[f"replicate {n}"] / n, 3) for n in SIZES}
-    ratio_50 = med["replicate 50"] / med["single update"]
+    unit = med["single update"]
+    per_pair = {str(j): {str(n): round(med[_case(n, j)] / n, 3) for n in SIZES} for j in args.jobs}
+    ratios = {str(j): round(med[_case(50, j)] / unit, 2) for j in args.jobs}
     verdicts = {
-        "replicate 50": f"{ratio_50:.1f}x one no-change update (target <= {TARGET_FLEET_50}): "
-        + ("met" if ratio_50 <= TARGET_FLEET_50 else "NOT met"),
-        "status": f"{med['status']:.3f}s for {args.fleet} pairs (target < {TARGET_STATUS_S}s): "
-        + ("met" if med["status"] < TARGET_STATUS_S else "NOT met"),
-        "check --all": f"{med['check --all']:.3f}s for {args.fleet} pairs "
-        f"(target < {TARGET_STATUS_S}s): "
-        + ("met" if med["check --all"] < TARGET_STATUS_S else "NOT met"),
+        f"replicate 50, jobs {j}": f"{ratio:.1f}x one no-change update "
+        f"(target <= {TARGET_FLEET_50}): " + ("met" if ratio <= TARGET_FLEET_50 else "NOT met")
+        for j, ratio in ratios.items()
     }
-    print(f"{'case':<16}{'median s':>10}")
+    for label in ("status", "check --all"):
+        verdicts[label] = (
+            f"{med[label]:.3f}s for {args.fleet} pairs (target < {TARGET_STATUS_S}s): "
+            + ("met" if med[label] < TARGET_STATUS_S else "NOT met")
+        )
+    print(f"{'case':<24}{'median s':>10}")
     for label, value in med.items():
-        print(f"{label:<16}{value:>10.3f}")
-    print(f"\n{'pairs':>6}{'wall s':>9}{'per pair s':>12}   (replicate --all --jobs {args.jobs})")
-    for n in SIZES:
-        print(f"{n:>6}{med[f'replicate {n}']:>9.3f}{per_pair[str(n)]:>12.3f}")
+        print(f"{label:<24}{value:>10.3f}")
+    for j in args.jobs:
+        print(f"\n{'pairs':>6}{'wall s':>9}{'per pair s':>12}   (replicate --all --jobs {j})")
+        for n in SIZES:
+            print(f"{n:>6}{med[_case(n, j)]:>9.3f}{per_pair[str(j)][str(n)]:>12.3f}")
     for label, text in verdicts.items():
         print(f"  {label}: {text}")
     record = {
@@ -193,7 +208,7 @@ def main() -> int:
         "median_s": {label: round(value, 3) for label, value in med.items()},
         "all_s": {label: [round(v, 3) for v in values] for label, values in times.items()},
         "per_pair_s": per_pair,
-        "replicate_50_over_single": round(ratio_50, 2),
+        "replicate_50_over_single": ratios,
         "verdicts": verdicts,
     }
     append(args.out, record)
