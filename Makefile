@@ -12,7 +12,8 @@ $(STAMPS)/apt: scripts/apt-packages.txt scripts/install-deps
 	./scripts/install-deps
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: setup.cfg pyproject.toml $(STAMPS)/apt
+# pip copies the executables of plugins/ into the venv: a changed one is installed again.
+$(STAMPS)/venv: setup.cfg pyproject.toml $(wildcard plugins/*) $(STAMPS)/apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -93,6 +93,11 @@ class Replicator:
         self.store = store
         self.hosts = hosts
         self._tidy_before: dict[str, bool] = {}  # per fingerprint, for the run under way
+        # Destinations listed ahead for many pairs at once (see prefetch_destinations):
+        # per file system, its view and when the listing started.
+        self._prefetched: dict[str, tuple[float, tuple[dict[str, str], list[zfs.Snapshot]]]] = {}
+        # Per fingerprint, when the pair's last run ended, if it ended (read under its lock).
+        self._settled_at: dict[str, float | None] = {}
 
     # -- the run around every mutating action ------------------------------------------
 
@@ -104,6 +109,8 @@ class Replicator:
             previous = status.state
             status.pair = str(pair)
             status.state, status.action, status.pid = RUNNING, action, os.getpid()
+            settled = previous in (IDLE, FAILED) and not status.corrupt
+            self._settled_at[fp] = status.ended if settled else None
             status.started, status.ended, status.error, status.corrupt = time.time(), None, "", ""
             status.extra["previous_state"] = previous
             # Whether the last run left the source tidy: only an update asks, only now.
@@ -203,18 +210,45 @@ class Replicator:
         """The destination's zettabee properties, resume token and snapshots, in one call
         (``caps``: what the destination can do, which says what there is to read)."""
         fs = pair.destination.fs
-        props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
-        if caps is not None and caps.resumable:
-            props.append(zfs.PROP_RESUME_TOKEN)
-        if caps is not None and caps.holds:
-            props.append(zfs.PROP_USERREFS)
-        result = dst.run(zfs.get([fs], props, depth=1), check=False)
+        result = dst.run(zfs.get([fs], _dest_props(caps), depth=1), check=False)
         if result.returncode != 0:
             if zfs.missing_dataset(result.stderr):
                 return None
             raise CommandError(result.argv, dst.name, result.returncode, result.stderr, "zfs get")
         table = zfs.parse_get(result.stdout)
         return table.get(fs, {}), zfs.parse_snapshots(fs, result.stdout)
+
+    def prefetch_destinations(self, pairs: list[Pair]) -> None:
+        """List the destinations of ``pairs`` on this host with one ``zfs get`` per pool,
+        for the updates of a ``replicate`` run: each then spares its own listing, unless
+        a run of the pair ended after this listing began (see :meth:`_prefetched_view`).
+        A destination the listing lacks (not initialized, say) is listed by its update."""
+        by_pool: dict[str, list[Pair]] = {}
+        for pair in pairs:
+            if self.hosts.get(pair.destination, pair).is_local:
+                by_pool.setdefault(pair.destination.pool, []).append(pair)
+        for pool, members in by_pool.items():
+            dst = self.hosts.get(members[0].destination, members[0])
+            started = time.time()
+            caps = self.hosts.prober.of(dst, pool)
+            names = sorted({p.destination.fs for p in members})
+            result = dst.run(zfs.get(names, _dest_props(caps), depth=1), check=False)
+            try:  # rows of the file systems that exist, whatever zfs said of the others
+                views = _views_by_fs(names, result.stdout)
+            except ValueError:
+                continue
+            for fs, view in views.items():
+                self._prefetched[fs] = (started, view)
+
+    def _prefetched_view(self, pair: Pair) -> tuple[dict[str, str], list[zfs.Snapshot]] | None:
+        """The destination's view from :meth:`prefetch_destinations`, if nothing of the
+        pair's can have changed it since: its last run ended before that listing began
+        (read under the pair's lock, which every run that changes a destination takes)."""
+        taken = self._prefetched.pop(pair.destination.fs, None)
+        settled = self._settled_at.get(pair.fingerprint)
+        if taken is None or settled is None or settled >= taken[0]:
+            return None
+        return taken[1]
 
     def _source_view(
         self, pair: Pair, src: Host, feats: PairFeatures | None = None
@@ -504,7 +538,7 @@ class Replicator:
         if dst.is_local:
             with clock("listing"):
                 here = self.hosts.prober.of(dst, pair.destination.pool)
-                view = self._dest_view(pair, dst, here)
+                view = self._prefetched_view(pair) or self._dest_view(pair, dst, here)
         with clock("connection"):
             src.connect()
             dst.connect()
@@ -1215,6 +1249,35 @@ class Replicator:
                     names.append(f"{host.name}:{fs}@{name}")
                     log.info("%s: destroyed %s", pair.name, names[-1])
         return names
+
+
+def _dest_props(caps: Capabilities | None) -> list[str]:
+    """What a destination's listing reads: its snapshots, the pair's record, and the
+    resume token and hold counts where ``caps`` has them."""
+    props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+    if caps is not None and caps.resumable:
+        props.append(zfs.PROP_RESUME_TOKEN)
+    if caps is not None and caps.holds:
+        props.append(zfs.PROP_USERREFS)
+    return props
+
+
+def _views_by_fs(
+    names: list[str], text: str
+) -> dict[str, tuple[dict[str, str], list[zfs.Snapshot]]]:
+    """Each listed file system's properties and snapshots, from one ``zfs get -d 1`` of
+    them all (a file system absent from ``text`` is absent here)."""
+    wanted = set(names)
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fs = line.partition("\t")[0].partition("@")[0]
+        if fs in wanted:
+            rows.setdefault(fs, []).append(line)
+    views = {}
+    for fs, lines in rows.items():
+        own = "\n".join(lines)
+        views[fs] = (zfs.parse_get(own).get(fs, {}), zfs.parse_snapshots(fs, own))
+    return views
 
 
 # In a pair's status: its last update left the source as planned (see

@@ -136,3 +136,23 @@ def test_many_pairs_are_read_with_one_zfs_call(zb: Zb) -> None:
         f"-- {zb.dst_fs('new')} {zb.dst_fs('newer')}"
     )
     assert "ssh" not in check.stdout
+
+
+def test_a_replicate_run_lists_the_destinations_here_in_one_call(zb: Zb) -> None:
+    leaves = [f"q{i}" for i in range(6)]
+    initialized(zb, *leaves)
+    for leaf in leaves:
+        write_random(zb.src_dir(leaf) / "more.bin", 1)
+
+    run = zb.exe("replicate", "--all", "--jobs", "2", "--debug", timeout=300)
+    assert run.returncode == 0, run.stderr
+    for leaf in leaves:
+        zb.assert_same_data(leaf)
+    listings = [line for line in run.stderr.splitlines()
+                if ": run on " in line and " zfs get " in line and "zettabee:lastsnap" in line]  # fmt: skip
+    batched = [line for line in listings if all(zb.dst_fs(leaf) in line for leaf in leaves)]
+    assert len(batched) == 1, listings
+    # The first pairs start beside that listing and may list their own; no others do.
+    assert len(listings) - 1 <= 2, listings
+    status = zb.run("status")
+    assert status.stdout.count("Synchronized") == len(leaves), status.stdout
