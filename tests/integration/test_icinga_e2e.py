@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from lab.icinga import ICINGA2_BINARY, SERVICE_ENVIRONMENT, ApiUser, Icinga2Daemon
-from lab.zfslab import test_lab_name
+from lab.zfslab import test_lab_name as lab_name
 from tests.conftest import Zb, executable
 
 pytestmark = pytest.mark.integration
@@ -274,7 +274,7 @@ def test_icinga2_as_nagios_runs_the_plugins_through_sudo(pair: Zb, tmp_path: Pat
         assert refused["state"] == 1  # sudo -n exits 1: WARNING
         assert "password is required" in refused["output"], refused
 
-        with sudoers_dropin(f"zettabee-test-{test_lab_name()}", sudoers_rule(plugins)):
+        with sudoers_dropin(f"zettabee-test-{lab_name()}", sudoers_rule(plugins)):
             lag = checked(icinga, lag_service, time.time())
             runtime = checked(icinga, f"zettabee runtime {fs}", time.time())
         assert lag["state"] == 0, lag
