@@ -371,6 +371,16 @@ class Faults:
 
         wait_until("the stream to move data", moving)
 
+    def update_broken_mid_stream(
+        self, replica: Replica, break_it: Callable[[], object], says: str
+    ) -> None:
+        """An update whose stream ``break_it`` breaks once data moves ends as
+        :meth:`failed`, saying ``says``."""
+        run = self.popen("zettabee", "update", replica.fs)
+        self.wait_for_stream(run, replica)
+        break_it()
+        self.failed(replica, self.finish(run), says)
+
     # pairs ----------------------------------------------------------------------------
     def replica(
         self, leaf: str = "data", mb: int = 2, options: str = "", dest: str = ""

@@ -14,6 +14,7 @@ from tests.integration.faults.conftest import Faults, Sshd, descendants, in_netn
 pytestmark = pytest.mark.integration
 
 THROTTLE = "16mbit"  # 2 MB/s: a few seconds of stream to break
+STALLED = r"stalled: no data for 5s"
 
 
 def test_ssh_connection_killed_mid_transfer(faults: Faults) -> None:
@@ -24,11 +25,9 @@ def test_ssh_connection_killed_mid_transfer(faults: Faults) -> None:
         "exit 1; lag OK; runtime CRITICAL quoting ssh; next update recovers",
     )
     with faults.rate(THROTTLE):
-        run = faults.popen("zettabee", "update", replica.fs)
-        faults.wait_for_stream(run, replica)
-        kill(faults.sshd_sessions())
-        outcome = faults.finish(run)
-    faults.failed(replica, outcome, r"ssh to \S+ failed \(exit 255\)")
+        faults.update_broken_mid_stream(
+            replica, lambda: kill(faults.sshd_sessions()), r"ssh to \S+ failed \(exit 255\)"
+        )
     faults.recovers(replica)
 
 
@@ -40,11 +39,7 @@ def test_link_cut_mid_transfer(faults: Faults) -> None:
         "exit 1 once nothing moved for stall=5s; lag OK; runtime CRITICAL; recovers",
     )
     with faults.rate(THROTTLE), faults.link() as cut:
-        run = faults.popen("zettabee", "update", replica.fs)
-        faults.wait_for_stream(run, replica)
-        cut()
-        outcome = faults.finish(run)
-    faults.failed(replica, outcome, r"stalled: no data for 5s")
+        faults.update_broken_mid_stream(replica, cut, STALLED)
     faults.recovers(replica)
 
 
@@ -72,11 +67,7 @@ def test_stream_stalled_by_dropped_packets(faults: Faults, transport: str) -> No
         "watchdog aborts after stall=5s: exit 1; lag OK; runtime CRITICAL 'stalled'",
     )
     with faults.rate(THROTTLE), faults.dropping() as drop:
-        run = faults.popen("zettabee", "update", replica.fs)
-        faults.wait_for_stream(run, replica)
-        drop()
-        outcome = faults.finish(run)
-    faults.failed(replica, outcome, r"stalled: no data for 5s")
+        faults.update_broken_mid_stream(replica, drop, STALLED)
     faults.recovers(replica)
 
 
@@ -88,11 +79,7 @@ def test_stream_stalled_by_a_rate_near_zero(faults: Faults) -> None:
         "watchdog aborts after stall=5s: exit 1; lag OK; runtime CRITICAL 'stalled'",
     )
     with faults.rate(THROTTLE) as rate:
-        run = faults.popen("zettabee", "update", replica.fs)
-        faults.wait_for_stream(run, replica)
-        rate("1kbit")
-        outcome = faults.finish(run)
-    faults.failed(replica, outcome, r"stalled: no data for 5s")
+        faults.update_broken_mid_stream(replica, lambda: rate("1kbit"), STALLED)
     faults.recovers(replica)
 
 
