@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,37 @@ def stop_pid(pid: int | None, wait: float = 10.0) -> None:
     os.kill(pid, signal.SIGKILL)
     while pid_alive(pid):
         time.sleep(0.05)
+
+
+def start_sshd(netns: str, passwd: Path, config: Path, log_path: Path, listen: str) -> int:
+    """Start sshd with ``config`` in the network namespace ``netns`` and a mount namespace
+    of its own, where /etc/passwd is ``passwd`` (the lab's root logs in to a plain shell);
+    wait until it listens on ``listen`` (ADDRESS:PORT). Its pid."""
+    Path("/run/sshd").mkdir(exist_ok=True)
+    script = (
+        f"mount --bind {shlex.quote(str(passwd))} /etc/passwd && "
+        f"exec /usr/sbin/sshd -D -e -f {shlex.quote(str(config))}"
+    )
+    log = open(log_path, "ab")  # noqa: SIM115 - kept by the child
+    proc = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{netns}", "--",
+         "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lab: sshd exited: {log_path.read_text()[-800:]}")
+        out = sh("nsenter", f"--net=/run/netns/{netns}", "ss", "-Hltn", check=False)
+        return f"{listen} " in out.stdout
+
+    try:
+        wait_for(f"sshd to listen on {listen}", listening)
+    except BaseException:
+        stop_pid(proc.pid)
+        raise
+    return proc.pid
 
 
 def wait_for(what: str, ready: Callable[[], object], timeout: float = 20.0) -> None:
@@ -273,29 +305,13 @@ class NetnsSshHost:
         )
 
     def _start_sshd(self) -> None:
-        Path("/run/sshd").mkdir(exist_ok=True)
-        script = (
-            f"mount --bind {self.root / 'passwd'} /etc/passwd && "
-            f"exec /usr/sbin/sshd -D -e -f {self.root / 'sshd_config'}"
+        self.sshd_pid = start_sshd(
+            self.netns,
+            self.root / "passwd",
+            self.root / "sshd_config",
+            self.root / "sshd.log",
+            f"{self.remote_address}:22",
         )
-        log = open(self.root / "sshd.log", "ab")  # noqa: SIM115 - kept by the child
-        proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", "--",
-             "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
-        log.close()
-        self.sshd_pid = proc.pid
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"lab: sshd exited: {(self.root / 'sshd.log').read_text()[-500:]}"
-                )
-            out = sh("nsenter", f"--net=/run/netns/{self.netns}", "ss", "-Hltn", check=False)
-            return f"{self.remote_address}:22 " in out.stdout
-
-        wait_for("the lab sshd to listen", listening)
 
     def down_network(self) -> None:
         if sh("ip", "link", "show", self.veth, check=False).returncode == 0:

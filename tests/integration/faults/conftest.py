@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.hosts import LabRecord, sh, stop_pid, wait_for
+from lab.hosts import LabRecord, sh, start_sshd, stop_pid
 from lab.zfslab import ZfsLab
 from tests.conftest import REPO, Side, Zb, destroy, executable, settle
 
@@ -700,23 +700,10 @@ class Sshd:
             )
         config.write_text("\n".join(lines) + "\n")
         passwd = Path(self.lab.source.key).parent / "passwd"
-        script = f"mount --bind {shlex.quote(str(passwd))} /etc/passwd && exec /usr/sbin/sshd -D -e -f {shlex.quote(str(config))}"
-        log = open(self.root / "sshd.log", "ab")  # noqa: SIM115 - kept by the child
-        proc = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.lab.layout.netns}", "--",
-             "unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        self.pid = start_sshd(
+            self.lab.layout.netns, passwd, config, self.root / "sshd.log",
+            f"{self.address}:{self.port}",
         )  # fmt: skip
-        log.close()
-        self.pid = proc.pid
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sshd exited: {(self.root / 'sshd.log').read_text()[-800:]}")
-            out = sh("nsenter", f"--net=/run/netns/{self.lab.layout.netns}", "ss", "-Hltn")
-            return f"{self.address}:{self.port} " in out.stdout
-
-        wait_for(f"sshd on port {self.port}", listening)
 
     def stop(self) -> None:
         if self.pid is not None:
