@@ -207,3 +207,38 @@ def test_replicate_all_overlapping_with_itself(faults: Faults) -> None:
     row.data = INTACT if all(r.intact() == INTACT for r in (slow, quick)) else "CHANGED"
     assert states == [0] * 4
     assert row.data == INTACT
+
+
+def test_a_pair_another_run_updated_meanwhile_is_listed_again(faults: Faults) -> None:
+    """``replicate`` lists the destinations here ahead, in one call. A pair that another
+    run (a hand-started update, say) updated after that listing must not be sent from
+    what the listing said: its update lists it again and goes in one round trip."""
+    zb = faults.zb
+    replicas = []
+    for leaf in ("a", "b", "c"):
+        zb.make_source(leaf, 1)
+    zb.write_pairs(*(zb.pair_line(leaf) for leaf in ("a", "b", "c")))
+    for leaf in ("a", "b", "c"):
+        assert zb.run("initialize", zb.dst_fs(leaf)).returncode == 0
+        replicas.append(Replica(zb, leaf))
+        replicas[-1].grow(1)
+    row = faults.expect(
+        "a pair updated by another run after replicate listed it",
+        "listed again (no step-by-step fallback); exit 0; every pair updated",
+    )
+    gate = faults.gate("receive-gate", " receive ")
+    gate.arm()
+    run = faults.popen("replicate", "--all", "--jobs", "1", "--debug", path_first=gate.dir)
+    gate.wait(run)  # the first pair waits in its zfs receive, the listing ahead taken
+    other = faults.run("zettabee", "update", replicas[2].fs)
+    assert other.code == 0, other.stderr
+    gate.release()
+    done = faults.finish(run)
+    fallbacks = [line for line in done.stderr.splitlines() if "step by step" in line]
+    row.observed = f"exit {done.code}; step-by-step fallbacks: {len(fallbacks)}"
+    assert done.code == 0, done.stderr
+    assert not fallbacks, fallbacks
+    for replica in replicas:
+        replica.remember()
+    row.data = INTACT if all(r.intact() == INTACT for r in replicas) else "CHANGED"
+    assert row.data == INTACT
