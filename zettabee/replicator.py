@@ -805,8 +805,8 @@ class Replicator:
         Once both the send and the receive have succeeded, the new snapshot is the
         common one: the script holds it on the source, releases the pair's hold on the
         old base and destroys that, while here the new snapshot is recorded and held,
-        the base's hold released and the destination's surplus destroyed. What the source's listing adds (rare: leftovers
-        of failed runs) goes after.
+        the base's hold released and the destination's surplus destroyed. What the
+        source's listing adds (rare: leftovers of failed runs) goes after.
 
         Without ``listing`` (the run before left the source tidy), the source is listed
         only if the update fails. A run that found and left the source as planned says
@@ -855,13 +855,7 @@ class Replicator:
                 # Only once the new snapshot is recorded: until then the recorded one is
                 # what a killed run leaves for status, the checks and the next run. And
                 # once the holds moved: a snapshot still held cannot go.
-                kept = destroy_all(dst, dst_fs, early[1])
-                for name in early[1]:
-                    if name in kept:
-                        kept_held(pair, dst, f"{dst_fs}@{name}")
-                    else:
-                        report.destroyed.append(f"{dst.name}:{dst_fs}@{name}")
-                        log.info("%s: destroyed %s", pair.name, report.destroyed[-1])
+                report.destroyed += self._destroy_and_say(pair, dst, dst_fs, early[1])
 
         with clock("stream"):
             try:
@@ -957,11 +951,7 @@ class Replicator:
                 argv = planned["destroy"]
                 raise CommandError(argv, src.name, destroyed.status, destroyed.said, "zfs destroy")
             self._let_go(pair, src, target)  # held since hold=yes, say
-            try:
-                destroy(src, target)
-            except HeldElsewhere:
-                kept_held(pair, src, target)
-                return []
+            return self._destroy_and_say(pair, src, pair.source.fs, [base])
         log.info("%s: destroyed %s:%s", pair.name, src.name, target)
         return [f"{src.name}:{target}"]
 
@@ -1238,17 +1228,26 @@ class Replicator:
     ) -> list[str]:
         sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
         # Both sides at once: each is a command that mostly waits, on the network or on ZFS.
-        runs = [Background(functools.partial(destroy_all, *side)) for side in sides]
-        kept = wait_all(runs)
-        names = []
-        for (host, fs, doomed), left in zip(sides, kept, strict=True):
-            for name in doomed:
-                if name in left:
-                    kept_held(pair, host, f"{fs}@{name}")
-                else:
-                    names.append(f"{host.name}:{fs}@{name}")
-                    log.info("%s: destroyed %s", pair.name, names[-1])
-        return names
+        runs = [Background(functools.partial(self._destroy_and_say, pair, *side)) for side in sides]
+        return [name for gone in wait_all(runs) for name in gone]
+
+    @staticmethod
+    def _destroy_and_say(pair: Pair, host: Host, fs: str, names: list[str]) -> list[str]:
+        """Destroy the snapshots ``fs@name`` and say so; a snapshot that a hold under
+        another tag keeps stays, said too. The snapshots destroyed, as HOST:FS@NAME."""
+        kept = destroy_all(host, fs, names)
+        gone = []
+        for name in names:
+            if name in kept:
+                log.info(
+                    "%s: kept %s:%s@%s: a hold under another tag keeps it; it goes with the "
+                    "first run after that hold is released",
+                    pair.name, host.name, fs, name,
+                )  # fmt: skip
+            else:
+                gone.append(f"{host.name}:{fs}@{name}")
+                log.info("%s: destroyed %s", pair.name, gone[-1])
+        return gone
 
 
 def _dest_props(caps: Capabilities | None) -> list[str]:
@@ -1350,14 +1349,6 @@ def destroy_all(host: Host, fs: str, names: list[str]) -> list[str]:
         except HeldElsewhere:
             kept.append(name)
     return kept
-
-
-def kept_held(pair: Pair, host: Host, snap: str) -> None:
-    log.info(
-        "%s: kept %s:%s: a hold under another tag keeps it; it goes with the first run "
-        "after that hold is released",
-        pair.name, host.name, snap,
-    )  # fmt: skip
 
 
 class Background(Generic[T]):
