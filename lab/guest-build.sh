@@ -91,7 +91,8 @@ step "configure the guest"
 echo zbguest >"$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 zbguest\n' >"$root/etc/hosts"
 printf '/dev/vda / ext4 rw,noatime 0 1\n' >"$root/etc/fstab"
-# QEMU's user network: a fixed address, no DHCP wait, no other route out.
+# A fixed address; lab/guest.py puts the gateway on the tap device the guest is attached
+# to and forwards only the SSH port in. No DHCP wait, no route out.
 mkdir -p "$root/etc/systemd/network"
 cat >"$root/etc/systemd/network/10-qemu.network" <<EOF
 [Match]

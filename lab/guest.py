@@ -19,10 +19,14 @@ From the shell: ``python -m lab.guest build|up|down|status|clean|ssh [COMMAND...
 (``--name`` picks the lab, as ZETTABEE_LAB does).
 
 Where it lives: QEMU runs inside a network namespace of its own, joined to this machine by
-a veth pair like the zfs-fuse lab's source host, and its user-mode network forwards only
-the guest's SSH port, to ``10.77.<100+n>.2:22``. zettabee treats every address of this
-machine (127.0.0.1 included) as local, so a forward on the loopback could not stand for a
-remote host; an address behind the veth can, just like a real one.
+a veth pair like the zfs-fuse lab's source host. The guest's network card is a tap device
+in that namespace, and the namespace's kernel forwards only the guest's SSH port (nftables
+DNAT from ``10.77.<100+n>.2:22``); the guest starts no connection of its own. zettabee
+treats every address of this machine (127.0.0.1 included) as local, so a forward on the
+loopback could not stand for a remote host; an address behind the veth can, just like a
+real one. QEMU's user-mode network is not used: the libslirp of Debian 12 (4.7.0) aborts
+QEMU ("soread: Assertion `buf_len != 0' failed") when a stream into the guest fills its
+buffer, which a throttled transfer did, taking the guest down mid-run.
 
 The image is built by ``lab/guest-build.sh`` from Debian's registries alone and cached
 under a hash of that script: editing the recipe is what triggers a rebuild (about eight
@@ -58,6 +62,11 @@ GUEST_CACHE = Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab
 BUILD_SCRIPT = Path(__file__).resolve().with_name("guest-build.sh")
 BOOT_TIMEOUT = 600.0
 KERNEL_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet net.ifnames=0 mitigations=off"
+# The address lab/guest-build.sh gives the guest, and its gateway: the namespace's end of
+# the tap device QEMU attaches the guest's network card to.
+GUEST_ADDRESS = "10.0.2.15"
+GUEST_GATEWAY = "10.0.2.2"
+TAP = "zbtap0"
 
 
 class GuestError(RuntimeError):
@@ -257,6 +266,7 @@ class Guest:
         record = GuestRecord(lab=self.lab, image=str(self.image))
         self._save(record)
         self._net().up_network()
+        self._up_tap()
         host_key = (self.image / "host_ed25519.pub").read_text().split()
         Path(self.known_hosts).write_text(f"{self.address} {host_key[0]} {host_key[1]}\n")
         disks = []
@@ -284,6 +294,30 @@ class Guest:
                      pool, f"/dev/disk/by-id/virtio-{pool}")  # fmt: skip
         return record.boot_seconds
 
+    def _up_tap(self) -> None:
+        """The guest's side of the namespace: a tap device as its gateway, and a kernel
+        forward of the SSH port to the address the image gives the guest."""
+        ns = ["ip", "-n", self.netns]
+        sh(*ns, "tuntap", "add", "dev", TAP, "mode", "tap")
+        sh(*ns, "addr", "add", f"{GUEST_GATEWAY}/24", "dev", TAP)
+        sh(*ns, "link", "set", TAP, "up")
+        inside = ["ip", "netns", "exec", self.netns]
+        sh(*inside, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        rules = f"""
+table ip zettabee_guest {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        ip daddr {self.address} tcp dport {self.port} dnat to {GUEST_ADDRESS}:22
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state established,related accept
+        ct status dnat accept
+    }}
+}}
+"""
+        subprocess.run([*inside, "nft", "-f", "-"], input=rules, text=True, check=True)
+
     def qemu_argv(self, disks: list[tuple[str, Path]]) -> list[str]:
         meta = self.meta()
         kernel = self.image / str(meta.get("kernel_file", "vmlinuz"))
@@ -304,7 +338,7 @@ class Guest:
                 "-device", f"virtio-blk-pci,drive={pool},serial={pool}",
             ]  # fmt: skip
         argv += [
-            "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:{self.address}:{self.port}-:22",
+            "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip

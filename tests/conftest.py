@@ -212,7 +212,7 @@ def openzfs_backend(vm: Guest) -> Backend:
         src_host=src,
         src=Side(src.address, src.pool, src.mountpoint, src.ssh_argv, local_files=False),
         dst=Side(dst.address, dst.pool, dst.mountpoint, dst.ssh_argv, local_files=False),
-        # The guest's only network is QEMU's: its mbuffers meet on its loopback.
+        # Only the guest's SSH port is reachable from here: its mbuffers meet on its loopback.
         mbuffer_options="mbufferhost=127.0.0.1",
     )
 

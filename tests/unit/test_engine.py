@@ -182,15 +182,21 @@ def test_relay_takes_a_receiver_that_exits_on_the_last_byte_as_a_whole_stream() 
 
 
 def test_relay_reports_a_receiver_that_leaves_before_the_end() -> None:
-    sender = subprocess.Popen(["head", "-c", "5000000", "/dev/zero"], stdout=subprocess.PIPE)
-    receiver = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert sender.stdout and receiver.stdin
-    relay = transport.Relay(sender.stdout, receiver.stdin, stall=30, progress=None)
-    relay.run(on_stall=sender.kill)
-    assert relay.error == "the receiving side closed the stream"
+    """Bytes wait in the sender's pipe (written before the relay starts, its end still
+    open) and the receiver has gone: the stream was cut short. A sending process would
+    leave it to the scheduler whether the pipe holds a byte at the moment the receiver
+    goes, and the relay cannot tell a cut from an end that way (the CI saw it)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"\0" * 60000)  # fits a pipe's 64 KiB: written without a reader
+    receiver = subprocess.Popen(["true"], stdin=subprocess.PIPE)
     receiver.wait()
-    sender.kill()
-    sender.wait()
+    assert receiver.stdin
+    with open(read_end, "rb", buffering=0) as src:
+        relay = transport.Relay(src, receiver.stdin, stall=30, progress=None)
+        relay.run(on_stall=lambda: None)
+    os.close(write_end)
+    assert relay.error == "the receiving side closed the stream"
+    assert relay.receiver_left and relay.count == 0
 
 
 # -- state ---------------------------------------------------------------------------
