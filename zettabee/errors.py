@@ -63,9 +63,15 @@ class CommandError(ZettabeeError):
         super().__init__(self._describe())
 
     def _describe(self) -> str:
-        said = self.stderr.splitlines()[-1] if self.stderr else "no error output"
-        if len(self.stderr.splitlines()) > 1:
-            said = "; ".join(line.strip() for line in self.stderr.splitlines()[-3:])
+        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
+        said = "; ".join(lines[-3:]) or "no error output"
+        usage = next((n for n, line in enumerate(lines) if line.lower().startswith("usage:")), None)
+        if usage is not None:
+            # The tool's complaint comes before its usage text, whose last lines say nothing.
+            tool = self.argv[0] if self.argv else self.stage
+            said = (
+                "; ".join(lines[:usage][-3:]) or "no complaint"
+            ) + f" (then its usage: the {tool} there does not take the command zettabee gave)"
         return f"{self.stage} on {self.host} failed (exit {self.returncode}): {said}"
 
 

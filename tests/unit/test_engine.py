@@ -154,6 +154,21 @@ def test_errors_carry_the_tools_message() -> None:
     assert "zfs destroy on h failed (exit 1): cannot destroy 'p@s': dataset is busy" == str(err)
 
 
+def test_an_error_followed_by_the_usage_text_quotes_the_complaint() -> None:
+    """What zfs-fuse says to ``zfs list -t bookmark``: the last lines are its usage."""
+    said = (
+        "invalid type 'bookmark'\nusage:\n\tlist [-rH][-d max] [-o property[,...]] "
+        "[-t type[,...]] [-s property] ...\n\t    [-S property] ... "
+        "[filesystem|volume|snapshot] ...\n\nThe following properties are supported:\n"
+        '\tSMB SID         (eg: "S-1-234-567-89")\n'
+    )
+    err = error_for(["zfs", "list", "-t", "bookmark"], "src", 2, said)
+    assert str(err) == (
+        "zfs list on src failed (exit 2): invalid type 'bookmark' (then its usage: the zfs "
+        "there does not take the command zettabee gave)"
+    )
+
+
 def test_relay_counts_and_detects_stall() -> None:
     sender = subprocess.Popen(
         ["sh", "-c", "head -c 3000000 /dev/zero; sleep 30"], stdout=subprocess.PIPE

@@ -8,13 +8,17 @@ made negative by the clock must never read as OK.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.integration.faults.conftest import INTACT, STATES, Faults
 
 pytestmark = pytest.mark.integration
+
+RECORDED_PROBES = Path(__file__).parents[2] / "unit" / "recorded"
 
 DAMAGE = {
     "garbage": "{not json at all",
@@ -121,3 +125,30 @@ def test_clock_stepped_back(faults: Faults) -> None:
     assert faults.plugin("check_zettabee_runtime", replica.fs)[0] == 0
     row.observed += "; update under the stepped clock: exit 0, then lag OK"
     assert row.data == INTACT
+
+
+def test_a_cached_probe_that_no_longer_holds(faults: Faults) -> None:
+    """A source host's answer to the probe is believed for an hour. Here the host behind
+    the name changed within it: the cache says OpenZFS 2.1 with bookmarks, the host is
+    zfs-fuse, and the pair has just been set to bookmark=yes."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    [cached] = (zb.tmp / "state").glob("probe-*.txt")
+    recorded = RECORDED_PROBES / "openzfs-2.1-probe.txt"
+    cached.write_text(re.sub(r"(?m)^gsrc ", f"{zb.srcside.pool} ", recorded.read_text()))
+    zb.write_pairs(zb.pair_line(replica.leaf, "bookmark=yes"))
+    replica.grow(1)
+    row = faults.expect(
+        "cached probe outdated: bookmark=yes on a source that lost bookmarks",
+        "exit 1 quoting zfs's complaint; the answer forgotten; the next run asks the host "
+        "and refuses, naming the cause and the fix",
+    )
+    first = faults.run("zettabee", "update", replica.fs)
+    faults.failed(replica, first, r"zfs get on \S+ failed \(exit 2\): invalid option 't' \(then")
+    assert not list((zb.tmp / "state").glob("probe-*.txt")), "a failed run forgets the answer"
+    seen_first = row.observed
+    second = faults.run("zettabee", "update", replica.fs)
+    faults.failed(replica, second, r"bookmark=yes, but the source \S+ \(zfs-fuse, pool .*remove")
+    row.observed = f"{seen_first}; next run: {row.observed}"
+    zb.write_pairs(zb.pair_line(replica.leaf))
+    faults.recovers(replica)
