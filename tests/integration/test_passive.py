@@ -294,8 +294,13 @@ def test_icinga_api_batch_uses_one_kept_alive_connection(icinga2_lab: Icinga2Dae
     ]
     log_before = len(icinga2_lab.console_log.read_text())
     api_backend(icinga2_lab).submit(batch)
-    time.sleep(0.3)
-    log = icinga2_lab.console_log.read_text()[log_before:]
+    deadline = time.monotonic() + 30  # icinga2 writes its log a little after it answers
+    while True:
+        log = icinga2_lab.console_log.read_text()[log_before:]
+        done = log.count("agent: zettabee-passive/1, status: OK") >= 300
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert log.count("New client connection from [127.0.0.1]") == 1
     assert log.count("agent: zettabee-passive/1, status: OK") == 300
     for service in LAB_SERVICES:
