@@ -20,8 +20,9 @@ From the shell: ``python -m lab.guest build|up|down|status|clean|ssh [COMMAND...
 
 Where it lives: QEMU runs inside a network namespace of its own, joined to this machine by
 a veth pair like the zfs-fuse lab's source host. The guest's network card is a tap device
-in that namespace, and the namespace's kernel forwards only the guest's SSH port (nftables
-DNAT from ``10.77.<100+n>.2:22``); the guest starts no connection of its own. zettabee
+in that namespace (QEMU's own: it goes with QEMU), and the namespace's kernel forwards
+only the guest's SSH port (nftables DNAT from ``10.77.<100+n>.2:22``); the guest starts
+no connection of its own. zettabee
 treats every address of this machine (127.0.0.1 included) as local, so a forward on the
 loopback could not stand for a remote host; an address behind the veth can, just like a
 real one. QEMU's user-mode network is not used: the libslirp of Debian 12 (4.7.0) aborts
@@ -162,7 +163,11 @@ class Guest:
         argv = self.source.ssh_argv(script)
         proc = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
         if check and proc.returncode != 0:
-            raise GuestError(f"guest: {script}: exit {proc.returncode}: {proc.stderr.strip()}")
+            gone = self.gone() if proc.returncode == 255 else ""
+            raise GuestError(
+                f"guest: {script}: exit {proc.returncode}: {proc.stderr.strip()}"
+                + (f"\n{gone}" if gone else "")
+            )
         return proc
 
     def meta(self) -> dict[str, object]:
@@ -244,6 +249,15 @@ class Guest:
         with hold(lock, f"guest {self.lab}: in use by another run, waiting"):
             yield
 
+    def gone(self) -> str:
+        """Why SSH cannot reach the guest when its QEMU has exited (the end of its console
+        says how), or "" while QEMU runs: a test that lost the guest says so."""
+        record = self._record()
+        if record is None or pid_alive(record.qemu_pid):
+            return ""
+        console = self.runtime / "console.log"
+        return f"guest: QEMU (pid {record.qemu_pid}) has exited; the end of {console}:\n{_tail(console)}"
+
     def is_up(self) -> bool:
         record = self._record()
         return record is not None and pid_alive(record.qemu_pid)
@@ -266,7 +280,7 @@ class Guest:
         record = GuestRecord(lab=self.lab, image=str(self.image))
         self._save(record)
         self._net().up_network()
-        self._up_tap()
+        self._forward_ssh()
         host_key = (self.image / "host_ed25519.pub").read_text().split()
         Path(self.known_hosts).write_text(f"{self.address} {host_key[0]} {host_key[1]}\n")
         disks = []
@@ -285,6 +299,7 @@ class Guest:
             )  # fmt: skip
         record.qemu_pid = proc.pid
         self._save(record)
+        self._gateway_on_tap(proc, console)
         self._wait_for_ssh(proc, console, started, timeout)
         record.boot_seconds = round(time.monotonic() - started, 1)
         self._save(record)
@@ -294,13 +309,9 @@ class Guest:
                      pool, f"/dev/disk/by-id/virtio-{pool}")  # fmt: skip
         return record.boot_seconds
 
-    def _up_tap(self) -> None:
-        """The guest's side of the namespace: a tap device as its gateway, and a kernel
-        forward of the SSH port to the address the image gives the guest."""
-        ns = ["ip", "-n", self.netns]
-        sh(*ns, "tuntap", "add", "dev", TAP, "mode", "tap")
-        sh(*ns, "addr", "add", f"{GUEST_GATEWAY}/24", "dev", TAP)
-        sh(*ns, "link", "set", TAP, "up")
+    def _forward_ssh(self) -> None:
+        """The namespace forwards the SSH port to the address the image gives the guest,
+        and nothing else: the guest starts no connection."""
         inside = ["ip", "netns", "exec", self.netns]
         sh(*inside, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         rules = f"""
@@ -317,6 +328,22 @@ table ip zettabee_guest {{
 }}
 """
         subprocess.run([*inside, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+    def _gateway_on_tap(self, proc: subprocess.Popen[bytes], console: Path) -> None:
+        """The guest's gateway on the tap device QEMU made. QEMU makes it, not this lab, so
+        that it goes when QEMU goes: a guest lost mid-run then answers "no route to host"
+        at once, where a tap left behind would let each connection wait for its timeout."""
+        ns = ["ip", "-n", self.netns]
+        deadline = time.monotonic() + 60
+        while sh(*ns, "link", "show", TAP, check=False).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise GuestError(
+                    f"guest: QEMU made no {TAP} in {self.netns}; the end of {console}:\n"
+                    f"{_tail(console)}"
+                )
+            time.sleep(0.05)
+        sh(*ns, "addr", "add", f"{GUEST_GATEWAY}/24", "dev", TAP)
+        sh(*ns, "link", "set", TAP, "up")
 
     def qemu_argv(self, disks: list[tuple[str, Path]]) -> list[str]:
         meta = self.meta()

@@ -125,11 +125,16 @@ class Side:
     mountpoint: str
     argv: Callable[[str], list[str]]  # the argv that runs a shell command line there
     local_files: bool
+    gone: Callable[[], str] | None = None  # why the host cannot answer, when it has gone
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(self.argv(script), capture_output=True, text=True)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{script}: exit {proc.returncode}: {proc.stderr.strip()}")
+            why = self.gone() if self.gone is not None and proc.returncode == 255 else ""
+            raise AssertionError(
+                f"{script}: exit {proc.returncode}: {proc.stderr.strip()}"
+                + (f"\n{why}" if why else "")
+            )
         return proc
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -210,8 +215,8 @@ def openzfs_backend(vm: Guest) -> Backend:
     return Backend(
         name="openzfs",
         src_host=src,
-        src=Side(src.address, src.pool, src.mountpoint, src.ssh_argv, local_files=False),
-        dst=Side(dst.address, dst.pool, dst.mountpoint, dst.ssh_argv, local_files=False),
+        src=Side(src.address, src.pool, src.mountpoint, src.ssh_argv, False, vm.gone),
+        dst=Side(dst.address, dst.pool, dst.mountpoint, dst.ssh_argv, False, vm.gone),
         # Only the guest's SSH port is reachable from here: its mbuffers meet on its loopback.
         mbuffer_options="mbufferhost=127.0.0.1",
     )
