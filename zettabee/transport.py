@@ -451,13 +451,11 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         return TransportError(relay.error if relay and relay.error else "the stream failed")
     # A stage killed by a signal we did not send is the cause; the stages around it then
     # fail on a broken pipe, and the first of those in the pipeline is not the one to name.
-    failed.sort(key=lambda s: _signal_of(s) is None)
+    # So is a stage that said why before one that exited 1 without a word: zfs send does
+    # that when its receiver refused the stream and left (if the stream outgrew the pipe).
+    failed.sort(key=lambda s: (_signal_of(s) is None, not s.stderr and s.returncode == 1))
     first = failed[0]
-    notes = [
-        f"{s.label} on {s.host}: {s.stderr.splitlines()[-1] if s.stderr else f'exit {s.returncode}'}"
-        for s in failed[1:]
-        if s.stderr
-    ]
+    notes = [f"{s.label} on {s.host}: {_last_lines(s.stderr)}" for s in failed[1:] if s.stderr]
     said = first.stderr or f"no error output (exit {first.returncode})"
     number = _signal_of(first)
     if number is not None and not first.stderr:
@@ -473,6 +471,11 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     if notes:
         err.args = (f"{err}; then {'; '.join(notes)}",)
     return err
+
+
+def _last_lines(text: str, count: int = 3) -> str:
+    """What a tool said last, on one line (zfs wraps some messages over two)."""
+    return "; ".join([line.strip() for line in text.splitlines() if line.strip()][-count:])
 
 
 def _signal_of(stage: Stage) -> int | None:

@@ -26,6 +26,26 @@ def test_the_stage_killed_by_a_signal_is_named_not_its_broken_pipe_neighbour() -
     assert "Broken pipe" in text  # the others are still quoted after it
 
 
+def test_the_receiver_that_refused_the_stream_is_named_not_the_sender_it_left_behind() -> None:
+    """zfs-fuse's zfs send exits 1 without a word when its reader has gone; whether it
+    fails at all depends on whether the stream outgrew the pipe before the receiver left."""
+    refused = (
+        "cannot receive incremental stream: destination p/fs has been modified\n"
+        "since most recent snapshot\n"
+    )
+    text = str(describe_failure([stage("zfs send", 1), stage("zfs receive", 1, refused)], None))
+    assert text == (
+        "zfs receive on src failed (exit 1): cannot receive incremental stream: destination "
+        "p/fs has been modified; since most recent snapshot"
+    )
+    # a receiver that failed on its own is quoted whole after the sender that said why
+    both = [stage("zfs send", 1, "cannot send: I/O error"), stage("zfs receive", 1, refused)]
+    assert str(describe_failure(both, None)).endswith(
+        "then zfs receive on src: cannot receive incremental stream: destination p/fs has "
+        "been modified; since most recent snapshot"
+    )
+
+
 def test_a_local_stage_killed_by_a_signal() -> None:
     text = str(
         describe_failure([stage("zfs send", 1, "Broken pipe"), stage("mbuffer -I", -15)], None)

@@ -43,7 +43,10 @@ def test_destination_modified_since_the_common_snapshot(faults: Faults) -> None:
     replica = faults.replica(mb=2)
     subprocess.run(["zfs", "set", "readonly=off", replica.fs], check=True)
     (replica.dest_dir / "local-change.txt").write_text("written on the replica\n")
-    replica.grow(1)
+    # More than the pipes hold: zfs send is still writing when zfs receive refuses the
+    # stream, and either exits 1 without a word or is stopped by the relay first; the
+    # message must name the receive either way (before the fix, 4 runs in 6 named the send)
+    replica.grow(8)
     faults.expect(
         "destination modified since the common snapshot",
         "exit 1; lag OK; runtime CRITICAL 'modified ... rollback=yes'; nothing discarded; "
