@@ -7,6 +7,7 @@ later can help (a dropped link) or not (a missing dataset).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,16 +64,26 @@ class CommandError(ZettabeeError):
         super().__init__(self._describe())
 
     def _describe(self) -> str:
-        lines = [line.strip() for line in self.stderr.splitlines() if line.strip()]
-        said = "; ".join(lines[-3:]) or "no error output"
-        usage = next((n for n, line in enumerate(lines) if line.lower().startswith("usage:")), None)
-        if usage is not None:
+        usage = _USAGE.search(self.stderr)
+        if usage is None:
+            said = last_lines(self.stderr) or "no error output"
+        else:
             # The tool's complaint comes before its usage text, whose last lines say nothing.
             tool = self.argv[0] if self.argv else self.stage
             said = (
-                "; ".join(lines[:usage][-3:]) or "no complaint"
+                last_lines(self.stderr[: usage.start()]) or "no complaint"
             ) + f" (then its usage: the {tool} there does not take the command zettabee gave)"
         return f"{self.stage} on {self.host} failed (exit {self.returncode}): {said}"
+
+
+# The line where a tool starts its usage text, after what it complained of.
+_USAGE = re.compile(r"^\s*usage:", re.IGNORECASE | re.MULTILINE)
+
+
+def last_lines(text: str, count: int = 3) -> str:
+    """What a tool said last, on one line: its last ``count`` lines that are not blank
+    (zfs wraps some messages over two)."""
+    return "; ".join([line.strip() for line in text.splitlines() if line.strip()][-count:])
 
 
 class ZfsError(CommandError):

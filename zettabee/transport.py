@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
-from zettabee.errors import CommandError, TransportError
+from zettabee.errors import CommandError, TransportError, last_lines
 from zettabee.host import Host, Result, SshHost, tied_to_us
 
 log = logging.getLogger(__name__)
@@ -455,7 +455,7 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     # that when its receiver refused the stream and left (if the stream outgrew the pipe).
     failed.sort(key=lambda s: (_signal_of(s) is None, not s.stderr and s.returncode == 1))
     first = failed[0]
-    notes = [f"{s.label} on {s.host}: {_last_lines(s.stderr)}" for s in failed[1:] if s.stderr]
+    notes = [f"{s.label} on {s.host}: {last_lines(s.stderr)}" for s in failed[1:] if s.stderr]
     said = first.stderr or f"no error output (exit {first.returncode})"
     number = _signal_of(first)
     if number is not None and not first.stderr:
@@ -471,11 +471,6 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     if notes:
         err.args = (f"{err}; then {'; '.join(notes)}",)
     return err
-
-
-def _last_lines(text: str, count: int = 3) -> str:
-    """What a tool said last, on one line (zfs wraps some messages over two)."""
-    return "; ".join([line.strip() for line in text.splitlines() if line.strip()][-count:])
 
 
 def _signal_of(stage: Stage) -> int | None:
