@@ -22,12 +22,11 @@ Where it lives: QEMU runs inside a network namespace of its own, joined to this 
 a veth pair like the zfs-fuse lab's source host. The guest's network card is a tap device
 in that namespace (QEMU's own: it goes with QEMU), and the namespace's kernel forwards
 only the guest's SSH port (nftables DNAT from ``10.77.<100+n>.2:22``); the guest starts
-no connection of its own. zettabee
-treats every address of this machine (127.0.0.1 included) as local, so a forward on the
-loopback could not stand for a remote host; an address behind the veth can, just like a
-real one. QEMU's user-mode network is not used: the libslirp of Debian 12 (4.7.0) aborts
-QEMU ("soread: Assertion `buf_len != 0' failed") when a stream into the guest fills its
-buffer, which a throttled transfer did, taking the guest down mid-run.
+no connection of its own. zettabee treats every address of this machine (127.0.0.1
+included) as local, so a forward on the loopback could not stand for a remote host; an
+address behind the veth can, just like a real one. QEMU's user-mode network is not used:
+the libslirp of Debian 12 (4.7.0) aborted QEMU ("soread: Assertion `buf_len != 0'
+failed") during a throttled transfer into the guest, taking the guest down mid-run.
 
 The image is built by ``lab/guest-build.sh`` from Debian's registries alone and cached
 under a hash of that script: editing the recipe is what triggers a rebuild (about eight
@@ -327,12 +326,13 @@ table ip zettabee_guest {{
     }}
 }}
 """
-        subprocess.run([*inside, "nft", "-f", "-"], input=rules, text=True, check=True)
+        sh(*inside, "nft", "-f", "-", input=rules)
 
     def _gateway_on_tap(self, proc: subprocess.Popen[bytes], console: Path) -> None:
         """The guest's gateway on the tap device QEMU made. QEMU makes it, not this lab, so
-        that it goes when QEMU goes: a guest lost mid-run then answers "no route to host"
-        at once, where a tap left behind would let each connection wait for its timeout."""
+        that it goes when QEMU goes: a guest lost mid-run then answers "network is
+        unreachable" at once, where a tap left behind would let each connection wait for
+        its timeout."""
         ns = ["ip", "-n", self.netns]
         deadline = time.monotonic() + 60
         while sh(*ns, "link", "show", TAP, check=False).returncode != 0:
