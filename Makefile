@@ -39,7 +39,7 @@ integration: deps guest
 # The OpenZFS lab guest's image: built once per recipe (lab/guest-build.sh), then cached in
 # /var/tmp/zettabee-lab/guest/ (about 5-8 minutes the first time).
 guest: deps
-	$(PY) -m lab.guest build
+	$(PY) -m lab.guest build --zfs all
 
 test: lint guest
 	$(PY) -m pytest

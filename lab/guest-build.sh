@@ -1,20 +1,28 @@
 #!/bin/sh
-# Build the OpenZFS lab guest from Debian's package registries alone: Debian 12 with its
-# stock kernel, zfs-dkms compiled for that kernel inside the chroot, openssh-server and
-# mbuffer, on an ext4 disk image made by `mkfs.ext4 -d` (no loop device needed).
+# Build an OpenZFS lab guest from Debian's package registries alone: a Debian release with
+# its stock kernel, zfs-dkms compiled for that kernel inside the chroot, openssh-server,
+# mbuffer, and what zettabee needs to run there as a backup host runs it (python3 with
+# Debian's nagiosplugin and paramiko, nsca and send_nsca), on an ext4 disk image made by
+# `mkfs.ext4 -d` (no loop device needed).
 #
-# Usage (root): lab/guest-build.sh OUTDIR
+# Usage (root): lab/guest-build.sh OUTDIR [SUITE]
+#   SUITE is bookworm (Debian 12, OpenZFS 2.1; the default) or trixie (Debian 13,
+#   OpenZFS 2.3), each from its own contrib component.
 #   OUTDIR receives rootfs.img, vmlinuz, initrd.img, the client key pair
 #   (client_ed25519), the guest's host public key (host_ed25519.pub) and meta.json.
 #
-# `python -m lab.guest build` calls this and caches OUTDIR under a hash of this file, so
-# editing the recipe is what makes the next run rebuild.
+# `python -m lab.guest build` calls this and caches OUTDIR under a hash of this file and
+# SUITE, so editing the recipe is what makes the next run rebuild.
 set -eu
 
 out=$1
 mirror=${ZETTABEE_GUEST_MIRROR:-http://deb.debian.org/debian}
 security=${ZETTABEE_GUEST_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-suite=bookworm
+suite=${2:-bookworm}
+case $suite in
+    bookworm | trixie) ;;
+    *) echo "guest-build: unknown suite $suite (bookworm or trixie)" >&2; exit 2 ;;
+esac
 
 # The chroot's mounts (proc, sys, dev) live in a mount namespace of their own: they vanish
 # with this script however it ends, and never leak into the host's mount table. It is a
@@ -80,6 +88,8 @@ kernel=$(ls "$root/lib/modules" | sort -V | tail -n 1)
 
 step "zfs-dkms (compiled for $kernel), zfsutils-linux, openssh-server, mbuffer"
 apt_install zfs-dkms zfsutils-linux openssh-server openssh-client mbuffer
+step "python3 with nagiosplugin and paramiko, nsca and send_nsca: zettabee's own needs"
+apt_install python3 python3-venv python3-nagiosplugin python3-paramiko nsca nsca-client
 if ! ls "$root/lib/modules/$kernel/updates/dkms/" 2>/dev/null | grep -q '^zfs\.ko'; then
     echo "guest-build: dkms built no zfs module for $kernel" >&2
     ls -R "$root/var/lib/dkms" >&2 || true
@@ -104,7 +114,7 @@ Gateway=10.0.2.2
 EOF
 in_root systemctl enable systemd-networkd.service
 in_root systemctl mask systemd-networkd-wait-online.service apt-daily.timer \
-    apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer getty@tty1.service
+    apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer getty@tty1.service nsca.service
 echo zfs >"$root/etc/modules-load.d/zfs.conf"
 
 # SSH: one ed25519 host key made here and pinned by the lab, root by key only, a plain

@@ -73,13 +73,18 @@ class GuestError(RuntimeError):
     """The guest could not be built, booted or reached; the message says where to look."""
 
 
-def recipe_key() -> str:
-    """The cache key: a hash of the build recipe."""
-    return hashlib.sha256(BUILD_SCRIPT.read_bytes()).hexdigest()[:16]
+# The OpenZFS versions the lab offers, each the one a Debian release ships in contrib.
+SUITES = {"2.1": "bookworm", "2.3": "trixie"}
 
 
-def image_dir() -> Path:
-    return GUEST_CACHE / recipe_key()
+def recipe_key(zfs: str = "2.1") -> str:
+    """The cache key: a hash of the build recipe and the Debian suite it builds."""
+    recipe = BUILD_SCRIPT.read_bytes() + SUITES[zfs].encode()
+    return f"{SUITES[zfs]}-{hashlib.sha256(recipe).hexdigest()[:16]}"
+
+
+def image_dir(zfs: str = "2.1") -> Path:
+    return GUEST_CACHE / recipe_key(zfs)
 
 
 @dataclass
@@ -99,16 +104,23 @@ class Guest:
     port = 22
 
     def __init__(
-        self, lab: str | None = None, memory_mb: int = 2048, pool_size: str = "3G"
+        self,
+        lab: str | None = None,
+        memory_mb: int = 2048,
+        pool_size: str = "3G",
+        zfs: str = "2.1",
     ) -> None:
         self.lab = lab or test_lab_name()
+        self.zfs = zfs
         layout = LAYOUTS[self.lab]
-        self.subnet = 100 + layout.subnet
-        self.netns = f"{layout.netns}g"
+        # one namespace and subnet per guest, so that both versions can be up at once
+        second = list(SUITES).index(zfs)
+        self.subnet = 100 + 50 * second + layout.subnet
+        self.netns = f"{layout.netns}{'gh'[second]}"
         self.memory_mb = memory_mb
         self.pool_size = pool_size
-        self.image = image_dir()
-        self.runtime = LAB_ROOT / self.lab / "guest"
+        self.image = image_dir(zfs)
+        self.runtime = LAB_ROOT / self.lab / ("guest" if zfs == "2.1" else f"guest-{zfs}")
         self.record_path = self.runtime / "guest.json"
 
     # where and how to reach it ----------------------------------------------------------
@@ -201,14 +213,14 @@ class Guest:
         log_path = self.image.with_name(self.image.name + ".build.log")
         if not quiet:
             print(
-                f"guest: building the OpenZFS image (about 8 minutes; log {log_path})",
+                f"guest: building the OpenZFS {self.zfs} image (about 8 minutes; log {log_path})",
                 file=sys.stderr,
                 flush=True,
             )
         started = time.monotonic()
         with open(log_path, "wb") as log:
             proc = subprocess.run(
-                [str(BUILD_SCRIPT), str(partial)], stdin=subprocess.DEVNULL, stdout=log,
+                [str(BUILD_SCRIPT), str(partial), SUITES[self.zfs]], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         if proc.returncode != 0:
@@ -244,7 +256,7 @@ class Guest:
     def held(self) -> Iterator[None]:
         """Hold this lab's guest for a whole test session: a second session waits here
         instead of rebooting the guest under the first one."""
-        lock = LAB_ROOT / f"{self.lab}.guest.lock"
+        lock = LAB_ROOT / f"{self.lab}.guest-{self.zfs}.lock"
         with hold(lock, f"guest {self.lab}: in use by another run, waiting"):
             yield
 
@@ -349,7 +361,7 @@ table ip zettabee_guest {{
         meta = self.meta()
         kernel = self.image / str(meta.get("kernel_file", "vmlinuz"))
         argv = [
-            "qemu-system-x86_64", "-name", f"zettabee-guest-{self.lab}",
+            "qemu-system-x86_64", "-name", f"zettabee-guest-{self.lab}-{self.zfs}",
             "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
             "-smp", "2", "-m", str(self.memory_mb),
             "-nodefaults", "-display", "none", "-no-reboot",
@@ -468,10 +480,10 @@ def has_pvh_note(elf: bytes) -> bool:
 def clean_cache() -> list[str]:
     """Remove cached images of other recipes (and half-built ones); keep the current."""
     removed = []
-    current = recipe_key()
+    current = {recipe_key(zfs) for zfs in SUITES}
     if GUEST_CACHE.exists():
         for entry in GUEST_CACHE.iterdir():
-            if entry.is_dir() and entry.name != current:
+            if entry.is_dir() and entry.name not in current:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(str(entry))
     return removed
@@ -482,8 +494,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=["build", "up", "down", "status", "clean", "ssh"])
     parser.add_argument("command", nargs="*", help="for ssh: the command to run in the guest")
     parser.add_argument("--name", choices=sorted(LAYOUTS), help="lab name (default ZETTABEE_LAB)")
+    parser.add_argument(
+        "--zfs", choices=[*SUITES, "all"], default="2.1", help="the OpenZFS version (build: all)"
+    )
     args = parser.parse_args(argv)
-    guest = Guest(args.name)
+    if args.action == "build" and args.zfs == "all":
+        try:
+            for zfs in SUITES:
+                print(Guest(args.name, zfs=zfs).build())
+        except GuestError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
+    guest = Guest(args.name, zfs="2.1" if args.zfs == "all" else args.zfs)
     try:
         if args.action == "build":
             print(guest.build())
