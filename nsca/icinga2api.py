@@ -17,6 +17,9 @@ Choices and what they rest on (Icinga 2 ``doc/12-icinga2-api.md``, ``apiactions.
   kept-alive connection (``http.client``: urllib would pay a TLS handshake per result);
 - TLS is always verified (the Icinga CA in ``cafile``); there is no switch to turn it
   off. Basic auth and/or a client certificate;
+- the time a result was measured goes as ``execution_start`` and ``execution_end``: a
+  result sent late from the spool is then recorded at the time it was true, not taken
+  for the present state on arrival (NSCA and send_nsca have no field for it);
 - ``verbose=1`` is asked for: Icinga 2.13 answers a missing permission with a 404
   "No objects found." whose only clue is the diagnostic; newer versions send 403.
 """
@@ -82,6 +85,8 @@ def request_body(
     body["plugin_output"] = result.output
     if result.perfdata:
         body["performance_data"] = list(result.perfdata)
+    if result.measured_at is not None:
+        body["execution_start"] = body["execution_end"] = result.measured_at
     if check_source:
         body["check_source"] = check_source
     if ttl:

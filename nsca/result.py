@@ -8,6 +8,7 @@ any character that would split or end one of those records is refused here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,9 @@ class PassiveResult:
     """A check result for a host (``service`` is ``None``) or a service.
 
     ``code`` is a plugin exit code (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN) for hosts too:
-    back ends that speak host states use :meth:`host_state`.
+    back ends that speak host states use :meth:`host_state`. ``measured_at`` (Unix time)
+    is when the state was measured: a result delivered late, from the spool, still says
+    when it was true, to the back ends whose protocol carries it.
     """
 
     host: str
@@ -50,6 +53,7 @@ class PassiveResult:
     code: int
     output: str
     perfdata: list[str] = field(default_factory=list)
+    measured_at: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -80,12 +84,28 @@ class PassiveResult:
         for item in perfdata:
             if not isinstance(item, str) or not item.strip() or _BAD_PERFDATA.search(item):
                 problems.append(f"perfdata item {item!r} is empty or contains '|' or a newline")
+        if self.measured_at is not None and (
+            isinstance(self.measured_at, bool)
+            or not isinstance(self.measured_at, int | float)
+            or not math.isfinite(self.measured_at)
+            or self.measured_at <= 0
+        ):
+            problems.append(f"measured_at {self.measured_at!r} is not a Unix time")
         if problems:
             raise ValueError("invalid passive result: " + "; ".join(problems))
         object.__setattr__(self, "perfdata", perfdata)
 
     def __hash__(self) -> int:
-        return hash((self.host, self.service, self.code, self.output, tuple(self.perfdata)))
+        return hash(
+            (
+                self.host,
+                self.service,
+                self.code,
+                self.output,
+                tuple(self.perfdata),
+                self.measured_at,
+            )
+        )
 
     @property
     def is_host_check(self) -> bool:
@@ -114,13 +134,16 @@ class PassiveResult:
         return 0 if self.code in (OK, WARNING) else 1
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "host": self.host,
             "service": self.service,
             "code": self.code,
             "output": self.output,
             "perfdata": list(self.perfdata),
         }
+        if self.measured_at is not None:
+            data["measured_at"] = self.measured_at
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PassiveResult:
@@ -128,10 +151,12 @@ class PassiveResult:
         if not isinstance(perfdata, list):
             raise ValueError(f"perfdata {perfdata!r} is not a list")
         service = data.get("service")
+        measured_at = data.get("measured_at")
         return cls(
             host=str(data["host"]),
             service=None if service is None else str(service),
             code=int(str(data["code"])),
             output=str(data["output"]),
             perfdata=[str(p) for p in perfdata],
+            measured_at=None if measured_at is None else float(str(measured_at)),
         )

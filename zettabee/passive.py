@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def pair_results(
     errors = errors or {}
     host = settings.monitoring_host()
     results = []
+    measured_at = time.time()
     for health in read_health(pairs, store):
         pair = health.pair
         health = _with_failure(health, errors.get(pair.fingerprint), action)
@@ -74,6 +76,7 @@ def pair_results(
                     outcome.code,
                     outcome.output,
                     list(outcome.perfdata),
+                    measured_at,
                 )
             )
     return results

@@ -226,6 +226,19 @@ def test_icinga_body_for_a_service() -> None:
     }
 
 
+def test_icinga_body_carries_the_time_the_result_was_measured() -> None:
+    r = PassiveResult("backup1", "zettabee tank/data", 0, "OK - lag", measured_at=1796190000.5)
+    body = request_body(r)
+    assert (body["execution_start"], body["execution_end"]) == (1796190000.5, 1796190000.5)
+    assert "execution_end" not in request_body(PassiveResult("backup1", "s", 0, "OK"))
+
+
+@pytest.mark.parametrize("when", [0, -5.0, float("nan"), float("inf"), "noon", True])
+def test_a_measurement_time_that_is_no_unix_time_is_refused(when: object) -> None:
+    with pytest.raises(ValueError, match="is not a Unix time"):
+        PassiveResult("backup1", "s", 0, "OK", measured_at=when)  # type: ignore[arg-type]
+
+
 def test_icinga_body_for_a_host_uses_host_states() -> None:
     body = request_body(PassiveResult("backup1", None, 2, "down"))
     assert body == {"type": "Host", "host": "backup1", "exit_status": 1, "plugin_output": "down"}

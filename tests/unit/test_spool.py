@@ -93,6 +93,14 @@ def test_pending_is_oldest_first_across_puts(tmp_path: Path) -> None:
     assert spool.pending("other") == []
 
 
+def test_a_spooled_result_keeps_the_time_it_was_measured(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    measured = PassiveResult("h", "s", 2, "CRITICAL - lag", ["lag=9s"], measured_at=1796190000.25)
+    spool.put("icinga2-api", [measured, PassiveResult("h", "s", 0, "OK")])
+    assert spool.pending("icinga2-api") == [measured, PassiveResult("h", "s", 0, "OK")]
+    assert spool.pending("icinga2-api")[0].measured_at == 1796190000.25
+
+
 def test_flush_delivers_oldest_first_and_empties(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     queued = results(250)

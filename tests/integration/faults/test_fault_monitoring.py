@@ -15,6 +15,7 @@ import pytest
 
 from lab.icinga import Icinga2Daemon, free_port, passive_service_config
 from lab.nscad import NscaDaemon
+from nsca.backends import make_backend
 from nsca.spool import Spool
 from tests.conftest import running_daemon
 from tests.integration.faults.conftest import INTACT, Faults, Replica
@@ -133,4 +134,49 @@ def test_icinga_api_down_then_refusing_then_back(faults: Faults, icinga: Icinga2
         time.sleep(0.1)
     assert lag["state"] == 0 and lag["output"].startswith(f"ZETTABEE_LAG OK - {replica.fs} lag")
     row.observed += "; right password: spool delivered, Icinga shows lag OK"
+    assert row.data == INTACT
+
+
+def test_spooled_results_reach_icinga_with_the_time_they_were_measured(
+    faults: Faults, icinga: Icinga2Daemon
+) -> None:
+    """After an outage the spool's results arrive late: Icinga must see when each one was
+    measured (execution_start/end), not take the arrival for the present state."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    user = icinga.submitter
+    nobody = f"https://127.0.0.1:{free_port()}"
+    zb.write_settings(api_settings(nobody, user.name, str(user.password), str(icinga.cafile)))
+    replica.grow(1)
+    row = faults.expect(
+        "results spooled in an Icinga API outage, delivered later",
+        "Icinga shows each late result at the time the run measured it",
+    )
+    measured = time.time()
+    down = faults.run("replicate", replica.fs)
+    faults.check(replica, down, code=0, lag=0, runtime=0, says=r"refused.*spooled", updated=True)
+    spool = Spool(zb.tmp / "spool")
+    assert len(spool.pending("icinga2-api")) == 2
+    time.sleep(3)  # the outage: the results wait
+    backend = make_backend(
+        "icinga2-api",
+        {"url": icinga.url, "user": user.name, "password": str(user.password),
+         "cafile": str(icinga.cafile)},
+    )  # fmt: skip
+    flushed = spool.flush("icinga2-api", backend)
+    delivered_at = time.time()
+    assert (flushed.delivered, flushed.remaining) == (2, 0), flushed
+    deadline = time.monotonic() + 10
+    while True:
+        lag = icinga.query_service(HOST, services(replica)[0])
+        if lag["output"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    ended = float(lag["last_check_result"].get("execution_end") or 0)
+    row.observed = (
+        f"result measured {delivered_at - measured:.1f} s before delivery; Icinga's "
+        f"execution_end is {delivered_at - ended:.1f} s before delivery"
+    )
+    assert measured - 1 <= ended <= measured + 30 and ended < delivered_at - 2, row.observed
+    row.data = replica.intact()
     assert row.data == INTACT
