@@ -406,8 +406,8 @@ class LagThresholds(PairThresholds):
     def negative(self, health: Health, value: int) -> str:
         return (
             f"{label(health.pair)} lag {format_duration(value)} is negative: this host's "
-            "clock is behind the source's (clock stepped back, or not synchronized); "
-            "fix the clock, the lag cannot be measured"
+            "clock is behind the time it named the last replicated snapshot with (clock "
+            "stepped back); fix the clock, the lag cannot be measured"
         )
 
 

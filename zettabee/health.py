@@ -119,8 +119,8 @@ def read_health(
 
     ZFS answers in time proportional to the objects it opens (zfs-fuse: about 0.5 ms
     each), so the call asks for one object per pair: the snapshot its last run recorded
-    (the status file names it), whose answer carries its ``creation`` and, inherited,
-    its file system's zettabee properties. Pairs without such a hint, whose hint ZFS
+    (the status file names it), whose answer carries, inherited, its file system's
+    zettabee properties. Pairs without such a hint, whose hint ZFS
     contradicts, or whose last run failed or was interrupted (where the newest snapshot
     may not be the recorded one) are then read whole, file system and snapshots, in a
     second call for them all.
@@ -193,7 +193,8 @@ def _hint(pair: Pair, status: Status, holder: dict[str, Any] | None) -> str:
 class _View:
     """What ZFS said, by file system: its properties and its snapshots'."""
 
-    PROPS = ("creation", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP)
+    # createtxg orders snapshots whatever the source's clock did between them
+    PROPS = ("createtxg", zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP)
 
     def __init__(self) -> None:
         self.props: dict[str, dict[str, str]] = {}
@@ -268,7 +269,7 @@ def _recorded(pair: Pair, status: Status, holder: dict[str, Any] | None, now: fl
         return health
     health.state = SYNCHRONIZED
     health.lastsnap = status.snapshot
-    health.lag = int(now - parsed[1].timestamp())
+    health.lag = _lag(status.snapshot, now)
     return health
 
 
@@ -305,7 +306,7 @@ def _one(
         health.reason = f"the recorded snapshot {fs}@{lastsnap} is missing on the destination"
         return health
     own = sorted(
-        (n for n in snaps if is_own_snapshot(n, fp)), key=lambda n: int(snaps[n]["creation"])
+        (n for n in snaps if is_own_snapshot(n, fp)), key=lambda n: int(snaps[n]["createtxg"])
     )
     if own and own[-1] != lastsnap and not health.running:
         health.state = INCONSISTENT
@@ -315,5 +316,14 @@ def _one(
         )
     else:
         health.state = SYNCHRONIZED
-    health.lag = int(now) - int(snaps[lastsnap]["creation"])
+    health.lag = _lag(lastsnap, now)
     return health
+
+
+def _lag(snapshot: str, now: float) -> int | None:
+    """Seconds since ``snapshot`` was taken, by the clock that named it: this host's.
+
+    Not by its ``creation``, which the source stamps with its own clock: a source a second
+    ahead would make the lag negative right after every run."""
+    parsed = parse_snapshot_name(snapshot)
+    return None if parsed is None else int(now - parsed[1].timestamp())

@@ -25,6 +25,9 @@ def snap(fp: str, stamp: str) -> str:
     return f"zettabee.{fp}.{stamp}"
 
 
+NEW_YEAR = 1767225600  # 20260101T000000Z
+
+
 # -- zfs argv builders ---------------------------------------------------------------
 
 
@@ -307,13 +310,14 @@ def test_health_reads_every_pair_with_one_zfs_call(tmp_path: Path) -> None:
     sx = snap(x.fingerprint, "20260101T000000Z")
     sy = snap(y.fingerprint, "20260101T000000Z")
     out = (
-        f"b/x\tcreation\t900\nb/x\tzettabee:fingerprint\t{x.fingerprint}\n"
-        f"b/x\tzettabee:lastsnap\t{sx}\nb/x@{sx}\tcreation\t1000\n"
-        f"b/y\tcreation\t900\nb/y\tzettabee:fingerprint\t{'e' * 32}\n"
-        f"b/y\tzettabee:lastsnap\t{sy}\nb/y@{sy}\tcreation\t1000\n"
+        f"b/x\tcreatetxg\t9\nb/x\tzettabee:fingerprint\t{x.fingerprint}\n"
+        f"b/x\tzettabee:lastsnap\t{sx}\nb/x@{sx}\tcreatetxg\t10\n"
+        f"b/y\tcreatetxg\t9\nb/y\tzettabee:fingerprint\t{'e' * 32}\n"
+        f"b/y\tzettabee:lastsnap\t{sy}\nb/y@{sy}\tcreatetxg\t10\n"
     )
     host = FakeHost(out, 1, "cannot open 'b/z': dataset does not exist")
-    healths = read_health(pairs, store(tmp_path), host=host, now=1300)  # type: ignore[arg-type]
+    now = NEW_YEAR + 300  # the lag is read from the snapshot's name
+    healths = read_health(pairs, store(tmp_path), host=host, now=now)  # type: ignore[arg-type]
     assert len(host.calls) == 1
     assert [h.state for h in healths] == [SYNCHRONIZED, INCONSISTENT, UNINITIALIZED]
     assert healths[0].lag == 300 and healths[0].lastsnap == sx
@@ -425,7 +429,7 @@ def test_health_reads_each_destination_host_once(tmp_path: Path) -> None:
         fs, name = pair.destination.fs, snap(pair.fingerprint, "20260101T000000Z")
         rows.append(
             f"{fs}\tzettabee:fingerprint\t{pair.fingerprint}\n{fs}\tzettabee:lastsnap\t{name}\n"
-            f"{fs}@{name}\tcreation\t1000\n"
+            f"{fs}@{name}\tcreatetxg\t10\n"
         )
     b1 = NamedHost("b1", rows[0] + rows[2])
     b2 = NamedHost("b2", rows[1])
@@ -433,7 +437,7 @@ def test_health_reads_each_destination_host_once(tmp_path: Path) -> None:
     healths = read_health(
         pairs,
         store(tmp_path),
-        now=1060,
+        now=NEW_YEAR + 60,
         hosts=lambda p: hosts[p.destination.host],  # type: ignore[arg-type,return-value]
     )
     assert [len(b1.calls), len(b2.calls)] == [1, 1]

@@ -4,6 +4,7 @@ state, and a closer look only at the pairs that need it. Against a fake ZFS that
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from zettabee import zfs
@@ -31,7 +32,7 @@ class FakeZfs:
             zfs.PROP_LASTSNAP: lastsnap or snaps[-1][0],
         }
         for snap, creation in snaps:
-            self.objects[f"{fs}@{snap}"] = {"creation": str(creation)}
+            self.objects[f"{fs}@{snap}"] = {"creation": str(creation), "createtxg": str(creation)}
 
     def props(self, name: str) -> dict[str, str]:
         fs = name.partition("@")[0]
@@ -65,10 +66,17 @@ def pair(name: str) -> Pair:
     return Pair(Endpoint("src", f"tank/{name}"), Endpoint("localhost", f"backup/{name}"))
 
 
-def snap(p: Pair, minute: int) -> str:
-    from datetime import UTC, datetime
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
-    return snapshot_name(p.fingerprint, datetime(2026, 1, 1, 0, minute, tzinfo=UTC))
+
+def at(seconds: int) -> float:
+    """A moment ``seconds`` after the lab's epoch, T0."""
+    return (T0 + timedelta(seconds=seconds)).timestamp()
+
+
+def snap(p: Pair, n: int) -> str:
+    """The pair's ``n``th snapshot, named at(900 + 100 n), as the fakes' creation says."""
+    return snapshot_name(p.fingerprint, T0 + timedelta(seconds=900 + 100 * n))
 
 
 def ran(store: StateStore, p: Pair, snapshot: str, state: str = IDLE, result: str = "ok") -> None:
@@ -85,7 +93,7 @@ def test_steady_state_asks_for_one_snapshot_per_pair_and_nothing_else(tmp_path: 
     for p in pairs:
         zfs_.add(p, (snap(p, 1), 1000), (snap(p, 2), 1100))
         ran(store, p, snap(p, 2))
-    healths = read_health(pairs, store, host=zfs_, now=1400)  # type: ignore[arg-type]
+    healths = read_health(pairs, store, host=zfs_, now=at(1400))  # type: ignore[arg-type]
     assert [h.state for h in healths] == [SYNCHRONIZED] * 3
     assert [h.lag for h in healths] == [300] * 3
     assert len(zfs_.calls) == 1
@@ -110,7 +118,7 @@ def test_pairs_the_hint_cannot_answer_are_read_whole_in_one_more_call(tmp_path: 
     # Its destination was destroyed.
     ran(store, gone, snap(gone, 1))
 
-    healths = read_health(pairs, store, host=zfs_, now=1500)  # type: ignore[arg-type]
+    healths = read_health(pairs, store, host=zfs_, now=at(1500))  # type: ignore[arg-type]
     assert len(zfs_.calls) == 2
     assert "-d" in zfs_.calls[1]
     assert zfs_.calls[1][-4:] == sorted(p.destination.fs for p in (stale, never, killed, gone))
@@ -131,6 +139,21 @@ def test_five_hundred_pairs_take_one_call(tmp_path: Path) -> None:
     for p in pairs:
         zfs_.add(p, (snap(p, 1), 1000))
         ran(store, p, snap(p, 1))
-    healths = read_health(pairs, store, host=zfs_, now=1060)  # type: ignore[arg-type]
+    healths = read_health(pairs, store, host=zfs_, now=at(1060))  # type: ignore[arg-type]
     assert len(zfs_.calls) == 1 and all(h.lag == 60 for h in healths)
     assert len(zfs_.calls[0]) == len(zfs.get([], _View.PROPS)) + 500
+
+
+def test_a_source_clock_stepped_back_between_two_runs_is_not_inconsistent(
+    tmp_path: Path,
+) -> None:
+    """The newer snapshot has the older ``creation`` (the source's clock went back an
+    hour in between); ZFS's own order, ``createtxg``, still says which came last."""
+    store = StateStore(tmp_path / "state", tmp_path / "run", tmp_path / "log")
+    zfs_ = FakeZfs()
+    p = pair("stepped")
+    zfs_.add(p, (snap(p, 1), 1000), (snap(p, 2), 1100))
+    zfs_.objects[f"{p.destination.fs}@{snap(p, 2)}"]["creation"] = str(1100 - 3600)
+    ran(store, p, snap(p, 1), state=RUNNING, result="")  # read whole, every snapshot
+    [health] = read_health([p], store, host=zfs_, now=at(1400))  # type: ignore[arg-type]
+    assert (health.state, health.lastsnap, health.lag) == (SYNCHRONIZED, snap(p, 2), 300)

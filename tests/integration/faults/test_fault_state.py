@@ -127,6 +127,26 @@ def test_clock_stepped_back(faults: Faults) -> None:
     assert row.data == INTACT
 
 
+def test_source_clock_ahead_of_this_host(faults: Faults) -> None:
+    """The source's ZFS stamps ``creation`` with its own clock; zettabee names each
+    snapshot with this host's. Lag reads one clock, the one that named the snapshot, so
+    a source a few seconds ahead does not make the lag negative right after a run."""
+    replica = faults.replica(mb=1)
+    row = faults.expect(
+        "source clock 5 s ahead of this host",
+        "update exit 0; lag OK right after the run (not a negative lag); replica intact",
+    )
+    replica.grow(1)
+    update = faults.run_faketime("-5s", "zettabee", "update", replica.fs)
+    assert (update.code, update.stderr) == (0, ""), update.stderr
+    replica.remember()
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", replica.fs, faketime="-5s")
+    row.observed = f"update exit 0; lag {STATES[lag_code]}: {faults.shown(lag_text, replica)}"
+    row.data = replica.intact()
+    assert lag_code == 0, lag_text
+    assert row.data == INTACT
+
+
 def test_a_cached_probe_that_no_longer_holds(faults: Faults) -> None:
     """A source host's answer to the probe is believed for an hour. Here the host behind
     the name changed within it: the cache says OpenZFS 2.1 with bookmarks, the host is
