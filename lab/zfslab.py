@@ -44,7 +44,7 @@ LAYOUTS = {
 }
 # Spare labs, so that several working trees can run their suites at once
 # (ZETTABEE_LAB=w1 make test); every lab shares the one zfs-fuse daemon.
-for _n in range(1, 5):
+for _n in range(1, 7):
     LAYOUTS[f"w{_n}"] = LabLayout(
         f"w{_n}", f"w{_n}src", f"w{_n}dst", f"zbw{_n}", f"zbw{_n}v", 10 + _n
     )
