@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nagiosplugin
@@ -27,7 +26,7 @@ from zettabee.checks import evaluate, lag_check, runtime_check, threshold
 from zettabee.config import Settings
 from zettabee.errors import LockHeld, StateError
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, UNREADABLE, Health
-from zettabee.pair import Endpoint, Pair, PairOptions, fingerprint, snapshot_name
+from zettabee.pair import Endpoint, Pair, PairOptions, fingerprint
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -577,13 +576,15 @@ def run_plugin(
 def test_plugin_end_to_end_with_a_stand_in_zfs(tmp_path: Path) -> None:
     settings, _ = write_config(tmp_path, "src:tank/a localhost:backup/a wlag=60,clag=120\n")
     fp = fingerprint(Endpoint("src", "tank/a"), Endpoint("localhost", "backup/a"))
-    snap = snapshot_name(fp, datetime.now(UTC) - timedelta(seconds=90))  # lag from the name
+    # The lag is read from the snapshot's name: the stand-in names it 90 s before it is
+    # asked, however long the plugin took to start.
     env = fake_zfs(
         tmp_path,
+        f'snap=zettabee.{fp}.$(date -u -d "@$(($(date +%s) - 90))" +%Y%m%dT%H%M%SZ)\n'
         f'printf "backup/a\\tcreatetxg\\t1\\n"\n'
         f'printf "backup/a\\tzettabee:fingerprint\\t{fp}\\n"\n'
-        f'printf "backup/a\\tzettabee:lastsnap\\t{snap}\\n"\n'
-        f'printf "backup/a@{snap}\\tcreatetxg\\t5\\n"\n',
+        f'printf "backup/a\\tzettabee:lastsnap\\t%s\\n" "$snap"\n'
+        f'printf "backup/a@%s\\tcreatetxg\\t5\\n" "$snap"\n',
     )
     proc, _ = run_plugin("check_zettabee_lag", env, "--settings", settings, "backup/a")
     assert proc.returncode == 1, proc.stdout + proc.stderr
