@@ -186,6 +186,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def manpage(name: str, parser: argparse.ArgumentParser, page: Page, version: str, date: str) -> str:
     out = [
         f'.TH {roff(name.upper())} {page.section} "{date}" "zettabee {version}" "zettabee"',
+        ".nh",  # option names and paths are not to be hyphenated
         ".SH NAME",
         f"{roff(name)} \\- {roff(page.summary)}",
         ".SH SYNOPSIS",
