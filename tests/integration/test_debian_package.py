@@ -402,7 +402,9 @@ export DPKG_ROOT={target} DPKG_MAINTSCRIPT_PACKAGE=zettabee DPKG_MAINTSCRIPT_NAM
 {control}/postinst configure
 stat -c '%a %U:%G %n' {target}/var/lib/zettabee {target}/var/log/zettabee \
     {target}/var/spool/zettabee {target}/run/zettabee
-test ! -e /etc/systemd/system/timers.target.wants/zettabee-replicate.timer
+# the timer is known to deb-systemd-helper (purge cleans it up), and not enabled
+cat {target}/var/lib/systemd/deb-systemd-helper-enabled/zettabee-replicate.timer.dsh-also
+test ! -e {target}/etc/systemd/system/timers.target.wants/zettabee-replicate.timer
 echo '{{}}' > {target}/var/lib/zettabee/status.json
 chmod 2750 {target}/var/lib/zettabee
 {control}/postinst configure 0.0.9
@@ -413,7 +415,9 @@ test -d {target}/var/lib/zettabee
 rm {" ".join(str(target) + path for path in sorted(CONFFILES))}
 DPKG_MAINTSCRIPT_NAME=postrm {control}/postrm purge
 for path in var/lib/zettabee var/log/zettabee var/spool/zettabee run/zettabee \
-        etc/zettabee/known_hosts etc/zettabee/mine.cfg; do
+        etc/zettabee/known_hosts \
+        var/lib/systemd/deb-systemd-helper-enabled/zettabee-replicate.timer.dsh-also \
+        etc/zettabee/mine.cfg; do
     if [ -e "{target}/$path" ]; then echo "kept $path"; else echo "gone $path"; fi
 done
 rm {target}/etc/zettabee/mine.cfg
@@ -433,15 +437,18 @@ test -e {target}/etc/zettabee && echo "kept etc/zettabee" || echo "gone etc/zett
         f"700 root:root {target}/var/spool/zettabee",
         f"750 root:root {target}/run/zettabee",
     ]
+    # What enabling would link; the test after the cat says it is not linked.
+    assert lines[4] == "/etc/systemd/system/timers.target.wants/zettabee-replicate.timer"
     # An upgrade keeps what the admin gave the state directory (the monitoring group's bit).
-    assert lines[4] == f"again 2750 {target}/var/lib/zettabee"
+    assert lines[5] == f"again 2750 {target}/var/lib/zettabee"
     # After purge: what zettabee wrote is gone, an admin's own file in /etc/zettabee stays.
-    assert lines[5:] == [
+    assert lines[6:] == [
         "gone var/lib/zettabee",
         "gone var/log/zettabee",
         "gone var/spool/zettabee",
         "gone run/zettabee",
         "gone etc/zettabee/known_hosts",
+        "gone var/lib/systemd/deb-systemd-helper-enabled/zettabee-replicate.timer.dsh-also",
         "kept etc/zettabee/mine.cfg",
         # without a file of the admin's, /etc/zettabee goes too
         "gone etc/zettabee",
