@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMPS := .stamps
 
-.PHONY: deps demo demo-clean test lint unit integration guest fault-test bench clean
+.PHONY: deps demo demo-clean test lint unit integration guest fault-test bench deb clean
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
@@ -56,6 +56,11 @@ bench: deps
 	$(PY) bench/bench_fleet.py --jobs 4,8
 	$(PY) bench/bench_plugins.py
 	$(PY) bench/bench_nsca.py
+
+# The Debian package: dist/zettabee_<version>_all.deb (debian/, debhelper and pybuild;
+# the build tools are in scripts/apt-packages.txt). The tree's own files are not touched.
+deb: $(STAMPS)/apt
+	./scripts/build-deb
 
 clean:
 	rm -rf $(STAMPS) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
