@@ -81,7 +81,8 @@ class Fleet:
                      f"for i in $(seq -f %03g 0 {self.count - 1}); do zfs create {self.sparent}/p$i "
                      "|| exit 1; done")  # fmt: skip
         subprocess.run(["zfs", "create", "-o", "mountpoint=none", self.dparent], check=True)
-        from zettabee.config import load_pairs, load_settings
+        from zettabee.config import load_settings
+        from zettabee.pairfile import load_pairs
         from zettabee.replicator import Hosts, Replicator
         from zettabee.state import StateStore
 

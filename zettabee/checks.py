@@ -43,11 +43,13 @@ from nagiosplugin.output import Output
 from nagiosplugin.state import Critical, Ok, ServiceState, Unknown, Warn
 
 from zettabee import __version__
-from zettabee.config import find_pair, format_duration, load_pairs, load_settings, parse_duration
+from zettabee.config import load_settings
 from zettabee.errors import ZettabeeError
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, Health, read_health
 from zettabee.pair import Pair
+from zettabee.pairfile import find_pair, load_pairs
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore
+from zettabee.units import format_duration, parse_duration
 
 LAG = "ZETTABEE_LAG"
 RUNTIME = "ZETTABEE_RUNTIME"

@@ -16,18 +16,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from zettabee import __version__
-from zettabee.config import (
-    Settings,
-    find_pair,
-    format_bytes,
-    format_duration,
-    load_pairs,
-    load_settings,
-    parse_duration,
-)
+from zettabee.config import Settings, load_settings
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
 from zettabee.monconf import MODES, NAGIOS_HOST_TEMPLATE, PASSIVE
 from zettabee.pair import Pair
+from zettabee.pairfile import find_pair, load_pairs
+from zettabee.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:  # not imported before an update has started its connection
     from zettabee.health import Health
