@@ -82,8 +82,9 @@ class Fleet:
                      "|| exit 1; done")  # fmt: skip
         subprocess.run(["zfs", "create", "-o", "mountpoint=none", self.dparent], check=True)
         from zettabee.config import load_settings
+        from zettabee.hosts import Hosts
         from zettabee.pairfile import load_pairs
-        from zettabee.replicator import Hosts, Replicator
+        from zettabee.replicator import Replicator
         from zettabee.state import StateStore
 
         settings = load_settings(str(self.settings))

@@ -209,7 +209,7 @@ class _PairLog:
 
 
 def run_actions(app: App, pairs: list[Pair], action: str) -> int:
-    from zettabee.host import Hosts
+    from zettabee.hosts import Hosts
 
     args = app.args
     hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
@@ -339,7 +339,7 @@ def do_status(app: App) -> int:
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
     from zettabee.health import read_health
-    from zettabee.host import Hosts
+    from zettabee.hosts import Hosts
 
     hosts = Hosts(app.settings.known_hosts)
     try:  # one zfs get per destination host, over SSH for the remote ones
