@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from zettabee import host
 from zettabee.config import Settings
 from zettabee.errors import ConfigError, Problem, UsageError
 from zettabee.names import parse_endpoint
@@ -62,9 +63,7 @@ def parse_pairs(text: str, path: str, settings: Settings) -> PairFile:
     """The pair file's ``text`` parsed as if read from ``path``."""
     pairs: list[Pair] = []
     problems: list[Problem] = []
-    destinations: dict[Endpoint, int] = {}
-    fingerprints: dict[str, int] = {}
-    ports: dict[tuple[str, int], int] = {}
+    taken = _Taken(path)
     # split("\n"), not splitlines(): a stray form feed or U+2028 must not shift every
     # following line number away from what the operator's editor shows.
     for number, raw in enumerate(text.split("\n"), 1):
@@ -73,15 +72,12 @@ def parse_pairs(text: str, path: str, settings: Settings) -> PairFile:
             continue
         pair, found = _parse_line(line, path, number, settings.defaults)
         if pair is not None:
-            found.extend(_clashes(pair, destinations, fingerprints, ports, path, number))
+            found.extend(taken.clashes(pair, number))
         problems.extend(found)
         if pair is None or found:
             continue
         pairs.append(pair)
-        destinations[pair.destination] = number
-        fingerprints[pair.fingerprint] = number
-        if pair.options.transport == "mbuffer" and pair.options.port is not None:
-            ports[(pair.destination.host, pair.options.port)] = number
+        taken.add(pair, number)
     return PairFile(path=path, pairs=pairs, problems=problems)
 
 
@@ -141,45 +137,94 @@ def _split_options(
     return items, problems
 
 
-def _clashes(
-    pair: Pair,
-    destinations: dict[Endpoint, int],
-    fingerprints: dict[str, int],
-    ports: dict[tuple[str, int], int],
-    path: str,
-    number: int,
-) -> list[Problem]:
-    problems = []
-    if pair.destination in destinations:
-        problems.append(
-            Problem(
-                path,
-                number,
-                f"destination {pair.destination} is already used on line "
-                f"{destinations[pair.destination]}; a file system can receive from one pair only",
+class _Taken:
+    """What the lines loaded so far hold: destinations, fingerprints, mbuffer ports.
+
+    One host may be written several ways: host names compare without case, and every
+    name of this machine (``localhost``, ``127.0.0.1``, its own name or addresses) is one
+    host, as the runners see it. Whether a name is this machine is asked only of a file
+    system name or port that recurs, so a file of distinct destinations costs no lookup.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.destinations: dict[str, list[tuple[Endpoint, int]]] = {}
+        self.fingerprints: dict[str, int] = {}
+        self.ports: dict[int, list[tuple[str, int]]] = {}
+        self._local: dict[str, bool] = {}
+
+    def add(self, pair: Pair, number: int) -> None:
+        self.destinations.setdefault(pair.destination.fs, []).append((pair.destination, number))
+        self.fingerprints[pair.fingerprint] = number
+        if pair.options.transport == "mbuffer" and pair.options.port is not None:
+            self.ports.setdefault(pair.options.port, []).append((pair.destination.host, number))
+
+    def clashes(self, pair: Pair, number: int) -> list[Problem]:
+        problems = []
+        destination = pair.destination
+        earlier = self._destination(destination)
+        if earlier is not None:
+            seen, line, why = earlier
+            if seen == destination:
+                message = f"destination {destination} is already used on line {line}"
+            else:
+                message = (
+                    f"destination {destination} is {seen} of {self.path}:{line} under "
+                    f"another name ({why})"
+                )
+            message += "; a file system can receive from one pair only"
+            problems.append(Problem(self.path, number, message))
+        elif pair.fingerprint in self.fingerprints:
+            problems.append(
+                Problem(
+                    self.path,
+                    number,
+                    f"fingerprint {pair.fingerprint} is already used on line "
+                    f"{self.fingerprints[pair.fingerprint]}",
+                )
             )
-        )
-    elif pair.fingerprint in fingerprints:
-        problems.append(
-            Problem(
-                path,
-                number,
-                f"fingerprint {pair.fingerprint} is already used on line "
-                f"{fingerprints[pair.fingerprint]}",
+        # mbuffer listens on the destination host: a port is taken per destination host.
+        port = pair.options.port or 0
+        used = self._port(destination.host, port) if pair.options.transport == "mbuffer" else None
+        if used is not None:
+            problems.append(
+                Problem(
+                    self.path,
+                    number,
+                    f"mbuffer port {port} on {destination.host} is already used on line "
+                    f"{used}; give each mbuffer pair its own port, or none to pick a free one",
+                )
             )
-        )
-    # mbuffer listens on the destination host: a port is taken per destination host.
-    port = (pair.destination.host, pair.options.port or 0)
-    if pair.options.transport == "mbuffer" and port in ports:
-        problems.append(
-            Problem(
-                path,
-                number,
-                f"mbuffer port {port[1]} on {port[0]} is already used on line {ports[port]}; "
-                "give each mbuffer pair its own port, or none to pick a free one",
-            )
-        )
-    return problems
+        return problems
+
+    def _destination(self, endpoint: Endpoint) -> tuple[Endpoint, int, str] | None:
+        """The earlier destination, its line and why it is ``endpoint``, if one is."""
+        for seen, line in self.destinations.get(endpoint.fs, ()):
+            why = self._same_host(seen.host, endpoint.host)
+            if why is not None:
+                return seen, line, why
+        return None
+
+    def _port(self, host_name: str, port: int) -> int | None:
+        for seen, line in self.ports.get(port, ()):
+            if self._same_host(seen, host_name) is not None:
+                return line
+        return None
+
+    def _same_host(self, a: str, b: str) -> str | None:
+        """Why host names ``a`` and ``b`` name one host, or None if they do not."""
+        if a == b:
+            return "the same name"
+        if a.lower().removesuffix(".") == b.lower().removesuffix("."):
+            return "host names compare without case or a final '.'"
+        if self._is_local(a) and self._is_local(b):
+            return f"{a} and {b} both name this machine"
+        return None
+
+    def _is_local(self, name: str) -> bool:
+        if name not in self._local:
+            self._local[name] = host.is_local_host(name)
+        return self._local[name]
 
 
 # --------------------------------------------------------------------------------------

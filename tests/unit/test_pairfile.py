@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 from pathlib import Path
 
 import pytest
 
+from zettabee import host
 from zettabee.config import Settings, load_settings, parse_settings
 from zettabee.errors import ConfigError, UsageError
 from zettabee.options import OPTION_NAMES
@@ -365,6 +367,74 @@ def test_duplicate_mbuffer_port(tmp_path: Path) -> None:
         "pair its own port, or none to pick a free one"
     ]
     assert [p.line for p in pair_file.pairs] == [1, 2, 4, 5, 6, 7]
+
+
+def test_one_destination_under_two_spellings_of_its_host(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "src:tank/a LOCALHOST:backup/x\n"
+        "src:tank/b localhost:backup/x\n"
+        "src:tank/c Dst.Example.com:backup/y\n"
+        "src:tank/d dst.example.com.:backup/y\n"
+        "src:tank/e dst.example.com:backup/Y\n",  # ZFS names keep their case
+    )
+    path = str(tmp_path / "zettabee.cfg")
+    why = "(host names compare without case or a final '.')"
+    assert messages(pair_file) == [
+        f"{path}:2: destination localhost:backup/x is LOCALHOST:backup/x of {path}:1 under "
+        f"another name {why}; a file system can receive from one pair only",
+        f"{path}:4: destination dst.example.com.:backup/y is Dst.Example.com:backup/y of "
+        f"{path}:3 under another name {why}; a file system can receive from one pair only",
+    ]
+    assert [p.line for p in pair_file.pairs] == [1, 3, 5]
+
+
+@pytest.mark.parametrize("other", ["127.0.0.1", "[::1]", socket.gethostname()])
+def test_every_name_of_this_machine_is_one_destination_host(tmp_path: Path, other: str) -> None:
+    pair_file = load(tmp_path, f"src:tank/a localhost:backup/x\nsrc:tank/b {other}:backup/x\n")
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:2: destination {other}:backup/x is localhost:backup/x of {path}:1 under "
+        f"another name (localhost and {other} both name this machine); a file system can "
+        "receive from one pair only"
+    ]
+    assert [p.line for p in pair_file.pairs] == [1]
+
+
+def test_other_hosts_may_hold_file_systems_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []
+
+    def remote(name: str) -> bool:
+        asked.append(name)
+        return False
+
+    monkeypatch.setattr(host, "is_local_host", remote)
+    pair_file = load(
+        tmp_path,
+        "src:tank/a b1.example.com:backup/x\n"
+        "src:tank/b b2.example.com:backup/x\n"
+        "src:tank/c b1.example.com:backup/y\n",
+    )
+    assert messages(pair_file) == []
+    assert [p.line for p in pair_file.pairs] == [1, 2, 3]
+    # Only a file system name that recurs asks the resolver: a plugin loading thousands
+    # of distinct destinations must not wait on DNS.
+    assert set(asked) <= {"b1.example.com", "b2.example.com"}
+
+
+def test_mbuffer_port_on_one_host_under_two_spellings(tmp_path: Path) -> None:
+    pair_file = load(
+        tmp_path,
+        "src:tank/a localhost:backup/a transport=mbuffer,port=9090\n"
+        "src:tank/b LOCALHOST:backup/b transport=mbuffer,port=9090\n",
+    )
+    path = str(tmp_path / "zettabee.cfg")
+    assert messages(pair_file) == [
+        f"{path}:2: mbuffer port 9090 on LOCALHOST is already used on line 1; give each "
+        "mbuffer pair its own port, or none to pick a free one"
+    ]
 
 
 # --------------------------------------------------------------------------------------
