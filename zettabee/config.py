@@ -20,6 +20,9 @@ from zettabee.names import describe_char, validate_path
 from zettabee.options import build_options, suggest
 from zettabee.pair import Pair, PairOptions
 
+# What some editors (Windows Notepad's "UTF-8") put before the first line of a file.
+BOM = "\ufeff"
+
 DEFAULT_SETTINGS_PATH = "/etc/zettabee/zettabee.ini"
 SETTINGS_ENV = "ZETTABEE_SETTINGS"
 DEFAULT_PAIRS_PATH = "/etc/zettabee/zettabee.cfg"
@@ -152,6 +155,7 @@ def parse_settings(text: str, path: str = "<settings>") -> Settings:
     Only whole-line comments are recognised: the back-end sections hold passwords, and a
     password may contain ``#`` or ``;``.
     """
+    text = text.removeprefix(BOM)
     parser = configparser.ConfigParser(
         interpolation=None,
         # "[DEFAULT]" would silently leak its keys into every section: make it unknown.

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from zettabee import host
-from zettabee.config import Settings
+from zettabee.config import BOM, Settings
 from zettabee.errors import ConfigError, Problem, UsageError
 from zettabee.names import parse_endpoint
 from zettabee.options import build_options
@@ -61,6 +61,7 @@ def load_pairs(path: str, settings: Settings) -> PairFile:
 
 def parse_pairs(text: str, path: str, settings: Settings) -> PairFile:
     """The pair file's ``text`` parsed as if read from ``path``."""
+    text = text.removeprefix(BOM)
     pairs: list[Pair] = []
     problems: list[Problem] = []
     taken = _Taken(path)

@@ -124,6 +124,15 @@ url = https://icinga.example.com:5665
 """
 
 
+@pytest.mark.parametrize("first", ["# saved by a Windows editor\n", ""])
+def test_a_byte_order_mark_at_the_start_of_the_settings_is_ignored(
+    tmp_path: Path, first: str
+) -> None:
+    path = write(tmp_path, f"\ufeff{first}[paths]\nstate_dir = /srv/zb\n", "zettabee.ini")
+    assert load_settings(path).state_dir == "/srv/zb"
+    assert parse_settings(f"\ufeff{first}[paths]\nstate_dir = /srv/zb\n").state_dir == "/srv/zb"
+
+
 def test_full_settings_file(tmp_path: Path) -> None:
     path = write(tmp_path, FULL_SETTINGS, "zettabee.ini")
     settings = load_settings(path)

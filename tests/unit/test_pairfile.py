@@ -118,6 +118,24 @@ def test_crlf_file_loads(tmp_path: Path) -> None:
     assert [p.options.keep for p in pair_file.pairs] == [2, 1]
 
 
+@pytest.mark.parametrize("first", ["# saved by a Windows editor", GOOD])
+def test_a_byte_order_mark_at_the_start_is_not_part_of_the_first_line(
+    tmp_path: Path, first: str
+) -> None:
+    pair_file = load(tmp_path, f"\ufeff{first}\nsrc:tank/b dst:backup/b\n")
+    assert messages(pair_file) == []
+    assert [p.line for p in pair_file.pairs] == ([1, 2] if first == GOOD else [2])
+    without = load(tmp_path, f"{first}\nsrc:tank/b dst:backup/b\n")
+    assert [p.fingerprint for p in pair_file.pairs] == [p.fingerprint for p in without.pairs]
+
+
+def test_a_byte_order_mark_inside_the_file_is_still_named(tmp_path: Path) -> None:
+    pair_file = load(tmp_path, f"{GOOD}\n\ufeffsrc:tank/b dst:backup/b\n")
+    path = str(tmp_path / "zettabee.cfg")
+    assert [m.split(": ", 1)[0] for m in messages(pair_file)] == [f"{path}:2"]
+    assert "a control character (U+FEFF)" in messages(pair_file)[0]
+
+
 def test_ipv6_endpoints(tmp_path: Path) -> None:
     pair_file = load(tmp_path, "[fe80::1%eth0]:tank/data [::1]:backup/data mbufferhost=[::1]\n")
     assert messages(pair_file) == []

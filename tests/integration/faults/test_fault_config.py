@@ -210,6 +210,37 @@ def test_one_destination_under_two_names(faults: Faults) -> None:
     assert row.data == INTACT
 
 
+def test_files_saved_with_a_byte_order_mark(faults: Faults) -> None:
+    """Some Windows editors start a UTF-8 file with U+FEFF: the pair file and the
+    settings still load, and the pair replicates."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    bom = "\ufeff".encode()
+    zb.write_pairs("# pairs, saved by a Windows editor", zb.pair_line())
+    for path in (zb.pairfile, zb.settings):
+        path.write_bytes(bom + path.read_bytes())
+    row = faults.expect(
+        "pair file and settings saved with a UTF-8 byte-order mark",
+        "check-config exit 0; update --all and replicate exit 0; lag OK",
+    )
+    check = faults.run("zettabee", "check-config")
+    replica.grow(1)
+    update = faults.run("zettabee", "update", "--all")
+    lag, _ = faults.plugin("check_zettabee_lag", replica.fs)
+    replica.grow(1, "yet-more.bin")
+    replicate = faults.run("replicate", "--all", "--no-passive")
+    row.observed = (
+        f"check-config exit {check.code} ({faults.shown(check.stdout + check.stderr, replica)}); "
+        f"update --all exit {update.code}; lag {STATES[lag]}; replicate exit {replicate.code}"
+    )
+    assert check.code == 0, check.stderr
+    assert update.code == 0 and replicate.code == 0, (update.stderr, replicate.stderr)
+    assert lag == 0
+    replica.remember()  # the files of both runs arrived
+    row.data = replica.intact()
+    assert row.data == INTACT
+
+
 # -- names through every runner, past the config's checks --------------------------------
 
 
