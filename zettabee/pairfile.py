@@ -11,7 +11,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from zettabee import host
 from zettabee.config import BOM, Settings
 from zettabee.errors import ConfigError, Problem, UsageError
 from zettabee.names import parse_endpoint
@@ -224,6 +223,8 @@ class _Taken:
 
     def _is_local(self, name: str) -> bool:
         if name not in self._local:
+            from zettabee import host  # the runners, only when a name recurs: off every start
+
             self._local[name] = host.is_local_host(name)
         return self._local[name]
 
