@@ -81,8 +81,10 @@ class Fleet:
                      f"for i in $(seq -f %03g 0 {self.count - 1}); do zfs create {self.sparent}/p$i "
                      "|| exit 1; done")  # fmt: skip
         subprocess.run(["zfs", "create", "-o", "mountpoint=none", self.dparent], check=True)
-        from zettabee.config import load_pairs, load_settings
-        from zettabee.replicator import Hosts, Replicator
+        from zettabee.config import load_settings
+        from zettabee.hosts import Hosts
+        from zettabee.pairfile import load_pairs
+        from zettabee.replicator import Replicator
         from zettabee.state import StateStore
 
         settings = load_settings(str(self.settings))

@@ -16,18 +16,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from zettabee import __version__
-from zettabee.config import (
-    Settings,
-    find_pair,
-    format_bytes,
-    format_duration,
-    load_pairs,
-    load_settings,
-    parse_duration,
-)
+from zettabee.config import Settings, load_settings
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
 from zettabee.monconf import MODES, NAGIOS_HOST_TEMPLATE, PASSIVE
 from zettabee.pair import Pair
+from zettabee.pairfile import find_pair, load_pairs
+from zettabee.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:  # not imported before an update has started its connection
     from zettabee.health import Health
@@ -215,7 +209,7 @@ class _PairLog:
 
 
 def run_actions(app: App, pairs: list[Pair], action: str) -> int:
-    from zettabee.host import Hosts
+    from zettabee.hosts import Hosts
 
     args = app.args
     hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
@@ -345,7 +339,7 @@ def do_status(app: App) -> int:
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
     from zettabee.health import read_health
-    from zettabee.host import Hosts
+    from zettabee.hosts import Hosts
 
     hosts = Hosts(app.settings.known_hosts)
     try:  # one zfs get per destination host, over SSH for the remote ones

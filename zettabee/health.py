@@ -18,11 +18,11 @@ from typing import Any
 
 from zettabee import zfs
 from zettabee.capabilities import Capabilities
-from zettabee.config import format_bytes
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
 from zettabee.pair import Pair, is_own_snapshot, parse_snapshot_name
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
+from zettabee.units import format_bytes
 
 DestinationHosts = Callable[[Pair], Host]
 

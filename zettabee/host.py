@@ -18,13 +18,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 from zettabee.errors import CommandError, TransportError, ZfsError
-
-if TYPE_CHECKING:
-    from zettabee.capabilities import PairFeatures
-    from zettabee.pair import Endpoint, Pair
 
 log = logging.getLogger(__name__)
 
@@ -486,59 +482,6 @@ def ssh_failure(target: SshTarget, returncode: int, stderr: str) -> TransportErr
         reason = next(line for line in lines if "connect to host" in line or "timed out" in line)
         return TransportError(f"cannot connect to {where}: {reason.rsplit(': ', 1)[-1]}")
     return TransportError(f"ssh to {target.user}@{where} failed (exit {returncode}): {said}")
-
-
-class Hosts:
-    """One host object per (host, port, user, key) for the whole run: pairs from the same
-    host share one control connection, whichever end of a pair it is, and each host is
-    probed once. Here, not in the replicator, so that a run can start its connections
-    before it imports the rest."""
-
-    def __init__(
-        self, known_hosts: str, accept_new_host_key: bool = False, probe_cache: str | None = None
-    ) -> None:
-        from zettabee.capabilities import Prober
-
-        self.known_hosts = known_hosts
-        self.accept_new_host_key = accept_new_host_key
-        self._hosts: dict[tuple[str, int, str, str | None, str], Host] = {}
-        self.prober = Prober(probe_cache)
-
-    def get(self, endpoint: Endpoint, pair: Pair) -> Host:
-        opts = pair.options
-        known = opts.knownhosts or self.known_hosts
-        key = (endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-        if key not in self._hosts:
-            if is_local_host(endpoint.host):
-                self._hosts[key] = LocalHost(endpoint.host)
-            else:
-                target = SshTarget(endpoint.host, opts.sshport, opts.user, opts.sshkey, known)
-                self._hosts[key] = SshHost(target, self.accept_new_host_key)
-        return self._hosts[key]
-
-    def features(self, pair: Pair, src: Host, dst: Host) -> PairFeatures:
-        """What the pair can use: each host is probed once per run."""
-        from zettabee.capabilities import plan_features
-
-        opts = pair.options
-        src_caps, dst_caps = self.prober.of_both(src, pair.source.pool, dst, pair.destination.pool)
-        return plan_features(
-            src_caps,
-            dst_caps,
-            resume=opts.resume,
-            hold=opts.hold,
-            bookmark=opts.bookmark,
-            raw=opts.raw,
-        )
-
-    def forget_probes(self, pair: Pair) -> None:
-        """After a failed run: its hosts are probed afresh next time."""
-        self.prober.forget(self.get(pair.source, pair), pair.source.pool)
-        self.prober.forget(self.get(pair.destination, pair), pair.destination.pool)
-
-    def close(self) -> None:
-        for host in self._hosts.values():
-            host.close()
 
 
 def is_local_host(name: str) -> bool:

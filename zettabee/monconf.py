@@ -30,8 +30,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from zettabee.config import CHECKS, DEFAULT_SETTINGS_PATH, Settings, describe_char
+from zettabee.config import CHECKS, DEFAULT_SETTINGS_PATH, Settings
 from zettabee.errors import ConfigError, Problem, UsageError
+from zettabee.names import describe_char
 from zettabee.pair import Pair
 
 PASSIVE, ACTIVE, BOTH = "passive", "active", "both"

@@ -9,8 +9,8 @@ from zettabee import zfs
 from zettabee.config import CHECKS, Settings
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host
+from zettabee.hosts import Hosts
 from zettabee.pair import Pair
-from zettabee.replicator import Hosts
 
 
 def _check(label: str, host: Host, argv: list[str], fix: str) -> tuple[bool, str]:

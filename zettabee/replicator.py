@@ -15,11 +15,12 @@ from typing import Any, Generic, TypeVar
 
 from zettabee import fastpath, transport, zfs
 from zettabee.capabilities import Capabilities, PairFeatures
-from zettabee.config import format_bytes
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
-from zettabee.host import Host, Hosts, SshHost
+from zettabee.host import Host, SshHost
+from zettabee.hosts import Hosts
 from zettabee.pair import Pair, hold_tag, is_own_snapshot, snapshot_name
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
+from zettabee.units import format_bytes
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from typing import IO
 
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
-from zettabee.config import validate_dataset, validate_host
+from zettabee.names import validate_dataset, validate_host
 from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
 

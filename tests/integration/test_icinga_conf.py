@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import executable
-from zettabee.config import CHECKS, Settings, load_pairs, load_settings
+from zettabee.config import CHECKS, Settings, load_settings
+from zettabee.pairfile import load_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 ICINGA_CONF = REPO / "icinga-conf" / "icinga2"

@@ -462,8 +462,9 @@ def test_plugins_judge_a_remote_destination_from_the_last_run(tmp_path: Path) ->
 
 def test_local_transport_needs_one_host(tmp_path: Path) -> None:
     from zettabee.errors import StateError
+    from zettabee.hosts import Hosts
     from zettabee.pair import PairOptions
-    from zettabee.replicator import Hosts, Replicator
+    from zettabee.replicator import Replicator
 
     pair = Pair(
         Endpoint("a.invalid", "t/x"), Endpoint("b.invalid", "b/x"), PairOptions(transport="local")

@@ -19,8 +19,9 @@ from zettabee import checks
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.health import SYNCHRONIZED, Health
 from zettabee.host import Result, error_for
+from zettabee.hosts import Hosts
 from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag
-from zettabee.replicator import Hosts, Replicator
+from zettabee.replicator import Replicator
 from zettabee.state import FAILED, IDLE, StateStore, Status
 from zettabee.transport import StreamResult
 

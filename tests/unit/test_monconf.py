@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from zettabee import cli, monconf
-from zettabee.config import Settings, load_settings, parse_pairs, parse_settings
+from zettabee.config import Settings, load_settings, parse_settings
 from zettabee.errors import ConfigError, UsageError
 from zettabee.monconf import ACTIVE, BOTH, Request, render
+from zettabee.pairfile import parse_pairs
 
 PAIRS = """\
 src1.example.com:tank/data  backup1.example.com:backup/data  wlag=1h

@@ -3,8 +3,9 @@ carry: its passive results would otherwise be refused at every run."""
 
 from __future__ import annotations
 
-from zettabee.config import Settings, parse_pairs, parse_settings
+from zettabee.config import Settings, parse_settings
 from zettabee.pair import Pair
+from zettabee.pairfile import parse_pairs
 from zettabee.preflight import nsca_name_problems
 
 LONG_FS = "backup/" + "/".join(["a-rather-long-dataset-name"] * 5)

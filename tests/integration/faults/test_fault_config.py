@@ -10,6 +10,7 @@ would create: it must not exist afterwards, on either host (they share this file
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lab.zfslab import ZfsLab
-from tests.integration.faults.conftest import INTACT, STATES, Faults, snapshots
+from tests.integration.faults.conftest import INTACT, STATES, Faults, snapshots, zget
 from zettabee import transport, zfs
 from zettabee.errors import ZettabeeError
 from zettabee.host import LocalHost, SshHost, SshTarget
@@ -159,6 +160,85 @@ def test_bad_pair_file_lines_of_every_kind(faults: Faults, marker: Path) -> None
     extreme_snaps = snapshots(zb.dst_fs("extreme"))
     assert len(extreme_snaps) == 3  # keep=999999999: nothing pruned on the destination
     assert all(row.data == INTACT for row in rows.values())
+
+
+def test_one_destination_under_two_names(faults: Faults) -> None:
+    """Every name of this machine, in any case, is one destination host: a second line
+    receiving into the same file system is refused, and the first pair alone runs."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    good = zb.pair_line()
+    fs = good.split()[1].split(":", 1)[1]  # on the lab's destination address, this machine
+    zb.make_source("other", 1)
+    other = f"{zb.srcside.address}:{zb.src_fs('other')}"
+    aliases = ["localhost", "LOCALHOST", "127.0.0.1", socket.gethostname()]
+    zb.write_pairs(good, *(f"{other}  {alias}:{fs}" for alias in aliases))
+    row = faults.expect(
+        f"one destination under {len(aliases) + 1} names (address, localhost, LOCALHOST, "
+        "127.0.0.1, hostname)",
+        "check-config exit 2, each later line named with both lines' file:line; the later "
+        "lines never run; update --all and replicate exit 1, the first pair replicates",
+    )
+    check = faults.run("zettabee", "check-config")
+    first = f"{zb.pairfile}:1"
+    named = [
+        number
+        for number in range(2, len(aliases) + 2)
+        if any(
+            line.startswith(f"zettabee: {zb.pairfile}:{number}: destination ")
+            and f" of {first} under another name" in line
+            for line in check.stderr.splitlines()
+        )
+    ]
+    initialize = faults.run("zettabee", "initialize", f"localhost:{fs}")
+    replica.grow(1)
+    update = faults.run("zettabee", "update", "--all")
+    replica.same_as_source()
+    replica.grow(1, "yet-more.bin")
+    replicate = faults.run("replicate", "--all", "--no-passive")
+    replica.remember()
+    row.observed = (
+        f"check-config exit {check.code}, lines {named} of 2-{len(aliases) + 1} each name "
+        f"{zb.pairfile.name}:1; initialize localhost:... exit {initialize.code}; update --all exit "
+        f"{update.code}; replicate exit {replicate.code}; the first pair replicated"
+    )
+    row.data = replica.intact()
+    assert check.code == 2 and named == list(range(2, len(aliases) + 2)), check.stderr
+    assert initialize.code == 2 and "no pair" in initialize.stderr, initialize.stderr
+    assert update.code == 1 and replicate.code == 1, (update.stderr, replicate.stderr)
+    assert zget(fs, "zettabee:fingerprint") == replica.fingerprint
+    assert row.data == INTACT
+
+
+def test_files_saved_with_a_byte_order_mark(faults: Faults) -> None:
+    """Some Windows editors start a UTF-8 file with U+FEFF: the pair file and the
+    settings still load, and the pair replicates."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    bom = "\ufeff".encode()
+    zb.write_pairs("# pairs, saved by a Windows editor", zb.pair_line())
+    for path in (zb.pairfile, zb.settings):
+        path.write_bytes(bom + path.read_bytes())
+    row = faults.expect(
+        "pair file and settings saved with a UTF-8 byte-order mark",
+        "check-config exit 0; update --all and replicate exit 0; lag OK",
+    )
+    check = faults.run("zettabee", "check-config")
+    replica.grow(1)
+    update = faults.run("zettabee", "update", "--all")
+    lag, _ = faults.plugin("check_zettabee_lag", replica.fs)
+    replica.grow(1, "yet-more.bin")
+    replicate = faults.run("replicate", "--all", "--no-passive")
+    row.observed = (
+        f"check-config exit {check.code} ({faults.shown(check.stdout + check.stderr, replica)}); "
+        f"update --all exit {update.code}; lag {STATES[lag]}; replicate exit {replicate.code}"
+    )
+    assert check.code == 0, check.stderr
+    assert update.code == 0 and replicate.code == 0, (update.stderr, replicate.stderr)
+    assert lag == 0
+    replica.remember()  # the files of both runs arrived
+    row.data = replica.intact()
+    assert row.data == INTACT
 
 
 # -- names through every runner, past the config's checks --------------------------------

@@ -36,8 +36,9 @@ from lab.guest import Guest
 from tests.integration.faults.conftest import INTACT, Faults, snapshots, zget
 from zettabee import zfs
 from zettabee.host import Host, SshHost, SshTarget
+from zettabee.hosts import Hosts
 from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag, is_own_snapshot, snapshot_name
-from zettabee.replicator import Hosts, Replicator
+from zettabee.replicator import Replicator
 from zettabee.state import StateStore
 
 pytestmark = pytest.mark.integration
