@@ -266,8 +266,8 @@ def check_update_script(command: str, policy: Policy) -> None:
     taken out and checked one by one, and the script zettabee builds from them must be
     the command, character for character, before it may run in a shell."""
     lines = command.split("\n")
-    commands = [shlex.split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
-    after = [shlex.split(line[: -len("; r=$?")]) for line in lines if line.endswith("; r=$?")]
+    commands = [_split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
+    after = [_split(line[: -len("; r=$?")]) for line in lines if line.endswith("; r=$?")]
     if len(commands) not in (2, 3):
         raise Refused("not the update script of a zettabee pull")
     snapshot, *held, send = commands
@@ -368,7 +368,7 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
         return [["sh", "-c", command]]
     match = _pipeline_pattern(2).fullmatch(command)
     if match:
-        stages = [shlex.split(text) for text in match.groups()]
+        stages = [_split(text) for text in match.groups()]
         if pipeline_script(stages) != command:
             raise Refused("the pipeline is not written as zettabee writes it")
         if stages[0][:2] != ["zfs", "send"]:
@@ -380,17 +380,23 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
         match = _pipeline_pattern(2, first).fullmatch(command)
         if match:
             check_snapshot_and_send(
-                [shlex.split(text) for text in match.groups()], first, command, policy
+                [_split(text) for text in match.groups()], first, command, policy
             )
             return [["sh", "-c", command]]
-    try:
-        words = shlex.split(command)
-    except ValueError as exc:
-        raise Refused(f"cannot split into words: {exc}") from None
+    words = _split(command)
     if not words or shlex.join(words) != command:
         raise Refused("not written as zettabee writes its commands")
     check_command(words, policy)
     return [words]
+
+
+def _split(text: str) -> list[str]:
+    """The words of a command as a POSIX shell reads them; an unbalanced quote is a
+    refusal like any other, not a crash."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise Refused(f"cannot split into words: {exc}") from None
 
 
 # -- running it ----------------------------------------------------------------------
@@ -432,6 +438,21 @@ def _report(codes: list[int], errs: Sequence[IO[bytes]]) -> int:
             status = code
     out.flush()
     return status
+
+
+def _refuse(reason: str, command: str) -> int:
+    """Exit status 126, and why: on stderr for the destination's operator, and in the
+    source's auth log. Both on one line and shortened, whatever the request (the
+    reason quotes words of it too)."""
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in _shorten(reason))
+    message = f"{printable}: {_shorten(command)!r}"
+    print(f"zettabee-source: refused: {message}", file=sys.stderr)
+    _audit(message)
+    return REFUSED
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _audit(message: str) -> None:
@@ -485,10 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         stages = parse_request(command, policy)
     except Refused as exc:
-        shown = command if len(command) < 300 else command[:300] + "..."
-        print(f"zettabee-source: refused: {exc}: {shown!r}", file=sys.stderr)
-        _audit(f"{exc}: {shown!r}")
-        return REFUSED
+        return _refuse(str(exc), command)
+    except Exception as exc:  # noqa: BLE001 - a check that fails refuses, it never lets through
+        return _refuse(f"the request could not be checked ({type(exc).__name__}: {exc})", command)
     if len(stages) > 1:
         return run_pipeline(stages)
     sys.stdout.flush()

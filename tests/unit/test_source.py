@@ -471,3 +471,140 @@ SCRIPT_ESCAPES = {
 def test_an_altered_update_script_is_refused(command: str) -> None:
     with pytest.raises(Refused):
         parse_request(command, POLICY)
+
+
+# -- hostile requests: every one refused (126, logged), none crashes the command ------------
+
+_STAMP = OWN.partition("@")[2]
+NOT_A_TIME = f"{FS}@zettabee.{FP}.20241399T000000Z"  # the shape of a name, month 13
+
+HOSTILE = {
+    "an unbalanced quote": "zfs list -H -o name 'tank",
+    "an unbalanced quote in the mbuffer pipeline": pipeline_script(
+        [zfs.send(OWN), mbuffer_out()]
+    ).replace("zfs send", "zfs send '", 1),
+    "an unbalanced quote in the snapshot before the mbuffer pipeline": snapshot_then(
+        zfs.send(OWN)
+    ).replace("zfs snapshot", "zfs snapshot '", 1),
+    "an unbalanced quote in the update script": update_script().replace(
+        "zfs snapshot", "zfs snapshot '", 1
+    ),
+    "an unbalanced quote after the receive": update_script(holds=True, then=THEN).replace(
+        "zfs release", "zfs release '", 1
+    ),
+    "a snapshot whose time is no time": shlex.join(zfs.snapshot(FS, NOT_A_TIME.partition("@")[2])),
+    "a bookmark whose time is no time": shlex.join(zfs.destroy(NOT_A_TIME.replace("@", "#"))),
+    "a resume token of a snapshot whose time is no time": shlex.join(
+        zfs.send_resume(token_for(NOT_A_TIME))
+    ),
+    "an update script of a snapshot whose time is no time": update_script().replace(
+        OWN2.partition("@")[2], NOT_A_TIME.partition("@")[2]
+    ),
+    "a NUL byte": f"zfs list -H -o name {FS}\0; id",
+    "a lone surrogate (a byte that is not UTF-8)": f"zfs list -H -o name {FS}\udcff",
+    "blanks only": " \t\n",
+    "100 KB of one word": "zfs list -H -o name " + "a" * 100_000,
+}
+
+
+@pytest.mark.parametrize("command", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_request_is_refused_not_crashed_on(command: str) -> None:
+    with pytest.raises(Refused):
+        parse_request(command, POLICY)
+
+
+def source_command(command: bytes) -> subprocess.CompletedProcess[str]:
+    """zettabee-source as sshd runs it: the request, as bytes, in its environment."""
+    env = {
+        b"SSH_ORIGINAL_COMMAND": command,
+        b"SSH_CONNECTION": f"{CLIENT} 1 2 22".encode(),
+        b"PATH": b"/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "zettabee.source", FS],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        HOSTILE["an unbalanced quote in the mbuffer pipeline"].encode(),
+        HOSTILE["an unbalanced quote in the update script"].encode(),
+        HOSTILE["a snapshot whose time is no time"].encode(),
+        f"zfs list -H -o name {FS}\xff".encode("latin-1"),
+        b"zfs list -H -o name \xc3\x28 \xed\xa0\x80",
+        HOSTILE["100 KB of one word"].encode(),
+    ],
+    ids=["pipeline quote", "update script quote", "no time", "latin-1", "bad UTF-8", "100 KB"],
+)
+def test_a_hostile_request_exits_126_with_one_line_and_no_traceback(command: bytes) -> None:
+    proc = source_command(command)
+    assert (proc.returncode, proc.stdout) == (REFUSED, ""), proc.stderr
+    assert proc.stderr.startswith("zettabee-source: refused: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert len(proc.stderr) < 1000  # what the operator sees is shortened, as is the log's
+
+
+def test_a_request_the_checks_cannot_read_is_refused_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a check raises ends as a refusal: the command fails closed."""
+    import zettabee.source as source
+
+    def broken(words: list[str], policy: Policy) -> None:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(source, "check_command", broken)
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", shlex.join(zfs.destroy(OWN)))
+    logged: list[str] = []
+    monkeypatch.setattr(source, "_audit", logged.append)
+    assert source.main([FS]) == REFUSED
+    err = capsys.readouterr().err
+    assert err.startswith("zettabee-source: refused: the request could not be checked"), err
+    assert logged and "IndexError" in logged[0]
+
+
+def _mutations(seed: int, count: int) -> list[str]:
+    """Requests a step or three away from ones zettabee sends: a quote, a byte, a cut."""
+    import random
+
+    seeds = [shlex.join(argv) for argv in ALLOWED] + [
+        update_script(),
+        update_script(base=BASE, hold=TAG, holds=True, clock=True, then=THEN),
+        pipeline_script([zfs.send(OWN), mbuffer_out()]),
+        snapshot_then(zfs.send(OWN), zfs.hold(TAG, OWN)),
+    ]
+    alphabet = [*"'\"\\ \n\t@#$;|&(){}-0123456789az/:.\0\udcff", "zettabee.", FP, "'\"'\"'"]
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(count):
+        text = rnd.choice(seeds)
+        for _ in range(rnd.randint(1, 3)):
+            at, how = rnd.randrange(len(text) + 1), rnd.random()
+            if how < 0.4:
+                text = text[:at] + rnd.choice(alphabet) + text[at:]
+            elif how < 0.7:
+                text = text[:at] + text[at + rnd.randint(1, 5) :]
+            elif how < 0.9:
+                text = text[:at] + rnd.choice(alphabet) + text[at + 1 :]
+            else:
+                text = text[:at]
+        out.append(text)
+    return out
+
+
+def test_requests_near_the_real_ones_are_accepted_or_refused_nothing_else() -> None:
+    crashed = []
+    for command in _mutations(seed=17, count=3000):
+        try:
+            parse_request(command, POLICY)
+        except Refused:
+            pass
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            crashed.append(f"{type(exc).__name__}: {exc}: {command[:120]!r}")
+    assert not crashed, f"{len(crashed)} of 3000 crashed, e.g. {crashed[:3]}"

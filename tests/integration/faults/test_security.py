@@ -18,7 +18,9 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,18 @@ import pytest
 from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
 from tests.conftest import running_daemon
-from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
+from tests.integration.faults.conftest import (
+    INTACT,
+    Faults,
+    Replica,
+    Sshd,
+    snapshots,
+    wait_until,
+)
+from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
-from zettabee.pair import hold_tag
+from zettabee.pair import hold_tag, snapshot_name
+from zettabee.transport import pipeline_script
 
 pytestmark = pytest.mark.integration
 
@@ -200,6 +211,83 @@ def test_the_restricted_key_refuses_everything_else(
         f"{'unchanged' if after == before else 'CHANGED'}"
     )
     row.data = INTACT if after == before and not marker.exists() else "CHANGED"
+    assert after == before
+
+
+FP = "0123456789abcdef0123456789abcdef"  # a pair's fingerprint: requests need only its form
+# What the source's auth log gets for a refusal: syslog facility auth, level warning.
+AUTH_WARNING = 4 * 8 + 4
+
+
+def _ask(target: SshTarget, command: str | bytes, limit: float = 60) -> tuple[int, str, float]:
+    """A request over the restricted key (``bytes`` as they are: SSH carries bytes); its
+    exit status, the client's stderr and the wall seconds it took."""
+    raw = command if isinstance(command, bytes) else command.encode()
+    argv: list[str | bytes] = [*target.ssh_client_argv("x")[:-1], raw]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=limit, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - started
+    return proc.returncode, proc.stderr.decode(errors="replace"), took
+
+
+def test_malformed_requests_are_refused_and_logged(faults: Faults, restricted: Sshd) -> None:
+    """Requests no zettabee sends, that once made zettabee-source crash with a Python
+    traceback (exit 1, nothing in the auth log): each must be refused like any other."""
+    zb, lab = faults.zb, faults.lab
+    log = restricted.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    before = snapshots(fs)
+    snap = snapshot_name(FP, datetime.now(UTC))
+    own = f"{fs}@{snap}"
+    out = ["mbuffer", "-q", "-s", "128k", "-m", "16M", "-O", f"{lab.dest_address}:9090"]
+    requests: dict[str, str | bytes] = {
+        "an unbalanced quote": f"zfs list -H -o name '{fs}",
+        "an unbalanced quote in the mbuffer pipeline": pipeline_script(
+            [zfs.send(own), out]
+        ).replace("zfs send", "zfs send '", 1),
+        "an unbalanced quote in the update script": fastpath.script(
+            fs, snap, zfs.send(own)
+        ).replace("zfs snapshot", "zfs snapshot '", 1),
+        "a zettabee snapshot name whose time is no time": shlex.join(
+            zfs.snapshot(fs, f"zettabee.{FP}.20241399T000000Z")
+        ),
+        "bytes that are not UTF-8": f"zfs list -H -o name {fs}".encode() + b"\xff\xc3\x28",
+        "100 KB": "zfs list -H -o name " + "a" * 100_000,
+    }
+    row = faults.expect(
+        "malformed requests to zettabee-source (unbalanced quotes in a command, a pipeline, "
+        "an update script; a snapshot time that is no time; bytes not UTF-8; 100 KB)",
+        "each: exit 126 'zettabee-source: refused', no traceback, one auth-log line "
+        "(auth.warning); source unchanged: refused, logged",
+    )
+    target = SshTarget(restricted.address, restricted.port, "root", lab.source.key,
+                       str(restricted.known_hosts))  # fmt: skip
+    answers = {name: _ask(target, command) for name, command in requests.items()}
+    refused = [
+        name
+        for name, (code, err, _) in answers.items()
+        if code == 126 and "zettabee-source: refused: " in err and "Traceback" not in err
+    ]
+    wait_until("the refusals in the auth log", lambda: len(log.read()) >= len(refused), 5)
+    logged = [
+        text
+        for priority, text in log.read()
+        if priority == AUTH_WARNING and f"refused from {lab.dest_address}: " in text
+    ]
+    after = snapshots(fs)
+    crashed = {name: a[:2] for name, a in answers.items() if name not in refused}
+    row.observed = (
+        f"{len(refused)}/{len(requests)} refused with exit 126 and one line "
+        f"({'; '.join(f'{n}: exit {c}' for n, (c, _) in crashed.items()) or 'no traceback'}"
+        f"); {len(logged)} auth-log lines (auth.warning) 'zettabee-source[PID]: refused "
+        f"from {lab.dest_address}: ...'; source {'unchanged' if after == before else 'CHANGED'}"
+        f"{': refused, logged' if len(refused) == len(logged) == len(requests) else ''}"
+    )
+    row.data = INTACT if after == before else "CHANGED"
+    assert not crashed, crashed
+    assert len(logged) == len(requests), log.read()
+    assert all(re.search(r" zettabee-source\[\d+\]: refused", text) for text in logged), logged
+    assert all(len(text) < 1000 for text in logged), "the log line is shortened"
     assert after == before
 
 
