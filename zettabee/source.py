@@ -16,7 +16,9 @@ shell: it is split into words, must be written exactly as zettabee writes it (on
 (:mod:`zettabee.zfs`, :mod:`zettabee.capabilities`, :mod:`zettabee.transport`). The one
 shell script that runs is the capability probe, compared whole with zettabee's own. What
 passes runs directly; everything else is refused with exit status 126, a message on
-stderr that the destination shows its operator, and a line in the source's auth log.
+stderr that the destination shows its operator, and a line in the source's auth log:
+first anything longer than :data:`MAX_REQUEST`, and whatever cannot be read. Requests
+are read in one pass, never by a regular expression that could backtrack.
 
 The commands, for the served file systems FS of pools POOL (``OWN`` is a zettabee
 snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
@@ -42,6 +44,7 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
@@ -60,6 +63,11 @@ from zettabee.transport import STAGE_MARK, pipeline_script
 
 REFUSED = 126
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
+# The longest request a pull sends is the one-round-trip update script: 1,353 characters
+# for tank/home with a base check, a hold and the old base let go; 3,081 with every name
+# at ZFS's limit of 255 characters and every option on (tests/unit/test_source.py builds
+# it). Anything longer is refused before it is read at all.
+MAX_REQUEST = 16 * 1024
 
 # A snapshot name a sent increment may start from: the common snapshot can be one the
 # operator took by hand, so any plain ZFS snapshot name, but nothing a shell or zfs
@@ -276,11 +284,7 @@ def check_update_script(command: str, policy: Policy) -> None:
     target = _check_taken(snapshot, held, send, policy, "the update script")
     fs, _, snap = target.partition("@")
     tag = held[0][2] if held else None
-    base = None
-    checked = re.search(r"^g=\$\(.*@([^ ]+) 2>/dev/null\)\n.* = ([0-9]{1,20}) \]", command, re.M)
-    if checked:
-        base_name = _any_snapshot(f"{fs}@{checked.group(1)}", policy).partition("@")[2]
-        base = zfs.Snapshot(fs, base_name, int(checked.group(2)), 0)
+    base = _checked_base(lines, fs, policy)
     then = [(_check_after(words, fs, policy), words) for words in after]
     clock = "date +%s.%N" in lines[0]
     for holds in (False, True):
@@ -288,6 +292,25 @@ def check_update_script(command: str, policy: Policy) -> None:
             if fastpath.script(fs, snap, send, clock, base, tag, holds, then, listing) == command:
                 return
     raise Refused("the update script is not written as zettabee writes it")
+
+
+_GUID_CHECK = '[ "${g##*\tguid\t}" = '
+_GUID = re.compile(r"[0-9]{1,20}")
+
+
+def _checked_base(lines: list[str], fs: str, policy: Policy) -> zfs.Snapshot | None:
+    """The base whose guid the update script checks before it snapshots, if it does: the
+    snapshot its ``g=$(zfs get ...)`` line reads and the guid the next line compares.
+    Read line by line, without a regular expression that could backtrack."""
+    for line, after in zip(lines, lines[1:], strict=False):
+        if line.startswith("g=$(") and line.endswith(" 2>/dev/null)"):
+            words = _split(line[len("g=$(") : -len(" 2>/dev/null)")])
+            guid = after[len(_GUID_CHECK) :].partition(" ")[0]
+            if not words or not after.startswith(_GUID_CHECK) or not _GUID.fullmatch(guid):
+                raise Refused("the update script checks its base otherwise than zettabee")
+            name = _any_snapshot(f"{fs}@{words[-1].rpartition('@')[2]}", policy)
+            return zfs.Snapshot(fs, name.partition("@")[2], int(guid), 0)
+    return None
 
 
 def _check_after(words: list[str], fs: str, policy: Policy) -> str:
@@ -344,15 +367,39 @@ def _check_taken(
     return target
 
 
-def _pipeline_pattern(count: int, first: int = 0) -> re.Pattern[str]:
-    """A regular expression of :func:`pipeline_script` with each stage left open (and
-    ``first`` commands before them)."""
+@functools.cache
+def _pipeline_text(count: int, first: int = 0) -> list[str]:
+    """What :func:`pipeline_script` writes around ``count`` stages (and ``first``
+    commands before them): the text before the first, between each two, after the last."""
     holes = [f"ZETTABEESTAGE{i}" for i in range(first + count)]
     stages = [[hole] for hole in holes]
-    text = re.escape(pipeline_script(stages[first:], first=stages[:first]))
+    rest = pipeline_script(stages[first:], first=stages[:first])
+    pieces = []
     for hole in holes:
-        text = text.replace(hole, "(.+?)", 1)
-    return re.compile(text, re.DOTALL)
+        before, _, rest = rest.partition(hole)
+        pieces.append(before)
+    return [*pieces, rest]
+
+
+def _pipeline_stages(command: str, count: int, first: int = 0) -> list[str] | None:
+    """The text of each stage if ``command`` has the shape of :func:`pipeline_script`'s
+    script, else None. One pass: a stage ends where the text after it first appears.
+    The words zettabee writes in a stage never hold that text (it is in no name), and
+    the caller builds the script again from the stages' words and compares, so a stage
+    cut short by such text in a quoted word is a refusal, never a wrong reading."""
+    head, *between, tail = _pipeline_text(count, first)
+    if len(command) < len(head) + len(tail):
+        return None
+    if not command.startswith(head) or not command.endswith(tail):
+        return None
+    body, at, stages = command[len(head) : len(command) - len(tail)], 0, []
+    for text in between:
+        end = body.find(text, at)
+        if end < 0:
+            return None
+        stages.append(body[at:end])
+        at = end + len(text)
+    return [*stages, body[at:]]
 
 
 def parse_request(command: str, policy: Policy) -> list[list[str]]:
@@ -361,14 +408,16 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
     The string must be exactly what zettabee sends (each stage one ``shlex.join``), so
     that no quoting trick can make these words differ from what the client meant.
     """
+    if len(command) > MAX_REQUEST:
+        raise Refused(f"{len(command)} characters, over the {MAX_REQUEST} of any request")
     if not command.strip():
         raise Refused("no command given: this key only serves zettabee pulls")
     if command.startswith("step() {"):
         check_update_script(command, policy)
         return [["sh", "-c", command]]
-    match = _pipeline_pattern(2).fullmatch(command)
-    if match:
-        stages = [_split(text) for text in match.groups()]
+    texts = _pipeline_stages(command, 2)
+    if texts is not None:
+        stages = [_split(text) for text in texts]
         if pipeline_script(stages) != command:
             raise Refused("the pipeline is not written as zettabee writes it")
         if stages[0][:2] != ["zfs", "send"]:
@@ -377,11 +426,9 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
         check_mbuffer(stages[1], policy)
         return stages
     for first in (1, 2):
-        match = _pipeline_pattern(2, first).fullmatch(command)
-        if match:
-            check_snapshot_and_send(
-                [_split(text) for text in match.groups()], first, command, policy
-            )
+        texts = _pipeline_stages(command, 2, first)
+        if texts is not None:
+            check_snapshot_and_send([_split(text) for text in texts], first, command, policy)
             return [["sh", "-c", command]]
     words = _split(command)
     if not words or shlex.join(words) != command:

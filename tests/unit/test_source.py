@@ -10,6 +10,7 @@ import shlex
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
 from zettabee.pair import hold_tag, snapshot_name
-from zettabee.source import REFUSED, Policy, Refused, parse_request, run_pipeline
+from zettabee.source import MAX_REQUEST, REFUSED, Policy, Refused, parse_request, run_pipeline
 from zettabee.transport import parse_pipeline_stderr, pipeline_script
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -513,7 +514,7 @@ def test_a_hostile_request_is_refused_not_crashed_on(command: str) -> None:
         parse_request(command, POLICY)
 
 
-def source_command(command: bytes) -> subprocess.CompletedProcess[str]:
+def source_command(command: bytes, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """zettabee-source as sshd runs it: the request, as bytes, in its environment."""
     env = {
         b"SSH_ORIGINAL_COMMAND": command,
@@ -526,7 +527,7 @@ def source_command(command: bytes) -> subprocess.CompletedProcess[str]:
         text=True,
         errors="replace",
         env=env,
-        timeout=60,
+        timeout=timeout,
     )
 
 
@@ -608,3 +609,105 @@ def test_requests_near_the_real_ones_are_accepted_or_refused_nothing_else() -> N
         except Exception as exc:  # noqa: BLE001 - what the test looks for
             crashed.append(f"{type(exc).__name__}: {exc}: {command[:120]!r}")
     assert not crashed, f"{len(crashed)} of 3000 crashed, e.g. {crashed[:3]}"
+
+
+# -- requests made to be slow: refused at once ---------------------------------------------
+
+
+def _literals(count: int, first: int) -> list[str]:
+    """What :func:`pipeline_script` writes around its stages (with ``first`` commands)."""
+    holes = [f"ZETTABEEHOLE{i}X" for i in range(first + count)]
+    text = pipeline_script([[h] for h in holes[first:]], first=[[h] for h in holes[:first]])
+    for hole in holes:
+        text = text.replace(hole, "\0")
+    return text.split("\0")
+
+
+def backtracker(size: int) -> str:
+    """``size`` characters shaped like the snapshot-hold-send-mbuffer pipeline, every
+    separator between stages many times over and no end: a parser that tries each place
+    a stage may end (a lazy regular expression) tries them all, four stages deep. The
+    first zettabee-source took 16 s over 16 KB of it, and minutes over 32 KB."""
+    pieces = _literals(2, 2)
+    body = "".join(pieces[1:-1])
+    return (pieces[0] + body * size)[: size - 1] + "x"
+
+
+def slow_update_script(size: int) -> str:
+    """An update script with a line of ``@`` where the base check goes: a greedy ``.*@``
+    tried at each of them."""
+    script = update_script() + "\ng=$("
+    return script + "@" * (size - len(script))
+
+
+@pytest.mark.parametrize("size", [32 * 1024, 15 * 1024], ids=["32 KB", "15 KB"])
+def test_a_request_made_to_backtrack_is_refused_at_once(size: int) -> None:
+    command = backtracker(size)
+    assert len(command) == size
+    started = time.monotonic()
+    try:
+        proc = source_command(command.encode(), timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no answer within 5 s to {size} characters (killed)")
+    assert proc.returncode == REFUSED, proc.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_an_update_script_made_to_backtrack_is_refused_at_once() -> None:
+    command = slow_update_script(15 * 1024)
+    started = time.monotonic()
+    with pytest.raises(Refused):
+        parse_request(command, POLICY)
+    took = time.monotonic() - started
+    assert took < 0.5, f"{took:.2f} s to refuse {len(command)} characters"
+
+
+def longest_requests() -> dict[str, str]:
+    """The longest request of each kind a pull sends: every name at ZFS's limit (255
+    characters, snapshot name included), every option on, the largest numbers."""
+    snap = snapshot_name(FP, datetime(2024, 1, 1, tzinfo=UTC))
+    fs = "/".join(["p" * 60, "q" * 60, "r" * (255 - len(snap) - 1 - 122)])
+    own, own2 = f"{fs}@{snap}", f"{fs}@{snap[:-3]}59Z"
+    assert len(own) == 255 == len(own2)
+    base = zfs.Snapshot(fs, snap, 2**64 - 1, 0)
+    then = [
+        ("hold", zfs.hold(TAG, own2)),
+        ("release", zfs.release(TAG, own)),
+        ("destroy", zfs.destroy(own)),
+    ]
+    send = zfs.send(own2, base=own, intermediate=True, raw=True, compressed=True, props=True)
+    big = 2**64 - 1
+    fields = [nvpair(n, big) for n in ("fromguid", "object", "offset", "bytes", "toguid")]
+    flags = [nvpair(n, True) for n in ("embedok", "compressok", "rawok", "largeblockok")]
+    out = ["mbuffer", "-q", "-s", "128k", "-m", "1024M", "-W", "300", "-r", "1000M"]
+    out += ["-O", f"{'h' * 253}:65535"]
+    return {
+        "update": fastpath.script(fs, own2.partition("@")[2], send, clock=True, base=base,
+                                  hold=TAG, holds=True, then=then),
+        "initialize over mbuffer": pipeline_script(
+            [zfs.send(own, raw=True, compressed=True, props=True), out],
+            first=[zfs.snapshot(fs, snap), zfs.hold(TAG, own)],
+        ),
+        "resume": shlex.join(
+            zfs.send_resume(token(*fields, nvpair("toname", own), *flags), estimate=True)
+        ),
+        "listing": shlex.join(zfs.list_snapshots(fs, holds=True, bookmarks=True)),
+        "probe": shlex.join(probe_argv([fs.partition("/")[0]])),
+    }  # fmt: skip
+
+
+def test_the_longest_requests_of_a_pull_pass_well_under_the_limit() -> None:
+    requests = longest_requests()
+    fs = next(iter(requests.values())).split("zfs snapshot ", 1)[1].partition("@")[0]
+    served = Policy(frozenset({fs}), frozenset({CLIENT, "h" * 253}))
+    for name, command in requests.items():
+        assert parse_request(command, served), name
+    longest = max(len(command) for command in requests.values())
+    assert longest == len(requests["update"]) == 3081  # the figure the module quotes
+    assert longest * 4 < MAX_REQUEST
+
+
+def test_a_request_over_the_limit_is_refused_before_it_is_read() -> None:
+    command = shlex.join(zfs.list_snapshots(FS)) + " " * (MAX_REQUEST + 1)
+    with pytest.raises(Refused, match=f"{len(command)} characters, over the {MAX_REQUEST}"):
+        parse_request(command, POLICY)

@@ -33,6 +33,8 @@ from tests.integration.faults.conftest import (
     Faults,
     Replica,
     Sshd,
+    cmdline,
+    kill,
     snapshots,
     wait_until,
 )
@@ -225,7 +227,10 @@ def _ask(target: SshTarget, command: str | bytes, limit: float = 60) -> tuple[in
     raw = command if isinstance(command, bytes) else command.encode()
     argv: list[str | bytes] = [*target.ssh_client_argv("x")[:-1], raw]
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, timeout=limit, stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=limit, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # the client killed; what it started, by the caller
+        return -1, f"no answer within {limit:.0f} s", time.monotonic() - started
     took = time.monotonic() - started
     return proc.returncode, proc.stderr.decode(errors="replace"), took
 
@@ -289,6 +294,66 @@ def test_malformed_requests_are_refused_and_logged(faults: Faults, restricted: S
     assert all(re.search(r" zettabee-source\[\d+\]: refused", text) for text in logged), logged
     assert all(len(text) < 1000 for text in logged), "the log line is shortened"
     assert after == before
+
+
+def backtracker(size: int) -> str:
+    """``size`` characters shaped like the snapshot-hold-send-mbuffer pipeline of an
+    initialize, each separator between its stages many times over and no end: the first
+    zettabee-source tried every place each of the four stages might end (16 s over 16 KB,
+    minutes over 32 KB), before any check."""
+    holes = [f"ZETTABEEHOLE{i}X" for i in range(4)]
+    text = pipeline_script([[h] for h in holes[2:]], first=[[h] for h in holes[:2]])
+    for hole in holes:
+        text = text.replace(hole, "\0")
+    pieces = text.split("\0")
+    return (pieces[0] + "".join(pieces[1:-1]) * size)[: size - 1] + "x"
+
+
+def test_requests_made_to_be_slow_are_refused_at_once(faults: Faults, restricted: Sshd) -> None:
+    zb, lab = faults.zb, faults.lab
+    log = restricted.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    before = snapshots(fs)
+    requests = {"32 KB": backtracker(32 * 1024), "15 KB": backtracker(15 * 1024)}
+    row = faults.expect(
+        "requests made to backtrack in zettabee-source's parser: 32 KB (over its limit) "
+        "and 15 KB (under it)",
+        "each: exit 126 'refused' within 5 s; one auth-log line each; source unchanged: "
+        "refused, logged",
+    )
+    target = SshTarget(restricted.address, restricted.port, "root", lab.source.key,
+                       str(restricted.known_hosts))  # fmt: skip
+    answers = {}
+    for name, command in requests.items():
+        answers[name] = _ask(target, command, limit=5)
+        # A zettabee-source still at it outlives the connection: found by its argument.
+        kill([pid for pid in _pids() if fs in cmdline(pid)])
+    refused = [n for n, (code, err, took) in answers.items() if code == 126 and took < 5]
+    wait_until("the refusals in the auth log", lambda: len(log.read()) >= len(refused), 5)
+    logged = [t for p, t in log.read() if p == AUTH_WARNING and "refused from" in t]
+    after = snapshots(fs)
+    row.observed = (
+        "; ".join(
+            f"{name}: {'exit ' + str(code) if code >= 0 else err} in {took:.1f} s"
+            + (f" ({_why(err)})" if code == 126 else "")
+            for name, (code, err, took) in answers.items()
+        )
+        + f"; {len(logged)} auth-log lines; source {'unchanged' if after == before else 'CHANGED'}"
+        + (": refused, logged" if len(refused) == len(logged) == len(requests) else "")
+    )
+    row.data = INTACT if after == before else "CHANGED"
+    assert refused == list(requests), answers
+    assert len(logged) == len(requests), log.read()
+    assert after == before
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _why(stderr: str) -> str:
+    """The reason in a refusal's line, without the request it quotes."""
+    return stderr.partition("refused: ")[2].split(": '", 1)[0].split(': "', 1)[0].strip()
 
 
 def _readonly(fs: str) -> str:
