@@ -30,7 +30,8 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 - ``zfs hold zettabee.<fp> FS@OWN`` (the snapshot's own fingerprint), ``zfs release
   zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
 - ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
-  [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN``;
+  [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN`` with the token's guid, and
+  its incremental source a snapshot or bookmark of FS (see :func:`_check_token`);
 - ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host,
   also after the ``zfs snapshot FS@OWN`` (and its hold) of the snapshot it sends;
   ``mbuffer -V``;
@@ -51,7 +52,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -86,12 +87,33 @@ class Refused(Exception):
     """The request is not one that a pull of the configured file systems makes."""
 
 
+def read_guids(fs: str) -> dict[str, int]:
+    """The guid of each snapshot and bookmark of ``fs``, read from this host's ZFS.
+    Only resume tokens need it, and only OpenZFS has them (``zfs get -t``)."""
+    argv = zfs.get([fs], ["guid"], depth=1, types=["snapshot", "bookmark"])
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Refused(f"cannot read the guids of {fs!r} to check the resume token: {exc}") from None
+    if result.returncode != 0:
+        said = result.stderr.strip()
+        raise Refused(f"cannot read the guids of {fs!r} to check the resume token: {said}")
+    guids = {}
+    for name, props in zfs.parse_get(result.stdout).items():
+        value = props.get("guid", "")
+        if name.partition("@" if "@" in name else "#")[0] == fs and value.isdigit():
+            guids[name] = int(value)
+    return guids
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What this key may touch: its file systems, and where mbuffer may connect."""
+    """What this key may touch: its file systems, and where mbuffer may connect.
+    ``guids`` reads the guids of a file system's snapshots and bookmarks (ZFS's, here)."""
 
     datasets: frozenset[str]
     mbuffer_hosts: frozenset[str]
+    guids: Callable[[str], dict[str, int]] = read_guids
 
     @property
     def pools(self) -> frozenset[str]:
@@ -172,9 +194,23 @@ def _check_send(words: list[str], policy: Policy, dry_run: bool = False) -> None
         raise Refused("not the zfs send that zettabee runs")
 
 
+# What a resume token of zettabee's send carries besides the snapshots it names: where
+# the stream stopped, and flags (embedok, compressok, rawok, largeblockok, ...).
+_TOKEN_POSITIONS = ("object", "offset", "bytes")
+
+
 def _check_token(token: str, policy: Policy) -> None:
     """A resume token goes on with the send of the snapshot it names: one of zettabee's,
-    of a served file system, as for a send from the start."""
+    of a served file system, as for a send from the start.
+
+    ``zfs send -t`` finds that snapshot by the token's ``toguid``, not by its name: when
+    no snapshot of that name has that guid, it searches the file systems above for one
+    that has (a snapshot renamed since). So the snapshot the token names must have the
+    token's guid here and now, and its incremental source (``fromguid``) must be a
+    snapshot or bookmark of the same file system; a token that names anything else
+    (the snapshots of a redacted send) is none of zettabee's. A snapshot gone or changed
+    is said as zfs says it ("cannot resume send"), so that the destination aborts the
+    stale receive as it would on zfs's word."""
     try:
         fields = zfs.decode_resume_token(token)
     except ValueError as exc:
@@ -186,6 +222,29 @@ def _check_token(token: str, policy: Policy) -> None:
         _own_snapshot(toname, policy)
     except Refused as exc:
         raise Refused(f"the resume token sends {toname!r}: {exc}") from None
+    for key, value in fields.items():
+        number = isinstance(value, int) and not isinstance(value, bool)
+        if key in ("toguid", "fromguid", *_TOKEN_POSITIONS) and not number:
+            raise Refused(f"the resume token's {key} is {value!r}, not a number")
+        if key not in ("toname", "toguid", "fromguid", *_TOKEN_POSITIONS) and value is not True:
+            raise Refused(f"the resume token carries {key!r}, which no send of zettabee's does")
+    toguid, fromguid = fields.get("toguid"), fields.get("fromguid", 0)
+    if not isinstance(toguid, int) or not toguid:
+        raise Refused("the resume token names no snapshot guid")
+    fs = toname.partition("@")[0]
+    guids = policy.guids(fs)
+    if guids.get(toname) != toguid:
+        now = f"has guid {guids[toname]:#x}" if toname in guids else "does not exist"
+        raise Refused(
+            f"cannot resume send: the resume token is of {toname!r} with guid {toguid:#x}, "
+            f"and {toname!r} {now}"
+        )
+    sources = {guid for name, guid in guids.items() if name != toname}
+    if fromguid and fromguid not in sources:
+        raise Refused(
+            f"cannot resume send: the resume token's incremental source, guid {fromguid:#x}, "
+            f"is no snapshot or bookmark of {fs!r}"
+        )
 
 
 def _check_hold(tag: str, target: str, policy: Policy) -> None:

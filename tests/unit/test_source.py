@@ -6,21 +6,29 @@ command lines zettabee sends that the restricted mode does not follow fails here
 
 from __future__ import annotations
 
+import re
 import shlex
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tests.tokens import encode, nvpair, token
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
 from zettabee.pair import hold_tag, snapshot_name
-from zettabee.source import MAX_REQUEST, REFUSED, Policy, Refused, parse_request, run_pipeline
+from zettabee.source import (
+    MAX_REQUEST,
+    REFUSED,
+    Policy,
+    Refused,
+    parse_request,
+    read_guids,
+    run_pipeline,
+)
 from zettabee.transport import parse_pipeline_stderr, pipeline_script
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -32,7 +40,21 @@ OWN2 = f"{FS}@zettabee.{FP}.20240101T010000Z"
 OWN_MARK = OWN.replace("@", "#")
 TAG = hold_tag(FP)
 CLIENT = "10.0.0.1"
-POLICY = Policy(frozenset({FS, "tank/pg"}), frozenset({CLIENT}))
+# The guids of the snapshots the tokens below name (those of the recorded tokens too).
+GUIDS = {
+    f"zettabee.{FP}.20240101T000000Z": 0x64F065D5EA205EBB,
+    f"zettabee.{FP}.20240101T010000Z": 0xD074DD7AF954CB94,
+}
+
+
+def guids_of(fs: str) -> dict[str, int]:
+    """What ``zfs get guid`` says of ``fs``'s snapshots here: each one of GUIDS, and a
+    bookmark of the first."""
+    first = next(iter(GUIDS))
+    return {f"{fs}@{name}": guid for name, guid in GUIDS.items()} | {f"{fs}#{first}": GUIDS[first]}
+
+
+POLICY = Policy(frozenset({FS, "tank/pg"}), frozenset({CLIENT}), guids_of)
 
 
 def mbuffer_out(target: str = f"{CLIENT}:9090", *extra: str) -> list[str]:
@@ -40,32 +62,6 @@ def mbuffer_out(target: str = f"{CLIENT}:9090", *extra: str) -> list[str]:
 
 
 # -- resume tokens as the kernel writes them ------------------------------------------
-
-
-def _pad8(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % 8)
-
-
-def nvpair(name: str, value: int | str | bool, kind: int | None = None) -> bytes:
-    """One natively packed (little-endian) nvpair: uint64, string or boolean flag."""
-    if isinstance(value, bool):
-        kind, count, raw = kind or 1, 0, b""
-    elif isinstance(value, int):
-        kind, count, raw = kind or 8, 1, struct.pack("<Q", value)
-    else:
-        kind, count, raw = kind or 9, 1, value.encode() + b"\0"
-    head = _pad8(struct.pack("<ihhii", 0, len(name) + 1, 0, count, kind) + name.encode() + b"\0")
-    body = head + _pad8(raw)
-    return struct.pack("<i", len(body)) + body[4:]
-
-
-def token(*pairs: bytes, tail: bytes = b"", size_delta: int = 0) -> str:
-    """``1-<fletcher-4>-<packed size>-<zlib hex>`` of an nvlist of ``pairs``."""
-    packed = b"\0\1\0\0" + struct.pack("<ii", 0, 1) + b"".join(pairs) + struct.pack("<i", 0)
-    packed += tail
-    squeezed = zlib.compress(packed)
-    words = struct.unpack(f"<{len(squeezed) // 4}I", squeezed[: len(squeezed) // 4 * 4])
-    return f"1-{sum(words):x}-{len(packed) + size_delta:x}-{squeezed.hex()}"
 
 
 def token_for(toname: str, *extra: bytes) -> str:
@@ -144,7 +140,7 @@ def test_every_command_of_a_pull_passes_unchanged(argv: list[str]) -> None:
 @pytest.mark.parametrize("name", ["full", "incremental"])
 def test_a_recorded_token_resumes_only_where_its_snapshot_is_served(name: str) -> None:
     value = recorded_token(name)[0]
-    served = Policy(frozenset({"gsrc/tok"}), frozenset({CLIENT}))
+    served = Policy(frozenset({"gsrc/tok"}), frozenset({CLIENT}), guids_of)
     for argv in (zfs.send_resume(value), zfs.send_resume(value, estimate=True)):
         assert parse_request(shlex.join(argv), served) == [argv]
         with pytest.raises(Refused, match="gsrc/tok@zettabee"):
@@ -380,7 +376,7 @@ def test_the_key_s_own_datasets_are_validated() -> None:
 
 
 def test_mbuffer_may_connect_back_to_the_client_only_by_default() -> None:
-    policy = Policy(frozenset({FS}), frozenset({CLIENT, "backup-net.example.com"}))
+    policy = Policy(frozenset({FS}), frozenset({CLIENT, "backup-net.example.com"}), guids_of)
     ok = pipeline_script([zfs.send(OWN), mbuffer_out("backup-net.example.com:9000")])
     assert len(parse_request(ok, policy)) == 2
     with pytest.raises(Refused, match="may not connect"):
@@ -662,9 +658,10 @@ def test_an_update_script_made_to_backtrack_is_refused_at_once() -> None:
     assert took < 0.5, f"{took:.2f} s to refuse {len(command)} characters"
 
 
-def longest_requests() -> dict[str, str]:
+def longest_requests() -> tuple[dict[str, str], Policy]:
     """The longest request of each kind a pull sends: every name at ZFS's limit (255
-    characters, snapshot name included), every option on, the largest numbers."""
+    characters, snapshot name included), every option on, the largest numbers; and the
+    policy that serves them."""
     snap = snapshot_name(FP, datetime(2024, 1, 1, tzinfo=UTC))
     fs = "/".join(["p" * 60, "q" * 60, "r" * (255 - len(snap) - 1 - 122)])
     own, own2 = f"{fs}@{snap}", f"{fs}@{snap[:-3]}59Z"
@@ -677,10 +674,13 @@ def longest_requests() -> dict[str, str]:
     ]
     send = zfs.send(own2, base=own, intermediate=True, raw=True, compressed=True, props=True)
     big = 2**64 - 1
-    fields = [nvpair(n, big) for n in ("fromguid", "object", "offset", "bytes", "toguid")]
+    fields = [nvpair(n, big) for n in ("object", "offset", "bytes", "toguid")]
+    fields.append(nvpair("fromguid", big - 1))
     flags = [nvpair(n, True) for n in ("embedok", "compressok", "rawok", "largeblockok")]
     out = ["mbuffer", "-q", "-s", "128k", "-m", "1024M", "-W", "300", "-r", "1000M"]
     out += ["-O", f"{'h' * 253}:65535"]
+    guids = {own: big, f"{fs}@{snap[:-3]}30Z": big - 1}
+    served = Policy(frozenset({fs}), frozenset({CLIENT, "h" * 253}), lambda _: guids)
     return {
         "update": fastpath.script(fs, own2.partition("@")[2], send, clock=True, base=base,
                                   hold=TAG, holds=True, then=then),
@@ -693,13 +693,11 @@ def longest_requests() -> dict[str, str]:
         ),
         "listing": shlex.join(zfs.list_snapshots(fs, holds=True, bookmarks=True)),
         "probe": shlex.join(probe_argv([fs.partition("/")[0]])),
-    }  # fmt: skip
+    }, served  # fmt: skip
 
 
 def test_the_longest_requests_of_a_pull_pass_well_under_the_limit() -> None:
-    requests = longest_requests()
-    fs = next(iter(requests.values())).split("zfs snapshot ", 1)[1].partition("@")[0]
-    served = Policy(frozenset({fs}), frozenset({CLIENT, "h" * 253}))
+    requests, served = longest_requests()
     for name, command in requests.items():
         assert parse_request(command, served), name
     longest = max(len(command) for command in requests.values())
@@ -711,3 +709,95 @@ def test_a_request_over_the_limit_is_refused_before_it_is_read() -> None:
     command = shlex.join(zfs.list_snapshots(FS)) + " " * (MAX_REQUEST + 1)
     with pytest.raises(Refused, match=f"{len(command)} characters, over the {MAX_REQUEST}"):
         parse_request(command, POLICY)
+
+
+# -- a resume token reaches the snapshot it names, and nothing else -----------------------
+
+OWN_GUID, OWN2_GUID = GUIDS.values()
+OTHER_GUID = 0x1234567890ABCDEF  # a snapshot of another file system
+
+
+def resume_token(**fields: int | str | bool | list[int] | None) -> str:
+    """A token of the incremental send OWN -> OWN2, with ``fields`` changed (``None``
+    leaves one out)."""
+    base: dict[str, int | str | bool | list[int] | None] = {
+        "fromguid": OWN_GUID, "object": 3, "offset": 0x2A0000, "bytes": 0x2C24B8,
+        "toguid": OWN2_GUID, "toname": OWN2, "compressok": True,
+    }  # fmt: skip
+    base.update(fields)
+    return encode({k: v for k, v in base.items() if v is not None})
+
+
+TOKENS_REFUSED = {
+    "another file system's guid": (resume_token(toguid=OTHER_GUID), "cannot resume send"),
+    "the guid of another snapshot of the file system": (
+        resume_token(toguid=OWN_GUID),
+        "cannot resume send",
+    ),
+    "no guid": (resume_token(toguid=None), "names no snapshot guid"),
+    "a snapshot that is gone": (
+        resume_token(toname=OWN2.replace("T010000Z", "T020000Z")),
+        "does not exist",
+    ),
+    "an incremental source of another file system": (
+        resume_token(fromguid=OTHER_GUID),
+        "incremental source",
+    ),
+    "itself as incremental source": (resume_token(fromguid=OWN2_GUID), "incremental source"),
+    "a guid that is text": (resume_token(toguid="0xd074dd7af954cb94"), "not a number"),
+    "the snapshots of a redacted send": (
+        resume_token(redact_snaps=[OTHER_GUID]),
+        "'redact_snaps'",
+    ),
+    "a name besides": (resume_token(redact_book=f"{FS}#x"), "'redact_book'"),
+    "a number zettabee does not know": (resume_token(resume_ds=OTHER_GUID), "'resume_ds'"),
+}
+
+
+@pytest.mark.parametrize("crafted, says", TOKENS_REFUSED.values(), ids=TOKENS_REFUSED.keys())
+def test_a_resume_token_that_names_anything_else_is_refused(crafted: str, says: str) -> None:
+    for argv in (zfs.send_resume(crafted), zfs.send_resume(crafted, estimate=True)):
+        with pytest.raises(Refused, match=re.escape(says)):
+            parse_request(shlex.join(argv), POLICY)
+
+
+def test_a_resume_token_goes_on_from_a_snapshot_a_bookmark_or_the_start() -> None:
+    for crafted in (
+        resume_token(),
+        resume_token(fromguid=None),  # a full send
+        resume_token(fromguid=0),
+        resume_token(largeblockok=True, embedok=True, rawok=True),
+    ):
+        argv = zfs.send_resume(crafted)
+        assert parse_request(shlex.join(argv), POLICY) == [argv]
+    bookmarked = Policy(POLICY.datasets, POLICY.mbuffer_hosts, lambda fs: {
+        f"{fs}#{OWN.partition('@')[2]}": OWN_GUID, OWN2: OWN2_GUID
+    })  # fmt: skip
+    argv = zfs.send_resume(resume_token())
+    assert parse_request(shlex.join(argv), bookmarked) == [argv]
+
+
+@pytest.mark.parametrize("crafted", [resume_token(toguid=OTHER_GUID), resume_token(toname=OWN)])
+def test_a_stale_token_is_refused_in_words_the_destination_takes_as_stale(crafted: str) -> None:
+    """A snapshot destroyed, or replaced by another of its name: the destination must
+    abort its partial receive and go on, as when zfs itself says so."""
+    with pytest.raises(Refused) as refused:
+        parse_request(shlex.join(zfs.send_resume(crafted, estimate=True)), POLICY)
+    assert zfs.stale_token(f"zettabee-source: refused: {refused.value}")
+
+
+def test_the_guids_are_read_from_zfs_for_the_file_system_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "zfs"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'[ "$*" = {shlex.quote(" ".join(zfs.get([FS], ["guid"], 1, ["snapshot", "bookmark"])[1:]))} ]'
+        ' || { echo "unexpected: $*" >&2; exit 2; }\n'
+        f"printf '%s\\tguid\\t%s\\n' {OWN} 11 {OWN_MARK} 11 {FS}/child@x 12 {FS}@bad -\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert read_guids(FS) == {OWN: 11, OWN_MARK: 11}
+    with pytest.raises(Refused, match="cannot read the guids of 'tank/pg'.*unexpected"):
+        read_guids("tank/pg")
