@@ -10,6 +10,10 @@ named on its own command line, and nothing else:
 
     restrict,command="/usr/local/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
 
+With ``--pair FP`` (once per pair the key serves), the snapshots, bookmarks and holds it
+may make and remove are those of these pairs alone, so that one backup server's key
+cannot break another's chain on the same file system; without, any zettabee pair's.
+
 sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
 shell: it is split into words, must be written exactly as zettabee writes it (one
 ``shlex.join``), and each word is compared with the command lines zettabee builds
@@ -79,6 +83,7 @@ _SIZE = re.compile(r"[0-9]+[kMG]?")
 _SECONDS = re.compile(r"[0-9]{1,9}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 # What the source's listing asks for where bookmarks exist (zfs.list_snapshots).
 _LISTING_TYPES = "filesystem,volume,snapshot,bookmark"
 
@@ -109,11 +114,18 @@ def read_guids(fs: str) -> dict[str, int]:
 @dataclass(frozen=True)
 class Policy:
     """What this key may touch: its file systems, and where mbuffer may connect.
-    ``guids`` reads the guids of a file system's snapshots and bookmarks (ZFS's, here)."""
+    ``guids`` reads the guids of a file system's snapshots and bookmarks (ZFS's, here).
+    ``pairs``, the fingerprints of the pairs the key serves: the only ones whose
+    snapshots, bookmarks and holds it may make and remove (any, when empty: the key
+    lines written before ``--pair``)."""
 
     datasets: frozenset[str]
     mbuffer_hosts: frozenset[str]
     guids: Callable[[str], dict[str, int]] = read_guids
+    pairs: frozenset[str] = frozenset()
+
+    def serves(self, fp: str) -> bool:
+        return not self.pairs or fp in self.pairs
 
     @property
     def pools(self) -> frozenset[str]:
@@ -140,8 +152,11 @@ def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
     holds, sends as the newest snapshot, and destroys (``fs#...``: its bookmark)."""
     fs, at, name = word.partition(sep)
     _dataset(fs, policy)
-    if not at or not _SNAPSHOT_WORD.fullmatch(name) or parse_snapshot_name(name) is None:
+    parsed = parse_snapshot_name(name) if at and _SNAPSHOT_WORD.fullmatch(name) else None
+    if parsed is None:
         raise Refused(f"{word!r} is not a zettabee {'snapshot' if sep == '@' else 'bookmark'}")
+    if not policy.serves(parsed[0]):
+        raise Refused(f"{word!r} is of pair {parsed[0]}, not one this key serves (--pair)")
     return word
 
 
@@ -260,6 +275,10 @@ def _check_release(tag: str, target: str, policy: Policy) -> None:
     may be any snapshot; a release takes away no one's hold but zettabee's."""
     if not _HOLD_TAG.fullmatch(tag):
         raise Refused(f"{tag!r} is not a zettabee hold tag")
+    if not policy.serves(tag.partition(".")[2]):
+        raise Refused(
+            f"{tag!r} is the hold of pair {tag.partition('.')[2]}, not one this key serves (--pair)"
+        )
     _any_snapshot(target, policy)
 
 
@@ -582,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
     parser.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="FP",
+        help="the fingerprint of a pair this key serves (zettabee fingerprint DEST on the "
+        "destination), once per pair: the key may then make, hold, release and destroy only "
+        "those pairs' snapshots, bookmarks and holds; without it, any zettabee pair's",
+    )
+    parser.add_argument(
         "--mbuffer-host",
         action="append",
         default=[],
@@ -595,13 +623,15 @@ def build_parser() -> argparse.ArgumentParser:
 def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
     problems = [m for m in map(validate_dataset, args.datasets) if m]
     problems += [m for m in map(validate_host, args.mbuffer_host) if m]
+    problems += [f"--pair {fp!r}: not a pair's fingerprint (32 hex digits)"
+                 for fp in args.pair if not _FINGERPRINT.fullmatch(fp)]  # fmt: skip
     if problems:
         raise SystemExit(f"zettabee-source: {'; '.join(problems)}")
     hosts = set(args.mbuffer_host)
     client = environ.get("SSH_CONNECTION", "").split(" ", 1)[0]
     if client:
         hosts.add(client)
-    return Policy(frozenset(args.datasets), frozenset(hosts))
+    return Policy(frozenset(args.datasets), frozenset(hosts), pairs=frozenset(args.pair))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

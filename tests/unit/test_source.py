@@ -801,3 +801,63 @@ def test_the_guids_are_read_from_zfs_for_the_file_system_alone(
     assert read_guids(FS) == {OWN: 11, OWN_MARK: 11}
     with pytest.raises(Refused, match="cannot read the guids of 'tank/pg'.*unexpected"):
         read_guids("tank/pg")
+
+
+# -- a key bound to its pairs (--pair FP) ---------------------------------------------------
+
+BOUND = Policy(POLICY.datasets, POLICY.mbuffer_hosts, guids_of, pairs=frozenset({FP}))
+THEIRS = f"{FS}@zettabee.{OTHER_FP}.20240101T000000Z"
+OTHER_TAG = hold_tag(OTHER_FP)
+
+ANOTHER_PAIRS = {
+    "snapshot": zfs.snapshot(FS, THEIRS.partition("@")[2]),
+    "destroy": zfs.destroy(THEIRS),
+    "destroy of a bookmark": zfs.destroy(THEIRS.replace("@", "#")),
+    "hold": zfs.hold(OTHER_TAG, THEIRS),
+    "release": zfs.release(OTHER_TAG, THEIRS),
+    "release on a snapshot of the key's pair": zfs.release(OTHER_TAG, OWN),
+    "release on a manual snapshot": zfs.release(OTHER_TAG, f"{FS}@by-hand"),
+    "bookmark": zfs.bookmark(THEIRS, THEIRS.replace("@", "#")),
+    "send": zfs.send(THEIRS, base=OWN),
+}
+
+
+@pytest.mark.parametrize("argv", ANOTHER_PAIRS.values(), ids=ANOTHER_PAIRS.keys())
+def test_a_key_bound_to_its_pairs_refuses_another_pair_s(argv: list[str]) -> None:
+    with pytest.raises(Refused, match=f"pair {OTHER_FP}, not one this key serves"):
+        parse_request(shlex.join(argv), BOUND)
+    assert parse_request(shlex.join(argv), POLICY) == [argv]  # a line without --pair: as before
+
+
+def test_a_key_bound_to_its_pairs_refuses_their_scripts_and_tokens() -> None:
+    theirs = {
+        "an update script that lets their base go": update_script(
+            holds=True, then=[("release", zfs.release(OTHER_TAG, OWN))]
+        ),
+        "an update script that destroys theirs": update_script(
+            then=[("destroy", zfs.destroy(THEIRS))]
+        ),
+        "a resume token of theirs": shlex.join(zfs.send_resume(token_for(THEIRS))),
+        "their mbuffer initialize": snapshot_then(zfs.send(THEIRS)).replace(
+            OWN.partition("@")[2], THEIRS.partition("@")[2]
+        ),
+    }
+    for name, command in theirs.items():
+        with pytest.raises(Refused, match=f"pair {OTHER_FP}"):
+            parse_request(command, BOUND)
+        assert name
+
+
+@pytest.mark.parametrize("argv", ALLOWED, ids=lambda argv: " ".join(argv[:3]))
+def test_a_key_bound_to_its_pairs_serves_their_pulls_unchanged(argv: list[str]) -> None:
+    assert parse_request(shlex.join(argv), BOUND) == [argv]
+
+
+def test_the_pairs_of_a_key_come_from_its_command_line() -> None:
+    from zettabee.source import build_parser, policy_from
+
+    args = build_parser().parse_args(["--pair", FP, "--pair", OTHER_FP, FS])
+    assert policy_from(args, {}).pairs == {FP, OTHER_FP}
+    assert policy_from(build_parser().parse_args([FS]), {}).pairs == frozenset()
+    with pytest.raises(SystemExit, match="--pair 'tank': not a pair's fingerprint"):
+        policy_from(build_parser().parse_args(["--pair", "tank", FS]), {})

@@ -148,6 +148,67 @@ def test_a_pull_works_through_the_restricted_key(
     assert row.data == INTACT
 
 
+def test_a_key_bound_to_its_pairs_leaves_other_pairs_alone(faults: Faults, sshd: Sshd) -> None:
+    """Two backup servers pull the same file system: B with a key of its own, A through
+    zettabee-source bound to A's pair (``--pair FP``). A's key pulls as before, and can
+    neither release B's hold nor destroy B's snapshots: B's chain stays whole."""
+    zb, lab = faults.zb, faults.lab
+    log_key = (Path(lab.source.key).parent / "client_ed25519.pub").read_text().strip()
+    sshd.start()
+    log = sshd.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    dest_a = f"{zb.dst_fs()}-a"
+    line_a = zb.pair_line("data", sshd.options()).replace(f":{zb.dst_fs()} ", f":{dest_a} ")
+    zb.write_pairs(zb.pair_line("data"), line_a)
+    fp_a, fp_b = (zb.run("fingerprint", dest).stdout.split()[-1] for dest in (dest_a, zb.dst_fs()))
+    command = shlex.join([SOURCE_COMMAND, "--pair", fp_a, fs])
+    sshd.authorized_keys.write_text(f'restrict,command="{command}" {log_key}\n')
+    replica_b = Replica(zb, "data")
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    replica_b.remember()
+    row = faults.expect(
+        "one backup server's key (zettabee-source --pair A) against another's pair B on "
+        "the same file system",
+        "A pulls as before; releasing B's hold and destroying B's snapshot: exit 126, "
+        "logged; B's next update incremental: refused, logged",
+    )
+    pulled = [faults.run("zettabee", "initialize", dest_a)]
+    replica_b.grow(1)
+    pulled.append(faults.run("zettabee", "update", dest_a))
+    base_b = f"{fs}@{replica_b.snapshot}"
+    target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
+    attacks = {
+        "release": shlex.join(zfs.release(hold_tag(fp_b), base_b)),
+        "destroy": shlex.join(zfs.destroy(base_b)),
+        "hold": shlex.join(zfs.hold(hold_tag(fp_b), base_b)),
+        "snapshot": shlex.join(zfs.snapshot(fs, snapshot_name(fp_b, datetime.now(UTC)))),
+    }
+    answers = {name: _ask(target, command) for name, command in attacks.items()}
+    refused = [n for n, (code, err, _) in answers.items() if code == 126 and fp_b in err]
+
+    def logged() -> list[str]:
+        return [t for p, t in log.read() if p == AUTH_WARNING and f"of pair {fp_b}" in t]
+
+    wait_until("the refusals in the auth log", lambda: len(logged()) >= len(refused), 5)
+    held = zb.srcside.zget(base_b, "userrefs")
+    replica_b.grow(1)
+    after = faults.run("zettabee", "update", zb.dst_fs())
+    row.observed = (
+        f"A: initialize exit {pulled[0].code}, update exit {pulled[1].code}; against B: "
+        + ", ".join(f"{n} exit {c}" for n, (c, _, _) in answers.items())
+        + f"; {len(logged())} auth-log lines of them; B's base "
+        f"{'held' if held == '1' else 'NOT HELD'}; B's next update exit {after.code}"
+        + (": refused, logged" if len(refused) == len(logged()) == len(attacks) else "")
+    )
+    replica_b.remember()
+    row.data = replica_b.intact()
+    assert [p.code for p in pulled] == [0, 0], [p.stderr for p in pulled]
+    assert refused == list(attacks), answers
+    assert len(logged()) == len(attacks), log.read()
+    assert held == "1" and after.code == 0, after.stderr
+    assert row.data == INTACT
+
+
 ESCAPES = [
     "id; touch {m}",
     "zfs list -H -o name {pool} && touch {m}",
