@@ -39,6 +39,8 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 - ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host,
   also after the ``zfs snapshot FS@OWN`` (and its hold) of the snapshot it sends;
   ``mbuffer -V``;
+- ``cat >/dev/null``, the session of the run's OpenSSH master connection: it is not run,
+  zettabee-source itself reads its input until zettabee closes it;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
   the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
   check of the base, once the destination says it received the stream the hold of the
@@ -62,6 +64,7 @@ from typing import IO
 
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
+from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
 from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
@@ -565,6 +568,16 @@ def _report(codes: list[int], errs: Sequence[IO[bytes]]) -> int:
     return status
 
 
+def _lifeline() -> int:
+    """The session of the OpenSSH master connection that a run keeps to this host: it
+    reads its input until zettabee closes it (however zettabee ends), and runs nothing.
+    Refused, it ended at once, and the master with it: every command of the run took a
+    connection of its own, and each run left a refusal in the auth log."""
+    while sys.stdin.buffer.read(1 << 16):
+        pass
+    return 0
+
+
 def _refuse(reason: str, command: str) -> int:
     """Exit status 126, and why: on stderr for the destination's operator, and in the
     source's auth log. Both on one line and shortened, whatever the request (the
@@ -639,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     policy = policy_from(args, environ)
     command = environ.get(COMMAND_ENV, "")
+    if command == LIFELINE:
+        return _lifeline()
     try:
         stages = parse_request(command, policy)
     except Refused as exc:

@@ -861,3 +861,24 @@ def test_the_pairs_of_a_key_come_from_its_command_line() -> None:
     assert policy_from(build_parser().parse_args([FS]), {}).pairs == frozenset()
     with pytest.raises(SystemExit, match="--pair 'tank': not a pair's fingerprint"):
         policy_from(build_parser().parse_args(["--pair", "tank", FS]), {})
+
+
+def test_the_master_connection_s_session_reads_its_input_and_runs_nothing() -> None:
+    """``cat >/dev/null``: the session that keeps a run's OpenSSH master open, until the
+    run closes its end. It is neither refused nor run (no shell, no cat)."""
+    from zettabee.host import LIFELINE
+
+    env = {"SSH_ORIGINAL_COMMAND": LIFELINE, "SSH_CONNECTION": f"{CLIENT} 1 2 22", "PATH": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zettabee.source", FS],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(b"anything\n" * 1000)
+    proc.stdin.flush()
+    time.sleep(0.3)
+    assert proc.poll() is None, "it ended before its input did"
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (0, b"", b"")
+    refused = source_command(b"cat >/dev/null; id")
+    assert refused.returncode == REFUSED

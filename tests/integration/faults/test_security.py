@@ -116,6 +116,7 @@ def test_a_pull_works_through_the_restricted_key(
     faults: Faults, restricted: Sshd, transport: str
 ) -> None:
     zb = faults.zb
+    log = restricted.capture_auth_log()
     replica = faults.replica(mb=2, options=f"{restricted.options()},transport={transport}")
     row = faults.expect(
         f"pull through the restricted key (zettabee-source), {transport}",
@@ -140,11 +141,14 @@ def test_a_pull_works_through_the_restricted_key(
     assert released.returncode == 0, released.stderr  # the tag was the pair's
     zb.srcside.run("zfs", "hold", hold_tag(replica.fingerprint), base)
     assert "refused" not in restricted.log()
+    refusals = [text for _, text in log.read() if "refused" in text]
     row.observed = (
         "setup exit 0 (uses holds on both sides); initialize and 2 updates exit 0; source "
-        "pruned, its base held by the pair's tag; lag OK; runtime OK"
+        "pruned, its base held by the pair's tag; lag OK; runtime OK; "
+        f"{len(refusals)} refusals in the source's auth log"
     )
     row.data = replica.intact()
+    assert not refusals, refusals
     assert row.data == INTACT
 
 
