@@ -101,7 +101,10 @@ def parse_snapshot_name(name: str) -> tuple[str, datetime] | None:
     match = _SNAPSHOT_RE.match(name.rsplit("@", 1)[-1])
     if not match:
         return None
-    when = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
+    try:  # the digits of a time, but no time (month 13): not a name zettabee made
+        when = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return None
     return match["fp"], when
 
 

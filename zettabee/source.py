@@ -10,13 +10,19 @@ named on its own command line, and nothing else:
 
     restrict,command="/usr/local/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
 
+With ``--pair FP`` (once per pair the key serves), the snapshots, bookmarks and holds it
+may make and remove are those of these pairs alone, so that one backup server's key
+cannot break another's chain on the same file system; without, any zettabee pair's.
+
 sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
 shell: it is split into words, must be written exactly as zettabee writes it (one
 ``shlex.join``), and each word is compared with the command lines zettabee builds
 (:mod:`zettabee.zfs`, :mod:`zettabee.capabilities`, :mod:`zettabee.transport`). The one
 shell script that runs is the capability probe, compared whole with zettabee's own. What
 passes runs directly; everything else is refused with exit status 126, a message on
-stderr that the destination shows its operator, and a line in the source's auth log.
+stderr that the destination shows its operator, and a line in the source's auth log:
+first anything longer than :data:`MAX_REQUEST`, and whatever cannot be read. Requests
+are read in one pass, never by a regular expression that could backtrack.
 
 The commands, for the served file systems FS of pools POOL (``OWN`` is a zettabee
 snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
@@ -28,10 +34,13 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 - ``zfs hold zettabee.<fp> FS@OWN`` (the snapshot's own fingerprint), ``zfs release
   zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
 - ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
-  [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN``;
+  [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN`` with the token's guid, and
+  its incremental source a snapshot or bookmark of FS (see :func:`_check_token`);
 - ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host,
   also after the ``zfs snapshot FS@OWN`` (and its hold) of the snapshot it sends;
   ``mbuffer -V``;
+- ``cat >/dev/null``, the session of the run's OpenSSH master connection: it is not run,
+  zettabee-source itself reads its input until zettabee closes it;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of
   the commands above (``zfs snapshot FS@OWN``, its hold, the send of ``FS@OWN``, a guid
   check of the base, once the destination says it received the stream the hold of the
@@ -42,24 +51,31 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
+from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
 from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
 
 REFUSED = 126
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
+# The longest request a pull sends is the one-round-trip update script: 1,353 characters
+# for tank/home with a base check, a hold and the old base let go; 3,081 with every name
+# at ZFS's limit of 255 characters and every option on (tests/unit/test_source.py builds
+# it). Anything longer is refused before it is read at all.
+MAX_REQUEST = 16 * 1024
 
 # A snapshot name a sent increment may start from: the common snapshot can be one the
 # operator took by hand, so any plain ZFS snapshot name, but nothing a shell or zfs
@@ -70,6 +86,7 @@ _SIZE = re.compile(r"[0-9]+[kMG]?")
 _SECONDS = re.compile(r"[0-9]{1,9}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}")
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
 # What the source's listing asks for where bookmarks exist (zfs.list_snapshots).
 _LISTING_TYPES = "filesystem,volume,snapshot,bookmark"
 
@@ -78,12 +95,40 @@ class Refused(Exception):
     """The request is not one that a pull of the configured file systems makes."""
 
 
+def read_guids(fs: str) -> dict[str, int]:
+    """The guid of each snapshot and bookmark of ``fs``, read from this host's ZFS.
+    Only resume tokens need it, and only OpenZFS has them (``zfs get -t``)."""
+    argv = zfs.get([fs], ["guid"], depth=1, types=["snapshot", "bookmark"])
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise Refused(f"cannot read the guids of {fs!r} to check the resume token: {exc}") from None
+    if result.returncode != 0:
+        said = result.stderr.strip()
+        raise Refused(f"cannot read the guids of {fs!r} to check the resume token: {said}")
+    guids = {}
+    for name, props in zfs.parse_get(result.stdout).items():
+        value = props.get("guid", "")
+        if name.partition("@" if "@" in name else "#")[0] == fs and value.isdigit():
+            guids[name] = int(value)
+    return guids
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What this key may touch: its file systems, and where mbuffer may connect."""
+    """What this key may touch: its file systems, and where mbuffer may connect.
+    ``guids`` reads the guids of a file system's snapshots and bookmarks (ZFS's, here).
+    ``pairs``, the fingerprints of the pairs the key serves: the only ones whose
+    snapshots, bookmarks and holds it may make and remove (any, when empty: the key
+    lines written before ``--pair``)."""
 
     datasets: frozenset[str]
     mbuffer_hosts: frozenset[str]
+    guids: Callable[[str], dict[str, int]] = read_guids
+    pairs: frozenset[str] = frozenset()
+
+    def serves(self, fp: str) -> bool:
+        return not self.pairs or fp in self.pairs
 
     @property
     def pools(self) -> frozenset[str]:
@@ -110,8 +155,11 @@ def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
     holds, sends as the newest snapshot, and destroys (``fs#...``: its bookmark)."""
     fs, at, name = word.partition(sep)
     _dataset(fs, policy)
-    if not at or not _SNAPSHOT_WORD.fullmatch(name) or parse_snapshot_name(name) is None:
+    parsed = parse_snapshot_name(name) if at and _SNAPSHOT_WORD.fullmatch(name) else None
+    if parsed is None:
         raise Refused(f"{word!r} is not a zettabee {'snapshot' if sep == '@' else 'bookmark'}")
+    if not policy.serves(parsed[0]):
+        raise Refused(f"{word!r} is of pair {parsed[0]}, not one this key serves (--pair)")
     return word
 
 
@@ -164,9 +212,23 @@ def _check_send(words: list[str], policy: Policy, dry_run: bool = False) -> None
         raise Refused("not the zfs send that zettabee runs")
 
 
+# What a resume token of zettabee's send carries besides the snapshots it names: where
+# the stream stopped, and flags (embedok, compressok, rawok, largeblockok, ...).
+_TOKEN_POSITIONS = ("object", "offset", "bytes")
+
+
 def _check_token(token: str, policy: Policy) -> None:
     """A resume token goes on with the send of the snapshot it names: one of zettabee's,
-    of a served file system, as for a send from the start."""
+    of a served file system, as for a send from the start.
+
+    ``zfs send -t`` finds that snapshot by the token's ``toguid``, not by its name: when
+    no snapshot of that name has that guid, it searches the file systems above for one
+    that has (a snapshot renamed since). So the snapshot the token names must have the
+    token's guid here and now, and its incremental source (``fromguid``) must be a
+    snapshot or bookmark of the same file system; a token that names anything else
+    (the snapshots of a redacted send) is none of zettabee's. A snapshot gone or changed
+    is said as zfs says it ("cannot resume send"), so that the destination aborts the
+    stale receive as it would on zfs's word."""
     try:
         fields = zfs.decode_resume_token(token)
     except ValueError as exc:
@@ -178,6 +240,29 @@ def _check_token(token: str, policy: Policy) -> None:
         _own_snapshot(toname, policy)
     except Refused as exc:
         raise Refused(f"the resume token sends {toname!r}: {exc}") from None
+    for key, value in fields.items():
+        number = isinstance(value, int) and not isinstance(value, bool)
+        if key in ("toguid", "fromguid", *_TOKEN_POSITIONS) and not number:
+            raise Refused(f"the resume token's {key} is {value!r}, not a number")
+        if key not in ("toname", "toguid", "fromguid", *_TOKEN_POSITIONS) and value is not True:
+            raise Refused(f"the resume token carries {key!r}, which no send of zettabee's does")
+    toguid, fromguid = fields.get("toguid"), fields.get("fromguid", 0)
+    if not isinstance(toguid, int) or not toguid:
+        raise Refused("the resume token names no snapshot guid")
+    fs = toname.partition("@")[0]
+    guids = policy.guids(fs)
+    if guids.get(toname) != toguid:
+        now = f"has guid {guids[toname]:#x}" if toname in guids else "does not exist"
+        raise Refused(
+            f"cannot resume send: the resume token is of {toname!r} with guid {toguid:#x}, "
+            f"and {toname!r} {now}"
+        )
+    sources = {guid for name, guid in guids.items() if name != toname}
+    if fromguid and fromguid not in sources:
+        raise Refused(
+            f"cannot resume send: the resume token's incremental source, guid {fromguid:#x}, "
+            f"is no snapshot or bookmark of {fs!r}"
+        )
 
 
 def _check_hold(tag: str, target: str, policy: Policy) -> None:
@@ -193,6 +278,10 @@ def _check_release(tag: str, target: str, policy: Policy) -> None:
     may be any snapshot; a release takes away no one's hold but zettabee's."""
     if not _HOLD_TAG.fullmatch(tag):
         raise Refused(f"{tag!r} is not a zettabee hold tag")
+    if not policy.serves(tag.partition(".")[2]):
+        raise Refused(
+            f"{tag!r} is the hold of pair {tag.partition('.')[2]}, not one this key serves (--pair)"
+        )
     _any_snapshot(target, policy)
 
 
@@ -266,8 +355,8 @@ def check_update_script(command: str, policy: Policy) -> None:
     taken out and checked one by one, and the script zettabee builds from them must be
     the command, character for character, before it may run in a shell."""
     lines = command.split("\n")
-    commands = [shlex.split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
-    after = [shlex.split(line[: -len("; r=$?")]) for line in lines if line.endswith("; r=$?")]
+    commands = [_split(line[: -len("; s=$?")]) for line in lines if line.endswith("; s=$?")]
+    after = [_split(line[: -len("; r=$?")]) for line in lines if line.endswith("; r=$?")]
     if len(commands) not in (2, 3):
         raise Refused("not the update script of a zettabee pull")
     snapshot, *held, send = commands
@@ -276,11 +365,7 @@ def check_update_script(command: str, policy: Policy) -> None:
     target = _check_taken(snapshot, held, send, policy, "the update script")
     fs, _, snap = target.partition("@")
     tag = held[0][2] if held else None
-    base = None
-    checked = re.search(r"^g=\$\(.*@([^ ]+) 2>/dev/null\)\n.* = ([0-9]{1,20}) \]", command, re.M)
-    if checked:
-        base_name = _any_snapshot(f"{fs}@{checked.group(1)}", policy).partition("@")[2]
-        base = zfs.Snapshot(fs, base_name, int(checked.group(2)), 0)
+    base = _checked_base(lines, fs, policy)
     then = [(_check_after(words, fs, policy), words) for words in after]
     clock = "date +%s.%N" in lines[0]
     for holds in (False, True):
@@ -288,6 +373,25 @@ def check_update_script(command: str, policy: Policy) -> None:
             if fastpath.script(fs, snap, send, clock, base, tag, holds, then, listing) == command:
                 return
     raise Refused("the update script is not written as zettabee writes it")
+
+
+_GUID_CHECK = '[ "${g##*\tguid\t}" = '
+_GUID = re.compile(r"[0-9]{1,20}")
+
+
+def _checked_base(lines: list[str], fs: str, policy: Policy) -> zfs.Snapshot | None:
+    """The base whose guid the update script checks before it snapshots, if it does: the
+    snapshot its ``g=$(zfs get ...)`` line reads and the guid the next line compares.
+    Read line by line, without a regular expression that could backtrack."""
+    for line, after in zip(lines, lines[1:], strict=False):
+        if line.startswith("g=$(") and line.endswith(" 2>/dev/null)"):
+            words = _split(line[len("g=$(") : -len(" 2>/dev/null)")])
+            guid = after[len(_GUID_CHECK) :].partition(" ")[0]
+            if not words or not after.startswith(_GUID_CHECK) or not _GUID.fullmatch(guid):
+                raise Refused("the update script checks its base otherwise than zettabee")
+            name = _any_snapshot(f"{fs}@{words[-1].rpartition('@')[2]}", policy)
+            return zfs.Snapshot(fs, name.partition("@")[2], int(guid), 0)
+    return None
 
 
 def _check_after(words: list[str], fs: str, policy: Policy) -> str:
@@ -344,15 +448,39 @@ def _check_taken(
     return target
 
 
-def _pipeline_pattern(count: int, first: int = 0) -> re.Pattern[str]:
-    """A regular expression of :func:`pipeline_script` with each stage left open (and
-    ``first`` commands before them)."""
+@functools.cache
+def _pipeline_text(count: int, first: int = 0) -> list[str]:
+    """What :func:`pipeline_script` writes around ``count`` stages (and ``first``
+    commands before them): the text before the first, between each two, after the last."""
     holes = [f"ZETTABEESTAGE{i}" for i in range(first + count)]
     stages = [[hole] for hole in holes]
-    text = re.escape(pipeline_script(stages[first:], first=stages[:first]))
+    rest = pipeline_script(stages[first:], first=stages[:first])
+    pieces = []
     for hole in holes:
-        text = text.replace(hole, "(.+?)", 1)
-    return re.compile(text, re.DOTALL)
+        before, _, rest = rest.partition(hole)
+        pieces.append(before)
+    return [*pieces, rest]
+
+
+def _pipeline_stages(command: str, count: int, first: int = 0) -> list[str] | None:
+    """The text of each stage if ``command`` has the shape of :func:`pipeline_script`'s
+    script, else None. One pass: a stage ends where the text after it first appears.
+    The words zettabee writes in a stage never hold that text (it is in no name), and
+    the caller builds the script again from the stages' words and compares, so a stage
+    cut short by such text in a quoted word is a refusal, never a wrong reading."""
+    head, *between, tail = _pipeline_text(count, first)
+    if len(command) < len(head) + len(tail):
+        return None
+    if not command.startswith(head) or not command.endswith(tail):
+        return None
+    body, at, stages = command[len(head) : len(command) - len(tail)], 0, []
+    for text in between:
+        end = body.find(text, at)
+        if end < 0:
+            return None
+        stages.append(body[at:end])
+        at = end + len(text)
+    return [*stages, body[at:]]
 
 
 def parse_request(command: str, policy: Policy) -> list[list[str]]:
@@ -361,14 +489,16 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
     The string must be exactly what zettabee sends (each stage one ``shlex.join``), so
     that no quoting trick can make these words differ from what the client meant.
     """
+    if len(command) > MAX_REQUEST:
+        raise Refused(f"{len(command)} characters, over the {MAX_REQUEST} of any request")
     if not command.strip():
         raise Refused("no command given: this key only serves zettabee pulls")
     if command.startswith("step() {"):
         check_update_script(command, policy)
         return [["sh", "-c", command]]
-    match = _pipeline_pattern(2).fullmatch(command)
-    if match:
-        stages = [shlex.split(text) for text in match.groups()]
+    texts = _pipeline_stages(command, 2)
+    if texts is not None:
+        stages = [_split(text) for text in texts]
         if pipeline_script(stages) != command:
             raise Refused("the pipeline is not written as zettabee writes it")
         if stages[0][:2] != ["zfs", "send"]:
@@ -377,20 +507,24 @@ def parse_request(command: str, policy: Policy) -> list[list[str]]:
         check_mbuffer(stages[1], policy)
         return stages
     for first in (1, 2):
-        match = _pipeline_pattern(2, first).fullmatch(command)
-        if match:
-            check_snapshot_and_send(
-                [shlex.split(text) for text in match.groups()], first, command, policy
-            )
+        texts = _pipeline_stages(command, 2, first)
+        if texts is not None:
+            check_snapshot_and_send([_split(text) for text in texts], first, command, policy)
             return [["sh", "-c", command]]
-    try:
-        words = shlex.split(command)
-    except ValueError as exc:
-        raise Refused(f"cannot split into words: {exc}") from None
+    words = _split(command)
     if not words or shlex.join(words) != command:
         raise Refused("not written as zettabee writes its commands")
     check_command(words, policy)
     return [words]
+
+
+def _split(text: str) -> list[str]:
+    """The words of a command as a POSIX shell reads them; an unbalanced quote is a
+    refusal like any other, not a crash."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise Refused(f"cannot split into words: {exc}") from None
 
 
 # -- running it ----------------------------------------------------------------------
@@ -434,6 +568,31 @@ def _report(codes: list[int], errs: Sequence[IO[bytes]]) -> int:
     return status
 
 
+def _lifeline() -> int:
+    """The session of the OpenSSH master connection that a run keeps to this host: it
+    reads its input until zettabee closes it (however zettabee ends), and runs nothing.
+    Refused, it ended at once, and the master with it: every command of the run took a
+    connection of its own, and each run left a refusal in the auth log."""
+    while sys.stdin.buffer.read(1 << 16):
+        pass
+    return 0
+
+
+def _refuse(reason: str, command: str) -> int:
+    """Exit status 126, and why: on stderr for the destination's operator, and in the
+    source's auth log. Both on one line and shortened, whatever the request (the
+    reason quotes words of it too)."""
+    printable = "".join(c if c.isprintable() else repr(c)[1:-1] for c in _shorten(reason))
+    message = f"{printable}: {_shorten(command)!r}"
+    print(f"zettabee-source: refused: {message}", file=sys.stderr)
+    _audit(message)
+    return REFUSED
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _audit(message: str) -> None:
     import syslog
 
@@ -455,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
     parser.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="FP",
+        help="the fingerprint of a pair this key serves (zettabee fingerprint DEST on the "
+        "destination), once per pair: the key may then make, hold, release and destroy only "
+        "those pairs' snapshots, bookmarks and holds; without it, any zettabee pair's",
+    )
+    parser.add_argument(
         "--mbuffer-host",
         action="append",
         default=[],
@@ -468,13 +636,15 @@ def build_parser() -> argparse.ArgumentParser:
 def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
     problems = [m for m in map(validate_dataset, args.datasets) if m]
     problems += [m for m in map(validate_host, args.mbuffer_host) if m]
+    problems += [f"--pair {fp!r}: not a pair's fingerprint (32 hex digits)"
+                 for fp in args.pair if not _FINGERPRINT.fullmatch(fp)]  # fmt: skip
     if problems:
         raise SystemExit(f"zettabee-source: {'; '.join(problems)}")
     hosts = set(args.mbuffer_host)
     client = environ.get("SSH_CONNECTION", "").split(" ", 1)[0]
     if client:
         hosts.add(client)
-    return Policy(frozenset(args.datasets), frozenset(hosts))
+    return Policy(frozenset(args.datasets), frozenset(hosts), pairs=frozenset(args.pair))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -482,13 +652,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     policy = policy_from(args, environ)
     command = environ.get(COMMAND_ENV, "")
+    if command == LIFELINE:
+        return _lifeline()
     try:
         stages = parse_request(command, policy)
     except Refused as exc:
-        shown = command if len(command) < 300 else command[:300] + "..."
-        print(f"zettabee-source: refused: {exc}: {shown!r}", file=sys.stderr)
-        _audit(f"{exc}: {shown!r}")
-        return REFUSED
+        return _refuse(str(exc), command)
+    except Exception as exc:  # noqa: BLE001 - a check that fails refuses, it never lets through
+        return _refuse(f"the request could not be checked ({type(exc).__name__}: {exc})", command)
     if len(stages) > 1:
         return run_pipeline(stages)
     sys.stdout.flush()

@@ -14,7 +14,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,53 +225,81 @@ class StateStore:
 
     @contextlib.contextmanager
     def lock(self, fp: str, pair: str, action: str) -> Iterator[None]:
-        """An flock the kernel releases when the process dies, however it dies."""
+        """An flock the kernel releases when the process dies, however it dies.
+
+        The lock file is never removed, by anyone: a run that opened it before it was
+        removed would hold a lock on a file no one else can open, and the next run would
+        lock a new one beside it."""
+
+        def busy(info: dict[str, Any]) -> LockHeld:
+            since = info.get("started")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+            return LockHeld(
+                f"{pair}: another {info.get('action', 'run')} is in progress "
+                f"(pid {info.get('pid', '?')}, since {when}); not starting a second one",
+                pid=info.get("pid"),
+            )
+
+        with self._locked(fp, action, busy):
+            yield
+
+    @contextlib.contextmanager
+    def _locked(
+        self, fp: str, action: str, busy: Callable[[dict[str, Any]], LockHeld]
+    ) -> Iterator[int]:
+        """The pair's lock, held with a record of who holds it; ``busy`` makes the error
+        when another process holds it, from that one's record."""
         self.lock_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        path = self.lock_path(fp)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        fd = os.open(self.lock_path(fp), os.O_RDWR | os.O_CREAT, 0o640)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                try:
-                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                except ValueError:
-                    info = {}
-                since = info.get("started")
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
-                raise LockHeld(
-                    f"{pair}: another {info.get('action', 'run')} is in progress "
-                    f"(pid {info.get('pid', '?')}, since {when}); not starting a second one",
-                    pid=info.get("pid"),
-                ) from None
+                raise busy(_lock_record(fd)) from None
             record = json.dumps({"pid": os.getpid(), "started": time.time(), "action": action})
             os.ftruncate(fd, 0)
             os.pwrite(fd, record.encode(), 0)
-            yield
+            yield fd
         finally:
             os.close(fd)
 
     def unlock(self, fp: str, pair: str) -> str:
-        """Clear what an interrupted run left behind; refuse while a live process works."""
-        holder = self.lock_holder(fp)
-        if holder is not None:
-            raise LockHeld(
-                f"{pair}: pid {holder.get('pid', '?')} is running {holder.get('action', 'a run')}"
+        """Clear what an interrupted run left behind; refuse while a live process works.
+
+        Done holding the pair's lock, as a run does: a run that starts meanwhile is
+        refused, and a run that got there first makes unlock refuse. The lock file stays
+        (see :meth:`lock`); its record of the run that is gone is cleared."""
+
+        def busy(info: dict[str, Any]) -> LockHeld:
+            return LockHeld(
+                f"{pair}: pid {info.get('pid', '?')} is running {info.get('action', 'a run')}"
                 " right now; unlock refuses (stop that process first if it is really stuck)",
-                pid=holder.get("pid"),
+                pid=info.get("pid"),
             )
-        status = self.read_status(fp)
-        self.lock_path(fp).unlink(missing_ok=True)
-        self.clear_progress(fp)
-        if status.state in (RUNNING, INTERRUPTED) or status.corrupt:
-            previous = status.corrupt or f"state {status.state} (pid {status.pid})"
-            status.state = FAILED if status.state != IDLE else IDLE
-            status.error = f"unlocked by operator after {previous}"
-            status.pid = None
-            status.corrupt = ""
-            self.write_status(status)
-            return f"{pair}: cleared {previous}; the next update checks consistency first"
-        return f"{pair}: not locked"
+
+        with self._locked(fp, "unlock", busy) as fd:
+            status = self.read_status(fp)
+            self.clear_progress(fp)
+            said = f"{pair}: not locked"
+            if status.state in (RUNNING, INTERRUPTED) or status.corrupt:
+                previous = status.corrupt or f"state {status.state} (pid {status.pid})"
+                status.state = FAILED if status.state != IDLE else IDLE
+                status.error = f"unlocked by operator after {previous}"
+                status.pid = None
+                status.corrupt = ""
+                self.write_status(status)
+                said = f"{pair}: cleared {previous}; the next update checks consistency first"
+            os.ftruncate(fd, 0)
+            return said
+
+
+def _lock_record(fd: int) -> dict[str, Any]:
+    """What the lock file says of its holder (empty when it says nothing readable)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def require_not_running(store: StateStore, fp: str, pair: str) -> None:

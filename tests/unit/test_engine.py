@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -268,6 +269,26 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path: Path) -> None:
     assert st.lock_holder(FP) is None  # the kernel released it with the process
     with st.lock(FP, "p", "update"):
         assert st.lock_holder(FP) is not None
+
+
+def test_unlock_keeps_the_lock_file_that_a_run_may_have_opened(tmp_path: Path) -> None:
+    """A run that opened the lock file just before unlock cleared it must still keep the
+    next run out: the file is the same one after unlock, its record of the dead run gone."""
+    st = store(tmp_path)
+    with st.lock(FP, "p", "update"):
+        pass
+    st.write_status(Status(FP, pair="a -> b", state=RUNNING, pid=999999999))
+    before = os.stat(st.lock_path(FP)).st_ino
+    opened = os.open(st.lock_path(FP), os.O_RDWR)  # a run, between open and flock
+    try:
+        assert "cleared state running" in st.unlock(FP, "p")
+        fcntl.flock(opened, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the run takes the lock now
+        assert os.stat(st.lock_path(FP)).st_ino == before
+        assert st.lock_path(FP).read_text() == ""
+        with pytest.raises(LockHeld, match="in progress"), st.lock(FP, "p", "update"):
+            pass
+    finally:
+        os.close(opened)
 
 
 def test_status_file_is_atomic_and_survives_corruption(tmp_path: Path) -> None:

@@ -6,20 +6,29 @@ command lines zettabee sends that the restricted mode does not follow fails here
 
 from __future__ import annotations
 
+import re
 import shlex
-import struct
 import subprocess
 import sys
-import zlib
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from tests.tokens import encode, nvpair, token
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
 from zettabee.pair import hold_tag, snapshot_name
-from zettabee.source import REFUSED, Policy, Refused, parse_request, run_pipeline
+from zettabee.source import (
+    MAX_REQUEST,
+    REFUSED,
+    Policy,
+    Refused,
+    parse_request,
+    read_guids,
+    run_pipeline,
+)
 from zettabee.transport import parse_pipeline_stderr, pipeline_script
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -31,7 +40,21 @@ OWN2 = f"{FS}@zettabee.{FP}.20240101T010000Z"
 OWN_MARK = OWN.replace("@", "#")
 TAG = hold_tag(FP)
 CLIENT = "10.0.0.1"
-POLICY = Policy(frozenset({FS, "tank/pg"}), frozenset({CLIENT}))
+# The guids of the snapshots the tokens below name (those of the recorded tokens too).
+GUIDS = {
+    f"zettabee.{FP}.20240101T000000Z": 0x64F065D5EA205EBB,
+    f"zettabee.{FP}.20240101T010000Z": 0xD074DD7AF954CB94,
+}
+
+
+def guids_of(fs: str) -> dict[str, int]:
+    """What ``zfs get guid`` says of ``fs``'s snapshots here: each one of GUIDS, and a
+    bookmark of the first."""
+    first = next(iter(GUIDS))
+    return {f"{fs}@{name}": guid for name, guid in GUIDS.items()} | {f"{fs}#{first}": GUIDS[first]}
+
+
+POLICY = Policy(frozenset({FS, "tank/pg"}), frozenset({CLIENT}), guids_of)
 
 
 def mbuffer_out(target: str = f"{CLIENT}:9090", *extra: str) -> list[str]:
@@ -39,32 +62,6 @@ def mbuffer_out(target: str = f"{CLIENT}:9090", *extra: str) -> list[str]:
 
 
 # -- resume tokens as the kernel writes them ------------------------------------------
-
-
-def _pad8(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % 8)
-
-
-def nvpair(name: str, value: int | str | bool, kind: int | None = None) -> bytes:
-    """One natively packed (little-endian) nvpair: uint64, string or boolean flag."""
-    if isinstance(value, bool):
-        kind, count, raw = kind or 1, 0, b""
-    elif isinstance(value, int):
-        kind, count, raw = kind or 8, 1, struct.pack("<Q", value)
-    else:
-        kind, count, raw = kind or 9, 1, value.encode() + b"\0"
-    head = _pad8(struct.pack("<ihhii", 0, len(name) + 1, 0, count, kind) + name.encode() + b"\0")
-    body = head + _pad8(raw)
-    return struct.pack("<i", len(body)) + body[4:]
-
-
-def token(*pairs: bytes, tail: bytes = b"", size_delta: int = 0) -> str:
-    """``1-<fletcher-4>-<packed size>-<zlib hex>`` of an nvlist of ``pairs``."""
-    packed = b"\0\1\0\0" + struct.pack("<ii", 0, 1) + b"".join(pairs) + struct.pack("<i", 0)
-    packed += tail
-    squeezed = zlib.compress(packed)
-    words = struct.unpack(f"<{len(squeezed) // 4}I", squeezed[: len(squeezed) // 4 * 4])
-    return f"1-{sum(words):x}-{len(packed) + size_delta:x}-{squeezed.hex()}"
 
 
 def token_for(toname: str, *extra: bytes) -> str:
@@ -143,7 +140,7 @@ def test_every_command_of_a_pull_passes_unchanged(argv: list[str]) -> None:
 @pytest.mark.parametrize("name", ["full", "incremental"])
 def test_a_recorded_token_resumes_only_where_its_snapshot_is_served(name: str) -> None:
     value = recorded_token(name)[0]
-    served = Policy(frozenset({"gsrc/tok"}), frozenset({CLIENT}))
+    served = Policy(frozenset({"gsrc/tok"}), frozenset({CLIENT}), guids_of)
     for argv in (zfs.send_resume(value), zfs.send_resume(value, estimate=True)):
         assert parse_request(shlex.join(argv), served) == [argv]
         with pytest.raises(Refused, match="gsrc/tok@zettabee"):
@@ -379,7 +376,7 @@ def test_the_key_s_own_datasets_are_validated() -> None:
 
 
 def test_mbuffer_may_connect_back_to_the_client_only_by_default() -> None:
-    policy = Policy(frozenset({FS}), frozenset({CLIENT, "backup-net.example.com"}))
+    policy = Policy(frozenset({FS}), frozenset({CLIENT, "backup-net.example.com"}), guids_of)
     ok = pipeline_script([zfs.send(OWN), mbuffer_out("backup-net.example.com:9000")])
     assert len(parse_request(ok, policy)) == 2
     with pytest.raises(Refused, match="may not connect"):
@@ -471,3 +468,417 @@ SCRIPT_ESCAPES = {
 def test_an_altered_update_script_is_refused(command: str) -> None:
     with pytest.raises(Refused):
         parse_request(command, POLICY)
+
+
+# -- hostile requests: every one refused (126, logged), none crashes the command ------------
+
+_STAMP = OWN.partition("@")[2]
+NOT_A_TIME = f"{FS}@zettabee.{FP}.20241399T000000Z"  # the shape of a name, month 13
+
+HOSTILE = {
+    "an unbalanced quote": "zfs list -H -o name 'tank",
+    "an unbalanced quote in the mbuffer pipeline": pipeline_script(
+        [zfs.send(OWN), mbuffer_out()]
+    ).replace("zfs send", "zfs send '", 1),
+    "an unbalanced quote in the snapshot before the mbuffer pipeline": snapshot_then(
+        zfs.send(OWN)
+    ).replace("zfs snapshot", "zfs snapshot '", 1),
+    "an unbalanced quote in the update script": update_script().replace(
+        "zfs snapshot", "zfs snapshot '", 1
+    ),
+    "an unbalanced quote after the receive": update_script(holds=True, then=THEN).replace(
+        "zfs release", "zfs release '", 1
+    ),
+    "a snapshot whose time is no time": shlex.join(zfs.snapshot(FS, NOT_A_TIME.partition("@")[2])),
+    "a bookmark whose time is no time": shlex.join(zfs.destroy(NOT_A_TIME.replace("@", "#"))),
+    "a resume token of a snapshot whose time is no time": shlex.join(
+        zfs.send_resume(token_for(NOT_A_TIME))
+    ),
+    "an update script of a snapshot whose time is no time": update_script().replace(
+        OWN2.partition("@")[2], NOT_A_TIME.partition("@")[2]
+    ),
+    "a NUL byte": f"zfs list -H -o name {FS}\0; id",
+    "a lone surrogate (a byte that is not UTF-8)": f"zfs list -H -o name {FS}\udcff",
+    "blanks only": " \t\n",
+    "100 KB of one word": "zfs list -H -o name " + "a" * 100_000,
+}
+
+
+@pytest.mark.parametrize("command", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_request_is_refused_not_crashed_on(command: str) -> None:
+    with pytest.raises(Refused):
+        parse_request(command, POLICY)
+
+
+def source_command(command: bytes, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """zettabee-source as sshd runs it: the request, as bytes, in its environment."""
+    env = {
+        b"SSH_ORIGINAL_COMMAND": command,
+        b"SSH_CONNECTION": f"{CLIENT} 1 2 22".encode(),
+        b"PATH": b"/usr/bin:/bin",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "zettabee.source", FS],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        HOSTILE["an unbalanced quote in the mbuffer pipeline"].encode(),
+        HOSTILE["an unbalanced quote in the update script"].encode(),
+        HOSTILE["a snapshot whose time is no time"].encode(),
+        f"zfs list -H -o name {FS}\xff".encode("latin-1"),
+        b"zfs list -H -o name \xc3\x28 \xed\xa0\x80",
+        HOSTILE["100 KB of one word"].encode(),
+    ],
+    ids=["pipeline quote", "update script quote", "no time", "latin-1", "bad UTF-8", "100 KB"],
+)
+def test_a_hostile_request_exits_126_with_one_line_and_no_traceback(command: bytes) -> None:
+    proc = source_command(command)
+    assert (proc.returncode, proc.stdout) == (REFUSED, ""), proc.stderr
+    assert proc.stderr.startswith("zettabee-source: refused: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert len(proc.stderr) < 1000  # what the operator sees is shortened, as is the log's
+
+
+def test_a_request_the_checks_cannot_read_is_refused_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a check raises ends as a refusal: the command fails closed."""
+    import zettabee.source as source
+
+    def broken(words: list[str], policy: Policy) -> None:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(source, "check_command", broken)
+    monkeypatch.setenv("SSH_ORIGINAL_COMMAND", shlex.join(zfs.destroy(OWN)))
+    logged: list[str] = []
+    monkeypatch.setattr(source, "_audit", logged.append)
+    assert source.main([FS]) == REFUSED
+    err = capsys.readouterr().err
+    assert err.startswith("zettabee-source: refused: the request could not be checked"), err
+    assert logged and "IndexError" in logged[0]
+
+
+def _mutations(seed: int, count: int) -> list[str]:
+    """Requests a step or three away from ones zettabee sends: a quote, a byte, a cut."""
+    import random
+
+    seeds = [shlex.join(argv) for argv in ALLOWED] + [
+        update_script(),
+        update_script(base=BASE, hold=TAG, holds=True, clock=True, then=THEN),
+        pipeline_script([zfs.send(OWN), mbuffer_out()]),
+        snapshot_then(zfs.send(OWN), zfs.hold(TAG, OWN)),
+    ]
+    alphabet = [*"'\"\\ \n\t@#$;|&(){}-0123456789az/:.\0\udcff", "zettabee.", FP, "'\"'\"'"]
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(count):
+        text = rnd.choice(seeds)
+        for _ in range(rnd.randint(1, 3)):
+            at, how = rnd.randrange(len(text) + 1), rnd.random()
+            if how < 0.4:
+                text = text[:at] + rnd.choice(alphabet) + text[at:]
+            elif how < 0.7:
+                text = text[:at] + text[at + rnd.randint(1, 5) :]
+            elif how < 0.9:
+                text = text[:at] + rnd.choice(alphabet) + text[at + 1 :]
+            else:
+                text = text[:at]
+        out.append(text)
+    return out
+
+
+def test_requests_near_the_real_ones_are_accepted_or_refused_nothing_else() -> None:
+    crashed = []
+    for command in _mutations(seed=17, count=3000):
+        try:
+            parse_request(command, POLICY)
+        except Refused:
+            pass
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            crashed.append(f"{type(exc).__name__}: {exc}: {command[:120]!r}")
+    assert not crashed, f"{len(crashed)} of 3000 crashed, e.g. {crashed[:3]}"
+
+
+# -- requests made to be slow: refused at once ---------------------------------------------
+
+
+def _literals(count: int, first: int) -> list[str]:
+    """What :func:`pipeline_script` writes around its stages (with ``first`` commands)."""
+    holes = [f"ZETTABEEHOLE{i}X" for i in range(first + count)]
+    text = pipeline_script([[h] for h in holes[first:]], first=[[h] for h in holes[:first]])
+    for hole in holes:
+        text = text.replace(hole, "\0")
+    return text.split("\0")
+
+
+def backtracker(size: int) -> str:
+    """``size`` characters shaped like the snapshot-hold-send-mbuffer pipeline, every
+    separator between stages many times over and no end: a parser that tries each place
+    a stage may end (a lazy regular expression) tries them all, four stages deep. The
+    first zettabee-source took 16 s over 16 KB of it, and minutes over 32 KB."""
+    pieces = _literals(2, 2)
+    body = "".join(pieces[1:-1])
+    return (pieces[0] + body * size)[: size - 1] + "x"
+
+
+def slow_update_script(size: int) -> str:
+    """An update script with a line of ``@`` where the base check goes: a greedy ``.*@``
+    tried at each of them."""
+    script = update_script() + "\ng=$("
+    return script + "@" * (size - len(script))
+
+
+@pytest.mark.parametrize("size", [32 * 1024, 15 * 1024], ids=["32 KB", "15 KB"])
+def test_a_request_made_to_backtrack_is_refused_at_once(size: int) -> None:
+    command = backtracker(size)
+    assert len(command) == size
+    started = time.monotonic()
+    try:
+        proc = source_command(command.encode(), timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no answer within 5 s to {size} characters (killed)")
+    assert proc.returncode == REFUSED, proc.stderr
+    assert time.monotonic() - started < 5
+
+
+def test_an_update_script_made_to_backtrack_is_refused_at_once() -> None:
+    command = slow_update_script(15 * 1024)
+    started = time.monotonic()
+    with pytest.raises(Refused):
+        parse_request(command, POLICY)
+    took = time.monotonic() - started
+    assert took < 0.5, f"{took:.2f} s to refuse {len(command)} characters"
+
+
+def longest_requests() -> tuple[dict[str, str], Policy]:
+    """The longest request of each kind a pull sends: every name at ZFS's limit (255
+    characters, snapshot name included), every option on, the largest numbers; and the
+    policy that serves them."""
+    snap = snapshot_name(FP, datetime(2024, 1, 1, tzinfo=UTC))
+    fs = "/".join(["p" * 60, "q" * 60, "r" * (255 - len(snap) - 1 - 122)])
+    own, own2 = f"{fs}@{snap}", f"{fs}@{snap[:-3]}59Z"
+    assert len(own) == 255 == len(own2)
+    base = zfs.Snapshot(fs, snap, 2**64 - 1, 0)
+    then = [
+        ("hold", zfs.hold(TAG, own2)),
+        ("release", zfs.release(TAG, own)),
+        ("destroy", zfs.destroy(own)),
+    ]
+    send = zfs.send(own2, base=own, intermediate=True, raw=True, compressed=True, props=True)
+    big = 2**64 - 1
+    fields = [nvpair(n, big) for n in ("object", "offset", "bytes", "toguid")]
+    fields.append(nvpair("fromguid", big - 1))
+    flags = [nvpair(n, True) for n in ("embedok", "compressok", "rawok", "largeblockok")]
+    out = ["mbuffer", "-q", "-s", "128k", "-m", "1024M", "-W", "300", "-r", "1000M"]
+    out += ["-O", f"{'h' * 253}:65535"]
+    guids = {own: big, f"{fs}@{snap[:-3]}30Z": big - 1}
+    served = Policy(frozenset({fs}), frozenset({CLIENT, "h" * 253}), lambda _: guids)
+    return {
+        "update": fastpath.script(fs, own2.partition("@")[2], send, clock=True, base=base,
+                                  hold=TAG, holds=True, then=then),
+        "initialize over mbuffer": pipeline_script(
+            [zfs.send(own, raw=True, compressed=True, props=True), out],
+            first=[zfs.snapshot(fs, snap), zfs.hold(TAG, own)],
+        ),
+        "resume": shlex.join(
+            zfs.send_resume(token(*fields, nvpair("toname", own), *flags), estimate=True)
+        ),
+        "listing": shlex.join(zfs.list_snapshots(fs, holds=True, bookmarks=True)),
+        "probe": shlex.join(probe_argv([fs.partition("/")[0]])),
+    }, served  # fmt: skip
+
+
+def test_the_longest_requests_of_a_pull_pass_well_under_the_limit() -> None:
+    requests, served = longest_requests()
+    for name, command in requests.items():
+        assert parse_request(command, served), name
+    longest = max(len(command) for command in requests.values())
+    assert longest == len(requests["update"]) == 3081  # the figure the module quotes
+    assert longest * 4 < MAX_REQUEST
+
+
+def test_a_request_over_the_limit_is_refused_before_it_is_read() -> None:
+    command = shlex.join(zfs.list_snapshots(FS)) + " " * (MAX_REQUEST + 1)
+    with pytest.raises(Refused, match=f"{len(command)} characters, over the {MAX_REQUEST}"):
+        parse_request(command, POLICY)
+
+
+# -- a resume token reaches the snapshot it names, and nothing else -----------------------
+
+OWN_GUID, OWN2_GUID = GUIDS.values()
+OTHER_GUID = 0x1234567890ABCDEF  # a snapshot of another file system
+
+
+def resume_token(**fields: int | str | bool | list[int] | None) -> str:
+    """A token of the incremental send OWN -> OWN2, with ``fields`` changed (``None``
+    leaves one out)."""
+    base: dict[str, int | str | bool | list[int] | None] = {
+        "fromguid": OWN_GUID, "object": 3, "offset": 0x2A0000, "bytes": 0x2C24B8,
+        "toguid": OWN2_GUID, "toname": OWN2, "compressok": True,
+    }  # fmt: skip
+    base.update(fields)
+    return encode({k: v for k, v in base.items() if v is not None})
+
+
+TOKENS_REFUSED = {
+    "another file system's guid": (resume_token(toguid=OTHER_GUID), "cannot resume send"),
+    "the guid of another snapshot of the file system": (
+        resume_token(toguid=OWN_GUID),
+        "cannot resume send",
+    ),
+    "no guid": (resume_token(toguid=None), "names no snapshot guid"),
+    "a snapshot that is gone": (
+        resume_token(toname=OWN2.replace("T010000Z", "T020000Z")),
+        "does not exist",
+    ),
+    "an incremental source of another file system": (
+        resume_token(fromguid=OTHER_GUID),
+        "incremental source",
+    ),
+    "itself as incremental source": (resume_token(fromguid=OWN2_GUID), "incremental source"),
+    "a guid that is text": (resume_token(toguid="0xd074dd7af954cb94"), "not a number"),
+    "the snapshots of a redacted send": (
+        resume_token(redact_snaps=[OTHER_GUID]),
+        "'redact_snaps'",
+    ),
+    "a name besides": (resume_token(redact_book=f"{FS}#x"), "'redact_book'"),
+    "a number zettabee does not know": (resume_token(resume_ds=OTHER_GUID), "'resume_ds'"),
+}
+
+
+@pytest.mark.parametrize("crafted, says", TOKENS_REFUSED.values(), ids=TOKENS_REFUSED.keys())
+def test_a_resume_token_that_names_anything_else_is_refused(crafted: str, says: str) -> None:
+    for argv in (zfs.send_resume(crafted), zfs.send_resume(crafted, estimate=True)):
+        with pytest.raises(Refused, match=re.escape(says)):
+            parse_request(shlex.join(argv), POLICY)
+
+
+def test_a_resume_token_goes_on_from_a_snapshot_a_bookmark_or_the_start() -> None:
+    for crafted in (
+        resume_token(),
+        resume_token(fromguid=None),  # a full send
+        resume_token(fromguid=0),
+        resume_token(largeblockok=True, embedok=True, rawok=True),
+    ):
+        argv = zfs.send_resume(crafted)
+        assert parse_request(shlex.join(argv), POLICY) == [argv]
+    bookmarked = Policy(POLICY.datasets, POLICY.mbuffer_hosts, lambda fs: {
+        f"{fs}#{OWN.partition('@')[2]}": OWN_GUID, OWN2: OWN2_GUID
+    })  # fmt: skip
+    argv = zfs.send_resume(resume_token())
+    assert parse_request(shlex.join(argv), bookmarked) == [argv]
+
+
+@pytest.mark.parametrize("crafted", [resume_token(toguid=OTHER_GUID), resume_token(toname=OWN)])
+def test_a_stale_token_is_refused_in_words_the_destination_takes_as_stale(crafted: str) -> None:
+    """A snapshot destroyed, or replaced by another of its name: the destination must
+    abort its partial receive and go on, as when zfs itself says so."""
+    with pytest.raises(Refused) as refused:
+        parse_request(shlex.join(zfs.send_resume(crafted, estimate=True)), POLICY)
+    assert zfs.stale_token(f"zettabee-source: refused: {refused.value}")
+
+
+def test_the_guids_are_read_from_zfs_for_the_file_system_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "zfs"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'[ "$*" = {shlex.quote(" ".join(zfs.get([FS], ["guid"], 1, ["snapshot", "bookmark"])[1:]))} ]'
+        ' || { echo "unexpected: $*" >&2; exit 2; }\n'
+        f"printf '%s\\tguid\\t%s\\n' {OWN} 11 {OWN_MARK} 11 {FS}/child@x 12 {FS}@bad -\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert read_guids(FS) == {OWN: 11, OWN_MARK: 11}
+    with pytest.raises(Refused, match="cannot read the guids of 'tank/pg'.*unexpected"):
+        read_guids("tank/pg")
+
+
+# -- a key bound to its pairs (--pair FP) ---------------------------------------------------
+
+BOUND = Policy(POLICY.datasets, POLICY.mbuffer_hosts, guids_of, pairs=frozenset({FP}))
+THEIRS = f"{FS}@zettabee.{OTHER_FP}.20240101T000000Z"
+OTHER_TAG = hold_tag(OTHER_FP)
+
+ANOTHER_PAIRS = {
+    "snapshot": zfs.snapshot(FS, THEIRS.partition("@")[2]),
+    "destroy": zfs.destroy(THEIRS),
+    "destroy of a bookmark": zfs.destroy(THEIRS.replace("@", "#")),
+    "hold": zfs.hold(OTHER_TAG, THEIRS),
+    "release": zfs.release(OTHER_TAG, THEIRS),
+    "release on a snapshot of the key's pair": zfs.release(OTHER_TAG, OWN),
+    "release on a manual snapshot": zfs.release(OTHER_TAG, f"{FS}@by-hand"),
+    "bookmark": zfs.bookmark(THEIRS, THEIRS.replace("@", "#")),
+    "send": zfs.send(THEIRS, base=OWN),
+}
+
+
+@pytest.mark.parametrize("argv", ANOTHER_PAIRS.values(), ids=ANOTHER_PAIRS.keys())
+def test_a_key_bound_to_its_pairs_refuses_another_pair_s(argv: list[str]) -> None:
+    with pytest.raises(Refused, match=f"pair {OTHER_FP}, not one this key serves"):
+        parse_request(shlex.join(argv), BOUND)
+    assert parse_request(shlex.join(argv), POLICY) == [argv]  # a line without --pair: as before
+
+
+def test_a_key_bound_to_its_pairs_refuses_their_scripts_and_tokens() -> None:
+    theirs = {
+        "an update script that lets their base go": update_script(
+            holds=True, then=[("release", zfs.release(OTHER_TAG, OWN))]
+        ),
+        "an update script that destroys theirs": update_script(
+            then=[("destroy", zfs.destroy(THEIRS))]
+        ),
+        "a resume token of theirs": shlex.join(zfs.send_resume(token_for(THEIRS))),
+        "their mbuffer initialize": snapshot_then(zfs.send(THEIRS)).replace(
+            OWN.partition("@")[2], THEIRS.partition("@")[2]
+        ),
+    }
+    for name, command in theirs.items():
+        with pytest.raises(Refused, match=f"pair {OTHER_FP}"):
+            parse_request(command, BOUND)
+        assert name
+
+
+@pytest.mark.parametrize("argv", ALLOWED, ids=lambda argv: " ".join(argv[:3]))
+def test_a_key_bound_to_its_pairs_serves_their_pulls_unchanged(argv: list[str]) -> None:
+    assert parse_request(shlex.join(argv), BOUND) == [argv]
+
+
+def test_the_pairs_of_a_key_come_from_its_command_line() -> None:
+    from zettabee.source import build_parser, policy_from
+
+    args = build_parser().parse_args(["--pair", FP, "--pair", OTHER_FP, FS])
+    assert policy_from(args, {}).pairs == {FP, OTHER_FP}
+    assert policy_from(build_parser().parse_args([FS]), {}).pairs == frozenset()
+    with pytest.raises(SystemExit, match="--pair 'tank': not a pair's fingerprint"):
+        policy_from(build_parser().parse_args(["--pair", "tank", FS]), {})
+
+
+def test_the_master_connection_s_session_reads_its_input_and_runs_nothing() -> None:
+    """``cat >/dev/null``: the session that keeps a run's OpenSSH master open, until the
+    run closes its end. It is neither refused nor run (no shell, no cat)."""
+    from zettabee.host import LIFELINE
+
+    env = {"SSH_ORIGINAL_COMMAND": LIFELINE, "SSH_CONNECTION": f"{CLIENT} 1 2 22", "PATH": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zettabee.source", FS],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(b"anything\n" * 1000)
+    proc.stdin.flush()
+    time.sleep(0.3)
+    assert proc.poll() is None, "it ended before its input did"
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (0, b"", b"")
+    refused = source_command(b"cat >/dev/null; id")
+    assert refused.returncode == REFUSED

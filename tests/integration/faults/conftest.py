@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -643,6 +644,32 @@ class Gate:
 # -- a second sshd on the source host ---------------------------------------------------
 
 
+class AuthLog:
+    """A syslog socket: the messages sent to it, in order, without their priority."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.lines: list[tuple[int, str]] = []  # (priority, message)
+
+    def read(self) -> list[tuple[int, str]]:
+        while True:
+            try:
+                data = self.sock.recv(1 << 17)
+            except BlockingIOError:
+                return self.lines
+            match = re.match(rb"<(\d+)>", data)
+            text = data[match.end() if match else 0 :].decode(errors="replace").strip()
+            self.lines.append((int(match[1]) if match else -1, text))
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
 class Sshd:
     """An sshd of the test's own in the source's namespace, on its own port.
 
@@ -654,6 +681,7 @@ class Sshd:
         self.root = root
         self.port = port
         self.pid: int | None = None
+        self.auth_logs: list[AuthLog] = []
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.host_key = self.root / "host_ed25519"
@@ -711,6 +739,23 @@ class Sshd:
             stop_pid(self.pid)
             self.pid = None
 
+    def capture_auth_log(self) -> AuthLog:
+        """What the commands this sshd runs write to syslog (the source's auth log):
+        read from a socket of the test's own, bound over ``/dev/log`` in the sshd's mount
+        namespace only (an overlay of ``/dev`` there; the machine has no syslog daemon)."""
+        assert self.pid is not None, "start() first"
+        log = AuthLog(self.root / "log.sock")
+        upper, work = self.root / "dev-upper", self.root / "dev-work"
+        for directory in (upper, work):
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+        sh("nsenter", f"--target={self.pid}", "--mount", "--", "sh", "-c",
+           'mount -t overlay overlay -o "lowerdir=/dev,upperdir=$1,workdir=$2" /dev '
+           '&& touch /dev/log && mount --bind "$3" /dev/log',
+           "sh", str(upper), str(work), str(log.path))  # fmt: skip
+        self.auth_logs.append(log)
+        return log
+
     def log(self) -> str:
         return (self.root / "sshd.log").read_text(errors="replace")
 
@@ -736,6 +781,8 @@ def sshd(lab: ZfsLab, tmp_path: Path) -> Iterator[Sshd]:
         yield server
     finally:
         server.stop()
+        for log in server.auth_logs:
+            log.close()
 
 
 @pytest.fixture

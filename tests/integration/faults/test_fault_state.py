@@ -7,14 +7,25 @@ made negative by the clock must never read as OK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.faults.conftest import INTACT, STATES, Faults
+from tests.conftest import executable
+from tests.integration.faults.conftest import (
+    INTACT,
+    STATES,
+    Faults,
+    Outcome,
+    descendants,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +183,91 @@ def test_a_cached_probe_that_no_longer_holds(faults: Faults) -> None:
     row.observed = f"{seen_first}; next run: {row.observed}"
     zb.write_pairs(zb.pair_line(replica.leaf))
     faults.recovers(replica)
+
+
+UNLINK_SYSCALLS = {"87", "263"}  # unlink, unlinkat (x86-64), as /proc/PID/syscall names them
+
+
+def test_unlock_never_lets_two_runs_of_a_pair_overlap(faults: Faults) -> None:
+    """``zettabee unlock`` clears what a killed run left, just as the next cron run
+    starts. strace holds unlock for 5 s in each unlink of the pair's lock or progress
+    file (a slow disk, a busy machine), a run starts then, and another run after unlock
+    is done, while the first still works (held at the end of its receive)."""
+    zb = faults.zb
+    replica = faults.replica(mb=1)
+    fp = replica.fingerprint
+    lock, progress = zb.tmp / "run" / f"{fp}.lock", zb.tmp / "state" / f"{fp}.progress"
+    status_path = zb.tmp / "state" / f"{fp}.json"
+    # What a run killed mid-stream leaves: 'running' by a pid now gone, its lock record
+    # and its progress.
+    dead = _pid_of_a_process_gone()
+    status = json.loads(status_path.read_text())
+    status.update(state="running", action="update", pid=dead, started=time.time() - 60)
+    status_path.write_text(json.dumps(status))
+    lock.write_text(json.dumps({"pid": dead, "started": time.time() - 60, "action": "update"}))
+    progress.write_text(json.dumps({"bytes": 1 << 20}))
+    replica.grow(1)
+    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
+    gate.arm()
+    row = faults.expect(
+        "unlock while the next run starts (strace holds unlock 5 s in each unlink of the "
+        "pair's files; a run starts then, a second one after)",
+        "never two runs of the pair at once: the second refused 'in progress' while the "
+        "first works, or the first refused while unlock holds the pair; replica intact",
+    )
+    delay = "inject=unlink,unlinkat:delay_enter=5000000"
+    trace = ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(lock), "-P", str(progress),
+             "-e", "trace=unlink,unlinkat", "-e", delay]  # fmt: skip
+    unlock = subprocess.Popen(
+        [*trace, *executable("zettabee"), "unlock", replica.fs],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=faults.env(),
+    )  # fmt: skip
+
+    def held_in_unlink() -> bool:
+        if unlock.poll() is not None:
+            return True
+        for pid in descendants(unlock.pid):
+            with contextlib.suppress(OSError, IndexError):
+                if Path(f"/proc/{pid}/syscall").read_text().split()[0] in UNLINK_SYSCALLS:
+                    return True
+        return False
+
+    wait_until("unlock to remove a file of the pair", held_in_unlink, timeout=30)
+    first = faults.popen("zettabee", "update", replica.fs, path_first=gate.dir)
+    reached = gate.dir / "reached"
+    wait_until("the first run to hold the pair, or to be refused",
+               lambda: reached.exists() or first.poll() is not None)  # fmt: skip
+    first_held = reached.exists()
+    unlocked = faults.finish(unlock)
+    second = faults.run("zettabee", "update", replica.fs)
+    gate.release()
+    first_done = faults.finish(first)
+    overlap = first_held and second.code != 3
+
+    def said(outcome: Outcome) -> str:
+        return faults.shown(outcome.stderr, replica, 90) if outcome.stderr.strip() else "silent"
+
+    row.observed = (
+        f"unlock exit {unlocked.code}; first run: "
+        + ("held the pair" if first_held else f"exit {first_done.code}, {said(first_done)}")
+        + f"; second run, {'while the first worked' if first_held else 'after'}: exit "
+        f"{second.code}{', ' + said(second) if second.code else ''}"
+        + (f"; first run then: exit {first_done.code}" if first_held else "")
+        + ("; TWO RUNS AT ONCE" if overlap else "")
+    )
+    faults.recovers(replica)
+    row.data = replica.intact()
+    assert not overlap, (unlocked, second, first_done)
+    if first_held:
+        assert "in progress" in second.stderr and first_done.code == 0, (second, first_done)
+    else:
+        assert first_done.code == 3 and "unlock is in progress" in first_done.stderr, first_done
+        assert second.code == 0, second.stderr
+    assert unlocked.code == 0 and "cleared state running" in unlocked.stdout, unlocked
+    assert row.data == INTACT
+
+
+def _pid_of_a_process_gone() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -33,7 +33,9 @@ from pathlib import Path
 import pytest
 
 from lab.guest import Guest
+from lab.hosts import sh
 from tests.integration.faults.conftest import INTACT, Faults, snapshots, zget
+from tests.tokens import encode
 from zettabee import zfs
 from zettabee.host import Host, SshHost, SshTarget
 from zettabee.hosts import Hosts
@@ -47,6 +49,7 @@ USER = "zettabee"
 POOL = "gv23"  # see the module's docstring
 PERMISSIONS = "send,snapshot,destroy,mount,hold,release,bookmark"
 PACKAGE = Path(__file__).resolve().parents[3] / "zettabee"
+ANY_FP = "0123456789abcdef0123456789abcdef"  # the form of a pair's: no pair is run with it
 
 INSTALL = r"""
 import json, os, sys
@@ -319,3 +322,105 @@ def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> Non
     )
     row.data = INTACT if len(guids) == 2 and guids[0] == guids[1] else "DIFFERENT"
     assert row.data == INTACT
+
+
+# -- a resume token is checked against what it names ----------------------------------------
+
+
+def stream_begin(stream: bytes) -> tuple[str, int]:
+    """The snapshot a send stream carries, from its first record (``DRR_BEGIN``: the
+    record's type and payload length, then magic, version, creation time, type, flags,
+    ``toguid`` at byte 40 and ``toname`` at 56): its name and guid."""
+    assert len(stream) >= 312 and int.from_bytes(stream[:4], "little") == 0, stream[:16]
+    toguid = int.from_bytes(stream[40:48], "little")
+    return stream[56:312].split(b"\0", 1)[0].decode(), toguid
+
+
+def test_a_resume_token_sends_only_the_snapshot_it_names(faults: Faults, guest: Guest) -> None:
+    """A key behind zettabee-source (root's, as where ZFS cannot delegate, or a user's
+    delegated on a parent) crafts a token: its own snapshot's name with another file
+    system's guid. ``zfs send -t`` finds the snapshot by the guid, searching up the tree."""
+    g = guest
+    name = faults.zb.name
+    fs, secret = f"{g.src_pool}/{name}", f"{g.src_pool}/{name}-secret"
+    partial = f"{g.dst_pool}/{name}-partial"
+    key = faults.tmp / "root_key"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zettabee@backup1", "-f", str(key))
+    line = f'restrict,command="/usr/local/bin/zettabee-source {fs}" {key.with_suffix(".pub").read_text().strip()}'
+    try:
+        _crafted_token(faults, g, fs, secret, partial, key, line)
+    finally:
+        g.shell(
+            f"grep -vxF {shlex.quote(line)} /root/.ssh/authorized_keys > /root/.ssh/ak.new; "
+            "mv /root/.ssh/ak.new /root/.ssh/authorized_keys",
+            check=False,
+        )
+        for each in (partial, fs, secret):
+            g.shell(f"zfs receive -A {each} 2>/dev/null; zfs destroy -r {each}", check=False)
+
+
+def _crafted_token(
+    faults: Faults, g: Guest, fs: str, secret: str, partial: str, key: Path, line: str
+) -> None:
+    for each in (partial, fs, secret):
+        g.shell(f"zfs receive -A {each} 2>/dev/null; zfs destroy -r {each}", check=False)
+    g.run("zfs", "create", fs)
+    g.run("zfs", "create", secret)
+    own = f"{fs}@{snapshot_name(ANY_FP, datetime.now(UTC))}"
+    g.shell(
+        f"head -c 4194304 /dev/urandom > /{fs}/mine.bin && zfs snapshot {own} && "
+        f"echo 'the payroll' > /{secret}/secret.txt && zfs snapshot {secret}@s"
+    )
+    secret_guid = int(g.run("zfs", "get", "-Hp", "-o", "value", "guid", f"{secret}@s").stdout)
+    # A real token of the key's own snapshot: a receive cut after 1 MB.
+    g.shell(f"zfs send {own} | head -c 1048576 | zfs receive -s {partial}", check=False)
+    real = g.run("zfs", "get", "-H", "-o", "value", "receive_resume_token", partial).stdout.strip()
+    fields = zfs.decode_resume_token(real)
+    assert fields["toname"] == own, fields
+    crafted = encode({**fields, "toguid": secret_guid})
+    said = g.run("zfs", "send", "-nv", "-t", crafted, check=False)
+    assert f"toguid = {secret_guid:#x}" in said.stdout, said  # zfs reads it as its own
+    install_source_command(g)
+    g.shell(f"printf '%s\\n' {shlex.quote(line)} >> /root/.ssh/authorized_keys")
+    target = SshTarget(g.address, g.port, "root", str(key), g.known_hosts)
+    row = faults.expect(
+        "OpenZFS: a resume token of the key's own snapshot with another file system's guid "
+        "(zfs send -t finds snapshots by guid)",
+        "exit 126 'refused'; not a byte of the other file system sent; the real token still "
+        "resumes: refused, logged",
+    )
+    started = g.run("date", "+%s").stdout.strip()
+    sent = subprocess.run(
+        target.ssh_client_argv(shlex.join(zfs.send_resume(crafted))),
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    err = sent.stderr.decode(errors="replace")
+    carried = stream_begin(sent.stdout) if len(sent.stdout) >= 312 else None
+    logged = g.shell(
+        f"journalctl -q -o cat --since @{started} -t zettabee-source 2>/dev/null "
+        "|| grep zettabee-source /var/log/auth.log",
+        check=False,
+    ).stdout.strip()
+    # The key's real token still goes on with the key's own snapshot.
+    resumed = subprocess.run(
+        target.ssh_client_argv(shlex.join(zfs.send_resume(real))),
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    own_stream = stream_begin(resumed.stdout) if len(resumed.stdout) >= 312 else None
+    row.observed = (
+        f"crafted token: exit {sent.returncode}, "
+        + (
+            f"SENT {len(sent.stdout)} bytes of {carried[0]}"
+            if carried
+            else f"{len(sent.stdout)} bytes sent; says {err.strip()[:90]!r}"
+        )
+        + f"; auth log: {'a line' if 'refused' in logged else 'NOTHING'}"
+        + f"; real token: exit {resumed.returncode}, {len(resumed.stdout)} bytes of "
+        + (own_stream[0].rpartition("/")[2] if own_stream else "nothing")
+        + (": refused, logged" if sent.returncode == 126 and "refused" in logged else "")
+    )
+    row.data = INTACT if carried is None else "OTHER FILE SYSTEM SENT"
+    assert carried is None, f"the restricted key sent {carried}"
+    assert sent.returncode == 126 and "zettabee-source: refused" in err, err
+    assert "refused" in logged, logged
+    assert resumed.returncode == 0 and own_stream == (own, fields["toguid"]), resumed.stderr

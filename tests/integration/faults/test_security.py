@@ -18,7 +18,9 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,20 @@ import pytest
 from lab.icinga import Icinga2Daemon, passive_service_config
 from lab.nscad import SEND_NSCA_BINARY, NscaDaemon
 from tests.conftest import running_daemon
-from tests.integration.faults.conftest import INTACT, Faults, Replica, Sshd, snapshots
+from tests.integration.faults.conftest import (
+    INTACT,
+    Faults,
+    Replica,
+    Sshd,
+    cmdline,
+    kill,
+    snapshots,
+    wait_until,
+)
+from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
-from zettabee.pair import hold_tag
+from zettabee.pair import hold_tag, snapshot_name
+from zettabee.transport import pipeline_script
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +116,7 @@ def test_a_pull_works_through_the_restricted_key(
     faults: Faults, restricted: Sshd, transport: str
 ) -> None:
     zb = faults.zb
+    log = restricted.capture_auth_log()
     replica = faults.replica(mb=2, options=f"{restricted.options()},transport={transport}")
     row = faults.expect(
         f"pull through the restricted key (zettabee-source), {transport}",
@@ -127,11 +141,75 @@ def test_a_pull_works_through_the_restricted_key(
     assert released.returncode == 0, released.stderr  # the tag was the pair's
     zb.srcside.run("zfs", "hold", hold_tag(replica.fingerprint), base)
     assert "refused" not in restricted.log()
+    refusals = [text for _, text in log.read() if "refused" in text]
     row.observed = (
         "setup exit 0 (uses holds on both sides); initialize and 2 updates exit 0; source "
-        "pruned, its base held by the pair's tag; lag OK; runtime OK"
+        "pruned, its base held by the pair's tag; lag OK; runtime OK; "
+        f"{len(refusals)} refusals in the source's auth log"
     )
     row.data = replica.intact()
+    assert not refusals, refusals
+    assert row.data == INTACT
+
+
+def test_a_key_bound_to_its_pairs_leaves_other_pairs_alone(faults: Faults, sshd: Sshd) -> None:
+    """Two backup servers pull the same file system: B with a key of its own, A through
+    zettabee-source bound to A's pair (``--pair FP``). A's key pulls as before, and can
+    neither release B's hold nor destroy B's snapshots: B's chain stays whole."""
+    zb, lab = faults.zb, faults.lab
+    log_key = (Path(lab.source.key).parent / "client_ed25519.pub").read_text().strip()
+    sshd.start()
+    log = sshd.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    dest_a = f"{zb.dst_fs()}-a"
+    line_a = zb.pair_line("data", sshd.options()).replace(f":{zb.dst_fs()} ", f":{dest_a} ")
+    zb.write_pairs(zb.pair_line("data"), line_a)
+    fp_a, fp_b = (zb.run("fingerprint", dest).stdout.split()[-1] for dest in (dest_a, zb.dst_fs()))
+    command = shlex.join([SOURCE_COMMAND, "--pair", fp_a, fs])
+    sshd.authorized_keys.write_text(f'restrict,command="{command}" {log_key}\n')
+    replica_b = Replica(zb, "data")
+    assert zb.run("initialize", zb.dst_fs()).returncode == 0
+    replica_b.remember()
+    row = faults.expect(
+        "one backup server's key (zettabee-source --pair A) against another's pair B on "
+        "the same file system",
+        "A pulls as before; releasing B's hold and destroying B's snapshot: exit 126, "
+        "logged; B's next update incremental: refused, logged",
+    )
+    pulled = [faults.run("zettabee", "initialize", dest_a)]
+    replica_b.grow(1)
+    pulled.append(faults.run("zettabee", "update", dest_a))
+    base_b = f"{fs}@{replica_b.snapshot}"
+    target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
+    attacks = {
+        "release": shlex.join(zfs.release(hold_tag(fp_b), base_b)),
+        "destroy": shlex.join(zfs.destroy(base_b)),
+        "hold": shlex.join(zfs.hold(hold_tag(fp_b), base_b)),
+        "snapshot": shlex.join(zfs.snapshot(fs, snapshot_name(fp_b, datetime.now(UTC)))),
+    }
+    answers = {name: _ask(target, command) for name, command in attacks.items()}
+    refused = [n for n, (code, err, _) in answers.items() if code == 126 and fp_b in err]
+
+    def logged() -> list[str]:
+        return [t for p, t in log.read() if p == AUTH_WARNING and f"of pair {fp_b}" in t]
+
+    wait_until("the refusals in the auth log", lambda: len(logged()) >= len(refused), 5)
+    held = zb.srcside.zget(base_b, "userrefs")
+    replica_b.grow(1)
+    after = faults.run("zettabee", "update", zb.dst_fs())
+    row.observed = (
+        f"A: initialize exit {pulled[0].code}, update exit {pulled[1].code}; against B: "
+        + ", ".join(f"{n} exit {c}" for n, (c, _, _) in answers.items())
+        + f"; {len(logged())} auth-log lines of them; B's base "
+        f"{'held' if held == '1' else 'NOT HELD'}; B's next update exit {after.code}"
+        + (": refused, logged" if len(refused) == len(logged()) == len(attacks) else "")
+    )
+    replica_b.remember()
+    row.data = replica_b.intact()
+    assert [p.code for p in pulled] == [0, 0], [p.stderr for p in pulled]
+    assert refused == list(attacks), answers
+    assert len(logged()) == len(attacks), log.read()
+    assert held == "1" and after.code == 0, after.stderr
     assert row.data == INTACT
 
 
@@ -201,6 +279,146 @@ def test_the_restricted_key_refuses_everything_else(
     )
     row.data = INTACT if after == before and not marker.exists() else "CHANGED"
     assert after == before
+
+
+FP = "0123456789abcdef0123456789abcdef"  # a pair's fingerprint: requests need only its form
+# What the source's auth log gets for a refusal: syslog facility auth, level warning.
+AUTH_WARNING = 4 * 8 + 4
+
+
+def _ask(target: SshTarget, command: str | bytes, limit: float = 60) -> tuple[int, str, float]:
+    """A request over the restricted key (``bytes`` as they are: SSH carries bytes); its
+    exit status, the client's stderr and the wall seconds it took."""
+    raw = command if isinstance(command, bytes) else command.encode()
+    argv: list[str | bytes] = [*target.ssh_client_argv("x")[:-1], raw]
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=limit, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # the client killed; what it started, by the caller
+        return -1, f"no answer within {limit:.0f} s", time.monotonic() - started
+    took = time.monotonic() - started
+    return proc.returncode, proc.stderr.decode(errors="replace"), took
+
+
+def test_malformed_requests_are_refused_and_logged(faults: Faults, restricted: Sshd) -> None:
+    """Requests no zettabee sends, that once made zettabee-source crash with a Python
+    traceback (exit 1, nothing in the auth log): each must be refused like any other."""
+    zb, lab = faults.zb, faults.lab
+    log = restricted.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    before = snapshots(fs)
+    snap = snapshot_name(FP, datetime.now(UTC))
+    own = f"{fs}@{snap}"
+    out = ["mbuffer", "-q", "-s", "128k", "-m", "16M", "-O", f"{lab.dest_address}:9090"]
+    requests: dict[str, str | bytes] = {
+        "an unbalanced quote": f"zfs list -H -o name '{fs}",
+        "an unbalanced quote in the mbuffer pipeline": pipeline_script(
+            [zfs.send(own), out]
+        ).replace("zfs send", "zfs send '", 1),
+        "an unbalanced quote in the update script": fastpath.script(
+            fs, snap, zfs.send(own)
+        ).replace("zfs snapshot", "zfs snapshot '", 1),
+        "a zettabee snapshot name whose time is no time": shlex.join(
+            zfs.snapshot(fs, f"zettabee.{FP}.20241399T000000Z")
+        ),
+        "bytes that are not UTF-8": f"zfs list -H -o name {fs}".encode() + b"\xff\xc3\x28",
+        "100 KB": "zfs list -H -o name " + "a" * 100_000,
+    }
+    row = faults.expect(
+        "malformed requests to zettabee-source (unbalanced quotes in a command, a pipeline, "
+        "an update script; a snapshot time that is no time; bytes not UTF-8; 100 KB)",
+        "each: exit 126 'zettabee-source: refused', no traceback, one auth-log line "
+        "(auth.warning); source unchanged: refused, logged",
+    )
+    target = SshTarget(restricted.address, restricted.port, "root", lab.source.key,
+                       str(restricted.known_hosts))  # fmt: skip
+    answers = {name: _ask(target, command) for name, command in requests.items()}
+    refused = [
+        name
+        for name, (code, err, _) in answers.items()
+        if code == 126 and "zettabee-source: refused: " in err and "Traceback" not in err
+    ]
+    wait_until("the refusals in the auth log", lambda: len(log.read()) >= len(refused), 5)
+    logged = [
+        text
+        for priority, text in log.read()
+        if priority == AUTH_WARNING and f"refused from {lab.dest_address}: " in text
+    ]
+    after = snapshots(fs)
+    crashed = {name: a[:2] for name, a in answers.items() if name not in refused}
+    row.observed = (
+        f"{len(refused)}/{len(requests)} refused with exit 126 and one line "
+        f"({'; '.join(f'{n}: exit {c}' for n, (c, _) in crashed.items()) or 'no traceback'}"
+        f"); {len(logged)} auth-log lines (auth.warning) 'zettabee-source[PID]: refused "
+        f"from {lab.dest_address}: ...'; source {'unchanged' if after == before else 'CHANGED'}"
+        f"{': refused, logged' if len(refused) == len(logged) == len(requests) else ''}"
+    )
+    row.data = INTACT if after == before else "CHANGED"
+    assert not crashed, crashed
+    assert len(logged) == len(requests), log.read()
+    assert all(re.search(r" zettabee-source\[\d+\]: refused", text) for text in logged), logged
+    assert all(len(text) < 1000 for text in logged), "the log line is shortened"
+    assert after == before
+
+
+def backtracker(size: int) -> str:
+    """``size`` characters shaped like the snapshot-hold-send-mbuffer pipeline of an
+    initialize, each separator between its stages many times over and no end: the first
+    zettabee-source tried every place each of the four stages might end (16 s over 16 KB,
+    minutes over 32 KB), before any check."""
+    holes = [f"ZETTABEEHOLE{i}X" for i in range(4)]
+    text = pipeline_script([[h] for h in holes[2:]], first=[[h] for h in holes[:2]])
+    for hole in holes:
+        text = text.replace(hole, "\0")
+    pieces = text.split("\0")
+    return (pieces[0] + "".join(pieces[1:-1]) * size)[: size - 1] + "x"
+
+
+def test_requests_made_to_be_slow_are_refused_at_once(faults: Faults, restricted: Sshd) -> None:
+    zb, lab = faults.zb, faults.lab
+    log = restricted.capture_auth_log()
+    fs = zb.make_source("data", 1)
+    before = snapshots(fs)
+    requests = {"32 KB": backtracker(32 * 1024), "15 KB": backtracker(15 * 1024)}
+    row = faults.expect(
+        "requests made to backtrack in zettabee-source's parser: 32 KB (over its limit) "
+        "and 15 KB (under it)",
+        "each: exit 126 'refused' within 5 s; one auth-log line each; source unchanged: "
+        "refused, logged",
+    )
+    target = SshTarget(restricted.address, restricted.port, "root", lab.source.key,
+                       str(restricted.known_hosts))  # fmt: skip
+    answers = {}
+    for name, command in requests.items():
+        answers[name] = _ask(target, command, limit=5)
+        # A zettabee-source still at it outlives the connection: found by its argument.
+        kill([pid for pid in _pids() if fs in cmdline(pid)])
+    refused = [n for n, (code, err, took) in answers.items() if code == 126 and took < 5]
+    wait_until("the refusals in the auth log", lambda: len(log.read()) >= len(refused), 5)
+    logged = [t for p, t in log.read() if p == AUTH_WARNING and "refused from" in t]
+    after = snapshots(fs)
+    row.observed = (
+        "; ".join(
+            f"{name}: {'exit ' + str(code) if code >= 0 else err} in {took:.1f} s"
+            + (f" ({_why(err)})" if code == 126 else "")
+            for name, (code, err, took) in answers.items()
+        )
+        + f"; {len(logged)} auth-log lines; source {'unchanged' if after == before else 'CHANGED'}"
+        + (": refused, logged" if len(refused) == len(logged) == len(requests) else "")
+    )
+    row.data = INTACT if after == before else "CHANGED"
+    assert refused == list(requests), answers
+    assert len(logged) == len(requests), log.read()
+    assert after == before
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _why(stderr: str) -> str:
+    """The reason in a refusal's line, without the request it quotes."""
+    return stderr.partition("refused: ")[2].split(": '", 1)[0].split(': "', 1)[0].strip()
 
 
 def _readonly(fs: str) -> str:
