@@ -10,6 +10,7 @@ from __future__ import annotations
 import stat
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -88,13 +89,32 @@ def api_settings(url: str, user: str, password: str, cafile: str) -> str:
     )
 
 
-def test_icinga_api_down_then_refusing_then_back(faults: Faults, icinga: Icinga2Daemon) -> None:
-    zb = faults.zb
+def replica_with_the_api_down(faults: Faults, icinga: Icinga2Daemon) -> Replica:
+    """An initialized pair, grown, whose settings point at an Icinga API nobody serves."""
     replica = faults.replica(mb=1)
     user = icinga.submitter
     nobody = f"https://127.0.0.1:{free_port()}"
-    zb.write_settings(api_settings(nobody, user.name, str(user.password), str(icinga.cafile)))
+    faults.zb.write_settings(
+        api_settings(nobody, user.name, str(user.password), str(icinga.cafile))
+    )
     replica.grow(1)
+    return replica
+
+
+def lag_result(icinga: Icinga2Daemon, replica: Replica) -> dict[str, Any]:
+    """The lag service as Icinga has it, once a result has arrived (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lag = icinga.query_service(HOST, services(replica)[0])
+        if lag["output"] or time.monotonic() > deadline:
+            return lag
+        time.sleep(0.1)
+
+
+def test_icinga_api_down_then_refusing_then_back(faults: Faults, icinga: Icinga2Daemon) -> None:
+    zb = faults.zb
+    user = icinga.submitter
+    replica = replica_with_the_api_down(faults, icinga)
     faults.expect(
         "Icinga 2 API down (replicate)",
         "exit 0, data replicated; stderr: refused, spooled; lag OK; runtime OK",
@@ -126,12 +146,7 @@ def test_icinga_api_down_then_refusing_then_back(faults: Faults, icinga: Icinga2
     back = faults.run("replicate", replica.fs)
     assert (back.code, back.stderr) == (0, "")
     assert spool.pending("icinga2-api") == []
-    deadline = time.monotonic() + 10
-    while True:
-        lag = icinga.query_service(HOST, services(replica)[0])
-        if lag["output"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    lag = lag_result(icinga, replica)
     assert lag["state"] == 0 and lag["output"].startswith(f"ZETTABEE_LAG OK - {replica.fs} lag")
     row.observed += "; right password: spool delivered, Icinga shows lag OK"
     assert row.data == INTACT
@@ -143,11 +158,8 @@ def test_spooled_results_reach_icinga_with_the_time_they_were_measured(
     """After an outage the spool's results arrive late: Icinga must see when each one was
     measured (execution_start/end), not take the arrival for the present state."""
     zb = faults.zb
-    replica = faults.replica(mb=1)
     user = icinga.submitter
-    nobody = f"https://127.0.0.1:{free_port()}"
-    zb.write_settings(api_settings(nobody, user.name, str(user.password), str(icinga.cafile)))
-    replica.grow(1)
+    replica = replica_with_the_api_down(faults, icinga)
     row = faults.expect(
         "results spooled in an Icinga API outage, delivered later",
         "Icinga shows each late result at the time the run measured it",
@@ -166,12 +178,7 @@ def test_spooled_results_reach_icinga_with_the_time_they_were_measured(
     flushed = spool.flush("icinga2-api", backend)
     delivered_at = time.time()
     assert (flushed.delivered, flushed.remaining) == (2, 0), flushed
-    deadline = time.monotonic() + 10
-    while True:
-        lag = icinga.query_service(HOST, services(replica)[0])
-        if lag["output"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    lag = lag_result(icinga, replica)
     ended = float(lag["last_check_result"].get("execution_end") or 0)
     row.observed = (
         f"result measured {delivered_at - measured:.1f} s before delivery; Icinga's "
