@@ -8,7 +8,7 @@ what is no longer needed. Made the forced command of zettabee's key in the sourc
 ``authorized_keys``, this program lets the key do exactly that, for the file systems
 named on its own command line, and nothing else:
 
-    restrict,command="/usr/local/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
+    restrict,command="/usr/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
 
 With ``--pair FP`` (once per pair the key serves), the snapshots, bookmarks and holds it
 may make and remove are those of these pairs alone, so that one backup server's key
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs (the capability probe, zfs get/list, zfs snapshot/hold/release/bookmark/"
         "send/destroy of zettabee snapshots, send -t of their resume tokens, the sending "
         "mbuffer), without a shell; refuses everything else with exit status 126.",
-        epilog='authorized_keys: restrict,command="/usr/local/bin/zettabee-source tank/home '
+        epilog='authorized_keys: restrict,command="/usr/bin/zettabee-source tank/home '
         'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',
     )
     parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
