@@ -21,12 +21,23 @@ def pairs_from(source: str, count: int) -> list[Pair]:
 
 
 class Engine:
-    """Updates that take a while and count how many of each source run at once."""
+    """Updates that take a while and count how many of each source run at once.
 
-    def __init__(self, tmp: Path, fail: dict[str, BaseException] | None = None) -> None:
+    An update of a source named in ``crowd`` waits (up to 5 s) until that many of its
+    source's updates run together, so the most that ran at once does not depend on how
+    fast a loaded machine starts threads."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        fail: dict[str, BaseException] | None = None,
+        crowd: dict[str, int] | None = None,
+    ) -> None:
         self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
         self.fail = fail or {}
+        self.crowd = crowd or {}
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
         self.running: dict[str, int] = {}
         self.most: dict[str, int] = {}
         self.updated: list[str] = []
@@ -37,6 +48,9 @@ class Engine:
         with self.lock:
             self.running[host] = self.running.get(host, 0) + 1
             self.most[host] = max(self.most.get(host, 0), self.running[host])
+            self.arrived.notify_all()
+            enough = self.crowd.get(host, 1)
+            self.arrived.wait_for(lambda: self.running[host] >= enough, timeout=5)
         try:
             time.sleep(0.05)
             if pair.destination.fs in self.fail:
@@ -52,7 +66,7 @@ class Engine:
 
 
 def test_no_more_than_eight_pairs_of_one_source_run_at_once(tmp_path: Path) -> None:
-    engine = Engine(tmp_path)
+    engine = Engine(tmp_path, crowd={"a": replicate.PER_SOURCE, "b": 3})
     pairs = pairs_from("a", 12) + pairs_from("b", 3)
     results = replicate.run_fleet(engine, pairs, jobs=15, debug=False)
     assert engine.most["a"] == replicate.PER_SOURCE
@@ -61,7 +75,7 @@ def test_no_more_than_eight_pairs_of_one_source_run_at_once(tmp_path: Path) -> N
 
 
 def test_jobs_below_the_per_source_limit_bound_each_source(tmp_path: Path) -> None:
-    engine = Engine(tmp_path)
+    engine = Engine(tmp_path, crowd={"a": 2})
     results = replicate.run_fleet(engine, pairs_from("a", 6), jobs=2, debug=False)
     assert engine.most["a"] == 2 and len(results) == 6
     assert len(engine.prefetched) == 1  # more pairs than jobs: the destinations listed ahead
