@@ -62,7 +62,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from zettabee import fastpath, zfs
+from zettabee import __version__, fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
@@ -612,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='authorized_keys: restrict,command="/usr/local/bin/zettabee-source tank/home '
         'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',
     )
+    parser.add_argument("--version", action="version", version=f"zettabee-source {__version__}")
     parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
     parser.add_argument(
         "--pair",
