@@ -120,7 +120,9 @@ class Grant:
         bad = [w for w in self.command_words() if not _COMMAND_WORD.fullmatch(w)]
         found = [f"{w!r} cannot go into the key's forced command" for w in bad]
         found += [
-            f"{p!r} is not a from= pattern" for p in self.from_patterns if not _FROM_PATTERN.fullmatch(p)
+            f"{p!r} is not a from= pattern"
+            for p in self.from_patterns
+            if not _FROM_PATTERN.fullmatch(p)
         ]
         if not self.datasets:
             found.append("no file system to serve")
