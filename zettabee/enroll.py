@@ -225,7 +225,7 @@ def check_host_key(
         return True
     question = (
         f"{request.host}: no key is pinned for {name} in {target.known_hosts}. Compare "
-        f"{fingerprint} with `ssh-keygen -lf /etc/ssh/ssh_host_{kind.split('-')[1]}_key.pub` "
+        f"{fingerprint} with `ssh-keygen -lf /etc/ssh/ssh_host_{_key_file_kind(kind)}_key.pub` "
         "run on the host itself. Pin it and go on? (yes/no) "
     )
     if not _on_terminal():
@@ -237,6 +237,14 @@ def check_host_key(
     if not confirm(question):
         raise EnrollError(f"{request.host}: host key not confirmed; nothing was changed")
     return True
+
+
+def _key_file_kind(kind: str) -> str:
+    """The word of the host key's file name in /etc/ssh for a key type."""
+    for word in ("ed25519", "ecdsa", "rsa"):
+        if word in kind:
+            return word
+    return "*"
 
 
 def ask_yes(question: str) -> bool:
