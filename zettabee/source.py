@@ -70,6 +70,8 @@ from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
 
 REFUSED = 126
+# What a refused probe tells the destination: both hosts need the same zettabee version.
+VERSION_ADVICE = "run `zettabee enroll HOST` on the destination to install its version here"
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
 # The longest request a pull sends is the one-round-trip update script: 1,353 characters
 # for tank/home with a base check, a hold and the old base let go; 3,081 with every name
@@ -298,6 +300,11 @@ def check_command(words: list[str], policy: Policy) -> None:
         case ["sh", "-c", script, "zettabee-probe", *pools] if script == PROBE_SCRIPT and pools:
             for pool in pools:
                 _pool(pool, policy)
+        case ["sh", "-c", _, "zettabee-probe", *_]:
+            raise Refused(
+                f"the capability probe of another zettabee version (this is zettabee-source "
+                f"{__version__}): {VERSION_ADVICE}"
+            )
         case ["zpool", "get", "all", pool]:
             _pool(pool, policy)
         case ["zfs", "get", "-Hp", *_]:
