@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zettabee import __version__
 from zettabee.host import Host
 from zettabee.state import write_atomic
 
@@ -31,6 +33,8 @@ from zettabee.state import write_atomic
 HOLDS_POOL_VERSION = 18
 FEATURE_POOL_VERSION = 5000
 _MARK = "@@zettabee-probe"
+
+log = logging.getLogger("zettabee.capabilities")
 
 # The probe is one constant script: pool names travel as its arguments, never inside it.
 PROBE_SCRIPT = (
@@ -53,6 +57,17 @@ FEATURES = (
 
 def probe_argv(pools: Sequence[str]) -> list[str]:
     return ["sh", "-c", PROBE_SCRIPT, "zettabee-probe", *pools]
+
+
+def version_skew(returncode: int, stderr: str) -> bool:
+    """Whether the source's zettabee-source refused the probe as a script it does not
+    know (another zettabee version: the probe is compared whole), not for a pool its key
+    does not serve."""
+    return (
+        returncode == 126
+        and "zettabee-source: refused:" in stderr
+        and "this key serves" not in stderr
+    )
 
 
 def pool_argv(pool: str) -> list[str]:
@@ -320,6 +335,14 @@ class Prober:
                 text = result.stdout + "\n" + result.stderr
                 if result.ok:
                     self._keep(host, pool, text)
+                elif version_skew(result.returncode, result.stderr):
+                    log.warning(
+                        "%s: its zettabee-source refused the capability probe of zettabee %s "
+                        "(another version there?): pulls from it go on without holds, "
+                        "bookmarks, resume or size estimates; run `zettabee enroll %s` to "
+                        "install this version there",
+                        host.name, __version__, host.name,
+                    )  # fmt: skip
             tool, pools = parse_probe(text, [pool])
             self._tools[key] = tool
             self._pools[(key, pool)] = pools[pool]

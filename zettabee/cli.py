@@ -46,7 +46,21 @@ ACTIONS = {
     "purge": "destroy obsolete zettabee snapshots on both sides, never the newest common one; release holds no longer needed",
     "icinga-config": "print Icinga 2 host and service objects for the pairs, named as replicate submits them",
     "nagios-config": "print Nagios host and service definitions for the pairs, named as replicate submits them",
+    "enroll": "set up a source host for the pairs that pull from it: zettabee-source of this version, "
+    "the restricted key line in authorized_keys, its host key pinned (first contact, over paramiko)",
 }
+
+ENROLL_EPILOG = (
+    "Logs in as --admin with --admin-key, else the password on --password-fd, else the "
+    "agent's keys, else a password typed on the terminal (never from argv or the "
+    "environment). The host key is pinned in the pairs' known_hosts file only if it "
+    "equals --host-key-fingerprint or you answer yes on the terminal; a key that differs "
+    "from one pinned is refused. Everything is checked before anything is written; "
+    "enroll again with nothing changed writes nothing. Exit status: 0 enrolled, 1 the "
+    "host refused or lacks something (the message says what), 2 usage or configuration "
+    "error. Example: zettabee enroll db1.example.com --host-key-fingerprint "
+    "SHA256:... 3</root/db1.password --password-fd 3"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +123,53 @@ def build_parser() -> argparse.ArgumentParser:
                            "refused)")  # fmt: skip
         if name in ("icinga-config", "nagios-config"):
             _monitoring_options(p, icinga=name == "icinga-config")
+        if name == "enroll":
+            p.epilog = ENROLL_EPILOG
+            _enroll_options(p)
     return parser
+
+
+def _enroll_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "host", metavar="HOST", help="a source host of the pair file, as the pairs name it"
+    )
+    p.add_argument("--admin", metavar="USER", default="root",
+                   help="who logs in to set it up (default: root); it must be able to write "
+                   "the key user's authorized_keys and the zettabee-source path")  # fmt: skip
+    p.add_argument(
+        "--admin-key", metavar="FILE", help="the admin's private key (else agent or password)"
+    )
+    p.add_argument("--password-fd", metavar="N", type=_fd,
+                   help="read the admin's password from file descriptor N (its first line)")  # fmt: skip
+    p.add_argument("--host-key-fingerprint", metavar="SHA256:...",
+                   help="the host key's fingerprint as ssh-keygen -lf prints it on the host: "
+                   "pinned without asking when it matches, refused when not")  # fmt: skip
+    p.add_argument("--authorized-keys", metavar="PATH",
+                   help="the key user's authorized_keys on the host, as sshd's "
+                   "AuthorizedKeysFile (%%h home, %%u user; default: %%h/.ssh/authorized_keys)")  # fmt: skip
+    p.add_argument("--source-path", metavar="PATH",
+                   help="where zettabee-source is or goes (default: /usr/bin/zettabee-source "
+                   "or /usr/local/bin/zettabee-source, whichever is this version; this "
+                   "version's zipapp at the latter if neither)")  # fmt: skip
+    p.add_argument("--from", dest="from_patterns", metavar="PATTERNS", type=_patterns,
+                   help="the key line's from= (comma-separated addresses or patterns; "
+                   "'any' for none; default: the address the host sees this one come from)")  # fmt: skip
+    p.add_argument("--timeout", metavar="SECONDS", type=float,
+                   help="connect, banner and login timeout (default: 15)")  # fmt: skip
+    p.add_argument("--dry-run", "-n", action="store_true", help="print every change, make none")
+    p.add_argument("--remove", action="store_true",
+                   help="take zettabee's line out of authorized_keys (and the zipapp enroll "
+                   "placed, when no line uses it any more)")  # fmt: skip
+
+
+def _fd(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file descriptor number")
+    return int(text)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    return () if text == "any" else tuple(w for w in text.split(",") if w)
 
 
 def _duration(text: str) -> int:
@@ -369,6 +429,29 @@ def do_setup(app: App) -> int:
     return EXIT_OK if ok and not app.pairfile.problems else EXIT_FAILED
 
 
+def do_enroll(app: App) -> int:
+    from zettabee import enroll
+
+    args = app.args
+    plan = enroll.plan_for(args.host, app.pairfile.pairs, app.settings.known_hosts)
+    defaults = enroll.Request(args.host)
+    request = enroll.Request(
+        host=args.host,
+        admin=args.admin,
+        admin_key=args.admin_key,
+        password_fd=args.password_fd,
+        host_key_fingerprint=args.host_key_fingerprint,
+        authorized_keys=args.authorized_keys or defaults.authorized_keys,
+        source_path=args.source_path,
+        from_patterns=args.from_patterns,
+        dry_run=args.dry_run,
+        remove=args.remove,
+        timeout=args.timeout or defaults.timeout,
+    )
+    enroll.enroll(request, plan)
+    return EXIT_OK
+
+
 def do_monitoring_config(app: App) -> int:
     from zettabee import monconf
 
@@ -425,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return do_monitoring_config(app)
         if action == "setup":
             return do_setup(app)
+        if action == "enroll":
+            return do_enroll(app)
         if action == "update":
             if args.all and args.destination:
                 raise UsageError("give destinations or --all, not both")

@@ -62,7 +62,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from zettabee import fastpath, zfs
+from zettabee import __version__, fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
@@ -70,6 +70,8 @@ from zettabee.pair import hold_tag, parse_snapshot_name
 from zettabee.transport import STAGE_MARK, pipeline_script
 
 REFUSED = 126
+# What a refused probe tells the destination: both hosts need the same zettabee version.
+VERSION_ADVICE = "run `zettabee enroll HOST` on the destination to install its version here"
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
 # The longest request a pull sends is the one-round-trip update script: 1,353 characters
 # for tank/home with a base check, a hold and the old base let go; 3,081 with every name
@@ -298,6 +300,11 @@ def check_command(words: list[str], policy: Policy) -> None:
         case ["sh", "-c", script, "zettabee-probe", *pools] if script == PROBE_SCRIPT and pools:
             for pool in pools:
                 _pool(pool, policy)
+        case ["sh", "-c", _, "zettabee-probe", *_]:
+            raise Refused(
+                f"the capability probe of another zettabee version (this is zettabee-source "
+                f"{__version__}): {VERSION_ADVICE}"
+            )
         case ["zpool", "get", "all", pool]:
             _pool(pool, policy)
         case ["zfs", "get", "-Hp", *_]:
@@ -612,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='authorized_keys: restrict,command="/usr/bin/zettabee-source tank/home '
         'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',
     )
+    parser.add_argument("--version", action="version", version=f"zettabee-source {__version__}")
     parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
     parser.add_argument(
         "--pair",

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from zettabee import capabilities, zfs
 from zettabee.capabilities import Prober, plan_features
 from zettabee.host import Result
@@ -326,3 +328,30 @@ def test_pairs_of_one_host_starting_together_probe_it_once() -> None:
     for worker in workers:
         worker.join()
     assert len(host.calls) == 1
+
+
+class RefusingSource(CountingHost):
+    """A source whose zettabee-source is of another version: it refuses our probe."""
+
+    is_local = False
+
+    def run(self, argv: list[str], **_: object) -> Result:
+        said = (
+            "zettabee-source: refused: not a command of a zettabee pull: 'sh -c ...'\n"
+            if self.text == "old"
+            else "zettabee-source: refused: 'gsrc' is not a pool of a file system this key serves\n"
+        )
+        return Result(list(argv), self.name, 126, "", said)
+
+
+def test_a_probe_refused_by_another_zettabee_source_version_says_to_enroll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="zettabee.capabilities"):
+        assert not Prober().of(RefusingSource("old"), "gsrc").holds  # type: ignore[arg-type]
+    assert "h: its zettabee-source refused the capability probe" in caplog.text
+    assert "run `zettabee enroll h`" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zettabee.capabilities"):
+        Prober().of(RefusingSource("pool"), "gsrc")  # type: ignore[arg-type]
+    assert "enroll" not in caplog.text

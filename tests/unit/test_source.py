@@ -25,6 +25,7 @@ from zettabee.source import (
     REFUSED,
     Policy,
     Refused,
+    check_command,
     parse_request,
     read_guids,
     run_pipeline,
@@ -882,3 +883,11 @@ def test_the_master_connection_s_session_reads_its_input_and_runs_nothing() -> N
     assert (proc.returncode, out, err) == (0, b"", b"")
     refused = source_command(b"cat >/dev/null; id")
     assert refused.returncode == REFUSED
+
+
+def test_a_probe_of_another_version_is_refused_with_the_way_out() -> None:
+    policy = Policy(frozenset({"tank/home"}), frozenset())
+    with pytest.raises(
+        Refused, match="capability probe of another zettabee version.*zettabee enroll"
+    ):
+        check_command(["sh", "-c", PROBE_SCRIPT + " # older", "zettabee-probe", "tank"], policy)
