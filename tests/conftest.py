@@ -54,6 +54,61 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"CI=true: an integration test may not skip ({reason})"
 
 
+def _guest_rank(item: pytest.Item) -> int:
+    """0 for a test that needs no OpenZFS guest, else 1 + the guest's place in the order
+    the images are built (2.1 first, then 2.3)."""
+    callspec = getattr(item, "callspec", None)
+    names = [
+        *getattr(item, "fixturenames", ()),
+        *(str(v) for v in (callspec.params.values() if callspec else ())),
+    ]
+    if any(
+        "2.3" in name or name.endswith("23")
+        for name in names
+        if "guest" in name or "openzfs" in name
+    ):
+        return 2
+    return 1 if any(name.startswith(("guest", "openzfs")) for name in names) else 0
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """The guests' tests last, 2.1's before 2.3's, and their images built meanwhile.
+
+    Building an image compiles OpenZFS (minutes); the zfs-fuse tests mostly wait on
+    sshd, zfs-fuse and timers. So when the selected tests need an image the cache lacks,
+    ``python -m lab.guest build --zfs all`` starts in the background now, while the
+    zfs-fuse tests run; a guest fixture that comes to an image still being built waits on
+    the machine-wide build lock, then boots it."""
+    items.sort(key=_guest_rank)  # stable: each group keeps the order it was collected in
+    if os.geteuid() != 0 or not any(_guest_rank(item) for item in items):
+        return
+    from lab.guest import SUITES  # noqa: PLC0415
+
+    if all(Guest(test_lab_name(), zfs=zfs).built() for zfs in SUITES):
+        return
+    log = (
+        Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab/guest")) / "prebuild.log"
+    )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        subprocess.Popen(
+            [sys.executable, "-m", "lab.guest", "build", "--zfs", "all"], cwd=REPO,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    config.stash[_PREBUILD] = log
+
+
+_PREBUILD = pytest.StashKey[Path]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    log = terminalreporter.config.stash.get(_PREBUILD, None)
+    if log:
+        terminalreporter.write_line(f"guest images were built in the background: {log}")
+
+
 def lab_missing() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root (network namespaces, zfs-fuse)"
