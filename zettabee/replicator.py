@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["Hosts", "Replicator", "RunReport", "each_pair", "plan_prune"]
+__all__ = ["Hosts", "Replicator", "RunReport", "plan_prune"]
 
 
 @dataclass
@@ -580,6 +580,7 @@ class Replicator:
                             snap,
                             stream.bytes,
                             stream.seconds,
+                            hold_source=feats.hold_source,
                         )
                         return report
                     view = self._dest_view(pair, dst, feats.destination)
@@ -698,9 +699,13 @@ class Replicator:
         snap: str,
         count: int,
         seconds: float,
+        hold_source: bool = False,
     ) -> None:
+        """Record the pair and hold what it received. The source's snapshot was held
+        before it travelled; ``hold_source`` holds it here (a resumed receive, whose run
+        may have died before its hold)."""
         self._record(pair, dst, snap, first=True)
-        if feats.hold_source:
+        if hold_source:
             self._hold(pair, src, f"{pair.source.fs}@{snap}")
         if feats.hold_destination:
             self._hold(pair, dst, f"{pair.destination.fs}@{snap}")
@@ -1393,18 +1398,3 @@ def wait_all(calls: list[Background[T]]) -> list[T]:
         raise errors[0]
     return values
 
-
-def each_pair(
-    pairs: list[Pair], action: Callable[[Pair], object]
-) -> list[tuple[Pair, ZettabeeError | None]]:
-    """Run ``action`` on every pair; one failing pair never stops the others."""
-    outcome: list[tuple[Pair, ZettabeeError | None]] = []
-    for pair in pairs:
-        try:
-            action(pair)
-        except ZettabeeError as exc:
-            log.error("%s", exc)
-            outcome.append((pair, exc))
-        else:
-            outcome.append((pair, None))
-    return outcome

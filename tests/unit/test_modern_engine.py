@@ -400,6 +400,23 @@ def test_an_interrupted_initialize_resumes_its_full_stream(tmp_path: Path) -> No
     assert lab.dst.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{DST_FS}@{S1}"]]
 
 
+def test_initialize_step_by_step_holds_the_new_snapshot_once_on_each_side(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [], owner=None))
+    lab.dst.on(["zfs", "get"], "", f"cannot open '{DST_FS}': dataset does not exist", rc=1)
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    report = lab.replicator.initialize(PAIR)
+    new = lab.new_snapshot()
+    assert report.snapshot == new
+    # held before it travels, and not asked again after (ZFS would refuse a second hold
+    # under the same tag: "tag already exists")
+    assert lab.src.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{SRC_FS}@{new}"]]
+    assert lab.index("src", "zfs", "hold", TAG, f"{SRC_FS}@{new}") < lab.index(
+        "stream", "zfs", "send", f"{SRC_FS}@{new}", "|", "zfs", "receive", "-s", DST_FS
+    )
+    assert lab.dst.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{DST_FS}@{new}"]]
+
+
 def test_initialize_force_releases_the_destinations_holds_before_destroying(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
