@@ -15,9 +15,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from zettabee import __version__
+from zettabee import __version__, logs
 from zettabee.config import Settings, load_settings
 from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
+from zettabee.logs import PairLog
 from zettabee.monconf import MODES, NAGIOS_HOST_TEMPLATE, PASSIVE
 from zettabee.pair import Pair
 from zettabee.pairfile import find_pair, load_pairs
@@ -25,6 +26,7 @@ from zettabee.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:  # not imported before an update has started its connection
     from zettabee.health import Health
+    from zettabee.replicator import Replicator
     from zettabee.state import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
@@ -172,42 +174,6 @@ class App:
         return [find_pair(self.pairfile.pairs, name) for name in names]
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    level = logging.WARNING
-    if getattr(args, "verbose", False):
-        level = logging.INFO
-    if getattr(args, "debug", False):
-        level = logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("zettabee: %(message)s"))
-    root = logging.getLogger("zettabee")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG)
-    handler.setLevel(level)
-
-
-class _PairLog:
-    """Appends a run's log lines to the pair's own log file (``zettabee logfile``)."""
-
-    def __init__(self, app: App, pair: Pair, debug: bool) -> None:
-        self.handler: logging.Handler | None = None
-        try:
-            self.handler = app.store.log_handler(pair.fingerprint)
-        except OSError as exc:
-            log.warning("cannot write the log of %s: %s", pair.name, exc)
-            return
-        self.handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s [{pair.name}] %(message)s")
-        )
-        self.handler.setLevel(logging.DEBUG if debug else logging.INFO)
-        logging.getLogger("zettabee").addHandler(self.handler)
-
-    def close(self) -> None:
-        if self.handler is not None:
-            logging.getLogger("zettabee").removeHandler(self.handler)
-            self.handler.close()
-
-
 def run_actions(app: App, pairs: list[Pair], action: str) -> int:
     from zettabee.hosts import Hosts
 
@@ -227,37 +193,39 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
             for ahead in pairs[index : index + 2]:
                 hosts.get(ahead.source, ahead).start()
                 hosts.get(ahead.destination, ahead).start()
-            pairlog = _PairLog(app, pair, getattr(args, "debug", False))
-            try:
-                if action == "initialize":
-                    report = replicator.initialize(pair, force=args.force)
-                    log.info(
-                        "%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds)
-                    )
-                elif action == "update":
-                    report = replicator.update(pair)
-                    log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
-                elif action == "purge":
-                    steps = replicator.purge(pair, dry_run=args.dry_run, release=args.release)
-                    if args.dry_run:  # a real purge logs each step as it takes it
-                        for step in steps:
-                            print(step.describe(done=False))
-                    if args.dry_run and not steps:
-                        print(f"{pair.name}: nothing to purge")
-                _submit(app, pair, action, None)
-            except LockHeld as exc:
-                log.error("%s", exc)
-                _submit(app, pair, action, exc)
-                code = max(code, EXIT_BUSY) if code != EXIT_FAILED else code
-            except ZettabeeError as exc:
-                log.error("%s", naming_pair(pair.name, exc))
-                _submit(app, pair, action, exc)
-                code = EXIT_FAILED
-            finally:
-                pairlog.close()
+            with PairLog(app.store, pair, getattr(args, "debug", False), False):
+                try:
+                    _act(app, replicator, pair, action)
+                    _submit(app, pair, action, None)
+                except LockHeld as exc:
+                    log.error("%s", exc)
+                    _submit(app, pair, action, exc)
+                    code = max(code, EXIT_BUSY) if code != EXIT_FAILED else code
+                except ZettabeeError as exc:
+                    log.error("%s", naming_pair(pair.name, exc))
+                    _submit(app, pair, action, exc)
+                    code = EXIT_FAILED
     finally:
         hosts.close()
     return code
+
+
+def _act(app: App, replicator: Replicator, pair: Pair, action: str) -> None:
+    """One pair's initialize, update or purge, said at info level (``--verbose``)."""
+    args = app.args
+    if action == "initialize":
+        report = replicator.initialize(pair, force=args.force)
+        log.info("%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds))
+    elif action == "update":
+        report = replicator.update(pair)
+        log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
+    elif action == "purge":
+        steps = replicator.purge(pair, dry_run=args.dry_run, release=args.release)
+        if args.dry_run:  # a real purge logs each step as it takes it
+            for step in steps:
+                print(step.describe(done=False))
+        if args.dry_run and not steps:
+            print(f"{pair.name}: nothing to purge")
 
 
 def _summary(count: int, seconds: float) -> str:
@@ -432,7 +400,7 @@ def do_monitoring_config(app: App) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args)
+    logs.setup("zettabee", getattr(args, "verbose", False), getattr(args, "debug", False))
     try:
         app = App(args)
     except ConfigError as exc:

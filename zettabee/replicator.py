@@ -1397,4 +1397,3 @@ def wait_all(calls: list[Background[T]]) -> list[T]:
     if errors:
         raise errors[0]
     return values
-

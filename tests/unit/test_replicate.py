@@ -1,0 +1,133 @@
+"""The fleet scheduler of ``replicate``: several pairs at once, never too many of one
+source, one pair's failure kept to itself, every pair's result handed to monitoring."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from zettabee import replicate
+from zettabee.errors import LockHeld, StateError, ZettabeeError
+from zettabee.pair import Endpoint, Pair
+from zettabee.state import StateStore
+
+
+def pairs_from(source: str, count: int) -> list[Pair]:
+    return [Pair(Endpoint(source, f"tank/{n}"), Endpoint("dst", f"backup/{source}-{n}"))
+            for n in range(count)]  # fmt: skip
+
+
+class Engine:
+    """Updates that take a while and count how many of each source run at once."""
+
+    def __init__(self, tmp: Path, fail: dict[str, BaseException] | None = None) -> None:
+        self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
+        self.fail = fail or {}
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.most: dict[str, int] = {}
+        self.updated: list[str] = []
+        self.prefetched: list[list[Pair]] = []
+
+    def update(self, pair: Pair) -> None:
+        host = pair.source.host
+        with self.lock:
+            self.running[host] = self.running.get(host, 0) + 1
+            self.most[host] = max(self.most.get(host, 0), self.running[host])
+        try:
+            time.sleep(0.05)
+            if pair.destination.fs in self.fail:
+                raise self.fail[pair.destination.fs]
+            with self.lock:
+                self.updated.append(pair.destination.fs)
+        finally:
+            with self.lock:
+                self.running[host] -= 1
+
+    def prefetch_destinations(self, pairs: list[Pair]) -> None:
+        self.prefetched.append(pairs)
+
+
+def test_no_more_than_eight_pairs_of_one_source_run_at_once(tmp_path: Path) -> None:
+    engine = Engine(tmp_path)
+    pairs = pairs_from("a", 12) + pairs_from("b", 3)
+    results = replicate.run_fleet(engine, pairs, jobs=15, debug=False)
+    assert engine.most["a"] == replicate.PER_SOURCE
+    assert engine.most["b"] == 3  # another source's pairs are not held up by a's
+    assert results == {p.fingerprint: None for p in pairs}
+
+
+def test_jobs_below_the_per_source_limit_bound_each_source(tmp_path: Path) -> None:
+    engine = Engine(tmp_path)
+    results = replicate.run_fleet(engine, pairs_from("a", 6), jobs=2, debug=False)
+    assert engine.most["a"] == 2 and len(results) == 6
+    assert len(engine.prefetched) == 1  # more pairs than jobs: the destinations listed ahead
+
+
+def test_a_failing_pair_stops_no_other_and_every_pair_has_its_outcome(tmp_path: Path) -> None:
+    pairs = pairs_from("a", 5)
+    broken, buggy, busy = (p.destination.fs for p in pairs[:3])
+    engine = Engine(
+        tmp_path,
+        fail={
+            broken: StateError("not initialized"),
+            buggy: KeyError("a bug"),
+            busy: LockHeld("another run holds it"),
+        },
+    )
+    results = replicate.run_fleet(engine, pairs, jobs=2, debug=False)
+    assert sorted(engine.updated) == sorted(p.destination.fs for p in pairs[3:])
+    assert list(results) == [p.fingerprint for p in pairs]
+    assert isinstance(results[pairs[0].fingerprint], StateError)
+    unexpected = results[pairs[1].fingerprint]
+    assert isinstance(unexpected, ZettabeeError) and "unexpected error" in str(unexpected)
+    assert pairs[1].name in str(unexpected)
+    assert isinstance(results[pairs[2].fingerprint], LockHeld)
+    assert results[pairs[3].fingerprint] is None and results[pairs[4].fingerprint] is None
+
+
+def test_each_pairs_log_file_gets_only_its_own_lines(tmp_path: Path) -> None:
+    pairs = pairs_from("a", 3)
+    engine = Engine(tmp_path, fail={pairs[0].destination.fs: StateError("broken here")})
+    replicate.run_fleet(engine, pairs, jobs=3, debug=False)
+    first = Path(engine.store.log_path(pairs[0].fingerprint)).read_text()
+    assert "broken here" in first
+    for pair in pairs[1:]:
+        path = Path(engine.store.log_path(pair.fingerprint))
+        assert "broken here" not in (path.read_text() if path.exists() else "")
+
+
+def test_every_pairs_result_is_submitted_and_a_failure_sets_the_exit_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairfile = tmp_path / "pairs.cfg"
+    pairfile.write_text("src:tank/a  dst:backup/a\nsrc:tank/b  dst:backup/b\n")
+    settings = tmp_path / "zettabee.ini"
+    settings.write_text(
+        f"[paths]\npairs = {pairfile}\nstate_dir = {tmp_path}/state\nlog_dir = {tmp_path}/log\n"
+        f"lock_dir = {tmp_path}/run\nspool_dir = {tmp_path}/spool\n\n"
+        "[monitoring]\nhost_name = backup1\npassive = nsca\n\n[nsca]\nhost = 127.0.0.1\n"
+    )
+    failure = StateError("dst:backup/b: not initialized")
+
+    def update_all(app: object, pairs: list[Pair], jobs: int, debug: bool) -> dict[str, object]:
+        return {pairs[0].fingerprint: None, pairs[1].fingerprint: failure}
+
+    submitted: list[tuple[list[str], dict[str, object]]] = []
+
+    def submit_pair_results(
+        settings: object, store: object, pairs: list[Pair], errors: dict[str, object], action: str
+    ) -> list[object]:
+        submitted.append(([p.destination.fs for p in pairs], dict(errors)))
+        return []
+
+    monkeypatch.setattr(replicate, "update_all", update_all)
+    monkeypatch.setattr("zettabee.passive.submit_pair_results", submit_pair_results)
+    code = replicate.main(["--all", "--settings", str(settings)])
+    assert code == replicate.EXIT_FAILED
+    [(names, errors)] = submitted
+    assert names == ["backup/a", "backup/b"]
+    assert list(errors.values()) == [None, failure]

@@ -1,0 +1,189 @@
+"""replicate: the cron job. Updates pairs, several at once with --jobs, then reports each
+pair's lag and runtime to the monitoring system as passive results.
+
+Quiet on success, like the seed's cron runs: problems go to stderr (cron mails them), and
+--verbose says what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn, Protocol
+
+from zettabee import __version__, logs
+from zettabee.cli import App
+from zettabee.errors import ConfigError, LockHeld, UsageError, ZettabeeError, naming_pair
+from zettabee.hosts import Hosts
+from zettabee.pair import Pair
+from zettabee.replicator import Replicator
+from zettabee.state import StateStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Pairs from one source share its control connection; OpenSSH's sshd allows 10 sessions
+# (channels) per connection by default (MaxSessions), one of which is the connection's
+# own (its lifeline, see zettabee.host), so fewer pairs than that use it at once.
+PER_SOURCE = 8
+
+log = logging.getLogger("zettabee.replicate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="replicate",
+        usage="%(prog)s [DESTINATION...|--all] [--jobs N] [--config PAIRFILE] "
+        "[--settings INIFILE] [--no-passive] [--debug] [--verbose]",
+        description="Update zettabee pairs (the cron job), then submit each pair's lag and "
+        "runtime as passive check results to the back ends of the settings' [monitoring] "
+        "passive. A failing pair never stops the others; results the monitoring system "
+        "cannot take now are spooled and sent first by the next run.",
+        epilog="Exit status: 0 every pair updated (a pair that another run still holds is "
+        "skipped, not failed: check_zettabee_runtime watches that run), 1 a pair failed or "
+        "a line of the pair file is broken (with --all), 2 usage or configuration error. "
+        "Nothing is printed on success. Example crontab line: "
+        "*/15 * * * * root replicate --all --jobs 4",
+    )
+    parser.add_argument("destination", nargs="*", metavar="DESTINATION",
+                        help="pairs to update: host:pool/fs, pool/fs, fingerprint or last component")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help="every pair of the pair file")
+    parser.add_argument("-j", "--jobs", type=_jobs, default=1, metavar="N",
+                        help=f"update up to N pairs at once (default 1; at most {PER_SOURCE} "
+                        "from the same source host)")  # fmt: skip
+    parser.add_argument("-c", "--config", metavar="PAIRFILE",
+                        help="pair file (default: [paths] pairs of the settings)")  # fmt: skip
+    parser.add_argument("--settings", metavar="INIFILE",
+                        help="settings file (default: $ZETTABEE_SETTINGS or /etc/zettabee/zettabee.ini)")  # fmt: skip
+    parser.add_argument("--no-passive", action="store_true",
+                        help="do not submit passive results (nor send the spooled ones)")  # fmt: skip
+    parser.add_argument("--debug", action="store_true",
+                        help="log every command as one could paste it, and timings")  # fmt: skip
+    parser.add_argument(
+        "--verbose", action="store_true", help="say what is done, not only what fails"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"replicate (zettabee {__version__})"
+    )
+    return parser
+
+
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of jobs (1 or more)")
+    return int(text)
+
+
+class Updater(Protocol):
+    """What the scheduler needs of the engine (:class:`Replicator`, or a test's stand-in)."""
+
+    store: StateStore
+
+    def update(self, pair: Pair) -> object: ...
+
+    def prefetch_destinations(self, pairs: list[Pair]) -> None: ...
+
+
+def update_one(
+    replicator: Updater, pair: Pair, gate: threading.Semaphore, debug: bool
+) -> ZettabeeError | None:
+    """Update one pair; whatever happens is returned, never raised, so the others go on."""
+    with logs.PairLog(replicator.store, pair, debug, this_thread_only=True):
+        try:
+            with gate:
+                replicator.update(pair)  # logs what it did at info level (--verbose)
+            return None
+        except LockHeld as exc:
+            log.info("%s: skipped: %s", pair.name, exc)
+            return exc
+        except ZettabeeError as exc:
+            log.error("%s", naming_pair(pair.name, exc))
+            return exc
+        except Exception as exc:  # a bug in one pair's run must not take the others down
+            log.exception("%s: unexpected error", pair.name)
+            return ZettabeeError(f"{pair.name}: unexpected error: {exc!r}")
+
+
+def _prefetch(replicator: Updater, pairs: Sequence[Pair]) -> None:
+    """List the destinations here in one call (each update would list its own)."""
+    try:
+        replicator.prefetch_destinations(list(pairs))
+    except Exception as exc:  # an update that finds no listing makes its own
+        log.debug("no listing of the destinations ahead: %s", exc)
+
+
+def run_fleet(
+    replicator: Updater, pairs: Sequence[Pair], jobs: int, debug: bool
+) -> dict[str, ZettabeeError | None]:
+    """Update ``pairs``, up to ``jobs`` at once and at most :data:`PER_SOURCE` of one
+    source host; each pair's outcome by fingerprint (None: updated)."""
+    width = min(jobs, PER_SOURCE)
+    gates = {pair.source.host: threading.BoundedSemaphore(width) for pair in pairs}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="replicate") as pool:
+        if len(pairs) > jobs:  # the first pairs start at once, the rest find it done
+            threading.Thread(
+                target=_prefetch, args=(replicator, pairs), name="prefetch", daemon=True
+            ).start()
+        futures = {
+            pair.fingerprint: pool.submit(
+                update_one, replicator, pair, gates[pair.source.host], debug
+            )
+            for pair in pairs
+        }
+        return {fp: future.result() for fp, future in futures.items()}
+
+
+def update_all(
+    app: App, pairs: Sequence[Pair], jobs: int, debug: bool
+) -> dict[str, ZettabeeError | None]:
+    """:func:`run_fleet` with one registry of hosts (and connections) for every thread."""
+    hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
+    try:
+        return run_fleet(Replicator(app.store, hosts), pairs, jobs, debug)
+    finally:
+        hosts.close()
+
+
+def submit(app: App, pairs: Sequence[Pair], errors: dict[str, ZettabeeError | None]) -> None:
+    """Every pair's lag and runtime to the settings' passive back ends."""
+    from zettabee.passive import submit_pair_results
+
+    for delivery in submit_pair_results(app.settings, app.store, pairs, errors, "update"):
+        log.info(
+            "passive %s: %d delivered, %d from the spool, %d spooled, %d rejected, %d lost",
+            delivery.backend, delivery.delivered, delivery.resent, delivery.spooled,
+            delivery.rejected, delivery.lost,
+        )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup("replicate", args.verbose, args.debug, loggers=("zettabee", "nsca"))
+    try:
+        if args.all and args.destination:
+            raise UsageError("give destinations or --all, not both")
+        if not args.all and not args.destination:
+            raise UsageError("name the pairs to update, or --all")
+        app = App(args)
+        app.report_problems()
+        pairs = app.select(args.destination, all_when_empty=args.all)
+    except (UsageError, ConfigError) as exc:
+        print(f"replicate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    errors = update_all(app, pairs, args.jobs, args.debug)
+    if not args.no_passive and app.settings.passive:
+        submit(app, pairs, errors)
+    failed = [
+        fp for fp, error in errors.items() if error is not None and not isinstance(error, LockHeld)
+    ]
+    if failed or (args.all and app.pairfile.problems):
+        return EXIT_FAILED
+    return EXIT_OK
