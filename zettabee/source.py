@@ -17,7 +17,7 @@ cannot break another's chain on the same file system; without, any zettabee pair
 sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
 shell: it is split into words, must be written exactly as zettabee writes it (one
 ``shlex.join``), and each word is compared with the command lines zettabee builds
-(:mod:`zettabee.zfs`, :mod:`zettabee.capabilities`, :mod:`zettabee.transport`). The one
+(:mod:`zettabee.zfs`, :mod:`zettabee.capabilities`, :mod:`zettabee.relay`). The one
 shell script that runs is the capability probe, compared whole with zettabee's own. What
 passes runs directly; everything else is refused with exit status 126, a message on
 stderr that the destination shows its operator, and a line in the source's auth log:
@@ -67,7 +67,7 @@ from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
 from zettabee.pair import hold_tag, parse_snapshot_name
-from zettabee.transport import STAGE_MARK, pipeline_script
+from zettabee.relay import STAGE_MARK, pipeline_script
 
 REFUSED = 126
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"

@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
-from zettabee import checks
+from zettabee import checks, fastpath
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.health import SYNCHRONIZED, Health
 from zettabee.host import Result, error_for
 from zettabee.hosts import Hosts
 from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag
+from zettabee.relay import StreamResult
 from zettabee.replicator import Replicator
+from zettabee.run import PairRun, progress_writer
 from zettabee.state import FAILED, IDLE, StateStore, Status
-from zettabee.transport import StreamResult
 
 RECORDED = Path(__file__).parent / "recorded"
 FUSE_PROBE = (RECORDED / "zfs-fuse-probe.txt").read_text()
@@ -150,13 +151,13 @@ class Lab:
         self.src = ScriptedHost("src", src_probe, "tank", self.events)
         self.dst = ScriptedHost("dst", dst_probe, "backup", self.events)
         self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
-        self.replicator = Replicator(self.store, FakeHosts(self.src, self.dst))
+        hosts = FakeHosts(self.src, self.dst)
+        self.replicator = Replicator(self.store, hosts, streamer=self._stream)
         self.streams: list[tuple[list[str], list[str], int | None]] = []
         self.failures: list[Callable[[], None]] = []
-        self.replicator._stream = self._stream  # type: ignore[method-assign]
 
-    def _stream(self, pair: Pair, src: Any, dst: Any, send: list[str], recv: list[str],
-                total: int | None = None) -> StreamResult:  # fmt: skip
+    def _stream(self, run: PairRun, send: list[str], recv: list[str], total: int | None,
+                first: Sequence[Sequence[str]]) -> StreamResult:  # fmt: skip
         self.events.append(("stream", *send, "|", *recv))
         self.streams.append((send, recv, total))
         if self.failures:
@@ -295,7 +296,7 @@ def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
     lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
 
     def cut() -> None:
-        lab.replicator._progress(PAIR)(5_000_000, 2.0)
+        progress_writer(lab.store, PAIR)(5_000_000, 2.0)
         raise TransportError("ssh to src failed (exit 255): Connection reset by peer")
 
     lab.failures.append(cut)
@@ -531,7 +532,7 @@ def test_which_updates_go_in_one_round_trip() -> None:
     fuse = Capabilities("h", "p", "zfs-fuse", holds=True)
     modern = Capabilities("h", "p", "OpenZFS", holds=True, resumable=True, estimates=True)
     remote, here = SshHost(SshTarget("src")), LocalHost()
-    needs = Replicator._needs_steps
+    needs = fastpath.needs_steps
     assert needs(PAIR, remote, here, plan_features(fuse, fuse), None) == ""  # holds fold in
     assert needs(PAIR, remote, here, plan_features(modern, modern), None) == (
         "size estimate, resumable receive"
