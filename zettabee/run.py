@@ -9,6 +9,7 @@ A run belongs to one thread. What a fleet run shares between its threads is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from zettabee.host import Host
 from zettabee.hosts import Hosts
 from zettabee.pair import Pair
 from zettabee.relay import ProgressFn, StreamResult
-from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status
+from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status, StatusUnwritable
 from zettabee.views import DestView, Prefetch, dest_view
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,19 @@ def pair_run(engine: Engine, pair: Pair, action: str, listing: bool = True) -> I
     FAILED with the error, which names the pair (once)."""
     report = RunReport(pair, action)
     with engine.store.lock(pair.fingerprint, pair.name, action):
-        status, settled_at, tidy = _running(engine.store, pair, action)
+        try:
+            status, settled_at, tidy = _running(engine.store, pair, action)
+        except StatusUnwritable as exc:  # nothing started, and nothing to record it in
+            raise StatusUnwritable(f"{pair.name}: {exc}") from exc
         try:
             yield _open(engine, pair, status, report, (settled_at, tidy), listing)
         except BaseException as exc:
             _failed(engine, pair, status, exc)
             raise
-        _succeeded(engine.store, status)
+        try:
+            _succeeded(engine.store, status)
+        except StatusUnwritable as exc:
+            raise StatusUnwritable(f"{pair.name}: {exc}") from exc
 
 
 def _running(store: StateStore, pair: Pair, action: str) -> tuple[Status, float | None, bool]:
@@ -196,8 +203,13 @@ def _failed(engine: Engine, pair: Pair, status: Status, exc: BaseException) -> N
     status.state, status.result = FAILED, "failed"
     status.error = str(exc) if isinstance(exc, ZettabeeError) else repr(exc)
     status.ended, status.pid = time.time(), None
-    engine.store.write_status(status)
-    engine.store.clear_progress(pair.fingerprint)
+    try:
+        engine.store.write_status(status)
+    except StatusUnwritable as unwritable:  # the run's own error goes on; this one is said
+        if not isinstance(exc, StatusUnwritable):
+            log.error("%s: %s", pair.name, unwritable)
+    with contextlib.suppress(OSError):  # a read-only state directory: nothing to clear
+        engine.store.clear_progress(pair.fingerprint)
 
 
 def _succeeded(store: StateStore, status: Status) -> None:

@@ -544,3 +544,24 @@ def test_which_updates_go_in_one_round_trip() -> None:
     assert "this host" in needs(PAIR, here, here, plan_features(fuse, fuse), None)
     mbuffer = make_pair(transport="mbuffer")
     assert needs(mbuffer, remote, here, plan_features(fuse, fuse), None) == "transport=mbuffer"
+
+
+def test_a_status_that_cannot_be_written_fails_the_run_naming_the_directory_and_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+
+    def full(path: Path, text: str, mode: int = 0o640, durable: bool = True) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("zettabee.state.write_atomic", full)
+    with pytest.raises(StateError) as caught:
+        lab.replicator.update(PAIR)
+    message = str(caught.value)
+    assert message.startswith(f"{PAIR.name}: cannot write")
+    assert str(lab.store.state_dir) in message and "No space left on device" in message
+    assert "free space" in message and "check_zettabee_runtime" in message
+    assert message.count(PAIR.name) == 1
+    assert not lab.streams  # nothing is sent that the status could not record
