@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
-from zettabee.transport import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
+from zettabee.mbuffer import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
 
 TARGETS = {"no change": 1.5, "+MB": 1.1, "full ssh": 0.95, "full mbuffer": 0.95}
 MBUFFER_PORT = 19431

@@ -38,10 +38,15 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from zettabee import transport, zfs
+from zettabee import relay, zfs
 from zettabee.errors import CommandError
 from zettabee.host import Host, SshHost
+
+if TYPE_CHECKING:
+    from zettabee.capabilities import PairFeatures
+    from zettabee.pair import Pair
 
 log = logging.getLogger(__name__)
 
@@ -191,36 +196,16 @@ def parse(stderr: str) -> Report:
 class Outcome:
     """A finished one-round-trip update: what the source held, and the stream."""
 
-    source_snapshots: list[zfs.Snapshot] | None  # None: not listed (see update's listing)
-    stream: transport.StreamResult
+    source_snapshots: list[zfs.Snapshot] | None  # None: not listed (see Plan.listing)
+    stream: relay.StreamResult
     timings: dict[str, float]
     then: dict[str, Step] = field(default_factory=dict)  # the steps after the receive
 
 
-def update(
-    src: Host,
-    dst: Host,
-    fs: str,
-    base: zfs.Snapshot | None,
-    snap: str,
-    send_argv: list[str],
-    recv_argv: list[str],
-    stall: int,
-    progress: transport.ProgressFn | None = None,
-    on_received: Callable[[], None] | None = None,
-    check_base: bool = False,
-    hold: str | None = None,
-    holds: bool = False,
-    then: Sequence[tuple[str, Sequence[str]]] = (),
-    listing: bool = True,
-) -> Outcome | None:
-    """Run the update in one round trip; None when its premise failed (the caller goes
-    on step by step). A failing send or receive raises otherwise, as in
-    :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
-    the receive have succeeded, beside the source's listing.
-
-    ``base`` is None for a full send (``initialize``): only a failing snapshot then
-    sends the caller step by step.
+@dataclass(frozen=True)
+class Plan:
+    """What one round trip does: snapshot ``fs@snap``, send it with ``send`` (from
+    ``base``; None for a full send, ``initialize``) into ``recv`` here.
 
     ``check_base`` checks the base on the source before anything else: a plain
     incremental stream (``-i``) from a missing or replaced base is refused by zfs
@@ -232,58 +217,97 @@ def update(
     hold that fails stops the update with zfs's words. ``holds`` lists the hold counts
     with the source's snapshots, for the caller to release what earlier runs left.
     ``then`` are the source's steps once the receive has succeeded (see :func:`script`):
-    they start before ``on_received``, and the caller judges what they reported
-    (:attr:`Outcome.then`). Without ``listing``, the source is listed only when the
-    update fails (:attr:`Outcome.source_snapshots` is None then)."""
+    they start before the caller's ``on_received``, and the caller judges what they
+    reported (:attr:`Outcome.then`). Without ``listing``, the source is listed only when
+    the update fails (:attr:`Outcome.source_snapshots` is None then)."""
+
+    fs: str
+    base: zfs.Snapshot | None
+    snap: str
+    send: list[str]
+    recv: list[str]
+    check_base: bool = False
+    hold: str | None = None
+    holds: bool = False
+    then: Sequence[tuple[str, Sequence[str]]] = ()
+    listing: bool = True
+
+    def script(self) -> str:
+        checked = self.base if self.check_base else None
+        return script(
+            self.fs, self.snap, self.send, clock=debug_wanted(log), base=checked,
+            hold=self.hold, holds=self.holds, then=self.then, listing=self.listing,
+        )  # fmt: skip
+
+
+def update(
+    src: Host,
+    dst: Host,
+    plan: Plan,
+    stall: int,
+    progress: relay.ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
+) -> Outcome | None:
+    """Run the update in one round trip; None when its premise failed (the caller goes
+    on step by step): the snapshot failed, or the stream failed and the listing shows
+    the base gone. A failing send or receive raises otherwise, as in
+    :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
+    the receive have succeeded, beside the source's listing."""
     started = time.monotonic()
-    checked = base if check_base and base is not None else None
-    command = script(
-        fs, snap, send_argv, clock=debug_wanted(log), base=checked, hold=hold, holds=holds,
-        then=then, listing=listing,
-    )  # fmt: skip
+    command = plan.script()
     if isinstance(src, SshHost):
-        sender = transport.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
+        sender = relay.Stage("zfs send (over ssh)", src.name, src.stream_argv(command, stall))
     else:
-        sender = transport.Stage("zfs send", src.name, ["sh", "-c", command])
-    sender.feed = bool(then) or not listing
+        sender = relay.Stage("zfs send", src.name, ["sh", "-c", command])
+    sender.feed = bool(plan.then) or not plan.listing
     sender.lingers = True  # its listing tells a base gone from a broken stream
-    receiver = transport.Stage(
-        "zfs receive", dst.name, transport.remote_argv(dst, recv_argv, stall)
-    )
+    receiver = relay.Stage("zfs receive", dst.name, relay.remote_argv(dst, plan.recv, stall))
 
     def received() -> None:
         step = _await_step(sender, "send")
         if step is None or step.status != 0:
             return
         if sender.feed:
-            transport.answer(sender, f"{RECEIVED}\n")
+            relay.answer(sender, f"{RECEIVED}\n")
         if on_received is not None:
             on_received()
 
-    relay = transport.relay_stages(sender, receiver, stall, progress, received)
+    piped = relay.relay_stages(sender, receiver, stall, progress, received)
+    outcome = _judge(src, plan, sender, receiver, piped)
+    if outcome is not None:
+        outcome.stream.seconds = time.monotonic() - started
+    return outcome
+
+
+def _judge(
+    src: Host, plan: Plan, sender: relay.Stage, receiver: relay.Stage, piped: relay.Relay
+) -> Outcome | None:
+    """What the script and the receiver said: None (step by step), an error, or the
+    outcome."""
+    fs, base = plan.fs, plan.base
     report = parse(sender.stderr)
     listed = report.steps.get("listed")
     listed_snapshots = (
         zfs.parse_snapshots(fs, listed.said) if report.ok("listing") and listed else []
     )
     stages = [sender, receiver]
-    failed = any(s.failed for s in stages) or relay.stalled or relay.error
+    failed = any(s.failed for s in stages) or piped.stalled or piped.error
     premise_failed = base is not None and not _has(listed_snapshots, base) and report.ok("listing")
     if not report.ok("snapshot") or (failed and premise_failed):
         log.debug("%s: no update in one round trip (%s): step by step", fs, _why(src, base, report))
         return None
     held = report.steps.get("hold")
-    if hold is not None and held is not None and held.status != 0:
-        argv = zfs.hold(hold, f"{fs}@{snap}")
+    if plan.hold is not None and held is not None and held.status != 0:
+        argv = zfs.hold(plan.hold, f"{fs}@{plan.snap}")
         raise CommandError(argv, src.name, held.status, held.said, "zfs hold")
     send = report.steps.get("send")
     sender.stderr = "\n".join(x for x in (send.said if send else "", report.trailer) if x)
-    if send is None and sender.returncode == 255 and isinstance(src, SshHost):
-        sender.label = "ssh"
+    if send is None and isinstance(src, SshHost):
+        relay.name_ssh_failure(sender)
     if failed:
-        raise transport.describe_failure(stages, relay)
+        raise relay.describe_failure(stages, piped)
     source: list[zfs.Snapshot] | None = listed_snapshots
-    if not listing and "listing" not in report.steps:
+    if not plan.listing and "listing" not in report.steps:
         source = None
     elif not report.ok("listing"):  # the update is done; only the leftovers' prune waits
         step = report.steps.get("listing")
@@ -291,13 +315,13 @@ def update(
         log.warning("%s: listing %s on %s after the send failed: %s", fs, fs, src.name, said)
     measured = report.durations()
     if receiver.ended is not None:
-        measured["receive"] = max(0.0, receiver.ended - relay.ended)
-    stream = transport.StreamResult(relay.count, time.monotonic() - started, stages, relay.ended)
-    after = {name: report.steps[name] for name, _argv in then if name in report.steps}
+        measured["receive"] = max(0.0, receiver.ended - piped.ended)
+    stream = relay.StreamResult(piped.count, 0.0, stages, piped.ended)
+    after = {name: report.steps[name] for name, _argv in plan.then if name in report.steps}
     return Outcome(source, stream, measured, after)
 
 
-def _await_step(stage: transport.Stage, name: str) -> Step | None:
+def _await_step(stage: relay.Stage, name: str) -> Step | None:
     """The step ``name`` as soon as the running script has reported it (None if it ends
     without): its stderr is a file this process can read while the script writes it."""
     while True:
@@ -338,3 +362,35 @@ def _why(src: Host, base: zfs.Snapshot | None, report: Report) -> str:
     if base is not None:
         return f"{base.name} with guid {base.guid} is not on {src.name}"
     return "the send failed"
+
+
+def needs_steps(
+    pair: Pair,
+    src: Host,
+    dst: Host,
+    feats: PairFeatures,
+    token: str | None,
+    adopt: bool = False,
+    streams: tuple[str, ...] = ("ssh",),
+) -> str:
+    """Why this run cannot go in one round trip, or "".
+
+    It saves round trips to a remote source whose stream comes here over ssh, and it
+    takes the new snapshot's hold in its script and moves the holds after the
+    receive. What needs a step of its own around the stream goes step by step: a
+    size estimate (the snapshot must exist first), a resumable receive and its
+    bookkeeping, a resume token to go on with, a bookmark, the adoption of a
+    destination that an interrupted initialize received; so do a remote destination
+    and the transports other than ``streams`` (initialize takes its snapshot in the
+    mbuffer pipeline's command too)."""
+    reasons = [
+        (pair.options.transport not in streams, f"transport={pair.options.transport}"),
+        (not isinstance(src, SshHost), "the source is on this host"),
+        (not dst.is_local, "the destination is remote"),
+        (bool(token), "a resume token is pending"),
+        (feats.estimate, "size estimate"),
+        (feats.resume, "resumable receive"),
+        (feats.bookmark, "bookmarks"),
+        (adopt, "an interrupted initialize to adopt"),
+    ]
+    return ", ".join(why for applies, why in reasons if applies)

@@ -23,6 +23,9 @@ from typing import IO, Protocol
 from zettabee.errors import CommandError, TransportError, ZfsError
 
 log = logging.getLogger(__name__)
+# The OpenSSH client's exit status for its own failures (else it exits with the remote
+# command's status): a 255 with no word from the remote side is the connection's.
+SSH_FAILED = 255
 
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 300.0
@@ -39,6 +42,10 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    def error(self, stage: str) -> CommandError:
+        """The error of this failed command, as the ``stage`` of a run names it."""
+        return CommandError(self.argv, self.host, self.returncode, self.stderr, stage)
 
 
 def error_for(argv: Sequence[str], host: str, returncode: int, stderr: str) -> CommandError:
@@ -312,7 +319,7 @@ class SshHost:
         assert self._master is not None and self._master_err is not None
         self._master_err.seek(0)
         stderr = self._master_err.read().decode(errors="replace")
-        return ssh_failure(self.target, self._master.returncode or 255, stderr)
+        return ssh_failure(self.target, self._master.returncode or SSH_FAILED, stderr)
 
     def _report_pinned_key(self) -> None:
         assert self._master_err is not None
@@ -388,7 +395,7 @@ class SshHost:
                 f"command on {self.name} gave no answer for {timeout:.0f}s: {command}"
             ) from exc
         stderr = proc.stderr.decode(errors="replace")
-        if proc.returncode == 255 and self._lost(stderr):
+        if proc.returncode == SSH_FAILED and self._lost(stderr):
             raise TransportError(f"ssh connection to {self.name} failed: {stderr.strip()}")
         log.debug("  exit %d in %.3fs", proc.returncode, time.monotonic() - started)
         result = Result(

@@ -22,6 +22,7 @@ from zettabee.hosts import Hosts
 from zettabee.pair import Pair
 from zettabee.replicator import Replicator
 from zettabee.state import StateStore
+from zettabee.views import Prefetch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Pairs from one source share its control connection; OpenSSH's sshd allows 10 sessions
@@ -147,7 +148,8 @@ def update_all(
     """:func:`run_fleet` with one registry of hosts (and connections) for every thread."""
     hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
     try:
-        return run_fleet(Replicator(app.store, hosts), pairs, jobs, debug)
+        replicator = Replicator(app.store, hosts, prefetch=Prefetch(hosts))
+        return run_fleet(replicator, pairs, jobs, debug)
     finally:
         hosts.close()
 

@@ -58,6 +58,11 @@ def write_atomic(path: Path, text: str, mode: int = 0o640, durable: bool = True)
         raise
 
 
+class StatusUnwritable(StateError):
+    """The state directory takes no status file (full, read-only): no run may go on
+    that its status could not record."""
+
+
 @dataclass
 class Status:
     """The status file of one pair; unknown keys from newer versions are kept."""
@@ -182,12 +187,23 @@ class StateStore:
         return status
 
     def write_status(self, status: Status) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        """Write the pair's status file; :class:`StatusUnwritable` names the directory,
+        the cause and the fix when it cannot be written (a full or read-only disk)."""
         data = asdict(status)
         extra = data.pop("extra")
         data.pop("corrupt")
         data.update(extra)
-        write_atomic(self.status_path(status.fingerprint), json.dumps(data, indent=1) + "\n")
+        path = self.status_path(status.fingerprint)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            write_atomic(path, json.dumps(data, indent=1) + "\n")
+        except OSError as exc:
+            raise StatusUnwritable(
+                f"cannot write the status file {path}: {exc.strerror or exc}; every run "
+                f"records its outcome in {self.state_dir} ([paths] state_dir), where "
+                "check_zettabee_runtime reads it: free space on its file system or make it "
+                "writable, then run again"
+            ) from exc
 
     def write_progress(self, fp: str, progress: dict[str, Any]) -> None:
         write_atomic(self.progress_path(fp), json.dumps(progress) + "\n", durable=False)

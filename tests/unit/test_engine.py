@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zettabee import transport, zfs
+from zettabee import mbuffer, relay, transport, zfs
 from zettabee.errors import LockHeld
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, read_health
 from zettabee.host import Result, SshTarget, error_for
@@ -126,13 +126,13 @@ def test_plan_prune_never_takes_the_common_snapshot() -> None:
 
 
 def test_pipeline_script_reports_each_stage(tmp_path: Path) -> None:
-    script = transport.pipeline_script(
+    script = relay.pipeline_script(
         [["sh", "-c", "echo data; echo send-broke >&2; exit 3"], ["cat"]]
     )
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stdout == "data\n"
-    codes, errs, _ = transport.parse_pipeline_stderr(proc.stderr, 2)
+    codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 2)
     assert codes == [3, 0]
     assert errs == ["send-broke", ""]
 
@@ -140,7 +140,7 @@ def test_pipeline_script_reports_each_stage(tmp_path: Path) -> None:
 def test_pipeline_script_quotes_hostile_arguments(tmp_path: Path) -> None:
     target = tmp_path / "pwned"
     hostile = f"x; touch {target}; $(touch {target}) `touch {target}` 'q\" \n"
-    script = transport.pipeline_script([["printf", "%s", hostile], ["cat"]])
+    script = relay.pipeline_script([["printf", "%s", hostile], ["cat"]])
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.stdout == hostile
     assert not target.exists()
@@ -179,9 +179,9 @@ def test_relay_counts_and_detects_stall() -> None:
     )
     receiver = subprocess.Popen(["wc", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert sender.stdout and receiver.stdin
-    relay = transport.Relay(sender.stdout, receiver.stdin, stall=1.5, progress=None)
-    relay.run(on_stall=sender.kill)
-    assert relay.stalled and relay.count == 3000000
+    piped = relay.Relay(sender.stdout, receiver.stdin, stall=1.5, progress=None)
+    piped.run(on_stall=sender.kill)
+    assert piped.stalled and piped.count == 3000000
     assert receiver.stdout and receiver.stdout.read().strip() == b"3000000"
     receiver.wait()
     sender.wait()
@@ -193,9 +193,9 @@ def test_relay_takes_a_receiver_that_exits_on_the_last_byte_as_a_whole_stream() 
     sender = subprocess.Popen(["sh", "-c", "printf abc; sleep 0.3"], stdout=subprocess.PIPE)
     receiver = subprocess.Popen(["head", "-c", "3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert sender.stdout and receiver.stdin
-    relay = transport.Relay(sender.stdout, receiver.stdin, stall=30, progress=None)
-    relay.run(on_stall=sender.kill)
-    assert relay.error is None and relay.count == 3
+    piped = relay.Relay(sender.stdout, receiver.stdin, stall=30, progress=None)
+    piped.run(on_stall=sender.kill)
+    assert piped.error is None and piped.count == 3
     assert receiver.stdout and receiver.stdout.read() == b"abc"
     assert (receiver.wait(), sender.wait()) == (0, 0)
 
@@ -211,11 +211,11 @@ def test_relay_reports_a_receiver_that_leaves_before_the_end() -> None:
     receiver.wait()
     assert receiver.stdin
     with open(read_end, "rb", buffering=0) as src:
-        relay = transport.Relay(src, receiver.stdin, stall=30, progress=None)
-        relay.run(on_stall=lambda: None)
+        piped = relay.Relay(src, receiver.stdin, stall=30, progress=None)
+        piped.run(on_stall=lambda: None)
     os.close(write_end)
-    assert relay.error == "the receiving side closed the stream"
-    assert relay.receiver_left and relay.count == 0
+    assert piped.error == "the receiving side closed the stream"
+    assert piped.receiver_left and piped.count == 0
 
 
 # -- state ---------------------------------------------------------------------------
@@ -362,12 +362,12 @@ def test_a_lone_uninitialized_pair_is_not_an_unreadable_zfs(tmp_path: Path) -> N
 def test_pipeline_script_live_stage_speaks_while_it_runs() -> None:
     """The live stage's stderr comes before the report (read as it is written); the
     report still carries every stage's exit status."""
-    script = transport.pipeline_script(
+    script = relay.pipeline_script(
         [["sh", "-c", "echo 5 bytes >&2; printf abc"], ["sh", "-c", "cat; exit 4"]], live=0
     )
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 4 and proc.stdout == "abc"
-    codes, errs, head = transport.parse_pipeline_stderr(proc.stderr, 2)
+    codes, errs, head = relay.parse_pipeline_stderr(proc.stderr, 2)
     assert codes == [0, 4]
     assert head == "5 bytes" and errs == ["", ""]
 
@@ -378,11 +378,11 @@ def test_counts_read_from_mbuffer_and_dd_status_lines() -> None:
         "\rin @ 67.7 MiB/s, out @ 67.7 MiB/s, 47.6 MiB total, buffer   0% full"
         "\rin @  0.0 kiB/s, out @  0.0 kiB/s, 512 kiB total, buffer   0% full"
     )
-    assert transport.mbuffer_bytes(status) == 512 * 1024
-    assert transport.mbuffer_bytes(status + "\nsummary: 47.7 MiByte in  2.4sec - avg") == int(
+    assert mbuffer.mbuffer_bytes(status) == 512 * 1024
+    assert mbuffer.mbuffer_bytes(status + "\nsummary: 47.7 MiByte in  2.4sec - avg") == int(
         47.7 * (1 << 20)
     )
-    assert transport.mbuffer_bytes("mbuffer: error: nothing moved") is None
+    assert mbuffer.mbuffer_bytes("mbuffer: error: nothing moved") is None
     gnu = "1048576 bytes (1.0 MB, 1.0 MiB) copied, 1 s, 1.0 MB/s\r2097152 bytes (2.1 MB) copied"
     assert (
         transport.dd_bytes(
@@ -403,16 +403,16 @@ def test_listeners_found_in_proc_net_tcp_and_netstat() -> None:
         "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
         "   1: 0100007F:0016 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000\n"
     )
-    assert transport.proc_net_listening(proc_tcp, 8080)
-    assert not transport.proc_net_listening(proc_tcp, 22)  # established, not listening
+    assert mbuffer.proc_net_listening(proc_tcp, 8080)
+    assert not mbuffer.proc_net_listening(proc_tcp, 22)  # established, not listening
     bsd = "tcp4  0  0  *.9090   *.*   LISTEN\ntcp4  0  0  10.0.0.1.22  10.0.0.2.5000  ESTABLISHED\n"
-    assert transport.netstat_listening(bsd, 9090)
-    assert not transport.netstat_listening(bsd, 22)
-    assert not transport.netstat_listening(bsd, 909)
+    assert mbuffer.netstat_listening(bsd, 9090)
+    assert not mbuffer.netstat_listening(bsd, 22)
+    assert not mbuffer.netstat_listening(bsd, 909)
 
 
 def test_mbuffer_sender_argv_names_its_target_once() -> None:
-    out = transport._mbuffer_out(60, "2M", "dst.example.com", 9090)
+    out = mbuffer._mbuffer_out(60, "2M", "dst.example.com", 9090)
     assert out == [
         "mbuffer", "-q", "-s", "128k", "-m", "64M", "-W", "60", "-r", "2M",
         "-O", "dst.example.com:9090",
@@ -485,17 +485,15 @@ def test_local_transport_needs_one_host(tmp_path: Path) -> None:
     from zettabee.errors import StateError
     from zettabee.hosts import Hosts
     from zettabee.pair import PairOptions
-    from zettabee.replicator import Replicator
 
     pair = Pair(
         Endpoint("a.invalid", "t/x"), Endpoint("b.invalid", "b/x"), PairOptions(transport="local")
     )
-    replicator = Replicator(store(tmp_path), Hosts(str(tmp_path / "known_hosts")))
     src, dst = NamedHost("a.invalid", ""), NamedHost("b.invalid", "")
     with pytest.raises(
         StateError, match=r"transport=local runs zfs send \| zfs receive on one host"
     ):
-        replicator._stream(pair, src, dst, ["zfs", "send", "t/x@s"], ["zfs", "receive", "b/x"])  # type: ignore[arg-type]
+        transport.stream(pair, src, dst, ["zfs", "send", "t/x@s"], ["zfs", "receive", "b/x"], None)  # type: ignore[arg-type]
     same = Pair(
         Endpoint("a.invalid", "t/x"), Endpoint("a.invalid", "b/x"), PairOptions(transport="local")
     )
@@ -506,11 +504,9 @@ def test_local_transport_needs_one_host(tmp_path: Path) -> None:
 
 def test_a_remote_counter_is_read_even_when_the_stream_ends_within_a_tick() -> None:
     """dd's (or mbuffer's) last count is in the stderr the finished stage kept."""
-    stage = transport.Stage(
-        "dd", "h", ["sh", "-c", "printf '3000000 bytes (3.0 MB) copied\\n' >&2"]
-    )
-    transport._spawn(stage, None, None)
-    meter = transport.StderrMeter(stage, None, transport.dd_bytes)
+    stage = relay.Stage("dd", "h", ["sh", "-c", "printf '3000000 bytes (3.0 MB) copied\\n' >&2"])
+    relay.spawn(stage, None, None)
+    meter = relay.StderrMeter(stage, None, transport.dd_bytes)
     meter.start()
     stage.finish()
     meter.stop()

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from zettabee.errors import ZettabeeError, naming_pair
+from zettabee.relay import Stage, describe_failure
 from zettabee.state import StateStore
-from zettabee.transport import Stage, describe_failure
 
 
 def stage(label: str, code: int, stderr: str = "", argv: list[str] | None = None) -> Stage:

@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 
-from zettabee import checks
+from zettabee import checks, fastpath
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.health import SYNCHRONIZED, Health
 from zettabee.host import Result, error_for
 from zettabee.hosts import Hosts
 from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag
+from zettabee.relay import StreamResult
 from zettabee.replicator import Replicator
+from zettabee.run import PairRun, progress_writer
 from zettabee.state import FAILED, IDLE, StateStore, Status
-from zettabee.transport import StreamResult
 
 RECORDED = Path(__file__).parent / "recorded"
 FUSE_PROBE = (RECORDED / "zfs-fuse-probe.txt").read_text()
@@ -150,13 +151,13 @@ class Lab:
         self.src = ScriptedHost("src", src_probe, "tank", self.events)
         self.dst = ScriptedHost("dst", dst_probe, "backup", self.events)
         self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
-        self.replicator = Replicator(self.store, FakeHosts(self.src, self.dst))
+        hosts = FakeHosts(self.src, self.dst)
+        self.replicator = Replicator(self.store, hosts, streamer=self._stream)
         self.streams: list[tuple[list[str], list[str], int | None]] = []
         self.failures: list[Callable[[], None]] = []
-        self.replicator._stream = self._stream  # type: ignore[method-assign]
 
-    def _stream(self, pair: Pair, src: Any, dst: Any, send: list[str], recv: list[str],
-                total: int | None = None) -> StreamResult:  # fmt: skip
+    def _stream(self, run: PairRun, send: list[str], recv: list[str], total: int | None,
+                first: Sequence[Sequence[str]]) -> StreamResult:  # fmt: skip
         self.events.append(("stream", *send, "|", *recv))
         self.streams.append((send, recv, total))
         if self.failures:
@@ -295,7 +296,7 @@ def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
     lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
 
     def cut() -> None:
-        lab.replicator._progress(PAIR)(5_000_000, 2.0)
+        progress_writer(lab.store, PAIR)(5_000_000, 2.0)
         raise TransportError("ssh to src failed (exit 255): Connection reset by peer")
 
     lab.failures.append(cut)
@@ -531,7 +532,7 @@ def test_which_updates_go_in_one_round_trip() -> None:
     fuse = Capabilities("h", "p", "zfs-fuse", holds=True)
     modern = Capabilities("h", "p", "OpenZFS", holds=True, resumable=True, estimates=True)
     remote, here = SshHost(SshTarget("src")), LocalHost()
-    needs = Replicator._needs_steps
+    needs = fastpath.needs_steps
     assert needs(PAIR, remote, here, plan_features(fuse, fuse), None) == ""  # holds fold in
     assert needs(PAIR, remote, here, plan_features(modern, modern), None) == (
         "size estimate, resumable receive"
@@ -543,3 +544,24 @@ def test_which_updates_go_in_one_round_trip() -> None:
     assert "this host" in needs(PAIR, here, here, plan_features(fuse, fuse), None)
     mbuffer = make_pair(transport="mbuffer")
     assert needs(mbuffer, remote, here, plan_features(fuse, fuse), None) == "transport=mbuffer"
+
+
+def test_a_status_that_cannot_be_written_fails_the_run_naming_the_directory_and_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+
+    def full(path: Path, text: str, mode: int = 0o640, durable: bool = True) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr("zettabee.state.write_atomic", full)
+    with pytest.raises(StateError) as caught:
+        lab.replicator.update(PAIR)
+    message = str(caught.value)
+    assert message.startswith(f"{PAIR.name}: cannot write")
+    assert str(lab.store.state_dir) in message and "No space left on device" in message
+    assert "free space" in message and "check_zettabee_runtime" in message
+    assert message.count(PAIR.name) == 1
+    assert not lab.streams  # nothing is sent that the status could not record

@@ -10,8 +10,10 @@ import pytest
 
 from tests.unit.test_engine import FakeHost
 from zettabee.pair import Endpoint, Pair
-from zettabee.replicator import Background, Replicator, Stopwatch, _views_by_fs, wait_all
+from zettabee.run import Stopwatch
 from zettabee.state import StateStore, Status
+from zettabee.threads import Background, wait_all
+from zettabee.views import Prefetch, views_by_fs
 
 
 def test_wait_all_lets_every_call_finish_then_raises_the_first_failure() -> None:
@@ -84,16 +86,17 @@ def test_destinations_listed_ahead_serve_only_runs_that_nothing_came_between(
     ended_before.ended = time.time() - 60
     store.write_status(ended_before)
     hosts = LocalHosts(listed("b/x", "b/y"))  # b/z is not there (not initialized)
-    replicator = Replicator(store, hosts)  # type: ignore[arg-type]
-    replicator.prefetch_destinations(pairs)
+    prefetch = Prefetch(hosts)  # type: ignore[arg-type]
+    prefetch.list(pairs)
     (argv,) = hosts.host.calls  # one zfs get for the three
     assert argv[argv.index("--") + 1 :] == ["b/x", "b/y", "b/z"]
     ended_after.ended = time.time() + 1  # a run of the pair ended after the listing began
     store.write_status(ended_after)
 
     def view(pair: Pair) -> object:
-        with replicator._run(pair, "update"):
-            return replicator._prefetched_view(pair)
+        # what a run reads under the pair's lock: when its last run ended
+        with store.lock(pair.fingerprint, pair.name, "update"):
+            return prefetch.take(pair, store.read_status(pair.fingerprint).ended)
 
     got = view(pairs[0])
     assert got is not None and [s.name for s in got[1]] == ["a"]
@@ -103,7 +106,7 @@ def test_destinations_listed_ahead_serve_only_runs_that_nothing_came_between(
 
 
 def test_one_listing_of_many_file_systems_splits_by_file_system() -> None:
-    views = _views_by_fs(["b/x", "b/y"], listed("b/x", "b/x/child", "b/y"))
+    views = views_by_fs(["b/x", "b/y"], listed("b/x", "b/x/child", "b/y"))
     assert sorted(views) == ["b/x", "b/y"]
     assert views["b/x"][0] == {"guid": "1", "creation": "2"}
     assert [s.full for s in views["b/y"][1]] == ["b/y@a"]

@@ -19,7 +19,7 @@ import pytest
 
 from lab.zfslab import ZfsLab
 from tests.integration.faults.conftest import INTACT, STATES, Faults, snapshots, zget
-from zettabee import transport, zfs
+from zettabee import mbuffer, transport, zfs
 from zettabee.errors import ZettabeeError
 from zettabee.host import LocalHost, SshHost, SshTarget
 
@@ -279,7 +279,7 @@ def test_hostile_names_through_every_runner(faults: Faults, lab: ZfsLab, marker:
             )
             assert "zfs" in said or "ssh" in said
             assert_refused(
-                lambda s=send, r=recv: transport.stream_via_mbuffer(
+                lambda s=send, r=recv: mbuffer.stream_via_mbuffer(
                     remote, local, s, r, 10, None, lab.dest_address
                 ),
                 marker,

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,53 @@ def test_state_directories_missing(faults: Faults) -> None:
     faults.recovers(replica)
     for name in ("state", "run", "log"):
         assert (faults.zb.tmp / name).is_dir()
+
+
+@contextlib.contextmanager
+def full_tmpfs(directory: Path) -> Iterator[None]:
+    """``directory`` on a tmpfs of its own, its files kept, then filled to the last byte
+    (what a full disk under the state directory looks like to a run)."""
+    kept = {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "zb-full", str(directory)],
+                   check=True)  # fmt: skip
+    try:
+        for name, data in kept.items():
+            (directory / name).write_bytes(data)
+        with contextlib.suppress(OSError), open(directory / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+        for name, data in kept.items():
+            (directory / name).write_bytes(data)
+
+
+def test_state_directory_full(faults: Faults) -> None:
+    replica = faults.replica(mb=1)
+    state = faults.zb.tmp / "state"
+    replica.grow(1)
+    row = faults.expect(
+        "state directory full (its own tmpfs, filled)",
+        "update and replicate refuse before sending, naming the status file's directory, "
+        "the cause and the fix; replica intact",
+    )
+    with full_tmpfs(state):
+        update = faults.run("zettabee", "update", replica.fs)
+        fleet = faults.run("replicate", "--no-passive", replica.fs)
+        row.observed = (
+            f"update exit {update.code}: {faults.shown(update.stderr, replica, 150)}; "
+            f"replicate exit {fleet.code}"
+        )
+        row.data = replica.intact()
+    for outcome in (update, fleet):
+        assert outcome.code == 1, outcome.stderr
+        assert str(state) in outcome.stderr and "No space left on device" in outcome.stderr
+        assert "free space" in outcome.stderr and "state_dir" in outcome.stderr
+        assert "Traceback" not in outcome.stderr and "unexpected error" not in outcome.stderr
+    assert row.data == INTACT
+    faults.recovers(replica)
 
 
 def test_clock_stepped_back(faults: Faults) -> None:

@@ -41,7 +41,7 @@ from tests.integration.faults.conftest import (
 from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
 from zettabee.pair import hold_tag, snapshot_name
-from zettabee.transport import pipeline_script
+from zettabee.relay import pipeline_script
 
 pytestmark = pytest.mark.integration
 

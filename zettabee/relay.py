@@ -1,0 +1,480 @@
+"""The mechanics of a stream: its processes (:class:`Stage`), the relay that splices the
+stream from the sending process into the receiving one on this machine, counting bytes
+(progress, rate and ETA for ``runstatus``, and the stall watchdog), the remote pipeline
+script that reports each stage's exit status, and the one error that says which stage
+failed and why.
+
+The transports (:mod:`zettabee.transport`, :mod:`zettabee.mbuffer`) are built of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import select
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO
+
+from zettabee.errors import CommandError, TransportError, last_lines
+from zettabee.host import SSH_FAILED, Host, SshHost, tied_to_us
+
+log = logging.getLogger("zettabee.transport")
+
+CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
+STAGE_MARK = "@@zettabee-stage"
+
+ProgressFn = Callable[[int, float], None]
+
+
+@dataclass
+class Stage:
+    """One process of the stream, with its stderr kept apart for the error message."""
+
+    label: str
+    host: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    errfile: IO[bytes] | None = None
+    returncode: int | None = None
+    stderr: str = ""
+    killed: bool = False
+    ended: float | None = None  # time.monotonic() when the process was seen to exit
+    feed: bool = False  # a sender whose stdin stays open for :func:`answer`
+    # A sender that reports after its stream (the update script): when the receiver
+    # fails it is cut off from it, not killed, and says what it found.
+    lingers: bool = False
+
+    def finish(self, timeout: float | None = None) -> None:
+        assert self.proc is not None
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.returncode = self.proc.wait()
+        if self.ended is None:
+            self.ended = time.monotonic()
+        if self.errfile is not None:
+            self.errfile.seek(0)
+            self.stderr = self.errfile.read().decode(errors="replace").strip()
+            self.errfile.close()
+            self.errfile = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode not in (0, None)
+
+
+@dataclass
+class StreamResult:
+    bytes: int
+    seconds: float
+    stages: list[Stage] = field(default_factory=list)
+    ended: float = 0.0  # time.monotonic() when the last byte passed the relay
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def pipeline_script(
+    stages: Sequence[Sequence[str]],
+    live: int | None = None,
+    first: Sequence[Sequence[str]] = (),
+) -> str:
+    """A POSIX sh pipeline that reports every stage's exit status and stderr.
+
+    Each command is quoted once here. After the pipeline, the script prints for each
+    stage a line ``@@zettabee-stage <i> <status>`` followed by that stage's stderr, on
+    stderr, so the caller can say which stage failed and quote it. The stage numbered
+    ``live`` keeps its stderr on the script's own, as it is written (a status line read
+    while the stream runs), and reports an empty one. The commands ``first`` run one
+    after the other before the pipeline, each only if the one before succeeded, and the
+    pipeline only if all did; they are reported as the first stages (what they print
+    too: only the pipeline writes the stream), and the pipeline's stages follow
+    (``live`` counts from the pipeline's first stage). A stage that did not run reports
+    255 and nothing said.
+    """
+    parts = []
+    offset = len(first)
+    for i, argv in enumerate(stages, start=offset):
+        if live is not None and i == live + offset:
+            parts.append(f'{{ {shlex.join(argv)}; echo $? >"$d/s{i}"; : >"$d/e{i}"; }}')
+            continue
+        parts.append(f'{{ {shlex.join(argv)} 2>"$d/e{i}"; echo $? >"$d/s{i}"; }}')
+    pipeline = " | ".join(parts)
+    for i, argv in reversed(list(enumerate(first))):
+        pipeline = (
+            f'{shlex.join(argv)} 2>"$d/e{i}" >&2; s=$?; echo $s >"$d/s{i}"; '
+            f"if [ $s = 0 ]; then {pipeline}; fi"
+        )
+    report = " ".join(str(i) for i in range(len(stages) + offset))
+    return (
+        "d=$(mktemp -d) || exit 125; "
+        + pipeline
+        + f"; for i in {report}; do "
+        + f'printf "\\n{STAGE_MARK} %s %s\\n" "$i" "$(cat "$d/s$i" 2>/dev/null || echo 255)" >&2; '
+        + 'cat "$d/e$i" >&2 2>/dev/null; done; '
+        + "rc=0; for i in "
+        + report
+        + '; do s=$(cat "$d/s$i" 2>/dev/null || echo 255); [ "$s" = 0 ] || rc=$s; done; '
+        + 'rm -rf "$d"; exit $rc'
+    )
+
+
+def parse_pipeline_stderr(text: str, count: int) -> tuple[list[int], list[str], str]:
+    """Exit statuses and stderr per stage from :func:`pipeline_script`'s report."""
+    codes = [255] * count
+    errs = [""] * count
+    head, *blocks = text.split(f"\n{STAGE_MARK} ")
+    for block in blocks:
+        first, _, rest = block.partition("\n")
+        try:
+            index, code = (int(x) for x in first.split())
+        except ValueError:
+            continue
+        if 0 <= index < count:
+            codes[index] = code
+            errs[index] = rest.strip()
+    return codes, errs, head.strip()
+
+
+class StderrMeter:
+    """Progress read from a remote counter's status line (mbuffer's, dd's) as it lands in
+    a stage's stderr file: the only count there is when the stream does not pass through
+    this machine."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        progress: ProgressFn | None,
+        parse: Callable[[str], int | None],
+    ) -> None:
+        self.stage = stage
+        self.progress = progress
+        self.parse = parse
+        self.count = 0
+        self.started = time.monotonic()
+        self._offset = 0
+        self._tail = ""
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def read(self) -> None:
+        errfile = self.stage.errfile
+        if errfile is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.pread(errfile.fileno(), 1 << 16, self._offset):
+                self._offset += len(chunk)
+                self._tail = (self._tail + chunk.decode(errors="replace"))[-4096:]
+        found = self.parse(self._tail)
+        if found is not None:
+            self.count = found
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            self.read()
+            if self.progress:
+                self.progress(self.count, time.monotonic() - self.started)
+
+    def stop(self) -> None:
+        """Call after the stage finished: its whole stderr holds the final count."""
+        self._done.set()
+        self._thread.join()
+        found = self.parse(self.stage.stderr)
+        if found is not None:
+            self.count = found
+        if self.progress:
+            self.progress(self.count, time.monotonic() - self.started)
+
+
+def _grow_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
+
+
+class Relay:
+    """Moves the stream between two processes, counting bytes, watching for stalls."""
+
+    def __init__(self, src: IO[bytes], dst: IO[bytes], stall: float, progress: ProgressFn | None):
+        self.src = src
+        self.dst = dst
+        self.stall = stall
+        self.progress = progress
+        self.count = 0
+        self.started = time.monotonic()
+        self.last_move = self.started
+        self.ended = self.started
+        self.stalled = False
+        self.receiver_left = False  # the receiver closed its end before the sender's EOF
+        self.error: str | None = None
+        self._done = threading.Event()
+
+    def run(self, on_stall: Callable[[], None]) -> None:
+        watchdog = threading.Thread(target=self._watch, args=(on_stall,), daemon=True)
+        watchdog.start()
+        try:
+            self._copy()
+        finally:
+            self.ended = time.monotonic()
+            self._done.set()
+            with contextlib.suppress(OSError):
+                self.dst.close()
+            with contextlib.suppress(OSError):
+                self.src.close()
+            watchdog.join()
+            if self.progress:
+                self.progress(self.count, time.monotonic() - self.started)
+
+    def _copy(self) -> None:
+        fin, fout = self.src.fileno(), self.dst.fileno()
+        _grow_pipe(fin)
+        _grow_pipe(fout)
+        use_splice = hasattr(os, "splice")
+        poller = select.poll()
+        poller.register(fin, select.POLLIN | select.POLLHUP | select.POLLERR)
+        # The receiver's end too: its error event says the receiver has gone. zfs receive
+        # leaves on the stream's last record, and the sender's end-of-file may be long
+        # in coming (an update script that still works on the source keeps its stdout).
+        poller.register(fout, 0)
+        while True:
+            # Wait with a timeout, so a stall aborts the relay even when the stuck writer
+            # is a grandchild that killing our child does not reach.
+            events = dict(poller.poll(500))
+            if not events:
+                if self.stalled:
+                    self.error = "aborted: the stream stalled"
+                    return
+                continue
+            if fout in events and not events.get(fin, 0) & select.POLLIN:
+                self.receiver_left = True
+                return
+            try:
+                if use_splice:
+                    moved = os.splice(fin, fout, CHUNK)
+                else:
+                    data = os.read(fin, CHUNK)
+                    moved = len(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fout, view) :]
+            except BrokenPipeError:
+                # The receiver went away. zfs receive leaves on the stream's last record,
+                # often before the sender's end-of-file (and splice(2) then says EPIPE
+                # with nothing left to move): with no byte waiting in the pipe, the
+                # receiver's exit status tells whether it had the whole stream.
+                self.receiver_left = True
+                if self._pending(fin):
+                    self.error = "the receiving side closed the stream"
+                return
+            except OSError as exc:
+                if use_splice and exc.errno in (22, 38):  # EINVAL/ENOSYS: not splicable
+                    use_splice = False
+                    continue
+                self.error = f"stream relay: {exc.strerror}"
+                return
+            if moved == 0:
+                return
+            self.count += moved
+            self.last_move = time.monotonic()
+
+    @staticmethod
+    def _pending(fd: int) -> bool:
+        """Does the sender's pipe hold bytes that nobody will read now?"""
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return any(event & select.POLLIN for _, event in poller.poll(0))
+
+    def _watch(self, on_stall: Callable[[], None]) -> None:
+        while not self._done.wait(1.0):
+            now = time.monotonic()
+            if self.progress:
+                self.progress(self.count, now - self.started)
+            if self.stall and now - self.last_move > self.stall:
+                self.stalled = True
+                # info, not error: the run's own error says it once, with the pair's name
+                log.info("no data moved for %.0fs: aborting the stream", now - self.last_move)
+                on_stall()
+                return
+
+
+def spawn(stage: Stage, stdin: int | IO[bytes] | None, stdout: int | None) -> None:
+    stage.errfile = tempfile.TemporaryFile()
+    log.debug("start %s on %s: %s", stage.label, stage.host, shlex.join(stage.argv))
+    try:
+        stage.proc = subprocess.Popen(
+            tied_to_us(stage.argv),
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else subprocess.DEVNULL,
+            stderr=stage.errfile,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(stage.argv, stage.host, 127, f"{stage.argv[0]}: not installed") from exc
+
+
+def start_pipe(sender: Stage, receiver: Stage) -> None:
+    """Start the receiver, then the process feeding it; a sender that cannot start
+    leaves no receiver behind."""
+    spawn(receiver, subprocess.PIPE, None)
+    try:
+        spawn(sender, subprocess.PIPE if sender.feed else None, subprocess.PIPE)
+    except BaseException:
+        receiver.kill()
+        receiver.finish()
+        raise
+
+
+def remote_argv(host: Host, argv: Sequence[str], stall: int) -> list[str]:
+    """argv that runs ``argv`` on ``host``: directly here, or through the OpenSSH client."""
+    if host.is_local:
+        return list(argv)
+    assert isinstance(host, SshHost)
+    return host.stream_argv(shlex.join(argv), stall=stall)
+
+
+def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportError | CommandError:
+    """One error naming the stage that failed first, quoting what the tools said."""
+    if relay is not None and relay.stalled:
+        return TransportError(
+            f"the stream stalled: no data for {relay.stall:.0f}s after {relay.count} bytes; "
+            "aborted (raise the pair's stall= option if the link is that slow)"
+        )
+    failed = [s for s in stages if s.failed and not s.killed]
+    if not failed:
+        failed = [s for s in stages if s.failed]
+    if not failed:
+        return TransportError(relay.error if relay and relay.error else "the stream failed")
+    # A stage killed by a signal we did not send is the cause; the stages around it then
+    # fail on a broken pipe, and the first of those in the pipeline is not the one to name.
+    # So is a stage that said why before one that exited 1 without a word: zfs send does
+    # that when its receiver refused the stream and left (if the stream outgrew the pipe).
+    failed.sort(key=lambda s: (_signal_of(s) is None, not s.stderr and s.returncode == 1))
+    first = failed[0]
+    notes = [f"{s.label} on {s.host}: {last_lines(s.stderr)}" for s in failed[1:] if s.stderr]
+    said = first.stderr or f"no error output (exit {first.returncode})"
+    number = _signal_of(first)
+    if number is not None and not first.stderr:
+        said = f"killed by signal {number} ({_signal_name(number)})"
+    if is_ssh_failure(first):
+        # A connection killed on the far side or lost on the way leaves ssh nothing to say.
+        said = first.stderr or "the connection ended without a message from ssh (killed or lost)"
+        return TransportError(
+            f"ssh to {first.host} failed (exit {first.returncode}): {said}"
+            + (f"; then {'; '.join(notes)}" if notes else "")
+        )
+    err = CommandError(first.argv, first.host, first.returncode or 1, said, stage=first.label)
+    if notes:
+        err.args = (f"{err}; then {'; '.join(notes)}",)
+    return err
+
+
+def _signal_of(stage: Stage) -> int | None:
+    """The signal that ended a stage: a negative status here, 128+N from a remote shell."""
+    code = stage.returncode
+    if code is None or stage.killed:
+        return None
+    if code < 0:
+        return -code
+    if 128 < code < 128 + 65 and not (stage.label == "ssh" or stage.argv[:1] == ["ssh"]):
+        return code - 128
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def finish_stages(stages: Sequence[Stage], relay: Relay | None, started: float) -> StreamResult:
+    for stage in reversed(stages):
+        stage.finish(timeout=None)
+    result = StreamResult(relay.count if relay else 0, time.monotonic() - started, list(stages))
+    result.ended = relay.ended if relay else time.monotonic()
+    if any(s.failed for s in stages) or (relay and (relay.stalled or relay.error)):
+        raise describe_failure(stages, relay)
+    return result
+
+
+def kill_all(stages: Sequence[Stage]) -> Callable[[], None]:
+    def kill() -> None:
+        for stage in stages:
+            stage.kill()
+
+    return kill
+
+
+def relay_stages(
+    sender: Stage,
+    receiver: Stage,
+    stall: int,
+    progress: ProgressFn | None = None,
+    on_received: Callable[[], None] | None = None,
+) -> Relay:
+    """Start both processes, relay the stream to its end and wait for both; the caller
+    judges the outcome from the stages and the relay. ``on_received`` runs as soon as the
+    receiver has taken the whole stream, while the sender may still be finishing."""
+    stages = [sender, receiver]
+    start_pipe(sender, receiver)
+    assert sender.proc and sender.proc.stdout and receiver.proc and receiver.proc.stdin
+    relay = Relay(sender.proc.stdout, receiver.proc.stdin, stall, progress)
+    relay.run(kill_all(stages))
+    if relay.error:  # the receiver went away: the sender must not wait forever
+        sender.kill()
+    receiver.finish()
+    if receiver.failed and not sender.lingers:
+        sender.kill()
+    try:
+        if on_received is not None and not (receiver.failed or relay.error or relay.stalled):
+            on_received()
+    finally:
+        answer(sender, "")  # a sender still waiting for a line reads the end of its input
+        # A sender still writing after its receiver left would wait forever.
+        cut_off = relay.receiver_left or receiver.failed
+        sender.finish(timeout=stall or None if cut_off else None)
+    return relay
+
+
+def answer(stage: Stage, line: str) -> None:
+    """Write ``line`` to a fed stage's stdin and close it; a stage that has gone (its
+    connection lost) hears nothing, and says so by its own exit status."""
+    stdin = stage.proc.stdin if stage.proc is not None else None
+    if stdin is None or stdin.closed:
+        return
+    with contextlib.suppress(OSError):
+        stdin.write(line.encode())
+    with contextlib.suppress(OSError):
+        stdin.close()  # closes the pipe even when the flush fails
+
+
+def name_ssh_failure(stage: Stage) -> None:
+    """The OpenSSH client exits 255 for its own failures (no connection, a connection
+    killed or lost) and with the remote command's status otherwise: a client that
+    exited 255 without its command's report is named ``ssh``, and said so."""
+    if stage.returncode == SSH_FAILED:
+        stage.label = "ssh"
+
+
+def is_ssh_failure(stage: Stage) -> bool:
+    return stage.label == "ssh" or (stage.argv[:1] == ["ssh"] and stage.returncode == SSH_FAILED)
