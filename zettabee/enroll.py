@@ -83,6 +83,8 @@ class Request:
     dry_run: bool = False
     remove: bool = False
     timeout: float = TIMEOUT
+    delegate: str | None = None  # --user: the pairs' non-root user, made and given zfs allow
+    remove_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -614,6 +616,76 @@ def _as_whom(exc: OSError, remote: Remote) -> str:
     return f" for {user} (enroll as root, --admin root, or as the key's own user)"
 
 
+# -- a delegated user (OpenZFS) ---------------------------------------------------------
+
+# What a pull does on its source file system (README: Least privilege on the source):
+# destroy of a snapshot or bookmark needs mount too; bookmark only for pairs that use it.
+PULL_PERMISSIONS = ("send", "snapshot", "destroy", "mount", "hold", "release")
+
+
+def permissions(plan: Plan) -> dict[str, str]:
+    """``zfs allow`` of each source file system: exactly what its pairs' pulls use."""
+    out = {}
+    for fs in plan.datasets:
+        names = list(PULL_PERMISSIONS)
+        if any(p.options.bookmark for p in plan.pairs if p.source.fs == fs):
+            names.append("bookmark")
+        out[fs] = ",".join(names)
+    return out
+
+
+def check_delegation(remote: Remote, request: Request, plan: Plan) -> bool:
+    """``--user`` can be done here: the pairs log in as that user, the source's zfs has
+    ``zfs allow``, and the admin is root. Whether the user must be created."""
+    user = request.delegate
+    if user is None:
+        return False
+    if user != plan.target.user or user == "root":
+        raise UsageError(
+            f"--user {user}: the pairs with their source on {request.host} log in as "
+            f"{plan.target.user}: give them user={user} (a non-root user; pair option or "
+            "[defaults]) first, so that cron logs in as the user enroll delegates to"
+        )
+    code, _, err = remote.run(["zfs", "allow", plan.datasets[0]])
+    if code != 0:
+        raise EnrollError(
+            f"{remote.host}: no zfs allow there ({err.strip() or f'exit {code}'}): an older ZFS "
+            "port such as zfs-fuse cannot delegate; the key logs in as root there (no --user)"
+        )
+    code, out, _ = remote.run(["id", "-u"])
+    if out.strip() != "0":
+        raise EnrollError(
+            f"{remote.host}: --user needs --admin root: only root creates users and delegates"
+        )
+    code, _, _ = remote.run(["getent", "passwd", user])
+    return code != 0
+
+
+def create_user(remote: Remote, user: str) -> None:
+    """A system user with a home and a shell, no password but not locked (sshd refuses a
+    locked account even its keys)."""
+    for argv in (
+        ["useradd", "--system", "--create-home", "--shell", "/bin/sh", user],
+        ["usermod", "-p", "*", user],
+    ):
+        code, _, err = remote.run(argv)
+        if code != 0:
+            raise EnrollError(
+                f"{remote.host}: {shlex.join(argv)} failed (exit {code}): {err.strip()}"
+            )
+
+
+def delegate(remote: Remote, user: str, plan: Plan, allow: bool = True) -> None:
+    verb = "allow" if allow else "unallow"
+    for fs, names in permissions(plan).items():
+        argv = ["zfs", verb, "-u", user, names, fs]
+        code, _, err = remote.run(argv)
+        if code != 0:
+            raise EnrollError(
+                f"{remote.host}: {shlex.join(argv)} failed (exit {code}): {err.strip()}"
+            )
+
+
 # -- authorized_keys --------------------------------------------------------------------
 
 
@@ -762,10 +834,19 @@ def _enroll(
     remote: Remote, request: Request, plan: Plan, offered: paramiko.PKey, to_pin: bool
 ) -> None:
     host, target, dry = request.host, plan.target, request.dry_run
+    would = "would " if dry else ""
+    check_datasets(remote, plan)
+    new_user = check_delegation(remote, request, plan)
+    if new_user:
+        print(f"{host}: {would}create the user {target.user} (no password, not locked)")
+        if dry:
+            print(f"{host}: (the rest is checked once {target.user} exists)")
+            _print_delegation(host, would, target.user, plan)
+            return
+        create_user(remote, target.user)
     owner = account(remote, target.user)
     path = keys_path(request.authorized_keys, owner)
     check_writable(remote, path)
-    check_datasets(remote, plan)
     placement = place_source(remote, request)
     if placement.install:
         check_writable(remote, placement.path)
@@ -780,7 +861,10 @@ def _enroll(
     )
     if grant.problems():
         raise EnrollError(f"{host}: {'; '.join(grant.problems())}")
-    would = "would " if dry else ""
+    if request.delegate:
+        _print_delegation(host, would, target.user, plan)
+        if not dry:
+            delegate(remote, target.user, plan)
     if key is None:
         print(f"{host}: {would}generate an ed25519 key at {plan.key_path} (the pairs' sshkey)")
         key = (
@@ -816,6 +900,11 @@ def _enroll(
             pin_host_key(target.known_hosts or "", target, offered)
     if not dry:
         prove(plan)
+
+
+def _print_delegation(host: str, would: str, user: str, plan: Plan) -> None:
+    for fs, names in permissions(plan).items():
+        print(f"{host}: {would}zfs allow -u {user} {names} {fs}")
 
 
 def prove(plan: Plan) -> None:
@@ -855,6 +944,19 @@ def _remove(remote: Remote, request: Request, plan: Plan) -> None:
         print(f"{host}: {would}remove zettabee's line from {keys.path} of {owner.user}")
         if not dry:
             write_keys(remote, keys, text, owner)
+    if request.delegate:
+        check_delegation(remote, request, plan)
+        for fs, names in permissions(plan).items():
+            print(f"{host}: {would}zfs unallow -u {owner.user} {names} {fs}")
+        if not dry:
+            delegate(remote, owner.user, plan, allow=False)
+        if request.remove_user:
+            print(f"{host}: {would}remove the user {owner.user} and its home (userdel -r)")
+            code, _, err = (0, "", "") if dry else remote.run(["userdel", "-r", owner.user])
+            if code != 0:
+                raise EnrollError(
+                    f"{host}: userdel -r {owner.user} failed (exit {code}): {err.strip()}"
+                )
     path = request.source_path or DEFAULT_SOURCE_PATHS[-1]
     if _is_our_zipapp(remote, path) and not authkeys.mentions(text, [path]):
         print(f"{host}: {would}remove the zettabee-source zipapp {path}")
