@@ -475,9 +475,12 @@ def check_datasets(remote: Remote, plan: Plan) -> None:
     for fs in plan.datasets:
         code, out, err = remote.run(["zfs", "list", "-H", "-o", "name", fs])
         if code == 127:
+            who = remote.transport.get_username()
             raise EnrollError(
-                f"{remote.host}: no zfs command on the PATH ({err.strip() or 'not found'}): "
-                "install ZFS there (zfsutils-linux), or this is not the source host"
+                f"{remote.host}: no zfs command on the PATH of {who} "
+                f"({err.strip() or 'not found'}): install ZFS there (zfsutils-linux), or this "
+                "is not the source host (a non-root admin's PATH may lack /usr/sbin: enroll "
+                "as root)"
             )
         if code != 0 or out.strip() != fs:
             pair = next(p for p in plan.pairs if p.source.fs == fs)
@@ -835,8 +838,11 @@ def _enroll(
 ) -> None:
     host, target, dry = request.host, plan.target, request.dry_run
     would = "would " if dry else ""
-    check_datasets(remote, plan)
-    new_user = check_delegation(remote, request, plan)
+    new_user = False
+    if request.delegate:  # root's checks first: the user may not exist yet
+        check_datasets(remote, plan)
+        new_user = check_delegation(remote, request, plan)
+    placement = place_source(remote, request)
     if new_user:
         print(f"{host}: {would}create the user {target.user} (no password, not locked)")
         if dry:
@@ -847,7 +853,8 @@ def _enroll(
     owner = account(remote, target.user)
     path = keys_path(request.authorized_keys, owner)
     check_writable(remote, path)
-    placement = place_source(remote, request)
+    if not request.delegate:
+        check_datasets(remote, plan)
     if placement.install:
         check_writable(remote, placement.path)
     keys = read_keys(remote, path)
