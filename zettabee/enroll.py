@@ -833,32 +833,60 @@ def enroll(request: Request, plan: Plan, confirm: Callable[[str], bool] = ask_ye
         remote.close()
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found on the source, before anything was written."""
+
+    owner: Account
+    keys: KeysFile
+    placement: Placement
+    grant: authkeys.Grant
+
+
 def _enroll(
     remote: Remote, request: Request, plan: Plan, offered: paramiko.PKey, to_pin: bool
 ) -> None:
-    host, target, dry = request.host, plan.target, request.dry_run
-    would = "would " if dry else ""
+    host, user, dry = request.host, plan.target.user, request.dry_run
     new_user = False
     if request.delegate:  # root's checks first: the user may not exist yet
         check_datasets(remote, plan)
         new_user = check_delegation(remote, request, plan)
     placement = place_source(remote, request)
     if new_user:
-        print(f"{host}: {would}create the user {target.user} (no password, not locked)")
+        print(f"{host}: {_would(dry)}create the user {user} (no password, not locked)")
         if dry:
-            print(f"{host}: (the rest is checked once {target.user} exists)")
-            _print_delegation(host, would, target.user, plan)
+            print(f"{host}: (the rest is checked once {user} exists)")
+            _print_delegation(host, _would(dry), user, plan)
             return
-        create_user(remote, target.user)
-    owner = account(remote, target.user)
+        create_user(remote, user)
+    checked = _check(remote, request, plan, placement)
+    if request.delegate:
+        _print_delegation(host, _would(dry), user, plan)
+        if not dry:
+            delegate(remote, user, plan)
+    _apply(remote, request, plan, checked)
+    if to_pin:
+        print(f"{host}: {_would(dry)}pin {offered.get_name()} {sha256_fingerprint(offered)} "
+              f"in {plan.target.known_hosts}")  # fmt: skip
+        if not dry:
+            pin_host_key(plan.target.known_hosts or "", plan.target, offered)
+    if not dry:
+        prove(plan)
+
+
+def _would(dry: bool) -> str:
+    return "would " if dry else ""
+
+
+def _check(remote: Remote, request: Request, plan: Plan, placement: Placement) -> Checked:
+    """The key user's file may be written, zfs has the file systems, the line can be made."""
+    owner = account(remote, plan.target.user)
     path = keys_path(request.authorized_keys, owner)
     check_writable(remote, path)
     if not request.delegate:
         check_datasets(remote, plan)
     if placement.install:
         check_writable(remote, placement.path)
-    keys = read_keys(remote, path)
-    key = public_key(plan.key_path)
     grant = authkeys.Grant(
         source_command=placement.path,
         datasets=plan.datasets,
@@ -867,18 +895,19 @@ def _enroll(
         from_patterns=from_patterns(remote, request),
     )
     if grant.problems():
-        raise EnrollError(f"{host}: {'; '.join(grant.problems())}")
-    if request.delegate:
-        _print_delegation(host, would, target.user, plan)
-        if not dry:
-            delegate(remote, target.user, plan)
+        raise EnrollError(f"{request.host}: {'; '.join(grant.problems())}")
+    return Checked(owner, read_keys(remote, path), placement, grant)
+
+
+def _apply(remote: Remote, request: Request, plan: Plan, checked: Checked) -> None:
+    """The pairs' key (generated if missing), zettabee-source, the key line."""
+    host, dry, would = request.host, request.dry_run, _would(request.dry_run)
+    key = public_key(plan.key_path)
     if key is None:
         print(f"{host}: {would}generate an ed25519 key at {plan.key_path} (the pairs' sshkey)")
-        key = (
-            authkeys.PublicKey("ssh-ed25519", "NEWKEY", "(generated)")
-            if dry
-            else generate_key(plan.key_path)
-        )
+        placeholder = authkeys.PublicKey("ssh-ed25519", "NEWKEY", "(generated)")
+        key = placeholder if dry else generate_key(plan.key_path)
+    placement = checked.placement
     if placement.install:
         had = f" (found: {placement.found})" if placement.found else ""
         print(f"{host}: {would}install zettabee-source {__version__} at {placement.path}{had}")
@@ -886,27 +915,20 @@ def _enroll(
             install_source(remote, placement.path)
     else:
         print(f"{host}: zettabee-source {__version__} at {placement.path}")
-    line = authkeys.build_line(grant, key)
+    keys, owner = checked.keys, checked.owner
+    line = authkeys.build_line(checked.grant, key)
     text = authkeys.merge(keys.text, line)
     if text == keys.text:
         print(f"{host}: {keys.path} of {owner.user}: zettabee's line is in place, unchanged")
-    else:
-        verb = (
-            "replace zettabee's line in"
-            if authkeys.lines_of(keys.text, key)
-            else "add zettabee's line to"
-        )
-        print(f"{host}: {would}{verb} {keys.path} of {owner.user}:\n  {line}")
-        if not dry:
-            write_keys(remote, keys, text, owner)
-    if to_pin:
-        print(
-            f"{host}: {would}pin {offered.get_name()} {sha256_fingerprint(offered)} in {target.known_hosts}"
-        )
-        if not dry:
-            pin_host_key(target.known_hosts or "", target, offered)
+        return
+    verb = (
+        "replace zettabee's line in"
+        if authkeys.lines_of(keys.text, key)
+        else "add zettabee's line to"
+    )
+    print(f"{host}: {would}{verb} {keys.path} of {owner.user}:\n  {line}")
     if not dry:
-        prove(plan)
+        write_keys(remote, keys, text, owner)
 
 
 def _print_delegation(host: str, would: str, user: str, plan: Plan) -> None:
