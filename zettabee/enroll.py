@@ -338,8 +338,11 @@ def connect(
     """The admin's session, the host's key, and whether that key must be pinned."""
     import paramiko
 
-    logging.getLogger("paramiko").propagate = log.isEnabledFor(logging.DEBUG)
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    # paramiko logs its thread's failures with their tracebacks: the errors below say
+    # what happened, in one line, and no traceback reaches the operator.
+    quiet = logging.getLogger("paramiko")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
     where = f"{target.address} port {target.port}"
     password = read_password_fd(request.password_fd) if request.password_fd is not None else None
     pinned = pinned_keys(target.known_hosts or "", target)
@@ -398,7 +401,11 @@ def authenticate(remote: Remote, request: Request, password: str | None) -> None
                 f"cannot log in as {who}: the agent has no key it accepts, and there is no "
                 "terminal to ask for a password on: give --admin-key FILE, or --password-fd N"
             )
-        _auth_password(transport, request.admin, getpass.getpass(f"password of {who}: "))
+        try:
+            typed = getpass.getpass(f"password of {who}: ")
+        except (EOFError, KeyboardInterrupt):
+            raise EnrollError(f"no password typed for {who}; nothing was changed") from None
+        _auth_password(transport, request.admin, typed)
     except paramiko.BadAuthenticationType as exc:
         allowed = ", ".join(exc.allowed_types) or "none"
         raise EnrollError(

@@ -242,6 +242,10 @@ def test_enroll_then_pull_through_the_restricted_key(enrolling: Enroll) -> None:
     update = zb.run("update", zb.dst_fs())
     assert update.returncode == 0, update.stderr
     zb.assert_same_data()
+    zb.srcside.write_random(zb.src_dir() / "again.bin", 1)
+    replicated = zb.exe("replicate", zb.dst_fs())
+    assert replicated.returncode == 0, replicated.stdout + replicated.stderr
+    zb.assert_same_data()
     refused = e.ssh("id")
     assert refused.returncode == 126 and "zettabee-source: refused" in refused.stderr
 
@@ -451,3 +455,32 @@ def test_enroll_with_user_on_zfs_fuse_says_it_has_no_zfs_allow(enrolling: Enroll
     assert_nothing_written(e)
     mismatch = e.run("--host-key-fingerprint", e.sshd.fingerprint, "--user", "someone")
     assert mismatch.returncode == 2 and "give them user=someone" in mismatch.stderr
+
+
+def test_the_admin_by_the_agent_and_without_a_way_in(enrolling: Enroll, tmp_path: Path) -> None:
+    """The agent's key logs the admin in; with no agent, no key, no descriptor and no
+    terminal, enroll says how to give it one."""
+    e = enrolling
+    alone = e.run("--host-key-fingerprint", e.sshd.fingerprint, password=None)
+    assert_clean_failure(alone, "no terminal to ask for a password on")
+    assert_nothing_written(e)
+
+    admin_key = tmp_path / "admin_ed25519"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin_key))
+    e.root_keys.write_text(Path(f"{admin_key}.pub").read_text())
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for("ssh-agent", socket_path.exists)
+        env = {**e.zb.env(), "SSH_AUTH_SOCK": str(socket_path)}
+        sh("env", f"SSH_AUTH_SOCK={socket_path}", "ssh-add", "-q", str(admin_key))
+        argv = [*executable("zettabee"), *e.args("--host-key-fingerprint", e.sshd.fingerprint)]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = e.root_keys.read_text().splitlines()
+        assert lines[0] == Path(f"{admin_key}.pub").read_text().strip()  # the admin's stays
+        assert lines[1].startswith("restrict,")
+    finally:
+        agent.terminate()
+        agent.wait()
