@@ -156,6 +156,13 @@ def _enroll_options(p: argparse.ArgumentParser) -> None:
                    "'any' for none; default: the address the host sees this one come from)")  # fmt: skip
     p.add_argument("--timeout", metavar="SECONDS", type=float,
                    help="connect, banner and login timeout (default: 15)")  # fmt: skip
+    p.add_argument("--user", metavar="NAME", dest="delegate",
+                   help="OpenZFS: the pairs' own non-root user= on the host: created if missing "
+                   "(no password, not locked) and given exactly the zfs allow a pull of each "
+                   "source file system needs (send,snapshot,destroy,mount,hold,release, and "
+                   "bookmark for pairs with bookmark=yes)")  # fmt: skip
+    p.add_argument("--remove-user", action="store_true",
+                   help="with --remove and --user: remove that user and its home as well")  # fmt: skip
     p.add_argument("--dry-run", "-n", action="store_true", help="print every change, make none")
     p.add_argument("--remove", action="store_true",
                    help="take zettabee's line out of authorized_keys (and the zipapp enroll "
@@ -447,7 +454,11 @@ def do_enroll(app: App) -> int:
         dry_run=args.dry_run,
         remove=args.remove,
         timeout=args.timeout or defaults.timeout,
+        delegate=args.delegate,
+        remove_user=args.remove_user,
     )
+    if args.remove_user and not (args.remove and args.delegate):
+        raise UsageError("--remove-user goes with --remove and --user NAME")
     enroll.enroll(request, plan)
     return EXIT_OK
 

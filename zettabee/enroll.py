@@ -83,6 +83,8 @@ class Request:
     dry_run: bool = False
     remove: bool = False
     timeout: float = TIMEOUT
+    delegate: str | None = None  # --user: the pairs' non-root user, made and given zfs allow
+    remove_user: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,8 +338,11 @@ def connect(
     """The admin's session, the host's key, and whether that key must be pinned."""
     import paramiko
 
-    logging.getLogger("paramiko").propagate = log.isEnabledFor(logging.DEBUG)
-    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    # paramiko logs its thread's failures with their tracebacks: the errors below say
+    # what happened, in one line, and no traceback reaches the operator.
+    quiet = logging.getLogger("paramiko")
+    quiet.propagate = False
+    quiet.addHandler(logging.NullHandler())
     where = f"{target.address} port {target.port}"
     password = read_password_fd(request.password_fd) if request.password_fd is not None else None
     pinned = pinned_keys(target.known_hosts or "", target)
@@ -396,7 +401,11 @@ def authenticate(remote: Remote, request: Request, password: str | None) -> None
                 f"cannot log in as {who}: the agent has no key it accepts, and there is no "
                 "terminal to ask for a password on: give --admin-key FILE, or --password-fd N"
             )
-        _auth_password(transport, request.admin, getpass.getpass(f"password of {who}: "))
+        try:
+            typed = getpass.getpass(f"password of {who}: ")
+        except (EOFError, KeyboardInterrupt):
+            raise EnrollError(f"no password typed for {who}; nothing was changed") from None
+        _auth_password(transport, request.admin, typed)
     except paramiko.BadAuthenticationType as exc:
         allowed = ", ".join(exc.allowed_types) or "none"
         raise EnrollError(
@@ -473,9 +482,12 @@ def check_datasets(remote: Remote, plan: Plan) -> None:
     for fs in plan.datasets:
         code, out, err = remote.run(["zfs", "list", "-H", "-o", "name", fs])
         if code == 127:
+            who = remote.transport.get_username()
             raise EnrollError(
-                f"{remote.host}: no zfs command on the PATH ({err.strip() or 'not found'}): "
-                "install ZFS there (zfsutils-linux), or this is not the source host"
+                f"{remote.host}: no zfs command on the PATH of {who} "
+                f"({err.strip() or 'not found'}): install ZFS there (zfsutils-linux), or this "
+                "is not the source host (a non-root admin's PATH may lack /usr/sbin: enroll "
+                "as root)"
             )
         if code != 0 or out.strip() != fs:
             pair = next(p for p in plan.pairs if p.source.fs == fs)
@@ -612,6 +624,76 @@ def _as_whom(exc: OSError, remote: Remote) -> str:
         return ""
     user = remote.transport.get_username()
     return f" for {user} (enroll as root, --admin root, or as the key's own user)"
+
+
+# -- a delegated user (OpenZFS) ---------------------------------------------------------
+
+# What a pull does on its source file system (README: Least privilege on the source):
+# destroy of a snapshot or bookmark needs mount too; bookmark only for pairs that use it.
+PULL_PERMISSIONS = ("send", "snapshot", "destroy", "mount", "hold", "release")
+
+
+def permissions(plan: Plan) -> dict[str, str]:
+    """``zfs allow`` of each source file system: exactly what its pairs' pulls use."""
+    out = {}
+    for fs in plan.datasets:
+        names = list(PULL_PERMISSIONS)
+        if any(p.options.bookmark for p in plan.pairs if p.source.fs == fs):
+            names.append("bookmark")
+        out[fs] = ",".join(names)
+    return out
+
+
+def check_delegation(remote: Remote, request: Request, plan: Plan) -> bool:
+    """``--user`` can be done here: the pairs log in as that user, the source's zfs has
+    ``zfs allow``, and the admin is root. Whether the user must be created."""
+    user = request.delegate
+    if user is None:
+        return False
+    if user != plan.target.user or user == "root":
+        raise UsageError(
+            f"--user {user}: the pairs with their source on {request.host} log in as "
+            f"{plan.target.user}: give them user={user} (a non-root user; pair option or "
+            "[defaults]) first, so that cron logs in as the user enroll delegates to"
+        )
+    code, _, err = remote.run(["zfs", "allow", plan.datasets[0]])
+    if code != 0:
+        raise EnrollError(
+            f"{remote.host}: no zfs allow there ({err.strip() or f'exit {code}'}): an older ZFS "
+            "port such as zfs-fuse cannot delegate; the key logs in as root there (no --user)"
+        )
+    code, out, _ = remote.run(["id", "-u"])
+    if out.strip() != "0":
+        raise EnrollError(
+            f"{remote.host}: --user needs --admin root: only root creates users and delegates"
+        )
+    code, _, _ = remote.run(["getent", "passwd", user])
+    return code != 0
+
+
+def create_user(remote: Remote, user: str) -> None:
+    """A system user with a home and a shell, no password but not locked (sshd refuses a
+    locked account even its keys)."""
+    for argv in (
+        ["useradd", "--system", "--create-home", "--shell", "/bin/sh", user],
+        ["usermod", "-p", "*", user],
+    ):
+        code, _, err = remote.run(argv)
+        if code != 0:
+            raise EnrollError(
+                f"{remote.host}: {shlex.join(argv)} failed (exit {code}): {err.strip()}"
+            )
+
+
+def delegate(remote: Remote, user: str, plan: Plan, allow: bool = True) -> None:
+    verb = "allow" if allow else "unallow"
+    for fs, names in permissions(plan).items():
+        argv = ["zfs", verb, "-u", user, names, fs]
+        code, _, err = remote.run(argv)
+        if code != 0:
+            raise EnrollError(
+                f"{remote.host}: {shlex.join(argv)} failed (exit {code}): {err.strip()}"
+            )
 
 
 # -- authorized_keys --------------------------------------------------------------------
@@ -758,19 +840,60 @@ def enroll(request: Request, plan: Plan, confirm: Callable[[str], bool] = ask_ye
         remote.close()
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found on the source, before anything was written."""
+
+    owner: Account
+    keys: KeysFile
+    placement: Placement
+    grant: authkeys.Grant
+
+
 def _enroll(
     remote: Remote, request: Request, plan: Plan, offered: paramiko.PKey, to_pin: bool
 ) -> None:
-    host, target, dry = request.host, plan.target, request.dry_run
-    owner = account(remote, target.user)
+    host, user, dry = request.host, plan.target.user, request.dry_run
+    new_user = False
+    if request.delegate:  # root's checks first: the user may not exist yet
+        check_datasets(remote, plan)
+        new_user = check_delegation(remote, request, plan)
+    placement = place_source(remote, request)
+    if new_user:
+        print(f"{host}: {_would(dry)}create the user {user} (no password, not locked)")
+        if dry:
+            print(f"{host}: (the rest is checked once {user} exists)")
+            _print_delegation(host, _would(dry), user, plan)
+            return
+        create_user(remote, user)
+    checked = _check(remote, request, plan, placement)
+    if request.delegate:
+        _print_delegation(host, _would(dry), user, plan)
+        if not dry:
+            delegate(remote, user, plan)
+    _apply(remote, request, plan, checked)
+    if to_pin:
+        print(f"{host}: {_would(dry)}pin {offered.get_name()} {sha256_fingerprint(offered)} "
+              f"in {plan.target.known_hosts}")  # fmt: skip
+        if not dry:
+            pin_host_key(plan.target.known_hosts or "", plan.target, offered)
+    if not dry:
+        prove(plan)
+
+
+def _would(dry: bool) -> str:
+    return "would " if dry else ""
+
+
+def _check(remote: Remote, request: Request, plan: Plan, placement: Placement) -> Checked:
+    """The key user's file may be written, zfs has the file systems, the line can be made."""
+    owner = account(remote, plan.target.user)
     path = keys_path(request.authorized_keys, owner)
     check_writable(remote, path)
-    check_datasets(remote, plan)
-    placement = place_source(remote, request)
+    if not request.delegate:
+        check_datasets(remote, plan)
     if placement.install:
         check_writable(remote, placement.path)
-    keys = read_keys(remote, path)
-    key = public_key(plan.key_path)
     grant = authkeys.Grant(
         source_command=placement.path,
         datasets=plan.datasets,
@@ -779,15 +902,19 @@ def _enroll(
         from_patterns=from_patterns(remote, request),
     )
     if grant.problems():
-        raise EnrollError(f"{host}: {'; '.join(grant.problems())}")
-    would = "would " if dry else ""
+        raise EnrollError(f"{request.host}: {'; '.join(grant.problems())}")
+    return Checked(owner, read_keys(remote, path), placement, grant)
+
+
+def _apply(remote: Remote, request: Request, plan: Plan, checked: Checked) -> None:
+    """The pairs' key (generated if missing), zettabee-source, the key line."""
+    host, dry, would = request.host, request.dry_run, _would(request.dry_run)
+    key = public_key(plan.key_path)
     if key is None:
         print(f"{host}: {would}generate an ed25519 key at {plan.key_path} (the pairs' sshkey)")
-        key = (
-            authkeys.PublicKey("ssh-ed25519", "NEWKEY", "(generated)")
-            if dry
-            else generate_key(plan.key_path)
-        )
+        placeholder = authkeys.PublicKey("ssh-ed25519", "NEWKEY", "(generated)")
+        key = placeholder if dry else generate_key(plan.key_path)
+    placement = checked.placement
     if placement.install:
         had = f" (found: {placement.found})" if placement.found else ""
         print(f"{host}: {would}install zettabee-source {__version__} at {placement.path}{had}")
@@ -795,27 +922,25 @@ def _enroll(
             install_source(remote, placement.path)
     else:
         print(f"{host}: zettabee-source {__version__} at {placement.path}")
-    line = authkeys.build_line(grant, key)
+    keys, owner = checked.keys, checked.owner
+    line = authkeys.build_line(checked.grant, key)
     text = authkeys.merge(keys.text, line)
     if text == keys.text:
         print(f"{host}: {keys.path} of {owner.user}: zettabee's line is in place, unchanged")
-    else:
-        verb = (
-            "replace zettabee's line in"
-            if authkeys.lines_of(keys.text, key)
-            else "add zettabee's line to"
-        )
-        print(f"{host}: {would}{verb} {keys.path} of {owner.user}:\n  {line}")
-        if not dry:
-            write_keys(remote, keys, text, owner)
-    if to_pin:
-        print(
-            f"{host}: {would}pin {offered.get_name()} {sha256_fingerprint(offered)} in {target.known_hosts}"
-        )
-        if not dry:
-            pin_host_key(target.known_hosts or "", target, offered)
+        return
+    verb = (
+        "replace zettabee's line in"
+        if authkeys.lines_of(keys.text, key)
+        else "add zettabee's line to"
+    )
+    print(f"{host}: {would}{verb} {keys.path} of {owner.user}:\n  {line}")
     if not dry:
-        prove(plan)
+        write_keys(remote, keys, text, owner)
+
+
+def _print_delegation(host: str, would: str, user: str, plan: Plan) -> None:
+    for fs, names in permissions(plan).items():
+        print(f"{host}: {would}zfs allow -u {user} {names} {fs}")
 
 
 def prove(plan: Plan) -> None:
@@ -855,6 +980,19 @@ def _remove(remote: Remote, request: Request, plan: Plan) -> None:
         print(f"{host}: {would}remove zettabee's line from {keys.path} of {owner.user}")
         if not dry:
             write_keys(remote, keys, text, owner)
+    if request.delegate:
+        check_delegation(remote, request, plan)
+        for fs, names in permissions(plan).items():
+            print(f"{host}: {would}zfs unallow -u {owner.user} {names} {fs}")
+        if not dry:
+            delegate(remote, owner.user, plan, allow=False)
+        if request.remove_user:
+            print(f"{host}: {would}remove the user {owner.user} and its home (userdel -r)")
+            code, _, err = (0, "", "") if dry else remote.run(["userdel", "-r", owner.user])
+            if code != 0:
+                raise EnrollError(
+                    f"{host}: userdel -r {owner.user} failed (exit {code}): {err.strip()}"
+                )
     path = request.source_path or DEFAULT_SOURCE_PATHS[-1]
     if _is_our_zipapp(remote, path) and not authkeys.mentions(text, [path]):
         print(f"{host}: {would}remove the zettabee-source zipapp {path}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.guest import Guest
 from lab.hosts import sh, stop_pid, wait_for
 from lab.zfslab import ZfsLab
 from tests.conftest import Zb, executable, settle
@@ -241,6 +242,10 @@ def test_enroll_then_pull_through_the_restricted_key(enrolling: Enroll) -> None:
     update = zb.run("update", zb.dst_fs())
     assert update.returncode == 0, update.stderr
     zb.assert_same_data()
+    zb.srcside.write_random(zb.src_dir() / "again.bin", 1)
+    replicated = zb.exe("replicate", zb.dst_fs())
+    assert replicated.returncode == 0, replicated.stdout + replicated.stderr
+    zb.assert_same_data()
     refused = e.ssh("id")
     assert refused.returncode == 126 and "zettabee-source: refused" in refused.stderr
 
@@ -367,8 +372,8 @@ def _path_without(tmp: Path, missing: str) -> str:
     directory = tmp / f"path-without-{missing}"
     directory.mkdir()
     for tool in ("getent", "printenv", "test", "zfs", "python3", "sh", "cat", "mbuffer"):
-        found = sh("sh", "-c", f"command -v {tool}", check=False).stdout.strip()
-        if tool != missing and found.startswith("/"):
+        found = shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")  # the host's own
+        if tool != missing and found:
             (directory / tool).symlink_to(found)
     return str(directory)
 
@@ -389,3 +394,93 @@ def test_a_source_without_zfs_or_python3(
         assert_nothing_written(e)
     finally:
         server.stop()
+
+
+DELEGATED = "zbenrolled"
+V23_POOL = "gv23enroll"  # zfs-fuse receives streams of pool version 23 only
+
+
+def test_enroll_a_delegated_user_on_openzfs_then_pull(guest: Guest, zb: Zb, tmp_path: Path) -> None:
+    """On the OpenZFS guest: the admin logs in by key (--admin-key), enroll creates the
+    pairs' user, delegates exactly a pull's permissions, and cron pulls behind it."""
+    g = guest
+    g.shell(
+        f"zpool list {V23_POOL} >/dev/null 2>&1 || {{ truncate -s 256M /var/tmp/{V23_POOL}.img && "
+        f"zpool create -o version=23 -O mountpoint=/{V23_POOL} {V23_POOL} /var/tmp/{V23_POOL}.img; }}"
+    )
+    fs = f"{V23_POOL}/{zb.name}"
+    try:
+        g.run("zfs", "create", fs)
+        g.shell(f"head -c 2097152 /dev/urandom >/{fs}/random.bin")
+        key, known = tmp_path / "pairkey" / "id_ed25519", tmp_path / "known_hosts"
+        options = f"sshport={g.port},sshkey={key},knownhosts={known},user={DELEGATED}"
+        zb.write_pairs(f"{g.address}:{fs}  {zb.dstside.address}:{zb.dst_fs()}  {options}")
+        fingerprint = sh("ssh-keygen", "-l", "-f", g.known_hosts).stdout.split()[1]
+        enroll = ["enroll", g.address, "--admin-key", g.key, "--user", DELEGATED,
+                  "--host-key-fingerprint", fingerprint, "--timeout", "60"]  # fmt: skip
+        done = zb.run(*enroll)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"create the user {DELEGATED}" in done.stdout
+        assert (
+            f"zfs allow -u {DELEGATED} send,snapshot,destroy,mount,hold,release {fs}" in done.stdout
+        )
+        allowed = g.run("zfs", "allow", fs).stdout
+        assert DELEGATED in allowed and "bookmark" not in allowed
+        line = g.run("cat", f"/home/{DELEGATED}/.ssh/authorized_keys").stdout
+        assert line.startswith('restrict,from="') and f'--pair {zb.fingerprint()} {fs}" ' in line
+
+        init = zb.run("initialize", zb.dst_fs())
+        assert init.returncode == 0, init.stderr
+        update = zb.run("update", zb.dst_fs())
+        assert update.returncode == 0, update.stderr
+        assert zb.dstside.zget(f"{zb.dst_fs()}", "type") == "filesystem"
+
+        again = zb.run(*enroll)
+        assert again.returncode == 0 and "unchanged" in again.stdout, again.stderr
+
+        removed = zb.run(*enroll, "--remove", "--remove-user")
+        assert removed.returncode == 0, removed.stdout + removed.stderr
+        assert DELEGATED not in g.run("zfs", "allow", fs).stdout
+        assert g.run("getent", "passwd", DELEGATED, check=False).returncode == 2
+    finally:
+        g.shell(f"userdel -r {DELEGATED} 2>/dev/null; zpool destroy -f {V23_POOL}; "
+                f"rm -f /var/tmp/{V23_POOL}.img", check=False)  # fmt: skip
+
+
+def test_enroll_with_user_on_zfs_fuse_says_it_has_no_zfs_allow(enrolling: Enroll) -> None:
+    e, zb = enrolling, enrolling.zb
+    zb.write_pairs(zb.pair_line(options=f"{e.options},user={DELEGATED}"))
+    proc = e.run("--host-key-fingerprint", e.sshd.fingerprint, "--user", DELEGATED)
+    assert_clean_failure(proc, "no zfs allow there")
+    assert_nothing_written(e)
+    mismatch = e.run("--host-key-fingerprint", e.sshd.fingerprint, "--user", "someone")
+    assert mismatch.returncode == 2 and "give them user=someone" in mismatch.stderr
+
+
+def test_the_admin_by_the_agent_and_without_a_way_in(enrolling: Enroll, tmp_path: Path) -> None:
+    """The agent's key logs the admin in; with no agent, no key, no descriptor and no
+    terminal, enroll says how to give it one."""
+    e = enrolling
+    alone = e.run("--host-key-fingerprint", e.sshd.fingerprint, password=None)
+    assert_clean_failure(alone, "no terminal to ask for a password on")
+    assert_nothing_written(e)
+
+    admin_key = tmp_path / "admin_ed25519"
+    sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(admin_key))
+    e.root_keys.write_text(Path(f"{admin_key}.pub").read_text())
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for("ssh-agent", socket_path.exists)
+        env = {**e.zb.env(), "SSH_AUTH_SOCK": str(socket_path)}
+        sh("env", f"SSH_AUTH_SOCK={socket_path}", "ssh-add", "-q", str(admin_key))
+        argv = [*executable("zettabee"), *e.args("--host-key-fingerprint", e.sshd.fingerprint)]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = e.root_keys.read_text().splitlines()
+        assert lines[0] == Path(f"{admin_key}.pub").read_text().strip()  # the admin's stays
+        assert lines[1].startswith("restrict,")
+    finally:
+        agent.terminate()
+        agent.wait()

@@ -155,3 +155,12 @@ def test_pin_host_key_keeps_the_other_lines(
     assert lines[0] == "other.example.com ssh-ed25519 AAAA"
     assert lines[1] == f"[src.example.com]:2222 {ours.get_name()} {ours.get_base64()}"
     assert list(enroll.pinned_keys(str(known), target).values())[0].asbytes() == ours.asbytes()
+
+
+def test_the_delegation_is_exactly_what_the_pairs_pulls_use() -> None:
+    text = PAIRS.replace("user=zb,transport", "user=zb,bookmark=yes,transport")
+    plan = enroll.plan_for("src.example.com", pairs(text), "/kh")
+    assert enroll.permissions(plan) == {
+        "tank/home": "send,snapshot,destroy,mount,hold,release",
+        "tank/pg": "send,snapshot,destroy,mount,hold,release,bookmark",
+    }

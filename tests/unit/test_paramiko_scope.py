@@ -14,7 +14,7 @@ CRON_MODULES = (
     "zettabee.checks", "zettabee.plugin", "zettabee.cli", "zettabee.replicator",
     "zettabee.transport", "zettabee.fastpath", "zettabee.hosts", "zettabee.host",
     "zettabee.preflight", "zettabee.health", "zettabee.state", "zettabee.passive",
-    "zettabee.source", "nsca",
+    "zettabee.source", "zettabee.replicate", "zettabee.logs", "nsca",
 )  # fmt: skip
 
 
