@@ -458,6 +458,9 @@ class RunContext(nagiosplugin.Context):
         status = health.status
         action = _action(health)
         kept = f"; {health.resume_note}" if health.resume_note else ""
+        if health.unwritable and not health.running:
+            # The status file below still tells the last run that could write it.
+            return nagiosplugin.Result(Critical, f"{name}: {health.unwritable}", metric)
         if health.run_state == INTERRUPTED:
             pid = status.pid if status else None
             gone = f" (pid {pid} is gone)" if pid else ""

@@ -45,6 +45,7 @@ class Health:
     run_state: str = "idle"
     runtime: int | None = None
     lock_pid: int | None = None
+    unwritable: str = ""  # why no run can record its status now (StateStore.unwritable)
 
     @property
     def running(self) -> bool:
@@ -149,6 +150,9 @@ def read_health(
             view = _read_destinations(where, group, state)
             found = [_one(p, view, *st, now) for p, st in zip(group, state, strict=True)]
         healths.update(zip(indexes, found, strict=True))
+    unwritable = store.unwritable() if pairs else ""
+    for health in healths.values():
+        health.unwritable = unwritable
     return [healths[i] for i in range(len(pairs))]
 
 

@@ -186,6 +186,24 @@ class StateStore:
         status.extra = extra
         return status
 
+    def unwritable(self) -> str:
+        """Why no run can write its status here now (the state directory's file system
+        full or read-only), or "" (also when that cannot be told: no such directory)."""
+        try:
+            fs = os.statvfs(self.state_dir)
+        except OSError:
+            return ""
+        if fs.f_flag & os.ST_RDONLY:
+            why = "is on a read-only file system"
+        elif fs.f_bfree == 0 or fs.f_ffree == 0:
+            why = "is full"
+        else:
+            return ""
+        return (
+            f"the state directory {self.state_dir} {why}: every run fails before it starts, "
+            "unable to write its status; free space there or make it writable"
+        )
+
     def write_status(self, status: Status) -> None:
         """Write the pair's status file; :class:`StatusUnwritable` names the directory,
         the cause and the fix when it cannot be written (a full or read-only disk)."""

@@ -544,3 +544,25 @@ def test_a_busy_snapshot_nobody_holds_is_tried_again() -> None:
         destroy(host, "p/fs@a", attempts=2)  # type: ignore[arg-type]
     assert not isinstance(caught.value, HeldElsewhere)
     assert [argv[1] for argv in host.calls] == ["destroy", "get", "destroy", "get"]
+
+
+def test_the_runtime_check_is_critical_while_no_run_can_write_its_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zettabee.checks import evaluate, runtime_check
+
+    pair = Pair(Endpoint("s", "t/x"), Endpoint("backup.invalid", "b/x"))
+    st = store(tmp_path)
+    st.write_status(Status(pair.fingerprint, last_success=1.0, last_duration=3.0, result="ok"))
+    assert evaluate(runtime_check(read_health([pair], st))).code == 0
+    real = os.statvfs(st.state_dir)
+    fields = {name: getattr(real, name) for name in dir(real) if name.startswith("f_")}
+
+    def full(path: object) -> object:
+        return type("Statvfs", (), {**fields, "f_bfree": 0})()
+
+    monkeypatch.setattr("zettabee.state.os.statvfs", full)
+    result = evaluate(runtime_check(read_health([pair], st)))
+    assert result.code == 2
+    assert str(st.state_dir) in result.output and "is full" in result.output
+    assert "free space there" in result.output

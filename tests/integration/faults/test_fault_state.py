@@ -137,16 +137,19 @@ def test_state_directory_full(faults: Faults) -> None:
     row = faults.expect(
         "state directory full (its own tmpfs, filled)",
         "update and replicate refuse before sending, naming the status file's directory, "
-        "the cause and the fix; replica intact",
+        "the cause and the fix; runtime CRITICAL saying so; replica intact",
     )
     with full_tmpfs(state):
         update = faults.run("zettabee", "update", replica.fs)
         fleet = faults.run("replicate", "--no-passive", replica.fs)
+        run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs)
         row.observed = (
             f"update exit {update.code}: {faults.shown(update.stderr, replica, 150)}; "
-            f"replicate exit {fleet.code}"
+            f"replicate exit {fleet.code}; runtime {STATES[run_code]}: "
+            f"{faults.shown(run_text, replica, 110)}"
         )
         row.data = replica.intact()
+    assert run_code == 2 and str(state) in run_text and "is full" in run_text, run_text
     for outcome in (update, fleet):
         assert outcome.code == 1, outcome.stderr
         assert str(state) in outcome.stderr and "No space left on device" in outcome.stderr
