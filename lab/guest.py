@@ -109,18 +109,25 @@ class Guest:
         memory_mb: int = 2048,
         pool_size: str = "3G",
         zfs: str = "2.1",
+        scratch: bool = False,
     ) -> None:
+        """``scratch``: a second guest of this version, apart from the lab's shared one
+        (a namespace, subnet, runtime directory and lock of its own), for a test that
+        changes what the guest has installed; it boots beside the shared guest a test
+        session may hold."""
         self.lab = lab or test_lab_name()
         self.zfs = zfs
+        self.suffix = "-scratch" if scratch else ""
         layout = LAYOUTS[self.lab]
-        # one namespace and subnet per guest, so that both versions can be up at once
+        # one namespace and subnet per guest, so that every guest can be up at once
         second = list(SUITES).index(zfs)
-        self.subnet = 100 + 50 * second + layout.subnet
-        self.netns = f"{layout.netns}{'gh'[second]}"
+        self.subnet = (200 + 25 * second if scratch else 100 + 50 * second) + layout.subnet
+        self.netns = f"{layout.netns}{('pq' if scratch else 'gh')[second]}"
         self.memory_mb = memory_mb
         self.pool_size = pool_size
         self.image = image_dir(zfs)
-        self.runtime = LAB_ROOT / self.lab / ("guest" if zfs == "2.1" else f"guest-{zfs}")
+        name = "guest" if zfs == "2.1" else f"guest-{zfs}"
+        self.runtime = LAB_ROOT / self.lab / f"{name}{self.suffix}"
         self.record_path = self.runtime / "guest.json"
 
     # where and how to reach it ----------------------------------------------------------
@@ -256,7 +263,7 @@ class Guest:
     def held(self) -> Iterator[None]:
         """Hold this lab's guest for a whole test session: a second session waits here
         instead of rebooting the guest under the first one."""
-        lock = LAB_ROOT / f"{self.lab}.guest-{self.zfs}.lock"
+        lock = LAB_ROOT / f"{self.lab}.guest-{self.zfs}{self.suffix}.lock"
         with hold(lock, f"guest {self.lab}: in use by another run, waiting"):
             yield
 
@@ -361,7 +368,7 @@ table ip zettabee_guest {{
         meta = self.meta()
         kernel = self.image / str(meta.get("kernel_file", "vmlinuz"))
         argv = [
-            "qemu-system-x86_64", "-name", f"zettabee-guest-{self.lab}-{self.zfs}",
+            "qemu-system-x86_64", "-name", f"zettabee-guest-{self.lab}-{self.zfs}{self.suffix}",
             "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
             "-smp", "2", "-m", str(self.memory_mb),
             "-nodefaults", "-display", "none", "-no-reboot",

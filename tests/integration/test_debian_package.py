@@ -116,40 +116,53 @@ def _copy_tree(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
-@pytest.fixture(scope="module")
-def built() -> Iterator[Built]:
+def deb_tools_missing() -> str | None:
+    """Why ``make deb`` cannot run here (None: it can)."""
     if os.geteuid() != 0:
-        pytest.skip("make deb installs its build tools with apt-get: needs root")
+        return "make deb installs its build tools with apt-get: needs root"
     for tool in ("dpkg-buildpackage", "dh", "lintian", "git"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (make deps installs the build tools)")
+            return f"{tool} not installed (make deps installs the build tools)"
+    return None
+
+
+def make_deb(top: Path) -> tuple[Path, float]:
+    """``make deb`` in a copy of the work tree under ``top``: the package and the seconds
+    it took."""
+    tree = top / "tree"
+    _copy_tree(tree)
+    start = time.monotonic()
+    proc = subprocess.run(
+        ["make", "deb"],
+        cwd=tree,
+        # The unit tests the build runs are make test's own; here the package is judged.
+        env={**os.environ, "DEB_BUILD_OPTIONS": "nocheck"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, f"make deb failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    debs = list((tree / "dist").glob("*.deb"))
+    assert [d.name for d in debs] == [f"zettabee_{__version__}_all.deb"]
+    return debs[0], seconds
+
+
+@pytest.fixture(scope="module")
+def built() -> Iterator[Built]:
+    missing = deb_tools_missing()
+    if missing:
+        pytest.skip(missing)
     # Readable by everyone (the plugins run as nagios below): not under pytest's 0700 tmp.
     top = Path(tempfile.mkdtemp(prefix="zettabee-deb-", dir="/var/tmp"))
     try:
         top.chmod(0o755)
-        tree = top / "tree"
-        _copy_tree(tree)
-        start = time.monotonic()
-        proc = subprocess.run(
-            ["make", "deb"],
-            cwd=tree,
-            # The unit tests the build runs are make test's own; here the package is judged.
-            env={**os.environ, "DEB_BUILD_OPTIONS": "nocheck"},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        seconds = time.monotonic() - start
-        assert proc.returncode == 0, (
-            f"make deb failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-        debs = list((tree / "dist").glob("*.deb"))
-        assert [d.name for d in debs] == [f"zettabee_{__version__}_all.deb"]
+        deb, seconds = make_deb(top)
         root, control = top / "root", top / "control"
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True)
-        subprocess.run(["dpkg-deb", "-e", str(debs[0]), str(control)], check=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+        subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
         root.chmod(0o755)
-        yield Built(debs[0], root, control, seconds)
+        yield Built(deb, root, control, seconds)
     finally:
         shutil.rmtree(top, ignore_errors=True)
 
