@@ -207,7 +207,7 @@ class _View:
 
     def read(self, host: Host, targets: list[str], depth: int | None) -> None:
         try:
-            result = host.run(zfs.get(targets, self.PROPS, depth=depth), check=False)
+            result = host.run(zfs.get(targets, self.PROPS, depth=depth, own=True), check=False)
         except ZettabeeError as exc:  # a remote destination host out of reach
             self.error = f"on {host.name}: {exc}"
             return

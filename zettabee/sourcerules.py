@@ -115,14 +115,15 @@ def _any_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
 
 
 def _check_get(words: list[str], policy: Policy) -> None:
-    # zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,bookmark] -o name,property,value
+    # zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,bookmark] -o name,property,value[,source]
     #   PROPS -- FS...
     rest = words[3:]
     if rest[:2] == ["-d", "1"]:
         rest = rest[2:]
         if rest[:2] == ["-t", _LISTING_TYPES]:
             rest = rest[2:]
-    if len(rest) < 5 or rest[:2] != ["-o", "name,property,value"] or rest[3] != "--":
+    columns = ("name,property,value", "name,property,value,source")
+    if len(rest) < 5 or rest[0] != "-o" or rest[1] not in columns or rest[3] != "--":
         raise Refused("not the zfs get that zettabee runs")
     if not _PROPERTIES.fullmatch(rest[2]):
         raise Refused(f"{rest[2]!r} is not a list of properties")

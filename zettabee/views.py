@@ -39,7 +39,7 @@ def dest_view(pair: Pair, dst: Host, caps: Capabilities | None = None) -> DestVi
     (``caps``: what the destination can do, which says what there is to read); None when
     the destination does not exist."""
     fs = pair.destination.fs
-    result = dst.run(zfs.get([fs], dest_props(caps), depth=1), check=False)
+    result = dst.run(zfs.get([fs], dest_props(caps), depth=1, own=True), check=False)
     if result.returncode != 0:
         if zfs.missing_dataset(result.stderr):
             return None
@@ -107,7 +107,7 @@ class Prefetch:
             started = time.time()
             caps = self.hosts.prober.of(dst, pool)
             names = sorted({p.destination.fs for p in members})
-            result = dst.run(zfs.get(names, dest_props(caps), depth=1), check=False)
+            result = dst.run(zfs.get(names, dest_props(caps), depth=1, own=True), check=False)
             try:  # rows of the file systems that exist, whatever zfs said of the others
                 views = views_by_fs(names, result.stdout)
             except ValueError:

@@ -63,13 +63,17 @@ def get(
     props: Iterable[str],
     depth: int | None = None,
     types: Sequence[str] | None = None,
+    own: bool = False,
 ) -> list[str]:
+    """``zfs get -Hp``; with ``own``, each value's source too, so that :func:`parse_get`
+    drops what a file system inherits from the one above it (see there)."""
     argv = ["zfs", "get", "-Hp"]
     if depth is not None:
         argv += ["-d", str(depth)]
     if types:  # OpenZFS only: zfs-fuse's zfs get has no -t
         argv += ["-t", ",".join(types)]
-    return [*argv, "-o", "name,property,value", ",".join(props), "--", *targets]
+    columns = "name,property,value,source" if own else "name,property,value"
+    return [*argv, "-o", columns, ",".join(props), "--", *targets]
 
 
 def list_snapshots(fs: str, holds: bool = False, bookmarks: bool = False) -> list[str]:
@@ -157,17 +161,29 @@ def create(fs: str, parents: bool = True) -> list[str]:
     return ["zfs", "create", *(["-p"] if parents else []), fs]
 
 
+INHERITED = "inherited from "
+
+
 def parse_get(text: str) -> dict[str, dict[str, str]]:
-    """``name -> {property: value}`` from ``zfs get -H -o name,property,value``."""
+    """``name -> {property: value}`` from ``zfs get -H -o name,property,value[,source]``.
+
+    With the source column, a value a file system inherits from another file system is
+    left out: a pair into ``backup/home/alice`` must not take ``backup/home``'s
+    ``zettabee:fingerprint`` for its own. A snapshot keeps what it inherits from its own
+    file system (that is the file system's record, read through the snapshot)."""
     table: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
         if not line:
             continue
         parts = line.split("\t")
-        if len(parts) != 3:
+        if len(parts) not in (3, 4):
             raise ValueError(f"unexpected zfs get line: {line!r}")
-        name, prop, value = parts
-        table.setdefault(name, {})[prop] = value
+        name, prop, value = parts[:3]
+        row = table.setdefault(name, {})
+        if len(parts) == 4 and parts[3].startswith(INHERITED):
+            if parts[3][len(INHERITED) :] != name.partition("@")[0]:
+                continue
+        row[prop] = value
     return table
 
 

@@ -566,3 +566,20 @@ def test_the_runtime_check_is_critical_while_no_run_can_write_its_status(
     assert result.code == 2
     assert str(st.state_dir) in result.output and "is full" in result.output
     assert "free space there" in result.output
+
+
+def test_a_value_inherited_from_the_file_system_above_is_not_the_pairs_own() -> None:
+    text = (
+        "backup/home/alice\tzettabee:fingerprint\tf00d\tinherited from backup/home\n"
+        "backup/home/alice\tzettabee:lastsnap\t-\t-\n"
+        "backup/home/alice@s1\tzettabee:lastsnap\ts1\tinherited from backup/home/alice\n"
+        "backup/home/alice@s1\tguid\t42\t-\n"
+        "backup/home\tzettabee:fingerprint\tf00d\tlocal\n"
+    )
+    table = zfs.parse_get(text)
+    assert "zettabee:fingerprint" not in table["backup/home/alice"]
+    assert table["backup/home/alice@s1"] == {"zettabee:lastsnap": "s1", "guid": "42"}
+    assert table["backup/home"] == {"zettabee:fingerprint": "f00d"}
+    assert zfs.get(["backup/home"], ["guid"], own=True)[-4:] == [
+        "name,property,value,source", "guid", "--", "backup/home",
+    ]  # fmt: skip

@@ -108,6 +108,7 @@ ALLOWED = [
     zfs.list_snapshots(FS, holds=True, bookmarks=True),
     zfs.get([FS], ["type"]),
     zfs.get([FS, "tank/pg"], [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT], depth=1),
+    zfs.get([FS], [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT], depth=1, own=True),
     zfs.snapshot(FS, snapshot_name(FP, datetime.now(UTC))),
     zfs.send(OWN),
     zfs.send(OWN2, base=OWN),

@@ -224,7 +224,8 @@ class Replica:
             return f"snapshot {self.snapshot} GONE"
         if zget(f"{self.fs}@{self.snapshot}", "guid") != self.guid:
             return "snapshot guid CHANGED"
-        clone = f"{self.fs}-verify"
+        # beside the pool's root: a replica's parent may be a read-only replica itself
+        clone = f"{self.fs.partition('/')[0]}/verify-{self.fs.replace('/', '-')}"
         sh("zfs", "clone", f"{self.fs}@{self.snapshot}", clone)
         try:
             mount = Path(zget(clone, "mountpoint"))

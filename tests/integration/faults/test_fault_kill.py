@@ -242,3 +242,51 @@ def test_a_pair_another_run_updated_meanwhile_is_listed_again(faults: Faults) ->
         replica.remember()
     row.data = INTACT if all(r.intact() == INTACT for r in replicas) else "CHANGED"
     assert row.data == INTACT
+
+
+def test_a_nested_pair_killed_after_its_receive_reads_only_its_own_record(
+    faults: Faults,
+) -> None:
+    """Pairs into ``backup/home`` and ``backup/home/alice``: alice's file system inherits
+    home's ``zettabee:*`` properties until alice's own are recorded. Killed in between,
+    alice must read as not initialized yet (and be adopted), never as home's replica."""
+    zb = faults.zb
+    zb.make_source("home", 2)
+    # the place alice mounts in home's replica (read-only: zettabee cannot make it there)
+    zb.srcside.sh(f"mkdir {zb.src_dir('home')}/alice")
+    zb.write_pairs(zb.pair_line("home"))
+    assert zb.run("initialize", zb.dst_fs("home")).returncode == 0
+    home = Replica(zb, "home")
+    home.remember()
+    zb.make_source("alice", 2)
+    nested = f"{home.fs}/alice"
+    alice_line = zb.pair_line("alice").replace(f":{zb.dst_fs('alice')}", f":{nested}")
+    zb.write_pairs(zb.pair_line("home"), alice_line)
+    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
+    gate.arm()
+    row = faults.expect(
+        "SIGKILL of a nested pair's initialize after its receive (its parent a replica)",
+        "lag UNKNOWN (not initialized), not CRITICAL 'carries fingerprint' of the parent; "
+        "update adopts it, no resend",
+    )
+    run = faults.popen("zettabee", "initialize", nested, path_first=gate.dir)
+    gate.wait(run)
+    kill([run.pid])
+    run.wait()
+    gate.abort()
+    lag_code, lag_text = faults.plugin("check_zettabee_lag", nested)
+    row.observed = f"killed; lag {STATES[lag_code]}: {lag_text.splitlines()[0][:90]}"
+    assert "carries fingerprint" not in lag_text, lag_text
+    assert lag_code == 3 and "not completed an initialize" in lag_text, lag_text
+    [received] = snapshots(nested)
+    update = faults.run("zettabee", "update", "--verbose", nested)
+    assert update.code == 0, update.stderr
+    assert f"adopting {nested}" in update.stderr, update.stderr
+    assert f"updated {received} -> " in update.stderr  # the base of an increment: not resent
+    alice = Replica(zb, "alice", dest=nested)
+    alice.remember()
+    codes = [faults.plugin("check_zettabee_lag", fs)[0] for fs in (nested, home.fs)]
+    assert codes == [0, 0]
+    row.observed += "; update adopts it: exit 0, both lags OK"
+    row.data = alice.intact() if home.intact() == INTACT else "parent " + home.intact()
+    assert row.data == INTACT
