@@ -334,7 +334,8 @@ def _act(app: App, replicator: Replicator, pair: Pair, action: str) -> None:
     """One pair's initialize, update or purge, said at info level (``--verbose``)."""
     args = app.args
     if action == "initialize":
-        report = replicator.initialize(pair, force=args.force and not pair.is_child)
+        force = getattr(args, "force", False) and not pair.is_child  # update: a new child
+        report = replicator.initialize(pair, force=force)
         log.info("%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds))
         if not pair.options.recursive:
             _say_untracked(replicator, pair)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Zb
+from tests.conftest import REPO, Zb, destroy
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +84,124 @@ def test_a_line_without_recursive_says_its_children_are_left_out(zb: Zb) -> None
     out = zb.run("initialize", zb.dst_fs())
     assert out.returncode == 0, out.stderr
     assert "recursive=yes" in out.stderr and "1 file system(s) below it (a)" in out.stderr
+
+
+def initialized_tree(zb: Zb, children: tuple[str, ...] = TREE, options: str = "") -> None:
+    make_tree(zb, children)
+    line_options = ",".join(o for o in ("recursive=yes", options) if o)
+    zb.write_pairs(zb.pair_line(options=line_options))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+
+
+def exists(zb: Zb, relative: str) -> bool:
+    fs = f"{zb.dst_fs()}/{relative}"
+    return zb.dstside.run("zfs", "list", "-H", "-o", "name", fs, check=False).returncode == 0
+
+
+def test_a_child_added_is_initialized_and_one_destroyed_keeps_its_replica(zb: Zb) -> None:
+    initialized_tree(zb, ("a", "d"))
+    add_child(zb, "a/new")
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert_same_child(zb, "a/new")
+    assert "a/new" in {d["child"] for d in status(zb)}
+
+    destroy(f"{zb.src_fs()}/d", zb.srcside)  # its holds released first, as an admin would
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr  # a warning, not a failure of the tree
+    assert f"{zb.dst_fs()}/d" in out.stderr and "zfs destroy -r" in out.stderr
+    assert exists(zb, "d")  # zettabee never destroys a replica by itself
+    gone = [d for d in status(zb) if d["source_gone"]]
+    assert [d["child"] for d in gone] == ["d"]
+    text = zb.run("status").stdout
+    assert f"{zb.dst_fs()}/d: its source" in text and "is gone" in text
+    code, out_text = lag_check(zb, zb.dst_fs())
+    assert code == 1 and "is gone" in out_text and f"zfs destroy -r {zb.dst_fs()}/d" in out_text
+
+
+def test_an_excluded_child_and_an_excluded_subtree_are_not_replicated(zb: Zb) -> None:
+    make_tree(zb, ("a", "a/b", "a/b/c", "d", "tmp"))
+    zb.src.run("zfs", "set", "zettabee:exclude=on", f"{zb.src_fs()}/a/b")  # inherited by a/b/c
+    zb.write_pairs(zb.pair_line(options="recursive=yes,exclude=tmp"))
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert [exists(zb, r) for r in ("a", "a/b", "a/b/c", "d", "tmp")] == [
+        True, False, False, True, False,
+    ]  # fmt: skip
+    assert_same_child(zb, "a")
+    assert "3 excluded" in zb.run("status").stdout
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    assert not exists(zb, "a/b")
+
+
+def test_one_diverged_child_fails_alone(zb: Zb) -> None:
+    initialized_tree(zb)
+    zb.dstside.run("zfs", "snapshot", f"{zb.dst_fs()}/a/b@local-extra")
+    for relative in ("", *TREE):
+        zb.srcside.write_random(zb.src_dir() / relative / "more.bin", 1)
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 1
+    failing = [line for line in out.stderr.splitlines() if "local-extra" in line]
+    assert len(failing) == 1 and f"{zb.dst_fs()}/a/b" in failing[0]
+    for relative in ("", "a", "a/b/c", "d"):  # the others, a/b's own child included
+        assert_same_child(zb, relative)
+    code, text = plugin(zb, "check_zettabee_runtime", f"{zb.dst_fs()}/a/b")
+    assert code == 2 and "local-extra" in text and "rollback=yes" in text
+    code, text = plugin(zb, "check_zettabee_runtime", f"{zb.dst_fs()}/a")
+    assert code == 0, text
+    code, text = plugin(zb, "check_zettabee_runtime", zb.dst_fs())  # the line: worst child
+    assert code == 2 and f"{zb.dst_fs()}/a/b" in text
+
+
+def test_a_run_killed_in_the_middle_of_the_tree_is_finished_by_the_next(zb: Zb) -> None:
+    initialized_tree(zb, options=zb.mbuffer("bwlimit=2M"))
+    zb.srcside.write_random(zb.src_dir() / "a/b/big.bin", 24)
+    zb.srcside.write_random(zb.src_dir() / "d/after.bin", 1)
+    fps = {d["child"]: d["fingerprint"] for d in status(zb)}
+    proc = zb.popen("zettabee", "update", zb.dst_fs())
+    progress = zb.tmp / "state" / f"{fps['a/b']}.progress"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if progress.exists() and json.loads(progress.read_text() or "{}").get("bytes", 0) > 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the transfer of a/b never started")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    for relative in ("", *TREE):
+        assert_same_child(zb, relative)
+    assert {d["state"] for d in status(zb)} == {"Synchronized"}
+
+
+def test_the_lag_plugin_on_a_recursive_line_reports_each_child(zb: Zb) -> None:
+    initialized_tree(zb)
+    code, text = lag_check(zb, zb.dst_fs())
+    assert code == 0, text
+    assert "5 pairs synchronized" in text
+    perfdata = text.partition(" | ")[2]
+    for relative in TREE:
+        assert f"'{zb.dst_fs()}/{relative}'=" in perfdata
+    code, text = lag_check(zb, f"{zb.dst_fs()}/a/b")  # a child on its own
+    assert code == 0 and "lag=" in text
+
+
+def plugin(zb: Zb, name: str, *args: str) -> tuple[int, str]:
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.run(
+        [str(REPO / "plugins" / name), "--settings", str(zb.settings), *args],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.stderr == ""
+    return proc.returncode, proc.stdout
+
+
+def lag_check(zb: Zb, *args: str) -> tuple[int, str]:
+    return plugin(zb, "check_zettabee_lag", *args)
