@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.nscad import NscaDaemon
 from tests.conftest import REPO, Zb, destroy
 
 pytestmark = pytest.mark.integration
@@ -205,3 +206,30 @@ def plugin(zb: Zb, name: str, *args: str) -> tuple[int, str]:
 
 def lag_check(zb: Zb, *args: str) -> tuple[int, str]:
     return plugin(zb, "check_zettabee_lag", *args)
+
+
+def test_replicate_updates_the_tree_and_reports_one_service_per_line(
+    zb: Zb, nscad: NscaDaemon
+) -> None:
+    zb.write_settings(
+        f"[monitoring]\nhost_name = backup1\npassive = nsca\n\n"
+        f"[nsca]\nhost = {nscad.host}\nport = {nscad.port}\npassword = {nscad.password}\n"
+        "encryption = xor\ntimeout = 5\n"
+    )
+    initialized_tree(zb)
+    add_child(zb, "e")  # new since the initialize: replicate initializes it
+    zb.dstside.run("zfs", "snapshot", f"{zb.dst_fs()}/d@local-extra")
+    zb.srcside.write_random(zb.src_dir() / "d" / "more.bin", 1)
+    run = zb.exe("replicate", "--all", "--jobs", "4")
+    assert run.returncode == 1 and run.stdout == ""
+    failing = [line for line in run.stderr.splitlines() if "local-extra" in line]
+    assert len(failing) == 1 and f"{zb.dst_fs()}/d:" in failing[0], run.stderr
+    assert_same_child(zb, "e")
+    for relative in ("", "a", "a/b", "a/b/c"):
+        assert_same_child(zb, relative)
+    got = {line.service: line for line in nscad.wait_for(2)}
+    assert set(got) == {f"zettabee lag {zb.dst_fs()}", f"zettabee runtime {zb.dst_fs()}"}
+    runtime = got[f"zettabee runtime {zb.dst_fs()}"]
+    assert runtime.code == 2 and f"{zb.dst_fs()}/d last update failed" in runtime.output
+    lag = got[f"zettabee lag {zb.dst_fs()}"]
+    assert lag.code == 0 and f"{zb.dst_fs()}/e" in lag.output  # the children: long text
