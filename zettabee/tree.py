@@ -33,6 +33,7 @@ from zettabee.pair import Endpoint, Pair
 from zettabee.state import write_atomic
 
 PROP_EXCLUDE = "zettabee:exclude"
+TREE_COLUMNS = f"name,{PROP_EXCLUDE}"  # zettabee-source allows the listing with these
 _TRUE = ("on", "yes", "true", "1")
 
 log = logging.getLogger("zettabee.tree")
@@ -75,7 +76,7 @@ def child(line: Pair, relative: str) -> Pair:
 
 def source_listing(fs: str) -> list[str]:
     """The source's tree with the exclusion property, inherited values included."""
-    return ["zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", f"name,{PROP_EXCLUDE}", fs]
+    return ["zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", TREE_COLUMNS, fs]
 
 
 def destination_listing(fs: str) -> list[str]:
