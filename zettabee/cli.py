@@ -271,6 +271,7 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
     try:
         steps = _tree_steps(app, hosts, pairs, action)
         pairs = [pair for pair, _ in steps]
+        lost: set[str] = set()  # destinations whose initialize failed in this run
         for index, (pair, step) in enumerate(steps):
             # Connect to this pair's hosts and the next one's while the work goes on.
             for ahead in pairs[index : index + 2]:
@@ -278,6 +279,11 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                 hosts.get(ahead.destination, ahead).start()
             if step is None:
                 code = EXIT_FAILED
+                continue
+            parent = pair.destination.fs.rpartition("/")[0] if pair.is_child else ""
+            if step == "initialize" and parent in lost:
+                log.info("%s: not initialized: its parent's initialize failed", pair.name)
+                lost.add(pair.destination.fs)
                 continue
             with PairLog(app.store, pair, getattr(args, "debug", False), False):
                 try:
@@ -291,6 +297,8 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                     log.error("%s", naming_pair(pair.name, exc))
                     _submit(app, pair, action, exc)
                     code = EXIT_FAILED
+                    if step == "initialize":
+                        lost.add(pair.destination.fs)  # its children cannot be received
     finally:
         hosts.close()
     return code

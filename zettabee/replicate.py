@@ -103,12 +103,17 @@ def update_one(
     debug: bool,
     initialize: bool = False,
     after: Future[ZettabeeError | None] | None = None,
+    after_new: bool = False,
 ) -> ZettabeeError | None:
     """Update one pair (``initialize``: a child the destination lacks, initialized);
     whatever happens is returned, never raised, so the others go on. ``after``: the run
-    of the pair whose destination is this one's parent, which must exist first."""
-    if after is not None:
-        after.result()  # submitted before this one: running or done, never queued behind
+    of the pair whose destination is this one's parent, which must exist first (it does
+    not when that run, an initialize (``after_new``), failed: this one waits for the next
+    run, and the parent's failure says why)."""
+    # Submitted before this one, the parent's run is running or done, never queued behind.
+    if after is not None and after.result() is not None and initialize and after_new:
+        log.info("%s: not initialized: its parent's initialize failed", pair.name)
+        return None
     with logs.PairLog(replicator.store, pair, debug, this_thread_only=True):
         try:
             with gate:
@@ -157,13 +162,16 @@ def run_fleet(
                 target=_prefetch, args=(replicator, pairs), name="prefetch", daemon=True
             ).start()
         futures = {}
+        new: set[str] = set()  # destinations this run initializes
         for pair in pairs:
             parent = pair.destination.fs.rpartition("/")[0] if pair.is_child else ""
             future = pool.submit(
                 update_one, replicator, pair, gates[pair.source.host], debug,
-                pair.fingerprint in initialize, by_destination.get(parent),
+                pair.fingerprint in initialize, by_destination.get(parent), parent in new,
             )  # fmt: skip
             futures[pair.fingerprint] = by_destination[pair.destination.fs] = future
+            if pair.fingerprint in initialize:
+                new.add(pair.destination.fs)
         return {fp: future.result() for fp, future in futures.items()}
 
 

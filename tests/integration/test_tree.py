@@ -63,7 +63,12 @@ def test_a_tree_three_levels_deep_initializes_and_updates_child_by_child(zb: Zb)
         dest = f"{zb.dst_fs()}/{relative}"
         assert zb.dstside.zget(dest, "zettabee:fingerprint") == fps[relative]
         assert zb.dstside.snapshots(dest)[0].startswith(f"zettabee.{fps[relative]}.")
-        assert zb.dstside.zget(dest, "mounted") in ("yes", "-")
+        # a plain send carries no properties: the child mounts below the line's replica
+        where = zb.dstside.run("zfs", "get", "-H", "-o", "value,source", "mountpoint", dest)
+        mountpoint, _, origin = where.stdout.strip().partition("\t")
+        assert mountpoint == f"{zb.dst_dir()}/{relative}" and origin.startswith("inherited")
+        intruder = zb.dstside.sh(f"echo x >{zb.dst_dir()}/{relative}/intruder", check=False)
+        assert intruder.returncode != 0 and "Read-only" in intruder.stderr
         log = zb.run("logfile", dest).stdout.strip()
         assert log.endswith(f"{fps[relative]}.log")
         assert zb.run("fingerprint", dest).stdout.split()[-1] == fps[relative]

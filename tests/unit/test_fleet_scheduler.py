@@ -188,10 +188,10 @@ def test_a_tree_s_children_start_after_their_parent_and_fail_alone(tmp_path: Pat
     pairs, new, errors = replicate.fleet_plan([planned])
     assert errors == {} and [p.relative for p in pairs] == ["", "a", "a/b", "a/b/c", "d", "e"]
     assert new == {tree.child(line, r).fingerprint for r in ("a/b", "a/b/c", "e")}
-    engine = TreeEngine(tmp_path, fail={"a/b"})
+    engine = TreeEngine(tmp_path, fail={"a"})  # an update: its replica is there
     results = replicate.run_fleet(engine, pairs, jobs=4, debug=False, initialize=new)
     failed = {p.relative for p in pairs if results[p.fingerprint] is not None}
-    assert failed == {"a/b"}  # its own child still ran
+    assert failed == {"a"}  # its children still ran
     order = [(kind, fs) for kind, _, fs in engine.events]
     for parent, kid in (("bk/home", "bk/home/a"), ("bk/home/a", "bk/home/a/b"),
                         ("bk/home/a/b", "bk/home/a/b/c"), ("bk/home", "bk/home/e")):  # fmt: skip
@@ -210,3 +210,22 @@ def test_a_line_not_initialized_holds_its_children_back() -> None:
     planned = tree.plan(line, {"": "-", "a": "-"}, {})
     pairs, new, _ = replicate.fleet_plan([planned])
     assert pairs == [line] and new == frozenset()
+
+
+def test_a_new_child_of_a_child_whose_initialize_failed_waits(tmp_path: Path) -> None:
+    """Its parent's replica does not exist: the next run initializes both; one error
+    (the parent's) says why, not one per child below it."""
+    from zettabee import tree
+    from zettabee.pair import PairOptions
+
+    line = Pair(
+        Endpoint("src", "tank/home"), Endpoint("dst", "bk/home"), PairOptions(recursive=True)
+    )
+    source = {r: "-" for r in ("", "a", "a/b", "d")}
+    planned = tree.plan(line, source, {"": line.fingerprint})
+    pairs, new, _ = replicate.fleet_plan([planned])
+    engine = TreeEngine(tmp_path, fail={"a"})
+    results = replicate.run_fleet(engine, pairs, jobs=2, debug=False, initialize=new)
+    ran = {fs for kind, _, fs in engine.events if kind == "start"}
+    assert ran == {"bk/home", "bk/home/a", "bk/home/d"}
+    assert [p.relative for p in pairs if results[p.fingerprint] is not None] == ["a"]
