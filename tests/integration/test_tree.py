@@ -238,3 +238,30 @@ def test_replicate_updates_the_tree_and_reports_one_service_per_line(
     assert runtime.code == 2 and f"{zb.dst_fs()}/d last update failed" in runtime.output
     lag = got[f"zettabee lag {zb.dst_fs()}"]
     assert lag.code == 0 and f"{zb.dst_fs()}/e" in lag.output  # the children: long text
+
+
+def test_a_tree_received_into_an_unmounted_parent_needs_no_mount_directories(zb: Zb) -> None:
+    """A source parent that is not mounted holds no mount directories for its children:
+    under a destination parent with mountpoint=none, nothing is mounted and each child
+    replicates all the same (its newest snapshot's guid is the source's)."""
+    root = zb.src_fs()
+    zb.src.run("zfs", "create", "-o", "mountpoint=none", root)
+    for relative in ("a", "a/b", "d"):
+        zb.src.run("zfs", "create", f"{root}/{relative}")
+    parent = zb.dst_fs("parent")
+    zb.dstside.run("zfs", "create", "-o", "mountpoint=none", parent)
+    line = f"{zb.srcside.address}:{root}  {zb.dstside.address}:{parent}/data  recursive=yes"
+    zb.write_pairs(line)
+    out = zb.run("initialize", f"{parent}/data")
+    assert out.returncode == 0, out.stderr
+    zb.src.run("zfs", "create", f"{root}/d/new")  # a child new to the destination
+    out = zb.run("update", f"{parent}/data")
+    assert out.returncode == 0, out.stderr
+    for relative in ("", "a", "a/b", "d", "d/new"):
+        suffix = f"/{relative}" if relative else ""
+        src, dst = f"{root}{suffix}", f"{parent}/data{suffix}"
+        newest = zb.dstside.snapshots(dst)[-1]
+        assert zb.srcside.zget(f"{src}@{newest}", "guid") == zb.dstside.zget(
+            f"{dst}@{newest}", "guid"
+        )
+        assert zb.dstside.zget(dst, "mounted") == "no"
