@@ -209,9 +209,7 @@ def update_all(
         replicator = Replicator(app.store, hosts, prefetch=Prefetch(hosts))
         trees = expand(pairs, hosts.get, app.settings.state_dir, app.pairfile.pairs)
         run, new, unlisted = fleet_plan(trees)
-        errors: dict[str, ZettabeeError | None] = dict(
-            run_fleet(replicator, run, jobs, debug, new)
-        )
+        errors: dict[str, ZettabeeError | None] = dict(run_fleet(replicator, run, jobs, debug, new))
         for fp, error in unlisted.items():
             errors[fp] = errors.get(fp) or error
         return errors
