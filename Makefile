@@ -54,6 +54,7 @@ fault-test: deps
 bench: deps
 	$(PY) bench/bench_update.py
 	$(PY) bench/bench_fleet.py --jobs 4,8
+	$(PY) bench/bench_tree.py
 	$(PY) bench/bench_plugins.py
 	$(PY) bench/bench_nsca.py
 

@@ -107,11 +107,14 @@ class Grant:
     pairs: tuple[str, ...] = ()
     mbuffer_hosts: tuple[str, ...] = ()
     from_patterns: tuple[str, ...] = ()
+    trees: tuple[str, ...] = ()  # recursive lines' sources: served with all below them
 
     def command_words(self) -> list[str]:
         words = [self.source_command]
         for fp in sorted(set(self.pairs)):
             words += ["--pair", fp]
+        for fs in sorted(set(self.trees)):
+            words += ["--tree", fs]
         for host in sorted(set(self.mbuffer_hosts)):
             words += ["--mbuffer-host", host]
         return words + sorted(set(self.datasets))

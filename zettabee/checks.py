@@ -46,6 +46,7 @@ from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, Health, r
 from zettabee.pair import Pair
 from zettabee.pairfile import find_pair, load_pairs
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore
+from zettabee.tree import find_in_trees, gone_note, recorded
 from zettabee.units import format_duration, parse_duration
 
 LAG = "ZETTABEE_LAG"
@@ -140,8 +141,8 @@ class PairSummary(nagiosplugin.Summary):
         self.every = every
 
     def ok(self, results: nagiosplugin.Results) -> str:
-        if self.every:
-            lags = [r.metric for r in results if r.metric is not None and r.metric.uom == "s"]
+        lags = [r.metric for r in results if r.metric is not None and r.metric.uom == "s"]
+        if self.every or any(m.name != "lag" for m in lags if m.context == "lag"):
             pairs = sum(
                 1 for r in results if r.metric is not None and r.metric.context == "replica"
             )
@@ -176,6 +177,7 @@ class Survey:
 
     healths: list[Health]
     broken: list[str] = field(default_factory=list)
+    gone: frozenset[str] = frozenset()  # fingerprints of replicas whose source is gone
 
 
 HealthSource = Callable[[], Survey]
@@ -196,24 +198,49 @@ def configured(
         store = StateStore(settings.state_dir, settings.lock_dir, settings.log_dir)
         broken = [str(problem) for problem in pairfile.problems]
         if destination is None:
-            return Survey(read_health(pairfile.pairs, store), broken)
+            return tree_survey(pairfile.pairs, store, settings.state_dir, broken)
         try:
             pair = find_pair(pairfile.pairs, destination, pairfile.path)
         except ZettabeeError as exc:
+            child = find_in_trees(pairfile.pairs, settings.state_dir, destination)
+            if child is not None:
+                return Survey(read_health([child], store))
             if not broken:
                 raise
             raise ZettabeeError(
                 f"{exc}; {len(broken)} line(s) of the pair file are broken and may hold it: "
                 f"{broken[0]}"
             ) from exc
-        return Survey(read_health([pair], store))
+        return tree_survey([pair], store, settings.state_dir)
 
     return survey
 
 
-def given(healths: Sequence[Health]) -> HealthSource:
+def tree_pairs(line: Pair, state_dir: str) -> tuple[list[Pair], list[Pair]]:
+    """A recursive line's pairs as its last run listed them (the line first), and its
+    replicas whose source is gone; any other pair alone."""
+    if not line.options.recursive or line.is_child:
+        return [line], []
+    tree = recorded(state_dir, line)
+    return tree.pairs, tree.gone
+
+
+def tree_survey(
+    lines: Sequence[Pair], store: StateStore, state_dir: str, broken: Sequence[str] = ()
+) -> Survey:
+    """The health of ``lines`` and of their trees' children (one ``zfs get`` for all)."""
+    pairs: list[Pair] = []
+    gone: set[str] = set()
+    for line in lines:
+        members, lost = tree_pairs(line, state_dir)
+        pairs += [*members, *lost]
+        gone.update(p.fingerprint for p in lost)
+    return Survey(read_health(pairs, store), list(broken), frozenset(gone))
+
+
+def given(healths: Sequence[Health], gone: frozenset[str] = frozenset()) -> HealthSource:
     """A source for healths already read (the passive results after a run)."""
-    return lambda: Survey(list(healths))
+    return lambda: Survey(list(healths), gone=gone)
 
 
 def label(pair: Pair) -> str:
@@ -276,11 +303,15 @@ class Lag(PairResource):
     def probe(self) -> Iterator[nagiosplugin.Metric]:
         survey = self.survey()
         counts = Counter(label(h.pair) for h in survey.healths)
+        every = self.every or len(survey.healths) > 1  # --all, or a tree: a label each
         for health in survey.healths:
             name = label(health.pair)
-            if self.every and counts[name] > 1:
+            if health.pair.fingerprint in survey.gone:
+                yield nagiosplugin.Metric(f"{name} gone", health, context="gone")
+                continue
+            if every and counts[name] > 1:
                 name = health.pair.name  # the same pool/fs on two hosts: keep labels apart
-            metric = name if self.every else "lag"
+            metric = name if every else "lag"
             self.by_metric[metric] = health
             yield nagiosplugin.Metric(f"{name} replica", health, context="replica")
             if health.lag is not None:
@@ -309,6 +340,17 @@ class ReplicaContext(nagiosplugin.Context):
                 text += f"; {action or 'run'} running for {format_duration(health.runtime)}"
             return nagiosplugin.Result(Unknown, text, metric)
         return nagiosplugin.Result(Unknown, f"{name}: {reason}", metric)
+
+
+class GoneContext(nagiosplugin.Context):
+    """A tree's replica whose source is gone: kept, not updated, for someone to decide."""
+
+    def __init__(self) -> None:
+        super().__init__("gone")
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        health: Health = metric.value
+        return nagiosplugin.Result(Warn, gone_note(health.pair), metric)
 
 
 class PairThresholds(nagiosplugin.ScalarContext):
@@ -416,6 +458,7 @@ def lag_check(
     check = nagiosplugin.Check(
         Lag(source, every),
         ReplicaContext(),
+        GoneContext(),
         LagThresholds(warning, critical),
         PairFileContext(),
         PairSummary(every),
@@ -435,11 +478,13 @@ class Runtime(PairResource):
 
     def probe(self) -> Iterator[nagiosplugin.Metric]:
         survey = self.survey()
-        for health in survey.healths:
-            self.by_metric["runtime"] = health
+        healths = [h for h in survey.healths if h.pair.fingerprint not in survey.gone]
+        for health in healths:
+            metric = label(health.pair) if len(healths) > 1 else "runtime"  # a tree: each
+            self.by_metric[metric] = health
             yield nagiosplugin.Metric(f"{label(health.pair)} run", health, context="run")
             if health.runtime is not None:
-                yield nagiosplugin.Metric("runtime", health.runtime, "s", min=0, context="runtime")
+                yield nagiosplugin.Metric(metric, health.runtime, "s", min=0, context="runtime")
 
 
 def _action(health: Health) -> str:
@@ -554,15 +599,18 @@ class Evaluation:
     perfdata: tuple[str, ...]
 
 
-def evaluate(check: nagiosplugin.Check) -> Evaluation:
+def evaluate(check: nagiosplugin.Check, long: bool = False) -> Evaluation:
     """Run ``check`` and format it as ``check.main()`` would, without printing or exiting.
 
     nagiosplugin's ``Runtime`` is a process-wide singleton that prints, exits and keeps
     earlier output; a run that reports many pairs evaluates checks here instead.
+    ``long`` adds the long text (each finding a line) that the plugins print with -v.
     """
     check()
     out = Output(logging.StreamHandler(io.StringIO()))
     out.add(check)
+    if long:  # a tree's children, one line each, below the status line
+        out.add_longoutput(check.verbose_str)
     text = str(out).rstrip("\n")
     first, newline, rest = text.partition("\n")
     status = first.partition(" | ")[0] if check.perfdata else first

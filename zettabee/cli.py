@@ -26,8 +26,10 @@ from zettabee.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:  # not imported before an update has started its connection
     from zettabee.health import Health
+    from zettabee.hosts import Hosts
     from zettabee.replicator import Replicator
     from zettabee.state import StateStore
+    from zettabee.tree import Tree
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -238,7 +240,19 @@ class App:
             if all_when_empty:
                 return list(self.pairfile.pairs)
             raise UsageError("name a destination (or --all)")
-        return [find_pair(self.pairfile.pairs, name) for name in names]
+        return [self.find(name) for name in names]
+
+    def find(self, name: str) -> Pair:
+        """The pair ``name`` names: a line, or a child of a recursive line (``dest/child``)."""
+        try:
+            return find_pair(self.pairfile.pairs, name)
+        except UsageError:
+            from zettabee.tree import find_in_trees
+
+            found = find_in_trees(self.pairfile.pairs, self.settings.state_dir, name)
+            if found is None:
+                raise
+            return found
 
 
 def run_actions(app: App, pairs: list[Pair], action: str) -> int:
@@ -255,14 +269,25 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
     replicator = Replicator(app.store, hosts)
     code = EXIT_OK
     try:
-        for index, pair in enumerate(pairs):
+        steps = _tree_steps(app, hosts, pairs, action)
+        pairs = [pair for pair, _ in steps]
+        lost: set[str] = set()  # destinations whose initialize failed in this run
+        for index, (pair, step) in enumerate(steps):
             # Connect to this pair's hosts and the next one's while the work goes on.
             for ahead in pairs[index : index + 2]:
                 hosts.get(ahead.source, ahead).start()
                 hosts.get(ahead.destination, ahead).start()
+            if step is None:
+                code = EXIT_FAILED
+                continue
+            parent = pair.destination.fs.rpartition("/")[0] if pair.is_child else ""
+            if step == "initialize" and parent in lost:
+                log.info("%s: not initialized: its parent's initialize failed", pair.name)
+                lost.add(pair.destination.fs)
+                continue
             with PairLog(app.store, pair, getattr(args, "debug", False), False):
                 try:
-                    _act(app, replicator, pair, action)
+                    _act(app, replicator, pair, step)
                     _submit(app, pair, action, None)
                 except LockHeld as exc:
                     log.error("%s", exc)
@@ -272,17 +297,56 @@ def run_actions(app: App, pairs: list[Pair], action: str) -> int:
                     log.error("%s", naming_pair(pair.name, exc))
                     _submit(app, pair, action, exc)
                     code = EXIT_FAILED
+                    if step == "initialize":
+                        lost.add(pair.destination.fs)  # its children cannot be received
     finally:
         hosts.close()
     return code
+
+
+def _tree_steps(
+    app: App, hosts: Hosts, lines: list[Pair], action: str
+) -> list[tuple[Pair, str | None]]:
+    """Each pair to act on and what to do with it: a recursive line's tree, listed now,
+    is its own pair and then each child (one the destination lacks is initialized by
+    the run that finds it, once its line's replica exists); None: a line whose tree
+    could not be listed (said on stderr), whose own pair still runs."""
+    if action not in ("update", "initialize"):
+        return [(pair, action) for pair in lines]
+    from zettabee import tree
+
+    force = action == "initialize" and getattr(app.args, "force", False)
+    steps: list[tuple[Pair, str | None]] = []
+    for line_tree in tree.expand(lines, hosts.get, app.settings.state_dir, app.pairfile.pairs):
+        line = line_tree.line
+        if line_tree.error is not None:
+            steps.append((line, None))
+            steps.append((line, action))
+            continue
+        line_missing = line.fingerprint in line_tree.new
+        for pair in line_tree.pairs:
+            if not pair.is_child:
+                steps.append((pair, action))
+            elif action == "update" and line_missing:
+                continue  # the line's own update says it is not initialized
+            elif force or pair.fingerprint in line_tree.new:
+                steps.append((pair, "initialize"))
+            elif action == "update":
+                steps.append((pair, "update"))
+        for gone in line_tree.gone:
+            log.warning("%s", tree.gone_note(gone))
+    return steps
 
 
 def _act(app: App, replicator: Replicator, pair: Pair, action: str) -> None:
     """One pair's initialize, update or purge, said at info level (``--verbose``)."""
     args = app.args
     if action == "initialize":
-        report = replicator.initialize(pair, force=args.force)
+        force = getattr(args, "force", False) and not pair.is_child  # update: a new child
+        report = replicator.initialize(pair, force=force)
         log.info("%s: initialized: %s", pair.name, _summary(report.bytes, report.seconds))
+        if not pair.options.recursive:
+            _say_untracked(replicator, pair)
     elif action == "update":
         report = replicator.update(pair)
         log.info("%s: updated: %s", pair.name, _summary(report.bytes, report.seconds))
@@ -293,6 +357,15 @@ def _act(app: App, replicator: Replicator, pair: Pair, action: str) -> None:
                 print(step.describe(done=False))
         if args.dry_run and not steps:
             print(f"{pair.name}: nothing to purge")
+
+
+def _say_untracked(replicator: Replicator, pair: Pair) -> None:
+    """A line without recursive=yes whose source has children: say they are left out."""
+    from zettabee import tree
+
+    names = tree.untracked_children(pair, replicator.hosts.get(pair.source, pair))
+    if names:
+        log.warning("%s", tree.untracked_note(pair, names))
 
 
 def _summary(count: int, seconds: float) -> str:
@@ -348,12 +421,25 @@ def status_lines(healths: list[Health], full: bool) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def health_json(h: Health) -> dict[str, object]:
+def _recorded_tree(app: App, pair: Pair) -> Tree:
+    """A recursive line with its children as the last run listed them; any other pair
+    (a child named on its own too) alone."""
+    from zettabee import tree
+
+    if pair.options.recursive and not pair.is_child:
+        return tree.recorded(app.settings.state_dir, pair)
+    return tree.Tree(pair, [pair])
+
+
+def health_json(h: Health, gone: bool = False) -> dict[str, object]:
     st = h.status
     return {
         "source": str(h.pair.source),
         "destination": str(h.pair.destination),
         "fingerprint": h.pair.fingerprint,
+        "line": h.pair.line_fingerprint,
+        "child": h.pair.relative,
+        "source_gone": gone,
         "state": h.state,
         "reason": h.reason,
         "lag": h.lag,
@@ -372,9 +458,13 @@ def health_json(h: Health) -> dict[str, object]:
 
 def do_status(app: App) -> int:
     args = app.args
-    pairs = app.select(args.destination, all_when_empty=True)
+    from zettabee import tree
     from zettabee.health import read_health
     from zettabee.hosts import Hosts
+
+    trees = [_recorded_tree(app, p) for p in app.select(args.destination, all_when_empty=True)]
+    pairs = [p for t in trees for p in (*t.pairs, *t.gone)]
+    gone = {p.fingerprint for t in trees for p in t.gone}
 
     hosts = Hosts(app.settings.known_hosts)
     try:  # one zfs get per destination host, over SSH for the remote ones
@@ -384,10 +474,15 @@ def do_status(app: App) -> int:
     if args.json:
         import json
 
-        print(json.dumps([health_json(h) for h in healths], indent=1))
+        print(json.dumps([health_json(h, h.pair.fingerprint in gone) for h in healths], indent=1))
     else:
         for line in status_lines(healths, args.fullstatus):
             print(line)
+        for t in trees:
+            if t.line.options.recursive and not t.line.is_child:
+                print(f"  {tree.tree_note(t)}")
+            for pair in t.gone:
+                print(f"  {tree.gone_note(pair)}")
         for h in healths:
             if h.reason and h.state != "Uninitialized":
                 print(f"  {h.pair.name}: {h.reason}")
@@ -433,7 +528,27 @@ def do_setup(app: App) -> int:
     app.store.ensure_dirs()
     pairs = app.select(app.args.destination, all_when_empty=True)
     ok = check_pairs(app.settings, pairs, accept_new_host_key=app.args.accept_new_host_key)
+    if ok:
+        _say_untracked_all(app, pairs)
     return EXIT_OK if ok and not app.pairfile.problems else EXIT_FAILED
+
+
+def _say_untracked_all(app: App, pairs: list[Pair]) -> None:
+    """setup: each line without recursive=yes whose source has children says so."""
+    from zettabee import tree
+    from zettabee.hosts import Hosts
+
+    hosts = Hosts(app.settings.known_hosts)
+    try:
+        for pair in pairs:
+            try:
+                names = tree.untracked_children(pair, hosts.get(pair.source, pair))
+            except ZettabeeError:
+                continue  # check_pairs said what is wrong with the source
+            if names:
+                print(f"zettabee: note: {tree.untracked_note(pair, names)}", file=sys.stderr)
+    finally:
+        hosts.close()
 
 
 def do_enroll(app: App) -> int:
@@ -527,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pairs = app.select(args.destination, all_when_empty=args.all)
             code = run_actions(app, pairs, action)
             return EXIT_FAILED if app.pairfile.problems and code == EXIT_OK else code
-        pair = find_pair(app.pairfile.pairs, args.destination)
+        pair = app.find(args.destination)
         if action == "logfile":
             print(app.store.log_path(pair.fingerprint))
             return EXIT_OK

@@ -96,6 +96,7 @@ class Plan:
     pairs: tuple[Pair, ...]
     datasets: tuple[str, ...]
     mbuffer_hosts: tuple[str, ...] = field(default=())
+    trees: tuple[str, ...] = field(default=())  # the sources of recursive lines
 
 
 # -- the pairs --------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def plan_for(host: str, pairs: Sequence[Pair], known_hosts: str) -> Plan:
         pairs=mine,
         datasets=tuple(sorted({p.source.fs for p in mine})),
         mbuffer_hosts=tuple(sorted(h for h in mbuffer if h)),
+        trees=tuple(sorted({p.source.fs for p in mine if p.options.recursive})),
     )
 
 
@@ -900,6 +902,7 @@ def _check(remote: Remote, request: Request, plan: Plan, placement: Placement) -
         pairs=tuple(p.fingerprint for p in plan.pairs),
         mbuffer_hosts=plan.mbuffer_hosts,
         from_patterns=from_patterns(remote, request),
+        trees=plan.trees,
     )
     if grant.problems():
         raise EnrollError(f"{request.host}: {'; '.join(grant.problems())}")

@@ -96,6 +96,20 @@ def _host(text: str) -> str:
     return text
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    """``exclude=``: relative names or shell patterns (``tmp``, ``*/cache``), ``|``
+    between them (a comma separates options, and ZFS names never hold a ``|``)."""
+    patterns = tuple(text.split("|"))
+    for pattern in patterns:
+        if not pattern or pattern.startswith("/") or pattern.endswith("/"):
+            raise ValueError(
+                f"{pattern!r} is not a pattern of a name below the source; give names "
+                "relative to it without a leading or trailing '/', '|' between them "
+                "(exclude=tmp|*/cache)"
+            )
+    return patterns
+
+
 def _compression(text: str) -> str:
     if not _COMPRESSION_RE.fullmatch(text):
         raise ValueError(
@@ -127,6 +141,8 @@ _OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "hold": _boolean,
     "bookmark": _boolean,
     "raw": _boolean,
+    "recursive": _boolean,
+    "exclude": _patterns,
 }
 
 

@@ -61,6 +61,10 @@ class PairOptions:
     hold: bool = True
     bookmark: bool = False
     raw: bool = False
+    # A tree: the source and each descendant file system and volume, each its own pair
+    # (zettabee.tree); ``exclude`` holds patterns of relative names left out.
+    recursive: bool = False
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,30 @@ class Pair:
     options: PairOptions = field(default_factory=PairOptions)
     path: str = ""
     line: int = 0
+    # A child of a recursive line: its name relative to the line's source and destination
+    # (``a/b``); empty for the line's own pair.
+    relative: str = ""
 
     @functools.cached_property
     def fingerprint(self) -> str:  # asked for often: thousands of times in a fleet's status
+        if self.relative:
+            return child_fingerprint(self.line_fingerprint, self.relative)
         return fingerprint(self.source, self.destination)
+
+    @functools.cached_property
+    def line_fingerprint(self) -> str:
+        """The fingerprint of the pair line this pair comes from (its own, for a line)."""
+        if not self.relative:
+            return self.fingerprint
+        suffix = len(self.relative) + 1
+        return fingerprint(
+            Endpoint(self.source.host, self.source.fs[:-suffix]),
+            Endpoint(self.destination.host, self.destination.fs[:-suffix]),
+        )
+
+    @property
+    def is_child(self) -> bool:
+        return bool(self.relative)
 
     @property
     def name(self) -> str:
@@ -86,6 +110,14 @@ class Pair:
 def fingerprint(source: Endpoint, destination: Endpoint) -> str:
     """The seed's identity of a pair: MD5 of ``shost:sfs::dhost:dfs``."""
     text = f"{source.host}:{source.fs}::{destination.host}:{destination.fs}"
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+def child_fingerprint(line_fp: str, relative: str) -> str:
+    """A recursive line's child: MD5 of ``<the line's fingerprint>/<relative name>``, so
+    that it stays with the line (not with the names of its two file systems) and no two
+    children of one line, nor a child and its line, share one."""
+    text = f"{line_fp}/{relative}"
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 

@@ -109,6 +109,10 @@ def _parse_line(
         problems.extend(found)
         options, found = build_options(items, defaults, path, number)
         problems.extend(found)
+    if options is not None and options.exclude and not options.recursive:
+        problems.append(
+            Problem(path, number, "exclude= leaves children out of a tree: add recursive=yes")
+        )
     if problems or options is None:
         return None, problems
     source, destination = endpoints

@@ -64,11 +64,16 @@ def pair_results(
     host = settings.monitoring_host()
     results = []
     measured_at = time.time()
-    for health in read_health(pairs, store):
-        pair = health.pair
-        health = _with_failure(health, errors.get(pair.fingerprint), action)
+    # One service per pair line: a recursive line's children are in its long text.
+    trees = [checks.tree_pairs(pair, settings.state_dir) for pair in pairs]
+    members = [[*tree, *gone] for tree, gone in trees]
+    gone = frozenset(p.fingerprint for _, lost in trees for p in lost)
+    healths = iter(read_health([p for group in members for p in group], store))
+    for pair, group in zip(pairs, members, strict=True):
+        found = [next(healths) for _ in group]
+        found = [_with_failure(h, errors.get(h.pair.fingerprint), action) for h in found]
         for check, make in (("lag", checks.lag_check), ("runtime", checks.runtime_check)):
-            outcome = checks.evaluate(make([health]))
+            outcome = checks.evaluate(make(checks.given(found, gone)), long=len(found) > 1)
             results.append(
                 PassiveResult(
                     host,

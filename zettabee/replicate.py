@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn, Protocol
 
 from zettabee import __version__, logs
@@ -22,6 +22,7 @@ from zettabee.hosts import Hosts
 from zettabee.pair import Pair
 from zettabee.replicator import Replicator
 from zettabee.state import StateStore
+from zettabee.tree import Tree, expand, gone_note
 from zettabee.views import Prefetch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -90,17 +91,37 @@ class Updater(Protocol):
 
     def update(self, pair: Pair) -> object: ...
 
+    def initialize(self, pair: Pair) -> object: ...
+
     def prefetch_destinations(self, pairs: list[Pair]) -> None: ...
 
 
 def update_one(
-    replicator: Updater, pair: Pair, gate: threading.Semaphore, debug: bool
+    replicator: Updater,
+    pair: Pair,
+    gate: threading.Semaphore,
+    debug: bool,
+    initialize: bool = False,
+    after: Future[ZettabeeError | None] | None = None,
+    after_new: bool = False,
 ) -> ZettabeeError | None:
-    """Update one pair; whatever happens is returned, never raised, so the others go on."""
+    """Update one pair (``initialize``: a child the destination lacks, initialized);
+    whatever happens is returned, never raised, so the others go on. ``after``: the run
+    of the pair whose destination is this one's parent, which must exist first (it does
+    not when that run, an initialize (``after_new``), failed: this one waits for the next
+    run, and the parent's failure says why)."""
+    # Submitted before this one, the parent's run is running or done, never queued behind.
+    if after is not None and after.result() is not None and initialize and after_new:
+        log.info("%s: not initialized: its parent's initialize failed", pair.name)
+        return None
     with logs.PairLog(replicator.store, pair, debug, this_thread_only=True):
         try:
             with gate:
-                replicator.update(pair)  # logs what it did at info level (--verbose)
+                if initialize:
+                    replicator.initialize(pair)
+                    log.info("%s: initialized: a child new to the destination", pair.name)
+                else:
+                    replicator.update(pair)  # logs what it did at info level (--verbose)
             return None
         except LockHeld as exc:
             log.info("%s: skipped: %s", pair.name, exc)
@@ -122,24 +143,61 @@ def _prefetch(replicator: Updater, pairs: Sequence[Pair]) -> None:
 
 
 def run_fleet(
-    replicator: Updater, pairs: Sequence[Pair], jobs: int, debug: bool
+    replicator: Updater,
+    pairs: Sequence[Pair],
+    jobs: int,
+    debug: bool,
+    initialize: frozenset[str] = frozenset(),
 ) -> dict[str, ZettabeeError | None]:
     """Update ``pairs``, up to ``jobs`` at once and at most :data:`PER_SOURCE` of one
-    source host; each pair's outcome by fingerprint (None: updated)."""
+    source host; each pair's outcome by fingerprint (None: updated). The pairs whose
+    fingerprint is in ``initialize`` are initialized instead; a pair whose destination's
+    parent is another's destination (a tree's child) starts once that one has ended."""
     width = min(jobs, PER_SOURCE)
     gates = {pair.source.host: threading.BoundedSemaphore(width) for pair in pairs}
+    by_destination: dict[str, Future[ZettabeeError | None]] = {}
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="replicate") as pool:
         if len(pairs) > jobs:  # the first pairs start at once, the rest find it done
             threading.Thread(
                 target=_prefetch, args=(replicator, pairs), name="prefetch", daemon=True
             ).start()
-        futures = {
-            pair.fingerprint: pool.submit(
-                update_one, replicator, pair, gates[pair.source.host], debug
-            )
-            for pair in pairs
-        }
+        futures = {}
+        new: set[str] = set()  # destinations this run initializes
+        for pair in pairs:
+            parent = pair.destination.fs.rpartition("/")[0] if pair.is_child else ""
+            future = pool.submit(
+                update_one, replicator, pair, gates[pair.source.host], debug,
+                pair.fingerprint in initialize, by_destination.get(parent), parent in new,
+            )  # fmt: skip
+            futures[pair.fingerprint] = by_destination[pair.destination.fs] = future
+            if pair.fingerprint in initialize:
+                new.add(pair.destination.fs)
         return {fp: future.result() for fp, future in futures.items()}
+
+
+def fleet_plan(
+    trees: Sequence[Tree],
+) -> tuple[list[Pair], frozenset[str], dict[str, ZettabeeError]]:
+    """The pairs a run updates, the children it initializes, and the lines whose tree
+    could not be listed (their own pair still runs). A line not initialized yet keeps its
+    children back: its own update says what to do."""
+    pairs: list[Pair] = []
+    new: set[str] = set()
+    errors: dict[str, ZettabeeError] = {}
+    for tree in trees:
+        if tree.error is not None:
+            errors[tree.line.fingerprint] = tree.error
+            pairs.append(tree.line)
+            continue
+        for pair in tree.pairs:
+            if pair.is_child and tree.line.fingerprint in tree.new:
+                continue
+            pairs.append(pair)
+            if pair.is_child and pair.fingerprint in tree.new:
+                new.add(pair.fingerprint)
+        for gone in tree.gone:
+            log.warning("%s", gone_note(gone))
+    return pairs, frozenset(new), errors
 
 
 def update_all(
@@ -149,7 +207,12 @@ def update_all(
     hosts = Hosts(app.settings.known_hosts, probe_cache=app.settings.state_dir)
     try:
         replicator = Replicator(app.store, hosts, prefetch=Prefetch(hosts))
-        return run_fleet(replicator, pairs, jobs, debug)
+        trees = expand(pairs, hosts.get, app.settings.state_dir, app.pairfile.pairs)
+        run, new, unlisted = fleet_plan(trees)
+        errors: dict[str, ZettabeeError | None] = dict(run_fleet(replicator, run, jobs, debug, new))
+        for fp, error in unlisted.items():
+            errors[fp] = errors.get(fp) or error
+        return errors
     finally:
         hosts.close()
 

@@ -13,6 +13,9 @@ named on its own command line, and nothing else:
 With ``--pair FP`` (once per pair the key serves), the snapshots, bookmarks and holds it
 may make and remove are those of these pairs alone, so that one backup server's key
 cannot break another's chain on the same file system; without, any zettabee pair's.
+``--tree FS`` (the source of a recursive line) serves FS and every file system below it;
+a child's pair is the one whose fingerprint derives from a ``--pair`` and its name below
+FS (:func:`zettabee.pair.child_fingerprint`).
 
 sshd hands over what the client asked for in ``SSH_ORIGINAL_COMMAND``. It never reaches a
 shell: it is split into words, must be written exactly as zettabee writes it (one
@@ -29,7 +32,8 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
 
 - ``sh -c PROBE zettabee-probe POOL``, ``zpool get all POOL``: the capability probe;
 - ``zfs list -H -o name POOL|FS``, ``zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,
-  bookmark] -o name,property,value PROPS -- FS...``: listings;
+  bookmark] -o name,property,value PROPS -- FS...``, ``zfs list -H -r -t filesystem,volume
+  -o name,zettabee:exclude FS``: listings (the last, a recursive line's tree);
 - ``zfs snapshot FS@OWN``, ``zfs destroy FS@OWN``, ``zfs destroy FS#OWN``;
 - ``zfs hold zettabee.<fp> FS@OWN`` (the snapshot's own fingerprint), ``zfs release
   zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
@@ -253,7 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
         'tank/pg" ssh-ed25519 AAAA... zettabee@backup1',
     )
     parser.add_argument("--version", action="version", version=f"zettabee-source {__version__}")
-    parser.add_argument("datasets", nargs="+", metavar="FS", help="file systems this key serves")
+    parser.add_argument("datasets", nargs="*", metavar="FS", help="file systems this key serves")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="FS",
+        help="the source of a recursive pair line: FS and every file system below it are "
+        "served (their pairs' fingerprints come from --pair's and their names below FS)",
+    )
     parser.add_argument(
         "--pair",
         action="append",
@@ -275,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
-    problems = [m for m in map(validate_dataset, args.datasets) if m]
+    problems = [m for m in map(validate_dataset, [*args.datasets, *args.tree]) if m]
+    if not args.datasets and not args.tree:
+        problems.append("name the file systems this key serves (FS... or --tree FS)")
     problems += [m for m in map(validate_host, args.mbuffer_host) if m]
     problems += [f"--pair {fp!r}: not a pair's fingerprint (32 hex digits)"
                  for fp in args.pair if not FINGERPRINT_WORD.fullmatch(fp)]  # fmt: skip
@@ -285,7 +299,12 @@ def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
     client = environ.get("SSH_CONNECTION", "").split(" ", 1)[0]
     if client:
         hosts.add(client)
-    return Policy(frozenset(args.datasets), frozenset(hosts), pairs=frozenset(args.pair))
+    return Policy(
+        frozenset(args.datasets),
+        frozenset(hosts),
+        pairs=frozenset(args.pair),
+        trees=frozenset(args.tree),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from zettabee import __version__, fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
-from zettabee.pair import hold_tag, parse_snapshot_name
+from zettabee.pair import child_fingerprint, hold_tag, parse_snapshot_name
 from zettabee.relay import pipeline_script
 
 # What a refused probe tells the destination: both hosts need the same zettabee version.
 VERSION_ADVICE = "run `zettabee enroll HOST` on the destination to install its version here"
+# The columns of a recursive line's tree listing (zettabee.tree.source_listing).
+TREE_COLUMNS = "name,zettabee:exclude"
 
 # A snapshot name a sent increment may start from: the common snapshot can be one the
 # operator took by hand, so any plain ZFS snapshot name, but nothing a shell or zfs
@@ -69,20 +71,37 @@ class Policy:
     mbuffer_hosts: frozenset[str]
     guids: Callable[[str], dict[str, int]] = read_guids
     pairs: frozenset[str] = frozenset()
+    trees: frozenset[str] = frozenset()  # recursive lines' sources: each and all below
 
-    def serves(self, fp: str) -> bool:
-        return not self.pairs or fp in self.pairs
+    def serves(self, fp: str, fs: str = "") -> bool:
+        """May the key touch pair ``fp``'s snapshots (on ``fs``)? Below a tree's root, a
+        child's fingerprint comes from its line's (a ``--pair``) and its relative name."""
+        if not self.pairs or fp in self.pairs:
+            return True
+        for root in self.trees:
+            if fs.startswith(f"{root}/"):
+                relative = fs[len(root) + 1 :]
+                if any(child_fingerprint(line, relative) == fp for line in self.pairs):
+                    return True
+        return False
+
+    def has(self, fs: str) -> bool:
+        return (
+            fs in self.datasets
+            or fs in self.trees
+            or any(fs.startswith(f"{root}/") for root in self.trees)
+        )
 
     @property
     def pools(self) -> frozenset[str]:
-        return frozenset(fs.split("/", 1)[0] for fs in self.datasets)
+        return frozenset(fs.split("/", 1)[0] for fs in self.datasets | self.trees)
 
 
 # -- what a pull sends ---------------------------------------------------------------
 
 
 def _dataset(word: str, policy: Policy) -> str:
-    if word not in policy.datasets:
+    if not policy.has(word):
         raise Refused(f"{word!r} is not a file system this key serves")
     return word
 
@@ -101,7 +120,7 @@ def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
     parsed = parse_snapshot_name(name) if at and _SNAPSHOT_WORD.fullmatch(name) else None
     if parsed is None:
         raise Refused(f"{word!r} is not a zettabee {'snapshot' if sep == '@' else 'bookmark'}")
-    if not policy.serves(parsed[0]):
+    if not policy.serves(parsed[0], fs):
         raise Refused(f"{word!r} is of pair {parsed[0]}, not one this key serves (--pair)")
     return word
 
@@ -222,7 +241,7 @@ def _check_release(tag: str, target: str, policy: Policy) -> None:
     may be any snapshot; a release takes away no one's hold but zettabee's."""
     if not _HOLD_TAG.fullmatch(tag):
         raise Refused(f"{tag!r} is not a zettabee hold tag")
-    if not policy.serves(tag.partition(".")[2]):
+    if not policy.serves(tag.partition(".")[2], target.partition("@")[0]):
         raise Refused(
             f"{tag!r} is the hold of pair {tag.partition('.')[2]}, not one this key serves (--pair)"
         )
@@ -252,8 +271,12 @@ def check_command(words: list[str], policy: Policy) -> None:
         case ["zfs", "get", "-Hp", *_]:
             _check_get(words, policy)
         case ["zfs", "list", "-H", "-o", "name", target]:
-            if target not in policy.datasets | policy.pools:
+            if target not in policy.pools and not policy.has(target):
                 raise Refused(f"{target!r} is not a pool or file system this key serves")
+        case ["zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", columns, target]:
+            if columns != TREE_COLUMNS:
+                raise Refused(f"{columns!r} is not the tree listing's columns")
+            _dataset(target, policy)
         case ["zfs", "snapshot", target]:
             _own_snapshot(target, policy)
         case ["zfs", "send", *_]:

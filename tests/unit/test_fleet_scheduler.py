@@ -145,3 +145,87 @@ def test_every_pairs_result_is_submitted_and_a_failure_sets_the_exit_status(
     [(names, errors)] = submitted
     assert names == ["backup/a", "backup/b"]
     assert list(errors.values()) == [None, failure]
+
+
+class TreeEngine:
+    """Records when each pair's run starts and ends, initializes as well as updates."""
+
+    def __init__(self, tmp: Path, fail: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.store = StateStore(tmp / "state", tmp / "run", tmp / "log")
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str, str]] = []
+
+    def _run(self, pair: Pair, action: str) -> None:
+        with self.lock:
+            self.events.append(("start", action, pair.destination.fs))
+        time.sleep(0.05)
+        with self.lock:
+            self.events.append(("end", action, pair.destination.fs))
+        if pair.relative in self.fail:
+            raise StateError(f"{pair.name}: diverged")
+
+    def update(self, pair: Pair) -> None:
+        self._run(pair, "update")
+
+    def initialize(self, pair: Pair) -> None:
+        self._run(pair, "initialize")
+
+    def prefetch_destinations(self, pairs: list[Pair]) -> None:
+        pass
+
+
+def test_a_tree_s_children_start_after_their_parent_and_fail_alone(tmp_path: Path) -> None:
+    from zettabee import tree
+    from zettabee.pair import PairOptions
+
+    line = Pair(
+        Endpoint("src", "tank/home"), Endpoint("dst", "bk/home"), PairOptions(recursive=True)
+    )
+    source = {r: "-" for r in ("", "a", "a/b", "a/b/c", "d", "e")}
+    dest = {"": line.fingerprint, "a": tree.child(line, "a").fingerprint, "d": "x"}
+    planned = tree.plan(line, source, dest)
+    pairs, new, errors = replicate.fleet_plan([planned])
+    assert errors == {} and [p.relative for p in pairs] == ["", "a", "a/b", "a/b/c", "d", "e"]
+    assert new == {tree.child(line, r).fingerprint for r in ("a/b", "a/b/c", "e")}
+    engine = TreeEngine(tmp_path, fail={"a"})  # an update: its replica is there
+    results = replicate.run_fleet(engine, pairs, jobs=4, debug=False, initialize=new)
+    failed = {p.relative for p in pairs if results[p.fingerprint] is not None}
+    assert failed == {"a"}  # its children still ran
+    order = [(kind, fs) for kind, _, fs in engine.events]
+    for parent, kid in (("bk/home", "bk/home/a"), ("bk/home/a", "bk/home/a/b"),
+                        ("bk/home/a/b", "bk/home/a/b/c"), ("bk/home", "bk/home/e")):  # fmt: skip
+        assert order.index(("end", parent)) < order.index(("start", kid))
+    actions = {fs: action for kind, action, fs in engine.events if kind == "start"}
+    assert actions["bk/home/e"] == "initialize" and actions["bk/home/d"] == "update"
+
+
+def test_a_line_not_initialized_holds_its_children_back() -> None:
+    from zettabee import tree
+    from zettabee.pair import PairOptions
+
+    line = Pair(
+        Endpoint("src", "tank/home"), Endpoint("dst", "bk/home"), PairOptions(recursive=True)
+    )
+    planned = tree.plan(line, {"": "-", "a": "-"}, {})
+    pairs, new, _ = replicate.fleet_plan([planned])
+    assert pairs == [line] and new == frozenset()
+
+
+def test_a_new_child_of_a_child_whose_initialize_failed_waits(tmp_path: Path) -> None:
+    """Its parent's replica does not exist: the next run initializes both; one error
+    (the parent's) says why, not one per child below it."""
+    from zettabee import tree
+    from zettabee.pair import PairOptions
+
+    line = Pair(
+        Endpoint("src", "tank/home"), Endpoint("dst", "bk/home"), PairOptions(recursive=True)
+    )
+    source = {r: "-" for r in ("", "a", "a/b", "d")}
+    planned = tree.plan(line, source, {"": line.fingerprint})
+    pairs, new, _ = replicate.fleet_plan([planned])
+    engine = TreeEngine(tmp_path, fail={"a"})
+    results = replicate.run_fleet(engine, pairs, jobs=2, debug=False, initialize=new)
+    ran = {fs for kind, _, fs in engine.events if kind == "start"}
+    assert ran == {"bk/home", "bk/home/a", "bk/home/d"}
+    assert [p.relative for p in pairs if results[p.fingerprint] is not None] == ["a"]

@@ -892,3 +892,44 @@ def test_a_probe_of_another_version_is_refused_with_the_way_out() -> None:
         Refused, match="capability probe of another zettabee version.*zettabee enroll"
     ):
         check_command(["sh", "-c", PROBE_SCRIPT + " # older", "zettabee-probe", "tank"], policy)
+
+
+def test_a_tree_is_served_whole_for_its_line_s_children_only() -> None:
+    """``--tree FS``: FS's tree listing and the pulls of its children, whose pairs'
+    fingerprints derive from the line's ``--pair``; another pair's snapshots on a child,
+    and file systems outside the tree, are refused."""
+    from zettabee import tree
+    from zettabee.pair import Endpoint, Pair, PairOptions
+
+    line = Pair(Endpoint("src", FS), Endpoint("dst", "bk/home"), PairOptions(recursive=True))
+    kid = tree.child(line, "alice/docs")
+    policy = Policy(
+        frozenset(), frozenset({CLIENT}), guids_of, pairs=frozenset({line.fingerprint}),
+        trees=frozenset({FS}),
+    )  # fmt: skip
+    check_command(tree.source_listing(FS), policy)
+    own = f"{kid.source.fs}@{snapshot_name(kid.fingerprint, datetime(2024, 1, 1, tzinfo=UTC))}"
+    for argv in (
+        zfs.snapshot(kid.source.fs, own.partition("@")[2]),
+        zfs.hold(hold_tag(kid.fingerprint), own),
+        zfs.send(own),
+        zfs.list_snapshots(kid.source.fs, holds=True),
+    ):
+        check_command(argv, policy)
+    foreign = f"{kid.source.fs}@zettabee.{OTHER_FP}.20240101T000000Z"
+    for argv in (
+        zfs.destroy(foreign),
+        zfs.snapshot("tank/pg", f"zettabee.{line.fingerprint}.20240101T000000Z"),
+        tree.source_listing("tank/pg"),
+        ["zfs", "list", "-H", "-r", "-t", "filesystem,volume", "-o", "name,mountpoint", FS],
+    ):
+        with pytest.raises(Refused):
+            check_command(argv, policy)
+
+
+def test_a_key_line_for_a_tree_names_it_with_tree() -> None:
+    from zettabee import authkeys
+
+    grant = authkeys.Grant("/usr/bin/zettabee-source", (FS,), (FP,), trees=(FS,))
+    assert grant.command_words() == ["/usr/bin/zettabee-source", "--pair", FP, "--tree", FS, FS]
+    assert grant.problems() == []
