@@ -13,7 +13,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from zettabee import enroll
+from zettabee import contact, enroll, enrollplan, enrollsource
 from zettabee.config import Settings
 from zettabee.errors import UsageError
 from zettabee.host import SshTarget
@@ -31,7 +31,7 @@ def pairs(text: str = PAIRS) -> list[enroll.Pair]:
 
 
 def test_the_plan_serves_every_pair_of_the_host_whatever_its_spelling() -> None:
-    plan = enroll.plan_for("src.example.com", pairs(), "/etc/zettabee/known_hosts")
+    plan = enrollplan.plan_for("src.example.com", pairs(), "/etc/zettabee/known_hosts")
     assert plan.datasets == ("tank/home", "tank/pg")
     assert [p.destination.fs for p in plan.pairs] == ["backup/home", "backup/pg"]
     assert plan.mbuffer_hosts == ("dst.lan",)
@@ -41,10 +41,10 @@ def test_the_plan_serves_every_pair_of_the_host_whatever_its_spelling() -> None:
 
 def test_the_plan_refuses_a_host_without_pairs_and_pairs_that_need_two_lines() -> None:
     with pytest.raises(UsageError, match="no pair of the pair file has its source on"):
-        enroll.plan_for("nowhere.example.com", pairs(), "/kh")
+        enrollplan.plan_for("nowhere.example.com", pairs(), "/kh")
     mixed = PAIRS.replace("user=zb,transport", "user=other,transport")
     with pytest.raises(UsageError, match="reach it in 2 ways"):
-        enroll.plan_for("src.example.com", pairs(mixed), "/kh")
+        enrollplan.plan_for("src.example.com", pairs(mixed), "/kh")
 
 
 def _feed(write: int, pieces: list[bytes], delay: float) -> threading.Thread:
@@ -62,14 +62,14 @@ def _feed(write: int, pieces: list[bytes], delay: float) -> threading.Thread:
 def test_the_password_is_read_whole_when_it_comes_in_pieces() -> None:
     read, write = os.pipe()
     feeder = _feed(write, [b"correct ", b"horse", b"\nnext line\n"], 0.05)
-    assert enroll.read_password_fd(read) == "correct horse"
+    assert contact.read_password_fd(read) == "correct horse"
     feeder.join()
 
 
 def test_a_password_without_a_newline_ends_with_the_input() -> None:
     read, write = os.pipe()
     feeder = _feed(write, [b"s3cret\r"], 0.0)
-    assert enroll.read_password_fd(read) == "s3cret"
+    assert contact.read_password_fd(read) == "s3cret"
     feeder.join()
 
 
@@ -77,17 +77,17 @@ def test_an_empty_or_unreadable_descriptor_is_a_usage_error() -> None:
     read, write = os.pipe()
     os.close(write)
     with pytest.raises(UsageError, match="no password on it"):
-        enroll.read_password_fd(read)
+        contact.read_password_fd(read)
     with pytest.raises(UsageError, match="--password-fd 987: cannot read it"):
-        enroll.read_password_fd(987)
+        contact.read_password_fd(987)
 
 
 def test_keys_path_takes_sshds_tokens() -> None:
-    who = enroll.Account("zb", 1000, 1000, "/home/zb")
-    assert enroll.keys_path("%h/.ssh/authorized_keys", who) == "/home/zb/.ssh/authorized_keys"
-    assert enroll.keys_path("/etc/ssh/keys/%u", who) == "/etc/ssh/keys/zb"
-    assert enroll.keys_path(".ssh/keys2", who) == "/home/zb/.ssh/keys2"
-    assert enroll.keys_path("/k/100%%-%u", who) == "/k/100%-zb"
+    who = enrollsource.Account("zb", 1000, 1000, "/home/zb")
+    assert enrollsource.keys_path("%h/.ssh/authorized_keys", who) == "/home/zb/.ssh/authorized_keys"
+    assert enrollsource.keys_path("/etc/ssh/keys/%u", who) == "/etc/ssh/keys/zb"
+    assert enrollsource.keys_path(".ssh/keys2", who) == "/home/zb/.ssh/keys2"
+    assert enrollsource.keys_path("/k/100%%-%u", who) == "/k/100%-zb"
 
 
 def test_the_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_the_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     printed = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True)
     key = paramiko.Ed25519Key.from_private_key_file(str(path))
-    assert enroll.sha256_fingerprint(key) == printed.stdout.split()[1]
+    assert contact.sha256_fingerprint(key) == printed.stdout.split()[1]
 
 
 TARGET = SshTarget("src.example.com", 22, "root", "/k/id", "/etc/zettabee/known_hosts")
@@ -107,8 +107,8 @@ def check(
     fingerprint: str | None = None,
     answer: bool | None = None,
 ) -> bool:
-    request = enroll.Request("src.example.com", host_key_fingerprint=fingerprint)
-    return enroll.check_host_key(offered, pinned, request, TARGET, lambda _q: bool(answer))
+    request = enrollplan.Request("src.example.com", host_key_fingerprint=fingerprint)
+    return contact.check_host_key(offered, pinned, request, TARGET, lambda _q: bool(answer))
 
 
 @pytest.fixture
@@ -121,8 +121,8 @@ def test_a_pinned_key_is_trusted_and_a_changed_one_refused_whatever_the_options(
 ) -> None:
     ours, theirs = keys
     assert check(ours, {ours.get_name(): ours}) is False
-    fp = enroll.sha256_fingerprint(theirs)
-    with pytest.raises(enroll.EnrollError, match="ssh-keygen -R 'src.example.com'"):
+    fp = contact.sha256_fingerprint(theirs)
+    with pytest.raises(enrollplan.EnrollError, match="ssh-keygen -R 'src.example.com'"):
         check(theirs, {ours.get_name(): ours}, fingerprint=fp)
 
 
@@ -130,16 +130,16 @@ def test_an_unpinned_key_needs_its_fingerprint_or_a_yes(
     keys: tuple[paramiko.PKey, paramiko.PKey], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ours, theirs = keys
-    fp = enroll.sha256_fingerprint(ours)
+    fp = contact.sha256_fingerprint(ours)
     assert check(ours, {}, fingerprint=fp) is True
     assert check(ours, {}, fingerprint=fp.removeprefix("SHA256:") + "=") is True
-    with pytest.raises(enroll.EnrollError, match="not the SHA256:.* given with --host-key"):
-        check(ours, {}, fingerprint=enroll.sha256_fingerprint(theirs))
-    with pytest.raises(enroll.EnrollError, match=re.escape(f"--host-key-fingerprint {fp}")):
+    with pytest.raises(enrollplan.EnrollError, match="not the SHA256:.* given with --host-key"):
+        check(ours, {}, fingerprint=contact.sha256_fingerprint(theirs))
+    with pytest.raises(enrollplan.EnrollError, match=re.escape(f"--host-key-fingerprint {fp}")):
         check(ours, {})  # no terminal under pytest
-    monkeypatch.setattr(enroll, "_on_terminal", lambda: True)
+    monkeypatch.setattr(contact, "_on_terminal", lambda: True)
     assert check(ours, {}, answer=True) is True
-    with pytest.raises(enroll.EnrollError, match="not confirmed"):
+    with pytest.raises(enrollplan.EnrollError, match="not confirmed"):
         check(ours, {}, answer=False)
 
 
@@ -150,17 +150,17 @@ def test_pin_host_key_keeps_the_other_lines(
     known = tmp_path / "known_hosts"
     known.write_text("other.example.com ssh-ed25519 AAAA")
     target = SshTarget("src.example.com", 2222, known_hosts=str(known))
-    enroll.pin_host_key(str(known), target, ours)
+    contact.pin_host_key(str(known), target, ours)
     lines = known.read_text().splitlines()
     assert lines[0] == "other.example.com ssh-ed25519 AAAA"
     assert lines[1] == f"[src.example.com]:2222 {ours.get_name()} {ours.get_base64()}"
-    assert list(enroll.pinned_keys(str(known), target).values())[0].asbytes() == ours.asbytes()
+    assert list(contact.pinned_keys(str(known), target).values())[0].asbytes() == ours.asbytes()
 
 
 def test_the_delegation_is_exactly_what_the_pairs_pulls_use() -> None:
     text = PAIRS.replace("user=zb,transport", "user=zb,bookmark=yes,transport")
-    plan = enroll.plan_for("src.example.com", pairs(text), "/kh")
-    assert enroll.permissions(plan) == {
+    plan = enrollplan.plan_for("src.example.com", pairs(text), "/kh")
+    assert enrollsource.permissions(plan) == {
         "tank/home": "send,snapshot,destroy,mount,hold,release",
         "tank/pg": "send,snapshot,destroy,mount,hold,release,bookmark",
     }

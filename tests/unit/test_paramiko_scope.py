@@ -43,5 +43,5 @@ def test_the_command_line_of_update_and_replicate_never_imports_paramiko() -> No
 
 def test_enroll_is_where_paramiko_is() -> None:
     assert "paramiko" in loaded_after(
-        "from zettabee import enroll\nenroll.pinned_keys('/nonexistent', enroll.SshTarget('h'))"
+        "from zettabee import contact\nfrom zettabee.host import SshTarget\ncontact.pinned_keys('/nonexistent', SshTarget('h'))"
     )
