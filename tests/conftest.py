@@ -1,14 +1,21 @@
 """Shared fixtures: the real lab back ends, and a per-test zettabee environment.
 
-Two back ends carry the same integration tests:
+The back ends of the main topology (zettabee on the backup host, the destination pool
+local to it, the source a remote host reached over SSH):
 
 - ``zfs-fuse``: the two-host lab (``lab``), a source host in a network namespace reached
-  over SSH, the destination on this machine;
-- ``openzfs``: the OpenZFS 2.1 QEMU guest (``guest``), source and destination pools both
-  in the guest, so every pair there has two remote ends.
+  over SSH, the destination and zettabee on this machine;
+- ``openzfs-2.1`` and ``openzfs-2.3``: the QEMU guests (``guest``, ``guest_23``) with
+  zettabee installed from its Debian package in the guest, the destination pool local
+  there, and the source host a network namespace inside the guest with its own sshd
+  (``lab.guest``); pytest's temporary directory is shared into the guest at the same
+  path, so the test's pair file, settings and state are the same files on both sides.
 
-A test module runs on both by asking for ``zb`` through :func:`backend_zb` (see
-``test_replication.py``); the other modules use the zfs-fuse lab only.
+And one more: ``openzfs``, the 2.1 guest driven from this machine, source and
+destination pools both in the guest, so that every pair there has two remote ends.
+
+A test module runs on the main topology's back ends by asking for ``zb`` through
+:func:`backend_zb` over BACKENDS (see ``test_replication.py``).
 
 When CI=true, an integration test that skips (no root, no zfs-fuse, no sshd, no daemon,
 no guest) fails the run: a CI that skipped the real parts has proven nothing.
@@ -17,6 +24,7 @@ no guest) fails the run: a CI that skipped the real parts has proven nothing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shlex
@@ -33,11 +41,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lab.guest import Guest, GuestError  # noqa: E402
+from lab.guest import BACKUP_ADDRESS, Guest, GuestError  # noqa: E402
 from lab.hosts import SourceHost  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
-BACKENDS = ("zfs-fuse", "openzfs")
+BACKENDS = ("zfs-fuse", "openzfs-2.1", "openzfs-2.3")
 
 
 def _ci() -> bool:
@@ -92,19 +100,54 @@ def guest_missing() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def guest() -> Iterator[Guest]:
-    """The OpenZFS guest, booted once for the session (built first unless cached).
+def zettabee_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian package built from this tree (``make deb`` in a copy of it, without the
+    unit tests its build would run: make test runs those)."""
+    top = tmp_path_factory.mktemp("deb")
+    return build_package(top)
+
+
+def build_package(top: Path) -> Path:
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    tree = top / "tree"
+    for name in filter(None, listing.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, tree / name)
+    proc = subprocess.run(
+        ["make", "deb"], cwd=tree, env={**os.environ, "DEB_BUILD_OPTIONS": "nocheck"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"make deb failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    [deb] = (tree / "dist").glob("*.deb")
+    return deb
+
+
+def booted_guest(
+    zfs: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """An OpenZFS guest, booted once for the session (built first unless cached), in the
+    main topology: pytest's temporary directory shared in, the source host's namespace
+    and sshd up, zettabee's package installed.
 
     A guest that cannot be built or booted is an error, not a skip: the test that needed
     it fails with the build log's or the console's last lines."""
     missing = guest_missing()
     if missing:
         pytest.skip(missing)
-    vm = Guest(test_lab_name())
+    vm = Guest(test_lab_name(), zfs=zfs, share=tmp_path_factory.getbasetemp())
     with vm.held():
         try:
             vm.build()
+            deb = request.getfixturevalue("zettabee_deb")
             vm.up()
+            vm.start_source_host()
+            vm.install_package(deb)
         except GuestError as exc:
             vm.down()
             pytest.fail(str(exc), pytrace=False)
@@ -113,6 +156,22 @@ def guest() -> Iterator[Guest]:
         finally:
             if not os.environ.get("ZETTABEE_KEEP_LAB"):
                 vm.down()
+
+
+@pytest.fixture(scope="session")
+def guest(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """The OpenZFS 2.1 guest (Debian 12)."""
+    yield from booted_guest("2.1", tmp_path_factory, request)
+
+
+@pytest.fixture(scope="session")
+def guest_23(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """The OpenZFS 2.3 guest (Debian 13)."""
+    yield from booted_guest("2.3", tmp_path_factory, request)
 
 
 @dataclass
@@ -184,6 +243,12 @@ class Backend:
     src: Side
     dst: Side
     mbuffer_options: str = ""
+    host: Guest | None = None  # where zettabee runs, when not on this machine
+
+    @property
+    def modern(self) -> bool:
+        """OpenZFS: holds, bookmarks, resumable receives, size estimates, raw sends."""
+        return self.name.startswith("openzfs")
 
 
 def _local_argv(script: str) -> list[str]:
@@ -222,8 +287,32 @@ def openzfs_backend(vm: Guest) -> Backend:
     )
 
 
+def main_topology_backend(vm: Guest) -> Backend:
+    """zettabee in the guest, the destination pool local to it, the source host in the
+    guest's namespace ``zbsrc`` (the tests reach both pools through the guest's SSH)."""
+    src, dst = vm.netns_source, vm.dest
+    return Backend(
+        name=f"openzfs-{vm.zfs}",
+        src_host=src,
+        src=Side(src.address, src.pool, src.mountpoint, vm.source.ssh_argv, False, vm.gone),
+        dst=Side(BACKUP_ADDRESS, dst.pool, dst.mountpoint, dst.ssh_argv, False, vm.gone),
+        host=vm,
+    )
+
+
+# Where the Debian package puts each program (the guest runs the installed ones).
+INSTALLED = {
+    "zettabee": "/usr/sbin/zettabee",
+    "replicate": "/usr/sbin/replicate",
+    "zettabee-source": "/usr/bin/zettabee-source",
+    "check_zettabee_lag": "/usr/lib/nagios/plugins/check_zettabee_lag",
+    "check_zettabee_runtime": "/usr/lib/nagios/plugins/check_zettabee_runtime",
+}
+
+
 class Zb:
-    """One test's pairs, settings and state, on one back end; runs the real executables."""
+    """One test's pairs, settings and state, on one back end; runs the real executables
+    where the back end runs zettabee (here, or in the guest)."""
 
     def __init__(self, backend: Backend, tmp: Path, name: str) -> None:
         self.backend = backend
@@ -235,6 +324,9 @@ class Zb:
         self.settings = tmp / "zettabee.ini"
         self.pairfile = tmp / "pairs.cfg"
         self.extra_settings = ""
+        self.pidfiles: dict[int, Path] = {}  # ssh's pid -> where the program's pid is
+        self.pidfile: Path | None = None  # that of the last argv made
+        self.counter = itertools.count(1)
         self.write_settings()
 
     # datasets -------------------------------------------------------------------------
@@ -294,20 +386,87 @@ class Zb:
 
     def exe(self, name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         settle()
-        argv = executable(name)
         return subprocess.run(
-            [*argv, *args], capture_output=True, text=True, env=self.env(), timeout=timeout
-        )
+            self.argv(name, *args), capture_output=True, text=True, env=self.env(),
+            timeout=timeout,
+        )  # fmt: skip
 
     def popen(self, name: str, *args: str) -> subprocess.Popen[str]:
         settle()
-        return subprocess.Popen(
-            [*executable(name), *args],
+        proc = subprocess.Popen(
+            self.argv(name, *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=self.env(),
         )
+        self.started(proc)
+        return proc
+
+    def started(self, proc: subprocess.Popen[str]) -> None:
+        """Remember where the program of the last :meth:`argv`, which ``proc`` runs,
+        writes its pid."""
+        if self.pidfile is not None:
+            self.pidfiles[proc.pid] = self.pidfile
+
+    def argv(self, name: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+        """The argv that starts program ``name`` where the back end runs zettabee: here,
+        or in the guest over SSH, the installed program with the test's settings (and
+        ``env``), its pid written to a file of the shared directory (see :meth:`pid`)."""
+        if self.backend.host is None:
+            return [*executable(name), *args]
+        pidfile = self.tmp / ".pids" / str(next(self.counter))
+        pidfile.parent.mkdir(exist_ok=True)
+        self.pidfile = pidfile
+        assigned = {"ZETTABEE_SETTINGS": str(self.settings), **(env or {})}
+        script = (
+            f"echo $$ >{shlex.quote(str(pidfile))}; exec env "
+            + " ".join(f"{k}={shlex.quote(v)}" for k, v in assigned.items())
+            + " "
+            + shlex.join([INSTALLED.get(name, name), *args])
+        )
+        return self.backend.host.source.ssh_argv(script)
+
+    def plugin(
+        self, name: str, *args: str, faketime: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """A check plugin as Icinga runs it: its own argv with ``--settings``, no shell, a
+        bare environment; the installed one on the back end's backup host."""
+        path = "/usr/sbin:/usr/bin:/sbin:/bin"
+        if self.backend.host is None:
+            env = {"PATH": f"{Path(sys.executable).parent}:{path}", "PYTHONPATH": str(REPO),
+                   "LC_NUMERIC": "C"}  # fmt: skip
+            argv = [str(REPO / "plugins" / name), "--settings", str(self.settings), *args]
+            if faketime:
+                argv = ["faketime", "-f", faketime, *argv]
+        else:
+            assert faketime is None, "the guests have no libfaketime: step the guest's clock"
+            env = dict(os.environ)
+            plugin = [INSTALLED[name], "--settings", str(self.settings), *args]
+            script = f"exec env -i PATH={path} LC_NUMERIC=C {shlex.join(plugin)}"
+            argv = self.backend.host.source.ssh_argv(script)
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+    def pid(self, proc: subprocess.Popen[str]) -> int:
+        """The pid of the program ``proc`` started, on the host where it runs."""
+        if self.backend.host is None:
+            return proc.pid
+        import time
+
+        pidfile = self.pidfiles[proc.pid]
+
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, f"{proc.args}: no pid after 30 s"
+            time.sleep(0.05)
+        return int(pidfile.read_text())
+
+    def kill(self, proc: subprocess.Popen[str], sig: int) -> None:
+        """Send ``sig`` to the program ``proc`` started (not to the ssh that carries it)."""
+        if self.backend.host is None:
+            os.kill(proc.pid, sig)
+        else:
+            self.backend.host.run("kill", f"-{int(sig)}", str(self.pid(proc)))
 
     def fingerprint(self, leaf: str = "data") -> str:
         out = self.run("fingerprint", self.dst_fs(leaf))
@@ -421,11 +580,16 @@ def zb(lab: ZfsLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
 
 
 def backend_zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
-    """A test's environment on the back end ``request.param`` names; a module that runs
-    on every back end overrides ``zb`` with a fixture parametrised over BACKENDS that
-    yields from this."""
-    if request.param == "openzfs":
+    """A test's environment on the back end ``request.param`` names (zfs-fuse when the
+    test is not parametrised); a module that runs on every back end overrides ``zb`` with
+    a fixture parametrised over BACKENDS that yields from this."""
+    name = getattr(request, "param", "zfs-fuse")
+    if name == "openzfs":
         backend = openzfs_backend(request.getfixturevalue("guest"))
+    elif name == "openzfs-2.1":
+        backend = main_topology_backend(request.getfixturevalue("guest"))
+    elif name == "openzfs-2.3":
+        backend = main_topology_backend(request.getfixturevalue("guest_23"))
     else:
         backend = zfs_fuse_backend(request.getfixturevalue("lab"))
     yield from _zb(backend, tmp_path, request)

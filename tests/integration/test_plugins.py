@@ -1,4 +1,6 @@
-"""The check plugins on the real lab, run as Icinga's CheckCommand runs them.
+"""The check plugins on the real lab, run as Icinga's CheckCommand runs them, on the
+backup host of every back end (here on zfs-fuse; on OpenZFS 2.1 and 2.3 the ones the
+Debian package installed in the guest).
 
 The plugin file is executed directly (its ``#!/usr/bin/env python3`` finds the Python on
 PATH, as the nagios user's would), with the arguments as separate argv items, no shell,
@@ -8,34 +10,27 @@ CheckCommand's ``zettabee_lag_settings`` variable does.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Zb
+from tests.conftest import BACKENDS, Zb, backend_zb
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(params=BACKENDS)
+def zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
+    yield from backend_zb(request, tmp_path)
+
+
 def check(zb: Zb, name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-        "PYTHONPATH": str(REPO),
-        "LC_NUMERIC": "C",  # what Icinga sets
-    }
-    return subprocess.run(
-        [str(REPO / "plugins" / name), "--settings", str(zb.settings), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    return zb.plugin(name, *args)
 
 
 def state_of(proc: subprocess.CompletedProcess[str]) -> tuple[int, str]:
@@ -150,9 +145,9 @@ def test_killed_run_is_critical_with_the_unlock_fix(zb: Zb) -> None:
         assert run.poll() is None, f"initialize ended before it was killed: {run.communicate()}"
         assert time.monotonic() < deadline, "no progress in 60 s"
         time.sleep(0.02)
-    os.kill(run.pid, signal.SIGKILL)
+    zb.kill(run, signal.SIGKILL)
     run.communicate()
-    assert run.returncode == -signal.SIGKILL
+    assert run.returncode == (-signal.SIGKILL if zb.backend.host is None else 128 + 9)
 
     code, out = state_of(check(zb, "check_zettabee_runtime", fs))
     assert code == 2, out
@@ -172,7 +167,7 @@ def _wait_for_receive_to_end(zb: Zb, fs: str) -> None:
     """A killed run's `zfs receive` dies with its pipe; cleanup must not race it."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        procs = zb.dstside.sh("ps -eo args").stdout
         if fs not in procs:
             return
         time.sleep(0.2)
