@@ -447,6 +447,14 @@ class Zb:
             argv = self.backend.host.source.ssh_argv(script)
         return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
 
+    def moments(self) -> tuple[str, str]:
+        """Regular expressions for a lag or a run time of a few seconds, as the plugins
+        print it (H:MM:SS) and in perfdata (seconds): an emulated guest takes a minute or
+        two where this machine takes seconds."""
+        if self.backend.host is None:
+            return r"0:00:0\d", r"\d"
+        return r"0:0\d:\d\d", r"\d+"
+
     def pid(self, proc: subprocess.Popen[str]) -> int:
         """The pid of the program ``proc`` started, on the host where it runs."""
         if self.backend.host is None:
