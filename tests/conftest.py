@@ -23,6 +23,7 @@ no guest) fails the run: a CI that skipped the real parts has proven nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -50,6 +51,33 @@ BACKENDS = ("zfs-fuse", "openzfs-2.1", "openzfs-2.3")
 
 def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The zfs-fuse tests first, then those on the OpenZFS 2.1 guest, then on 2.3 (file
+    order kept within each); the guests the session needs are made ready in the
+    background meanwhile (:class:`GuestPreparation`), each once."""
+    items.sort(key=guest_rank)
+    versions = [zfs for rank, zfs in ((1, "2.1"), (2, "2.3")) if rank in map(guest_rank, items)]
+    if versions and not config.option.collectonly and guest_missing() is None:
+        basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        PREPARATION.append(GuestPreparation(basetemp, versions))
+
+
+def pytest_sessionfinish() -> None:
+    for preparation in PREPARATION:
+        preparation.close()
+
+
+def guest_rank(item: pytest.Item) -> int:
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("zb") if callspec is not None else None
+    fixtures = getattr(item, "fixturenames", ())
+    if backend == "openzfs-2.3" or "guest_23" in fixtures:
+        return 2
+    if backend in ("openzfs", "openzfs-2.1") or "guest" in fixtures:
+        return 1
+    return 0
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -108,11 +136,13 @@ def zettabee_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_package(top: Path) -> Path:
+    """``make deb`` in a copy of the tree under ``top``; the package's path."""
     listing = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, check=True,
     ).stdout  # fmt: skip
     tree = top / "tree"
+    tree.mkdir(parents=True, exist_ok=True)
     for name in filter(None, listing.decode().split("\0")):
         source = REPO / name
         if source.is_file():
@@ -123,9 +153,58 @@ def build_package(top: Path) -> Path:
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     if proc.returncode != 0:
-        pytest.fail(f"make deb failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise GuestError(f"make deb failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     [deb] = (tree / "dist").glob("*.deb")
     return deb
+
+
+class GuestPreparation:
+    """The guests a session needs, made ready one after the other in a thread of their
+    own while the zfs-fuse tests run (the image built or waited for, the package built
+    from this tree, the guest booted with the share, the source host up, the package
+    installed): their boots and installs cost the session no time of its own."""
+
+    def __init__(self, basetemp: Path, versions: list[str]) -> None:
+        self.basetemp = basetemp
+        self.stacks: dict[str, contextlib.ExitStack] = {}
+        self.guests: dict[str, Guest] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="guest")
+        deb = self.executor.submit(build_package, basetemp / "deb")
+        self.futures = {zfs: self.executor.submit(self._prepare, zfs, deb) for zfs in versions}
+
+    def _prepare(self, zfs: str, deb: concurrent.futures.Future[Path]) -> Guest:
+        vm = Guest(test_lab_name(), zfs=zfs, share=self.basetemp)
+        self.guests[zfs] = vm
+        stack = self.stacks[zfs] = contextlib.ExitStack()
+        stack.enter_context(vm.held())
+        vm.build()
+        vm.up()
+        vm.start_source_host()
+        vm.install_package(deb.result())
+        return vm
+
+    def ready(self, zfs: str) -> Guest:
+        """The guest, once ready; an error (GuestError, a failed package build) raised."""
+        return self.futures[zfs].result()
+
+    def release(self, zfs: str) -> None:
+        vm = self.guests.pop(zfs, None)
+        if vm is not None and not os.environ.get("ZETTABEE_KEEP_LAB"):
+            vm.down()
+        stack = self.stacks.pop(zfs, None)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        """At the session's end: nothing left preparing, nothing left running."""
+        for future in self.futures.values():
+            future.cancel()
+        self.executor.shutdown(wait=True)
+        for zfs in list(self.guests):
+            self.release(zfs)
+
+
+PREPARATION: list[GuestPreparation] = []
 
 
 def booted_guest(
@@ -140,6 +219,18 @@ def booted_guest(
     missing = guest_missing()
     if missing:
         pytest.skip(missing)
+    preparation = next((p for p in PREPARATION if zfs in p.futures), None)
+    if preparation is not None:
+        try:
+            ready = preparation.ready(zfs)
+        except GuestError as exc:
+            preparation.release(zfs)
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield ready
+        finally:
+            preparation.release(zfs)
+        return
     vm = Guest(test_lab_name(), zfs=zfs, share=tmp_path_factory.getbasetemp())
     with vm.held():
         try:
