@@ -15,6 +15,18 @@ From Python::
     guest.down()
     with guest.held(): ...     # one test session at a time per lab
 
+The main topology, as users run zettabee: the guest's root namespace is the backup host,
+with zettabee installed from its Debian package and the destination pool ``gdst`` local;
+a network namespace ``zbsrc`` inside the guest, joined by a veth pair (``10.78.0.1`` on
+the backup host's side, ``10.78.0.2`` on the source's), runs an sshd of its own with its
+own host key and is the source host, with the pool ``gsrc``::
+
+    guest = Guest(zfs="2.3", share=Path("/tmp/pytest-of-root"))  # 9p, at the same path
+    guest.up()
+    guest.start_source_host()
+    guest.install_package(Path("dist/zettabee_0.1.0_all.deb"))
+    guest.netns_source         # the source host as zettabee in the guest reaches it
+
 From the shell: ``python -m lab.guest build|up|down|status|clean|ssh [COMMAND...]``
 (``--name`` picks the lab, as ZETTABEE_LAB does).
 
@@ -53,20 +65,32 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lab.hosts import NetnsSshHost, SourceHost, sh, stop_pid
+from lab.nscad import NscaDaemon
 from lab.zfslab import LAB_ROOT, LAYOUTS, hold, test_lab_name
 from zettabee.state import pid_alive
 
 GUEST_CACHE = Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab/guest"))
 BUILD_SCRIPT = Path(__file__).resolve().with_name("guest-build.sh")
 BOOT_TIMEOUT = 600.0
-KERNEL_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet net.ifnames=0 mitigations=off"
+# panic=-1: a kernel that panics restarts at once, and -no-reboot makes QEMU exit then,
+# so that a boot that panicked is seen (and booted again) instead of waited for.
+KERNEL_CMDLINE = "console=ttyS0 root=/dev/vda rw quiet net.ifnames=0 mitigations=off panic=-1"
+BOOT_ATTEMPTS = 3
 # The address lab/guest-build.sh gives the guest, and its gateway: the namespace's end of
 # the tap device QEMU attaches the guest's network card to.
 GUEST_ADDRESS = "10.0.2.15"
 GUEST_GATEWAY = "10.0.2.2"
 TAP = "zbtap0"
+# The main topology inside the guest: the source host's network namespace and the
+# addresses of the veth pair that joins it to the backup host (the guest's own namespace).
+SOURCE_NETNS = "zbsrc"
+BACKUP_ADDRESS = "10.78.0.1"
+SOURCE_ADDRESS = "10.78.0.2"
+SOURCE_KEYS = "/root/zbsrc"  # the source host's sshd files and the backup host's client key
+SHARE_TAG = "zbshare"
 
 
 class GuestError(RuntimeError):
@@ -110,6 +134,7 @@ class Guest:
         pool_size: str = "3G",
         zfs: str = "2.1",
         scratch: bool = False,
+        share: Path | None = None,
     ) -> None:
         """``scratch``: a second guest of this version, apart from the lab's shared one
         (a namespace, subnet, runtime directory and lock of its own), for a test that
@@ -118,6 +143,7 @@ class Guest:
         self.lab = lab or test_lab_name()
         self.zfs = zfs
         self.suffix = "-scratch" if scratch else ""
+        self.share = share  # a directory of this machine the guest sees at the same path
         layout = LAYOUTS[self.lab]
         # one namespace and subnet per guest, so that every guest can be up at once
         second = list(SUITES).index(zfs)
@@ -163,6 +189,23 @@ class Guest:
     @property
     def source(self) -> SourceHost:
         return self.host(self.src_pool)
+
+    @property
+    def netns_source(self) -> GuestNetnsSource:
+        """The source host of the main topology, as zettabee in the guest reaches it (its
+        address, the client key and known_hosts file in the guest); commands a test runs
+        there go through the guest's SSH (one kernel: the pools are the same)."""
+        return GuestNetnsSource(
+            name=f"{self.lab}-guest-source",
+            address=SOURCE_ADDRESS,
+            port=22,
+            user="root",
+            key=f"{SOURCE_KEYS}/client_ed25519",
+            known_hosts=f"{SOURCE_KEYS}/known_hosts",
+            pool=self.src_pool,
+            mountpoint=f"/{self.src_pool}",
+            via=self.source,
+        )
 
     @property
     def dest(self) -> SourceHost:
@@ -290,7 +333,24 @@ class Guest:
         self.record_path.write_text(json.dumps(asdict(record), indent=2) + "\n")
 
     def up(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Boot the guest with two empty pools; return the seconds from start to SSH."""
+        """Boot the guest with two empty pools; return the seconds from start to SSH.
+
+        Under emulation the 6.12 kernel of Debian 13 panicked early in a boot now and then
+        ("Oops: int3" in sched_clock_cpu, a text-patching race of multi-threaded TCG): a
+        boot that panics is tried again, up to BOOT_ATTEMPTS in all."""
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                return self._up(timeout)
+            except GuestError as exc:
+                console = self.runtime / "console.log"
+                if attempt == BOOT_ATTEMPTS or "Kernel panic" not in _tail(console, 200):
+                    raise
+                print(f"guest: the kernel panicked while booting, booting again: {exc}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                shutil.copy(console, self.runtime / f"console-panic-{attempt}.log")
+        raise AssertionError("unreachable")
+
+    def _up(self, timeout: float) -> float:
         self.build()
         self.down()
         self.runtime.mkdir(parents=True, exist_ok=True)
@@ -325,7 +385,34 @@ class Guest:
         for pool, _disk in disks:
             self.run("zpool", "create", "-f", "-o", "cachefile=none", "-O", f"mountpoint=/{pool}",
                      pool, f"/dev/disk/by-id/virtio-{pool}")  # fmt: skip
+        if self.share is not None:
+            where = shlex.quote(str(self.share))
+            self.shell(f"mkdir -p {where} && mount -t 9p -o trans=virtio,version=9p2000.L,"
+                       f"msize=524288 {SHARE_TAG} {where}")  # fmt: skip
         return record.boot_seconds
+
+    def start_source_host(self) -> None:
+        """The main topology's source host: the namespace ``zbsrc`` in the guest, its veth
+        pair, its own sshd with its own host key; the backup host's client key and
+        known_hosts in SOURCE_KEYS. Entered with nsenter --net (one mount namespace: a
+        dataset the source's sshd sees is never pinned by a private copy of the mounts)."""
+        self.shell(_SOURCE_HOST_SCRIPT.format(
+            netns=SOURCE_NETNS, backup=BACKUP_ADDRESS, source=SOURCE_ADDRESS, keys=SOURCE_KEYS,
+        ))  # fmt: skip
+
+    def install_package(self, deb: Path) -> str:
+        """Install zettabee's Debian package in the guest as an admin does (``dpkg -i``;
+        its dependencies are in the image); the version installed."""
+        argv = self.source.ssh_argv("cat >/tmp/zettabee.deb && dpkg -i /tmp/zettabee.deb "
+                                    ">/tmp/zettabee-dpkg.log 2>&1 || { cat /tmp/zettabee-dpkg.log"
+                                    " >&2; exit 1; }")  # fmt: skip
+        proc = subprocess.run(argv, input=deb.read_bytes(), capture_output=True, timeout=600)
+        if proc.returncode != 0:
+            raise GuestError(
+                f"guest: dpkg -i {deb.name}: exit {proc.returncode}: "
+                f"{proc.stderr.decode(errors='replace').strip()[-2000:]}"
+            )
+        return self.run("dpkg-query", "-W", "-f", "${Version}", "zettabee").stdout
 
     def _forward_ssh(self) -> None:
         """The namespace forwards the SSH port to the address the image gives the guest,
@@ -383,6 +470,9 @@ table ip zettabee_guest {{
                 "-drive", f"file={disk},format=raw,if=none,id={pool},cache=unsafe,discard=unmap",
                 "-device", f"virtio-blk-pci,drive={pool},serial={pool}",
             ]  # fmt: skip
+        if self.share is not None:
+            argv += ["-virtfs", f"local,path={self.share},mount_tag={SHARE_TAG},"
+                     "security_model=passthrough,id=share"]  # fmt: skip
         argv += [
             "-netdev", f"tap,id=net0,ifname={TAP},script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=net0",
@@ -419,8 +509,111 @@ table ip zettabee_guest {{
         self._net().down_network()
         if self.runtime.exists():
             for leftover in self.runtime.iterdir():
-                if leftover.name != "console.log":
+                if not leftover.name.startswith("console"):
                     leftover.unlink(missing_ok=True)
+
+
+@dataclass
+class GuestNetnsSource(SourceHost):
+    """The source host in the guest's namespace ``zbsrc``: what zettabee there is told
+    (address, key, known_hosts), and ``via``, the guest's own SSH, for the test's set-up."""
+
+    via: SourceHost | None = None
+
+    def ssh_argv(self, *command: str) -> list[str]:
+        assert self.via is not None
+        return self.via.ssh_argv(*command)
+
+
+_SOURCE_HOST_SCRIPT = """set -e
+ip netns add {netns}
+ip link add {netns}0 type veth peer name {netns}1
+ip link set {netns}1 netns {netns}
+ip addr add {backup}/30 dev {netns}0
+ip link set {netns}0 up
+ip -n {netns} addr add {source}/30 dev {netns}1
+ip -n {netns} link set {netns}1 up
+ip -n {netns} link set lo up
+mkdir -p -m 700 {keys}
+ssh-keygen -q -t ed25519 -N '' -C zbsrc -f {keys}/host_ed25519
+ssh-keygen -q -t ed25519 -N '' -C zettabee -f {keys}/client_ed25519
+cp {keys}/client_ed25519.pub {keys}/authorized_keys
+echo "{source} $(cut -d' ' -f1,2 {keys}/host_ed25519.pub)" >{keys}/known_hosts
+cat >{keys}/sshd_config <<EOF
+ListenAddress {source}
+Port 22
+HostKey {keys}/host_ed25519
+PidFile {keys}/sshd.pid
+AuthorizedKeysFile {keys}/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+UseDNS no
+PrintMotd no
+PermitUserEnvironment no
+MaxSessions 100
+MaxStartups 100:30:200
+ClientAliveInterval 15
+LogLevel INFO
+EOF
+nsenter --net=/run/netns/{netns} -- /usr/sbin/sshd -f {keys}/sshd_config -E {keys}/sshd.log
+n=0
+until nsenter --net=/run/netns/{netns} -- ss -Hltn | grep -q '{source}:22 '; do
+    n=$((n+1))
+    if [ $n -ge 200 ]; then
+        echo "the source host's sshd never listened:" >&2; cat {keys}/sshd.log >&2; exit 1
+    fi
+    sleep 0.1
+done
+"""
+
+
+class GuestNscaDaemon(NscaDaemon):
+    """Debian's nsca daemon started in the guest by the test (the image masks its unit),
+    on the guest's loopback: the backup host's ``replicate`` submits to it. Its files are
+    in ``workdir``, a directory of the share, so the test reads the command file here."""
+
+    def __init__(self, guest: Guest, workdir: Path, **options: Any) -> None:
+        super().__init__(workdir=workdir, capture_syslog=False, port=5667, **options)
+        self.guest = guest
+        self.guest_pid: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.guest_pid is not None
+
+    def start(self, timeout: float = 30.0) -> GuestNscaDaemon:
+        if self.running:
+            return self
+        self._write_config()
+        self.command_file.touch(mode=0o600, exist_ok=True)
+        argv = shlex.join([self.binary, "-f", "-c", str(self.config_file), "--single"])
+        stderr = shlex.quote(str(self.stderr_file))
+        started = self.guest.shell(f"setsid {argv} </dev/null >>{stderr} 2>&1 & echo $!")
+        self.guest_pid = int(started.stdout)
+        listen = f"{self.host}:{self.port} "
+        deadline = time.monotonic() + timeout
+        while listen not in self.guest.run("ss", "-Hltn").stdout:
+            alive = self.guest.run("kill", "-0", str(self.guest_pid), check=False)
+            if alive.returncode != 0 or time.monotonic() > deadline:
+                self.stop()
+                raise GuestError(
+                    f"guest: nsca did not listen on {listen.strip()}: "
+                    f"{self.stderr_file.read_text(errors='replace').strip()}"
+                )
+            time.sleep(0.1)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate exactly the nsca this started, and wait until it has gone."""
+        pid, self.guest_pid = self.guest_pid, None
+        if pid is not None:
+            self.guest.shell(
+                f"kill {pid} 2>/dev/null; n=0; while kill -0 {pid} 2>/dev/null && "
+                f"[ $n -lt {int(timeout * 10)} ]; do sleep 0.1; n=$((n+1)); done; "
+                f"kill -9 {pid} 2>/dev/null; true"
+            )
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -1,14 +1,21 @@
 """Shared fixtures: the real lab back ends, and a per-test zettabee environment.
 
-Two back ends carry the same integration tests:
+The back ends of the main topology (zettabee on the backup host, the destination pool
+local to it, the source a remote host reached over SSH):
 
 - ``zfs-fuse``: the two-host lab (``lab``), a source host in a network namespace reached
-  over SSH, the destination on this machine;
-- ``openzfs``: the OpenZFS 2.1 QEMU guest (``guest``), source and destination pools both
-  in the guest, so every pair there has two remote ends.
+  over SSH, the destination and zettabee on this machine;
+- ``openzfs-2.1`` and ``openzfs-2.3``: the QEMU guests (``guest``, ``guest_23``) with
+  zettabee installed from its Debian package in the guest, the destination pool local
+  there, and the source host a network namespace inside the guest with its own sshd
+  (``lab.guest``); pytest's temporary directory is shared into the guest at the same
+  path, so the test's pair file, settings and state are the same files on both sides.
 
-A test module runs on both by asking for ``zb`` through :func:`backend_zb` (see
-``test_replication.py``); the other modules use the zfs-fuse lab only.
+And one more: ``openzfs``, the 2.1 guest driven from this machine, source and
+destination pools both in the guest, so that every pair there has two remote ends.
+
+A test module runs on the main topology's back ends by asking for ``zb`` through
+:func:`backend_zb` over BACKENDS (see ``test_replication.py``).
 
 When CI=true, an integration test that skips (no root, no zfs-fuse, no sshd, no daemon,
 no guest) fails the run: a CI that skipped the real parts has proven nothing.
@@ -16,7 +23,9 @@ no guest) fails the run: a CI that skipped the real parts has proven nothing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import os
 import re
 import shlex
@@ -33,15 +42,44 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lab.guest import Guest, GuestError  # noqa: E402
+from lab.guest import BACKUP_ADDRESS, Guest, GuestError  # noqa: E402
 from lab.hosts import SourceHost  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
-BACKENDS = ("zfs-fuse", "openzfs")
+BACKENDS = ("zfs-fuse", "openzfs-2.1", "openzfs-2.3")
 
 
 def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The zfs-fuse tests first, then those on the OpenZFS 2.1 guest, then on 2.3 (file
+    order kept within each); the guests the session needs are made ready in the
+    background meanwhile (:class:`GuestPreparation`), each once."""
+    items.sort(key=guest_rank)
+    versions = [zfs for rank, zfs in ((1, "2.1"), (2, "2.3")) if rank in map(guest_rank, items)]
+    if versions and not config.option.collectonly and guest_missing() is None:
+        basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+        PREPARATION.append(GuestPreparation(basetemp, versions))
+
+
+def pytest_sessionfinish() -> None:
+    for preparation in PREPARATION:
+        preparation.close()
+
+
+def guest_rank(item: pytest.Item) -> int:
+    """0: no guest; 1: the OpenZFS 2.1 guest; 2: the 2.3 one (a back end named by any of
+    the test's parameters, ``zb`` or a module's own guest fixture, or a guest fixture)."""
+    callspec = getattr(item, "callspec", None)
+    params = {str(v) for v in callspec.params.values()} if callspec is not None else set()
+    fixtures = getattr(item, "fixturenames", ())
+    if "openzfs-2.3" in params or "guest_23" in fixtures:
+        return 2
+    if params & {"openzfs", "openzfs-2.1"} or "guest" in fixtures:
+        return 1
+    return 0
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -52,61 +90,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"CI=true: an integration test may not skip ({reason})"
-
-
-def _guest_rank(item: pytest.Item) -> int:
-    """0 for a test that needs no OpenZFS guest, else 1 + the guest's place in the order
-    the images are built (2.1 first, then 2.3)."""
-    callspec = getattr(item, "callspec", None)
-    names = [
-        *getattr(item, "fixturenames", ()),
-        *(str(v) for v in (callspec.params.values() if callspec else ())),
-    ]
-    if any(
-        "2.3" in name or name.endswith("23")
-        for name in names
-        if "guest" in name or "openzfs" in name
-    ):
-        return 2
-    return 1 if any(name.startswith(("guest", "openzfs")) for name in names) else 0
-
-
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    """The guests' tests last, 2.1's before 2.3's, and their images built meanwhile.
-
-    Building an image compiles OpenZFS (minutes); the zfs-fuse tests mostly wait on
-    sshd, zfs-fuse and timers. So when the selected tests need an image the cache lacks,
-    ``python -m lab.guest build --zfs all`` starts in the background now, while the
-    zfs-fuse tests run; a guest fixture that comes to an image still being built waits on
-    the machine-wide build lock, then boots it."""
-    items.sort(key=_guest_rank)  # stable: each group keeps the order it was collected in
-    if os.geteuid() != 0 or config.option.collectonly or not any(map(_guest_rank, items)):
-        return
-    from lab.guest import SUITES  # noqa: PLC0415
-
-    if all(Guest(test_lab_name(), zfs=zfs).built() for zfs in SUITES):
-        return
-    log = (
-        Path(os.environ.get("ZETTABEE_GUEST_CACHE", "/var/tmp/zettabee-lab/guest")) / "prebuild.log"
-    )
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        subprocess.Popen(
-            [sys.executable, "-m", "lab.guest", "build", "--zfs", "all"], cwd=REPO,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    config.stash[_PREBUILD] = log
-
-
-_PREBUILD = pytest.StashKey[Path]()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    log = terminalreporter.config.stash.get(_PREBUILD, None)
-    if log:
-        terminalreporter.write_line(f"guest images were built in the background: {log}")
 
 
 def lab_missing() -> str | None:
@@ -147,19 +130,117 @@ def guest_missing() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def guest() -> Iterator[Guest]:
-    """The OpenZFS guest, booted once for the session (built first unless cached).
+def zettabee_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian package built from this tree (``make deb`` in a copy of it, without the
+    unit tests its build would run: make test runs those)."""
+    top = tmp_path_factory.mktemp("deb")
+    return build_package(top)
+
+
+def build_package(top: Path) -> Path:
+    """``make deb`` in a copy of the tree under ``top``; the package's path."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    tree = top / "tree"
+    tree.mkdir(parents=True, exist_ok=True)
+    for name in filter(None, listing.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, tree / name)
+    proc = subprocess.run(
+        ["make", "deb"], cwd=tree, env={**os.environ, "DEB_BUILD_OPTIONS": "nocheck"},
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise GuestError(f"make deb failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    [deb] = (tree / "dist").glob("*.deb")
+    return deb
+
+
+class GuestPreparation:
+    """The guests a session needs, made ready one after the other in a thread of their
+    own while the zfs-fuse tests run (the image built or waited for, the package built
+    from this tree, the guest booted with the share, the source host up, the package
+    installed): their boots and installs cost the session no time of its own."""
+
+    def __init__(self, basetemp: Path, versions: list[str]) -> None:
+        self.basetemp = basetemp
+        self.stacks: dict[str, contextlib.ExitStack] = {}
+        self.guests: dict[str, Guest] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="guest")
+        deb = self.executor.submit(build_package, basetemp / "deb")
+        self.futures = {zfs: self.executor.submit(self._prepare, zfs, deb) for zfs in versions}
+
+    def _prepare(self, zfs: str, deb: concurrent.futures.Future[Path]) -> Guest:
+        vm = Guest(test_lab_name(), zfs=zfs, share=self.basetemp)
+        self.guests[zfs] = vm
+        stack = self.stacks[zfs] = contextlib.ExitStack()
+        stack.enter_context(vm.held())
+        vm.build()
+        vm.up()
+        vm.start_source_host()
+        vm.install_package(deb.result())
+        return vm
+
+    def ready(self, zfs: str) -> Guest:
+        """The guest, once ready; an error (GuestError, a failed package build) raised."""
+        return self.futures[zfs].result()
+
+    def release(self, zfs: str) -> None:
+        vm = self.guests.pop(zfs, None)
+        if vm is not None and not os.environ.get("ZETTABEE_KEEP_LAB"):
+            vm.down()
+        stack = self.stacks.pop(zfs, None)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        """At the session's end: nothing left preparing, nothing left running."""
+        for future in self.futures.values():
+            future.cancel()
+        self.executor.shutdown(wait=True)
+        for zfs in list(self.guests):
+            self.release(zfs)
+
+
+PREPARATION: list[GuestPreparation] = []
+
+
+def booted_guest(
+    zfs: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """An OpenZFS guest, booted once for the session (built first unless cached), in the
+    main topology: pytest's temporary directory shared in, the source host's namespace
+    and sshd up, zettabee's package installed.
 
     A guest that cannot be built or booted is an error, not a skip: the test that needed
     it fails with the build log's or the console's last lines."""
     missing = guest_missing()
     if missing:
         pytest.skip(missing)
-    vm = Guest(test_lab_name())
+    preparation = next((p for p in PREPARATION if zfs in p.futures), None)
+    if preparation is not None:
+        try:
+            ready = preparation.ready(zfs)
+        except GuestError as exc:
+            preparation.release(zfs)
+            pytest.fail(str(exc), pytrace=False)
+        try:
+            yield ready
+        finally:
+            preparation.release(zfs)
+        return
+    vm = Guest(test_lab_name(), zfs=zfs, share=tmp_path_factory.getbasetemp())
     with vm.held():
         try:
             vm.build()
+            deb = request.getfixturevalue("zettabee_deb")
             vm.up()
+            vm.start_source_host()
+            vm.install_package(deb)
         except GuestError as exc:
             vm.down()
             pytest.fail(str(exc), pytrace=False)
@@ -168,6 +249,22 @@ def guest() -> Iterator[Guest]:
         finally:
             if not os.environ.get("ZETTABEE_KEEP_LAB"):
                 vm.down()
+
+
+@pytest.fixture(scope="session")
+def guest(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """The OpenZFS 2.1 guest (Debian 12)."""
+    yield from booted_guest("2.1", tmp_path_factory, request)
+
+
+@pytest.fixture(scope="session")
+def guest_23(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Guest]:
+    """The OpenZFS 2.3 guest (Debian 13)."""
+    yield from booted_guest("2.3", tmp_path_factory, request)
 
 
 @dataclass
@@ -239,6 +336,12 @@ class Backend:
     src: Side
     dst: Side
     mbuffer_options: str = ""
+    host: Guest | None = None  # where zettabee runs, when not on this machine
+
+    @property
+    def modern(self) -> bool:
+        """OpenZFS: holds, bookmarks, resumable receives, size estimates, raw sends."""
+        return self.name.startswith("openzfs")
 
 
 def _local_argv(script: str) -> list[str]:
@@ -277,8 +380,32 @@ def openzfs_backend(vm: Guest) -> Backend:
     )
 
 
+def main_topology_backend(vm: Guest) -> Backend:
+    """zettabee in the guest, the destination pool local to it, the source host in the
+    guest's namespace ``zbsrc`` (the tests reach both pools through the guest's SSH)."""
+    src, dst = vm.netns_source, vm.dest
+    return Backend(
+        name=f"openzfs-{vm.zfs}",
+        src_host=src,
+        src=Side(src.address, src.pool, src.mountpoint, vm.source.ssh_argv, False, vm.gone),
+        dst=Side(BACKUP_ADDRESS, dst.pool, dst.mountpoint, dst.ssh_argv, False, vm.gone),
+        host=vm,
+    )
+
+
+# Where the Debian package puts each program (the guest runs the installed ones).
+INSTALLED = {
+    "zettabee": "/usr/sbin/zettabee",
+    "replicate": "/usr/sbin/replicate",
+    "zettabee-source": "/usr/bin/zettabee-source",
+    "check_zettabee_lag": "/usr/lib/nagios/plugins/check_zettabee_lag",
+    "check_zettabee_runtime": "/usr/lib/nagios/plugins/check_zettabee_runtime",
+}
+
+
 class Zb:
-    """One test's pairs, settings and state, on one back end; runs the real executables."""
+    """One test's pairs, settings and state, on one back end; runs the real executables
+    where the back end runs zettabee (here, or in the guest)."""
 
     def __init__(self, backend: Backend, tmp: Path, name: str) -> None:
         self.backend = backend
@@ -290,6 +417,9 @@ class Zb:
         self.settings = tmp / "zettabee.ini"
         self.pairfile = tmp / "pairs.cfg"
         self.extra_settings = ""
+        self.pidfiles: dict[int, Path] = {}  # ssh's pid -> where the program's pid is
+        self.pidfile: Path | None = None  # that of the last argv made
+        self.counter = itertools.count(1)
         self.write_settings()
 
     # datasets -------------------------------------------------------------------------
@@ -349,20 +479,95 @@ class Zb:
 
     def exe(self, name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         settle()
-        argv = executable(name)
         return subprocess.run(
-            [*argv, *args], capture_output=True, text=True, env=self.env(), timeout=timeout
-        )
+            self.argv(name, *args), capture_output=True, text=True, env=self.env(),
+            timeout=timeout,
+        )  # fmt: skip
 
     def popen(self, name: str, *args: str) -> subprocess.Popen[str]:
         settle()
-        return subprocess.Popen(
-            [*executable(name), *args],
+        proc = subprocess.Popen(
+            self.argv(name, *args),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=self.env(),
         )
+        self.started(proc)
+        return proc
+
+    def started(self, proc: subprocess.Popen[str]) -> None:
+        """Remember where the program of the last :meth:`argv`, which ``proc`` runs,
+        writes its pid."""
+        if self.pidfile is not None:
+            self.pidfiles[proc.pid] = self.pidfile
+
+    def argv(self, name: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+        """The argv that starts program ``name`` where the back end runs zettabee: here,
+        or in the guest over SSH, the installed program with the test's settings (and
+        ``env``), its pid written to a file of the shared directory (see :meth:`pid`)."""
+        if self.backend.host is None:
+            return [*executable(name), *args]
+        pidfile = self.tmp / ".pids" / str(next(self.counter))
+        pidfile.parent.mkdir(exist_ok=True)
+        self.pidfile = pidfile
+        assigned = {"ZETTABEE_SETTINGS": str(self.settings), **(env or {})}
+        script = (
+            f"echo $$ >{shlex.quote(str(pidfile))}; exec env "
+            + " ".join(f"{k}={shlex.quote(v)}" for k, v in assigned.items())
+            + " "
+            + shlex.join([INSTALLED.get(name, name), *args])
+        )
+        return self.backend.host.source.ssh_argv(script)
+
+    def plugin(
+        self, name: str, *args: str, faketime: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """A check plugin as Icinga runs it: its own argv with ``--settings``, no shell, a
+        bare environment; the installed one on the back end's backup host."""
+        path = "/usr/sbin:/usr/bin:/sbin:/bin"
+        if self.backend.host is None:
+            env = {"PATH": f"{Path(sys.executable).parent}:{path}", "PYTHONPATH": str(REPO),
+                   "LC_NUMERIC": "C"}  # fmt: skip
+            argv = [str(REPO / "plugins" / name), "--settings", str(self.settings), *args]
+            if faketime:
+                argv = ["faketime", "-f", faketime, *argv]
+        else:
+            assert faketime is None, "the guests have no libfaketime: step the guest's clock"
+            env = dict(os.environ)
+            plugin = [INSTALLED[name], "--settings", str(self.settings), *args]
+            script = f"exec env -i PATH={path} LC_NUMERIC=C {shlex.join(plugin)}"
+            argv = self.backend.host.source.ssh_argv(script)
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+
+    def moments(self) -> tuple[str, str]:
+        """Regular expressions for a lag or a run time of a few seconds, as the plugins
+        print it (H:MM:SS) and in perfdata (seconds): an emulated guest takes a minute or
+        two where this machine takes seconds."""
+        if self.backend.host is None:
+            return r"0:00:0\d", r"\d"
+        return r"0:0\d:\d\d", r"\d+"
+
+    def pid(self, proc: subprocess.Popen[str]) -> int:
+        """The pid of the program ``proc`` started, on the host where it runs."""
+        if self.backend.host is None:
+            return proc.pid
+        import time
+
+        pidfile = self.pidfiles[proc.pid]
+
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline, f"{proc.args}: no pid after 30 s"
+            time.sleep(0.05)
+        return int(pidfile.read_text())
+
+    def kill(self, proc: subprocess.Popen[str], sig: int) -> None:
+        """Send ``sig`` to the program ``proc`` started (not to the ssh that carries it)."""
+        if self.backend.host is None:
+            os.kill(proc.pid, sig)
+        else:
+            self.backend.host.run("kill", f"-{int(sig)}", str(self.pid(proc)))
 
     def fingerprint(self, leaf: str = "data") -> str:
         out = self.run("fingerprint", self.dst_fs(leaf))
@@ -476,11 +681,16 @@ def zb(lab: ZfsLab, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[
 
 
 def backend_zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
-    """A test's environment on the back end ``request.param`` names; a module that runs
-    on every back end overrides ``zb`` with a fixture parametrised over BACKENDS that
-    yields from this."""
-    if request.param == "openzfs":
+    """A test's environment on the back end ``request.param`` names (zfs-fuse when the
+    test is not parametrised); a module that runs on every back end overrides ``zb`` with
+    a fixture parametrised over BACKENDS that yields from this."""
+    name = getattr(request, "param", "zfs-fuse")
+    if name == "openzfs":
         backend = openzfs_backend(request.getfixturevalue("guest"))
+    elif name == "openzfs-2.1":
+        backend = main_topology_backend(request.getfixturevalue("guest"))
+    elif name == "openzfs-2.3":
+        backend = main_topology_backend(request.getfixturevalue("guest_23"))
     else:
         backend = zfs_fuse_backend(request.getfixturevalue("lab"))
     yield from _zb(backend, tmp_path, request)

@@ -131,7 +131,7 @@ def stream_via_mbuffer(
     started = time.monotonic()
     port = port or free_port()
     listen = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
-    listen += ["-I", f"{source.target.address}:{port}"]
+    listen += listen_for(source.target.address, port)
     listener = Stage("mbuffer -I", dest.name, listen)
     receiver = Stage("zfs receive", dest.name, list(recv_argv))
     stages = [listener, receiver]
@@ -233,7 +233,7 @@ def _mbuffer_to_remote(
     # connects from the address it was told to use.
     peer = connect_host if source.name == dest.name else source.target.address
     listen = ["mbuffer", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
-    listen += ["-I", f"{peer}:{port}"]
+    listen += listen_for(peer, port)
     script = pipeline_script([listen, recv_argv], live=0)
     listener = Stage("mbuffer -I | zfs receive", dest.name, dest.stream_argv(script, stall))
     spawn(listener, None, None)
@@ -301,3 +301,21 @@ def _without_status_lines(text: str) -> str:
         and not line.startswith("summary:") and "No controlling terminal" not in line
     ]  # fmt: skip
     return "\n".join(keep)
+
+
+def listen_for(peer: str, port: int) -> list[str]:
+    """The listening mbuffer's options that accept ``peer`` alone on ``port``.
+
+    mbuffer R20241007 (Debian 13) listens on IPv6 and sees an IPv4 peer as
+    ``::ffff:A.B.C.D``, which ``-I A.B.C.D:PORT`` then rejects ("rejected connection"):
+    the sender got "Broken pipe" after 110 KB. An IPv4 peer gets an IPv4 listener
+    (``-4``, which R20230301 of Debian 12 has too)."""
+    return [*(["-4"] if _ipv4_only(peer) else []), "-I", f"{peer}:{port}"]
+
+
+def _ipv4_only(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(info[0] == socket.AF_INET for info in infos)

@@ -1,9 +1,10 @@
 """What modern ZFS adds, on both lab back ends: holds, resumable transfers, size estimates,
 raw sends of encrypted data, bookmarks.
 
-- ``openzfs``: the OpenZFS 2.1 guest; the source and the destination are both pools in
-  it, so zettabee drives two remote ends over SSH (the receiving side has the resume
-  token, the sending side the holds).
+- ``openzfs-2.1`` and ``openzfs-2.3``: the OpenZFS guests in the main topology, zettabee
+  and the destination pool on the guest's backup host, the source host in a network
+  namespace of the guest (the receiving side has the resume token, the sending side the
+  holds).
 - ``zfs-fuse``: the two-host lab. zfs-fuse has holds (pool version 23) and nothing else:
   there the same tests assert that the rest is reported absent and that replication still
   works without it.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import signal
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from lab.guest import Guest
+from lab.guest import SOURCE_NETNS
 from lab.zfslab import LAYOUTS
 from lab.zfslab import test_lab_name as lab_name
-from tests.conftest import BACKENDS, Side, Zb, backend_zb, executable
+from tests.conftest import BACKENDS, Side, Zb, backend_zb
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
 
 
 def modern(zb: Zb) -> bool:
-    return zb.backend.name == "openzfs"
+    return zb.backend.modern
 
 
 def said(side: Side, script: str) -> str:
@@ -77,14 +77,21 @@ def status_file(zb: Zb) -> dict[str, object]:
 @contextlib.contextmanager
 def throttled(zb: Zb, rate: str = "16mbit") -> Iterator[None]:
     """Slow the link the stream crosses (``tc tbf``), so that a transfer can be caught
-    running: on zfs-fuse the source's end of its veth, inside its namespace (the stream
-    leaves by it); for the guest this machine's end of its veth (the receiving leg of
-    the relay goes in by it)."""
-    if modern(zb):
-        prefix, dev = [], f"{Guest(lab_name()).netns}0"
-    else:
-        layout = LAYOUTS[lab_name()]
-        prefix, dev = ["nsenter", f"--net=/run/netns/{layout.netns}"], layout.veth[:-1] + "1"
+    running: the source's end of its veth, inside its namespace (the stream leaves by
+    it), here on zfs-fuse, in the guest on OpenZFS."""
+    if zb.backend.host is not None:
+        guest = zb.backend.host
+        tc = f"nsenter --net=/run/netns/{SOURCE_NETNS} -- tc qdisc"
+        dev = f"{SOURCE_NETNS}1"
+        guest.shell(f"{tc} del dev {dev} root 2>/dev/null; {tc} add dev {dev} root tbf "
+                    f"rate {rate} burst 64kb latency 2s")  # fmt: skip
+        try:
+            yield
+        finally:
+            guest.shell(f"{tc} del dev {dev} root", check=False)
+        return
+    layout = LAYOUTS[lab_name()]
+    prefix, dev = ["nsenter", f"--net=/run/netns/{layout.netns}"], layout.veth[:-1] + "1"
     tc = [*prefix, "tc", "qdisc"]
     subprocess.run([*tc, "del", "dev", dev, "root"], capture_output=True)
     subprocess.run(
@@ -105,7 +112,7 @@ def test_setup_and_fullstatus_say_what_each_side_offers(zb: Zb) -> None:
     zb.write_pairs(zb.pair_line())
     setup = ok(zb, "setup")
     if modern(zb):
-        assert "OpenZFS 2.1" in setup and "lacks" not in setup
+        assert f"OpenZFS {zb.backend.name.split('-')[1]}" in setup and "lacks" not in setup
         assert "uses holds (source and destination), resumable receive, size estimates" in setup
     else:
         assert "zfs-fuse (pool" in setup
@@ -164,7 +171,8 @@ def test_purge_releases_the_holds(zb: Zb) -> None:
 def _kill_mid_transfer(zb: Zb, action: str = "update") -> str:
     """Start ``action`` over a throttled link, read runstatus while it runs, SIGKILL it."""
     progress = zb.tmp / "state" / f"{zb.fingerprint()}.progress"
-    with throttled(zb):
+    # In the guest, reading runstatus takes seconds: a slower link keeps the stream going.
+    with throttled(zb, "16mbit" if zb.backend.host is None else "4mbit"):
         proc = zb.popen("zettabee", action, zb.dst_fs())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -179,13 +187,13 @@ def _kill_mid_transfer(zb: Zb, action: str = "update") -> str:
             pytest.fail(f"the transfer never got going: {proc.communicate()}")
         try:
             subprocess.run(
-                [*executable("zettabee"), "runstatus", zb.dst_fs()],
-                capture_output=True, text=True, env=zb.env(), timeout=3,
+                zb.argv("zettabee", "runstatus", zb.dst_fs()),
+                capture_output=True, text=True, env=zb.env(), timeout=3 if zb.backend.host is None else 10,
             )  # fmt: skip
             pytest.fail("runstatus ended while the transfer was running")
         except subprocess.TimeoutExpired as exc:
             shown = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        os.kill(proc.pid, signal.SIGKILL)
+        zb.kill(proc, signal.SIGKILL)
         proc.wait()
     return shown
 

@@ -37,3 +37,13 @@ def test_commands_before_the_pipeline_run_in_order_each_after_the_last_succeeded
     codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 4)
     assert codes == [0, 1, 255, 255]
     assert errs == ["snapshot taken", "cannot hold: pool is full", "", ""]
+
+
+def test_the_listening_mbuffer_of_an_ipv4_source_listens_on_ipv4() -> None:
+    """mbuffer R20241007 (Debian 13) listens on IPv6 and rejects an IPv4 peer it sees as
+    ::ffff:A.B.C.D unless told -4; an IPv6 or unresolvable peer is left as it was."""
+    from zettabee.mbuffer import listen_for as mbuffer_listen_for
+
+    assert mbuffer_listen_for("10.78.0.2", 9090) == ["-4", "-I", "10.78.0.2:9090"]
+    assert mbuffer_listen_for("[fd00::2]", 9090) == ["-I", "[fd00::2]:9090"]
+    assert mbuffer_listen_for("no-such-host.invalid", 9090) == ["-I", "no-such-host.invalid:9090"]

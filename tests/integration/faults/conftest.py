@@ -9,6 +9,12 @@ destination's last good snapshot is intact: it still exists with its guid, and a
 it holds exactly the files (SHA-256) it held when it was received.
 
 The table is printed at the end of the pytest run (``make fault-test``, ``make test``).
+
+The core rows run on every back end of the main topology (``every_backend``): on
+zfs-fuse here, and on OpenZFS 2.1 and 2.3, where zettabee, the plugins and the faults'
+tools (tc, ip link, the gates) act inside the guest; a row off zfs-fuse names its back
+end. The other rows use what only the zfs-fuse lab has (a second sshd, strace,
+libfaketime, nftables).
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +35,16 @@ from pathlib import Path
 
 import pytest
 
+from lab.guest import SOURCE_NETNS, Guest
 from lab.hosts import LabRecord, sh, start_sshd, stop_pid
 from lab.zfslab import ZfsLab
-from tests.conftest import REPO, Side, Zb, destroy, executable, settle
+from tests.conftest import BACKENDS, Side, Zb, backend_zb, destroy, executable, settle
 
 STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 INTACT = "intact"
+
+# A fault row that proves something on every back end: zfs-fuse, OpenZFS 2.1 and 2.3.
+every_backend = pytest.mark.parametrize("zb", BACKENDS, indirect=True)
 
 
 # -- the report -------------------------------------------------------------------------
@@ -182,7 +191,7 @@ class Replica:
 
     @property
     def dest_dir(self) -> Path:
-        return Path(zget(self.fs, "mountpoint"))
+        return Path(self.zb.dstside.zget(self.fs, "mountpoint"))
 
     @property
     def source_dir(self) -> Path:
@@ -195,10 +204,11 @@ class Replica:
     def remember(self) -> None:
         """The destination as it is now is the good state faults must not damage."""
         self.same_as_source()
-        self.snapshot = zget(self.fs, "zettabee:lastsnap")
-        assert self.snapshot in snapshots(self.fs)
-        self.guid = zget(f"{self.fs}@{self.snapshot}", "guid")
-        self.sums = self.zb.dstside.checksums(self.dest_dir)
+        dst = self.zb.dstside
+        self.snapshot = dst.zget(self.fs, "zettabee:lastsnap")
+        assert self.snapshot in dst.snapshots(self.fs)
+        self.guid = dst.zget(f"{self.fs}@{self.snapshot}", "guid")
+        self.sums = dst.checksums(self.dest_dir)
         assert self.sums
 
     def same_as_source(self) -> None:
@@ -217,22 +227,23 @@ class Replica:
         the same files. When the fault itself destroyed that snapshot, the destination file
         system (read-only, never rolled back without consent) must still hold them."""
         settle()
-        live = self.zb.dstside.checksums(self.dest_dir)
+        dst = self.zb.dstside
+        live = dst.checksums(self.dest_dir)
         if snapshot_destroyed:
             return INTACT if live == self.sums else "file system CHANGED"
-        if self.snapshot not in snapshots(self.fs):
+        if self.snapshot not in dst.snapshots(self.fs):
             return f"snapshot {self.snapshot} GONE"
-        if zget(f"{self.fs}@{self.snapshot}", "guid") != self.guid:
+        if dst.zget(f"{self.fs}@{self.snapshot}", "guid") != self.guid:
             return "snapshot guid CHANGED"
         # beside the pool's root: a replica's parent may be a read-only replica itself
         clone = f"{self.fs.partition('/')[0]}/verify-{self.fs.replace('/', '-')}"
-        sh("zfs", "clone", f"{self.fs}@{self.snapshot}", clone)
+        dst.run("zfs", "clone", f"{self.fs}@{self.snapshot}", clone)
         try:
-            mount = Path(zget(clone, "mountpoint"))
+            mount = Path(dst.zget(clone, "mountpoint"))
             settle()
-            held = self.zb.dstside.checksums(mount)
+            held = dst.checksums(mount)
         finally:
-            destroy(clone)
+            destroy(clone, dst)
         return INTACT if held == self.sums else "snapshot content CHANGED"
 
 
@@ -258,12 +269,22 @@ class Outcome:
 class Faults:
     """A test's pairs on the lab, with the means to break things and the report row."""
 
-    def __init__(self, zb: Zb, lab: ZfsLab, tmp: Path) -> None:
+    def __init__(self, zb: Zb, lab: ZfsLab | None, tmp: Path) -> None:
         self.zb = zb
-        self.lab = lab
+        self._lab = lab
         self.tmp = tmp
         self.row: Row | None = None
         self.gates: list[Gate] = []
+
+    @property
+    def lab(self) -> ZfsLab:
+        assert self._lab is not None, "this fault needs the zfs-fuse lab"
+        return self._lab
+
+    @property
+    def guest(self) -> Guest | None:
+        """The guest whose backup host runs zettabee, or None (zfs-fuse, here)."""
+        return self.zb.backend.host
 
     def gate(self, name: str, pattern: str) -> Gate:
         """A gate (see :class:`Gate`) that the test's end opens if the test did not."""
@@ -289,6 +310,15 @@ class Faults:
         """Start a zettabee program; ``path_first`` heads its PATH (a gate), ``umask`` is
         its umask, and ``strace`` appends every execve of it and its children to a file."""
         settle()
+        if self.guest is not None:
+            assert umask is None and strace is None, "not in the guest"
+            path = {"PATH": f"{path_first}:/usr/sbin:/usr/bin:/sbin:/bin"} if path_first else {}
+            proc = subprocess.Popen(
+                self.zb.argv(name, *args, env=path),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.zb.env(),
+            )  # fmt: skip
+            self.zb.started(proc)
+            return proc
         argv = [*executable(name), *args]
         if strace is not None:
             trace = ["strace", "-f", "-qq", "-v", "-s", "65536", "-e", "trace=execve"]
@@ -330,16 +360,42 @@ class Faults:
         out, err = proc.communicate(timeout=timeout)
         return Outcome(proc.returncode, out, err)
 
+    def kill(self, run: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
+        """``sig`` (SIGKILL) to the program ``run`` started, where it runs."""
+        self.zb.kill(run, sig)
+
+    def pid(self, run: subprocess.Popen[str]) -> int:
+        return self.zb.pid(run)
+
+    def helpers(self, run: subprocess.Popen[str]) -> dict[int, str]:
+        """The processes the program ``run`` started (pid -> its command line), where it
+        runs."""
+        if self.guest is None:
+            return {pid: " ".join(cmdline(pid)) for pid in descendants(run.pid)}
+        table = self.guest.run("ps", "-eo", "pid=,ppid=,args=").stdout
+        rows = [line.split(None, 2) for line in table.splitlines() if line.strip()]
+        tree: dict[int, list[int]] = {}
+        args = {}
+        for pid, ppid, *rest in rows:
+            tree.setdefault(int(ppid), []).append(int(pid))
+            args[int(pid)] = rest[0] if rest else ""
+        found, todo = {}, [self.pid(run)]
+        while todo:
+            for child in tree.get(todo.pop(), []):
+                found[child] = args[child]
+                todo.append(child)
+        return found
+
+    def alive(self, pids: dict[int, str]) -> list[int]:
+        """Those of ``pids`` that still run, where the programs run."""
+        if self.guest is None:
+            return [pid for pid in pids if alive(pid)]
+        listed = self.guest.run("ps", "-eo", "pid=").stdout.split()
+        return [pid for pid in pids if str(pid) in listed]
+
     def plugin(self, name: str, fs: str, faketime: str | None = None) -> tuple[int, str]:
         """A check plugin as Icinga runs it: its own argv, no shell, a bare environment."""
-        env = {
-            "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-            "PYTHONPATH": str(REPO),
-        }
-        argv = [str(REPO / "plugins" / name), "--settings", str(self.zb.settings), fs]
-        if faketime:
-            argv = ["faketime", "-f", faketime, *argv]
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        proc = self.zb.plugin(name, fs, faketime=faketime)
         assert proc.stderr == "", (
             f"{name} wrote to stderr, which Nagios does not show: {proc.stderr}"
         )
@@ -401,6 +457,8 @@ class Faults:
 
     # the row --------------------------------------------------------------------------
     def expect(self, fault: str, expected: str) -> Row:
+        if self.zb.backend.name != "zfs-fuse":
+            fault = f"{fault} [{self.zb.backend.name}]"
         self.row = Row(fault, expected)
         ROWS.append(self.row)
         return self.row
@@ -502,15 +560,18 @@ class Faults:
     # network faults -------------------------------------------------------------------
     @property
     def netns(self) -> str:
-        return self.lab.layout.netns
+        return SOURCE_NETNS if self.guest is not None else self.lab.layout.netns
 
     def ns(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """A command in the source host's network namespace."""
-        return sh("nsenter", f"--net=/run/netns/{self.netns}", "--", *argv, check=check)
+        """A command in the source host's network namespace (in the guest on OpenZFS)."""
+        inside = ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+        if self.guest is not None:
+            return self.guest.run(*inside, check=check)
+        return sh(*inside, check=check)
 
     @property
     def source_link(self) -> str:
-        return self.lab.layout.veth[:-1] + "1"
+        return f"{SOURCE_NETNS}1" if self.guest is not None else self.lab.layout.veth[:-1] + "1"
 
     @contextlib.contextmanager
     def rate(self, rate: str) -> Iterator[Callable[[str], None]]:
@@ -547,18 +608,25 @@ class Faults:
     @contextlib.contextmanager
     def link(self) -> Iterator[Callable[[], None]]:
         """Yields a function that cuts the link between the hosts (ip link set down)."""
-        dev = self.lab.layout.veth
+        guest = self.guest
+        dev = f"{SOURCE_NETNS}0" if guest is not None else self.lab.layout.veth
 
-        def cut() -> None:
-            sh("ip", "link", "set", dev, "down")
+        def ip_link(state: str) -> None:
+            if guest is not None:
+                guest.run("ip", "link", "set", dev, state)
+            else:
+                sh("ip", "link", "set", dev, state)
 
         try:
-            yield cut
+            yield lambda: ip_link("down")
         finally:
-            sh("ip", "link", "set", dev, "up")
+            ip_link("up")
             wait_until("the link back up", lambda: self._reachable(), timeout=30)
 
     def _reachable(self) -> bool:
+        if self.guest is not None:  # the guests have no ping: a TCP connect to the sshd
+            probe = f"exec 3<>/dev/tcp/{self.zb.src.address}/22"
+            return self.guest.run("timeout", "2", "bash", "-c", probe, check=False).returncode == 0
         return sh("ping", "-c1", "-W1", self.lab.source.address, check=False).returncode == 0
 
     def processes(self, pids: list[int], program: str, flag: str) -> list[int]:
@@ -766,7 +834,14 @@ class Sshd:
 
 
 @pytest.fixture
-def faults(zb: Zb, lab: ZfsLab, tmp_path: Path) -> Iterator[Faults]:
+def zb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Zb]:
+    """The test's pairs on zfs-fuse, or on the back end ``every_backend`` names."""
+    yield from backend_zb(request, tmp_path)
+
+
+@pytest.fixture
+def faults(zb: Zb, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Faults]:
+    lab = request.getfixturevalue("lab") if zb.backend.host is None else None
     found = Faults(zb, lab, tmp_path)
     try:
         yield found
@@ -787,10 +862,22 @@ def sshd(lab: ZfsLab, tmp_path: Path) -> Iterator[Sshd]:
 
 
 @pytest.fixture
-def tiny_pool(lab: ZfsLab) -> Iterator[str]:
-    """A pool of the lab's own that a few tens of MB fill (zfs-fuse's smallest is 64 MB)."""
+def tiny_pool(zb: Zb, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A pool of the lab's own that a few tens of MB fill (zfs-fuse's and OpenZFS's
+    smallest is 64 MB); in the guest on OpenZFS."""
     from lab.hosts import ZfsServer
 
+    guest = zb.backend.host
+    if guest is not None:
+        image = "/var/tmp/zbtiny.img"
+        guest.shell(f"rm -f {image} && truncate -s 80M {image} && "
+                    f"zpool create -f -o cachefile=none -O mountpoint=/zbtiny zbtiny {image}")  # fmt: skip
+        try:
+            yield "zbtiny"
+        finally:
+            guest.shell(f"zpool destroy -f zbtiny; rm -f {image}", check=False)
+        return
+    lab: ZfsLab = request.getfixturevalue("lab")
     name = f"{lab.layout.name}tiny"
     mount = lab.root / "mnt" / name
     ZfsServer.create_pool(name, lab.root / "pools" / f"{name}.img", mount, "80M")

@@ -20,13 +20,11 @@ from tests.integration.faults.conftest import (
     Faults,
     Replica,
     Sshd,
-    alive,
-    descendants,
+    every_backend,
     kill,
     snapshots,
     status_word,
     wait_until,
-    zget,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,6 +54,7 @@ def test_sigkill_before_the_snapshot(faults: Faults, sshd: Sshd) -> None:
     faults.recovers(replica)
 
 
+@every_backend
 def test_sigkill_during_the_stream(faults: Faults) -> None:
     replica = faults.replica(mb=2)
     replica.grow(24)
@@ -66,16 +65,17 @@ def test_sigkill_during_the_stream(faults: Faults) -> None:
     with faults.rate("16mbit"):
         run = faults.popen("zettabee", "update", replica.fs)
         faults.wait_for_stream(run, replica)
-        helpers = descendants(run.pid)
-        assert faults.processes(helpers, "ssh", "ControlMaster=yes"), "the ssh master"
-        kill([run.pid])
+        helpers = faults.helpers(run)
+        assert any("ControlMaster=yes" in h for h in helpers.values()), "the ssh master"
+        faults.kill(run)
         run.wait()
     # Nothing the run started outlives it: not the stream, not the ssh master.
-    wait_until("the killed run's helpers to end", lambda: not [p for p in helpers if alive(p)])
+    wait_until("the killed run's helpers to end", lambda: not faults.alive(helpers))
     faults.check_killed(replica, lag=0, runtime=2, says=INTERRUPTED)
     faults.recovers(replica)
 
 
+@every_backend
 def test_sigkill_after_the_receive_before_the_state_is_recorded(faults: Faults) -> None:
     replica = faults.replica(mb=2)
     replica.grow(4)
@@ -88,12 +88,14 @@ def test_sigkill_after_the_receive_before_the_state_is_recorded(faults: Faults) 
     )
     run = faults.popen("zettabee", "update", replica.fs, path_first=gate.dir)
     gate.wait(run)
-    kill([run.pid])
+    faults.kill(run)
     run.wait()
     gate.abort()
-    received = snapshots(replica.fs)[-1]
+    dst = faults.zb.dstside
+    received = dst.snapshots(replica.fs)[-1]
     assert (
-        received != replica.snapshot and zget(replica.fs, "zettabee:lastsnap") == replica.snapshot
+        received != replica.snapshot
+        and dst.zget(replica.fs, "zettabee:lastsnap") == replica.snapshot
     )
     faults.check_killed(replica, lag=2, runtime=2, says=INTERRUPTED)
     lag = faults.plugin("check_zettabee_lag", replica.fs)[1]
@@ -143,6 +145,7 @@ def test_sigkill_of_initialize_after_its_receive(faults: Faults) -> None:
     assert row.data == INTACT
 
 
+@every_backend
 def test_two_runs_of_one_pair_at_once(faults: Faults) -> None:
     replica = faults.replica(mb=1, options="transport=mbuffer,bwlimit=1M")
     replica.grow(6)
@@ -154,14 +157,15 @@ def test_two_runs_of_one_pair_at_once(faults: Faults) -> None:
     faults.wait_for_stream(first, replica)
     second = faults.run("zettabee", "update", replica.fs)
     run_code, run_text = faults.plugin("check_zettabee_runtime", replica.fs)
-    assert run_code == 0 and f"pid {first.pid}" in run_text, run_text
+    pid = faults.pid(first)
+    assert run_code == 0 and f"pid {pid}" in run_text, run_text
     faults.check(
         replica,
         second,
         code=3,
         lag=0,
         runtime=0,
-        says=rf"another update is in progress \(pid {first.pid}, since .*\); not starting a second",
+        says=rf"another update is in progress \(pid {pid}, since .*\); not starting a second",
     )
     done = faults.finish(first)
     assert (done.code, done.stderr) == (0, "")

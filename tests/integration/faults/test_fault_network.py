@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.faults.conftest import Faults, Sshd, descendants, in_netns, kill
+from tests.integration.faults.conftest import (
+    Faults,
+    Sshd,
+    descendants,
+    every_backend,
+    in_netns,
+    kill,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +38,7 @@ def test_ssh_connection_killed_mid_transfer(faults: Faults) -> None:
     faults.recovers(replica)
 
 
+@every_backend
 def test_link_cut_mid_transfer(faults: Faults) -> None:
     replica = faults.replica(mb=2, options="stall=5")
     replica.grow(24)
@@ -71,6 +79,7 @@ def test_stream_stalled_by_dropped_packets(faults: Faults, transport: str) -> No
     faults.recovers(replica)
 
 
+@every_backend
 def test_stream_stalled_by_a_rate_near_zero(faults: Faults) -> None:
     replica = faults.replica(mb=2, options="stall=5")
     replica.grow(24)

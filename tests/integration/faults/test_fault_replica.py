@@ -11,12 +11,12 @@ import subprocess
 
 import pytest
 
-from tests.conftest import write_random
 from tests.integration.faults.conftest import (
     Faults,
     Replica,
     Sshd,
     destroy_past_the_hold,
+    every_backend,
     snapshots,
 )
 from zettabee.pair import hold_tag
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 NO_COMMON = r"no common snapshot .*`zettabee initialize --force` starts the replica over"
 
 
+@every_backend
 def test_destination_pool_full_mid_receive(faults: Faults, tiny_pool: str) -> None:
     replica = faults.replica(mb=4, dest=f"{tiny_pool}/{faults.zb.name}")
     replica.grow(120, "too-big.bin")
@@ -35,14 +36,16 @@ def test_destination_pool_full_mid_receive(faults: Faults, tiny_pool: str) -> No
         "once the data fits",
     )
     faults.update_fails(replica, r"zfs receive on \S+ failed .*space")
-    (replica.source_dir / "too-big.bin").unlink()
+    faults.zb.srcside.run("rm", str(replica.source_dir / "too-big.bin"))
     faults.recovers(replica)
 
 
+@every_backend
 def test_destination_modified_since_the_common_snapshot(faults: Faults) -> None:
     replica = faults.replica(mb=2)
-    subprocess.run(["zfs", "set", "readonly=off", replica.fs], check=True)
-    (replica.dest_dir / "local-change.txt").write_text("written on the replica\n")
+    dst = faults.zb.dstside
+    dst.run("zfs", "set", "readonly=off", replica.fs)
+    dst.write_text(replica.dest_dir / "local-change.txt", "written on the replica\n")
     # More than the pipes hold: zfs send is still writing when zfs receive refuses the
     # stream, and either exits 1 without a word or is stopped by the relay first; the
     # message must name the receive either way (before the fix, 4 runs in 6 named the send)
@@ -55,7 +58,7 @@ def test_destination_modified_since_the_common_snapshot(faults: Faults) -> None:
     faults.update_fails(
         replica, r"was modified since the common snapshot .*set rollback=yes .*zfs diff"
     )
-    assert (replica.dest_dir / "local-change.txt").exists()  # kept until the operator says
+    assert "local-change.txt" in dst.checksums(replica.dest_dir)  # kept until the operator says
     faults.zb.write_pairs(faults.zb.pair_line(replica.leaf, "rollback=yes"))
     faults.recovers(replica)
 
@@ -71,6 +74,7 @@ def test_destination_with_a_snapshot_the_source_lacks(faults: Faults) -> None:
     assert "operator-kept" in snapshots(replica.fs)
 
 
+@every_backend
 @pytest.mark.parametrize("where", ["source", "destination", "both"])
 def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
     zb = faults.zb
@@ -81,7 +85,7 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
         destroy_past_the_hold(zb.srcside, f"{zb.src_fs()}@{common}", tag)
     if where in ("destination", "both"):
         destroy_past_the_hold(zb.dstside, f"{replica.fs}@{common}", tag)
-    write_random(replica.source_dir / "after.bin", 1)
+    replica.grow(1, "after.bin")
     on_destination = where != "source"
     faults.expect(
         f"common snapshot destroyed on {where} (its hold released first)",
@@ -89,11 +93,11 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
         f"--force'; lag {'CRITICAL (recorded snapshot missing)' if on_destination else 'OK'}; "
         "runtime CRITICAL; nothing resent; initialize --force (as told) recovers",
     )
-    before = snapshots(replica.fs)
+    before = zb.dstside.snapshots(replica.fs)
     faults.update_fails(
         replica, NO_COMMON, lag=2 if on_destination else 0, snapshot_destroyed=on_destination
     )
-    assert snapshots(replica.fs) == before  # nothing received over it, nothing destroyed
+    assert zb.dstside.snapshots(replica.fs) == before  # nothing received over it, nothing destroyed
     if on_destination:
         lag = faults.plugin("check_zettabee_lag", replica.fs)[1]
         assert f"the recorded snapshot {replica.fs}@{common} is missing" in lag
