@@ -88,6 +88,7 @@ def test_local_transport(zb: Zb) -> None:
     assert json.loads(zb.run("status", "--json").stdout)[0]["last_bytes"] > 0
 
 
+@pytest.mark.one_openzfs
 def test_status_columns_json_and_all_pairs(zb: Zb) -> None:
     zb.make_source("a", mb=1)
     zb.make_source("b", mb=1)
@@ -109,6 +110,7 @@ def test_status_columns_json_and_all_pairs(zb: Zb) -> None:
     assert data[0]["lag"] is not None and 0 <= data[0]["lag"] < 120
 
 
+@pytest.mark.one_openzfs
 def test_actions_output_and_exit_codes(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -130,6 +132,7 @@ def test_actions_output_and_exit_codes(zb: Zb) -> None:
     assert "DESTROYS" in help_text
 
 
+@pytest.mark.one_openzfs
 def test_initialize_force_replaces_destination(zb: Zb) -> None:
     zb.make_source(mb=2)
     zb.write_pairs(zb.pair_line())
@@ -139,6 +142,7 @@ def test_initialize_force_replaces_destination(zb: Zb) -> None:
     zb.assert_same_data()
 
 
+@pytest.mark.one_openzfs
 def test_bad_config_reported_and_good_pairs_still_replicate(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(
@@ -161,6 +165,7 @@ def test_bad_config_reported_and_good_pairs_still_replicate(zb: Zb) -> None:
     zb.assert_same_data()
 
 
+@pytest.mark.one_openzfs
 def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -177,6 +182,7 @@ def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -
     assert "local-extra" not in zb.dstside.snapshots(zb.dst_fs())  # rolled back, as allowed
 
 
+@pytest.mark.one_openzfs
 def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options="hold=no"))  # else the hold keeps the base alive
@@ -190,6 +196,7 @@ def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
     assert zb.dstside.snapshots(zb.dst_fs()) == before
 
 
+@pytest.mark.one_openzfs
 def test_purge_keeps_the_common_snapshot_and_dry_run_destroys_nothing(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options="keep=3"))
@@ -210,6 +217,7 @@ def test_purge_keeps_the_common_snapshot_and_dry_run_destroys_nothing(zb: Zb) ->
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.one_openzfs
 def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options=zb.mbuffer("bwlimit=2M")))
@@ -235,6 +243,7 @@ def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
     assert "Idle" in zb.run("status", zb.dst_fs()).stdout
 
 
+@pytest.mark.one_openzfs
 def test_two_concurrent_updates_of_one_pair(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options=zb.mbuffer("bwlimit=1M")))
@@ -254,6 +263,7 @@ def test_two_concurrent_updates_of_one_pair(zb: Zb) -> None:
     zb.assert_same_data()
 
 
+@pytest.mark.one_openzfs
 def test_stage_errors_quote_the_tool(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -267,6 +277,7 @@ def test_stage_errors_quote_the_tool(zb: Zb) -> None:
     assert "local-change" in zb.dstside.checksums(zb.dst_dir())  # nothing discarded silently
 
 
+@pytest.mark.one_openzfs
 def test_unknown_host_key_is_refused(zb: Zb) -> None:
     zb.make_source(mb=1)
     empty = zb.tmp / "empty_known_hosts"
