@@ -148,7 +148,9 @@ def test_sigkill_of_initialize_after_its_receive(faults: Faults) -> None:
 @every_backend
 def test_two_runs_of_one_pair_at_once(faults: Faults) -> None:
     replica = faults.replica(mb=1, options="transport=mbuffer,bwlimit=1M")
-    replica.grow(6)
+    # 24 s of stream at 1 MB/s: the second run and the plugins come while it runs (under a
+    # load of 12, 6 MB ended before the plugins had answered, and its prune took the base)
+    replica.grow(24)
     row = faults.expect(
         "two updates of one pair at once",
         "second: exit 3 naming the first's pid; runtime OK (running); first completes",
@@ -183,7 +185,7 @@ def test_replicate_all_overlapping_with_itself(faults: Faults) -> None:
     for leaf in ("slow", "quick"):
         assert zb.run("initialize", zb.dst_fs(leaf)).returncode == 0
     slow, quick = Replica(zb, "slow"), Replica(zb, "quick")
-    slow.grow(6)
+    slow.grow(24)  # 24 s of stream: both later runs come while it runs, even under load
     quick.grow(1)
     row = faults.expect(
         "replicate --all overlapping with itself (cron)",
