@@ -15,6 +15,10 @@ CRON_MODULES = (
     "zettabee.transport", "zettabee.fastpath", "zettabee.hosts", "zettabee.host",
     "zettabee.preflight", "zettabee.health", "zettabee.state", "zettabee.passive",
     "zettabee.source", "zettabee.replicate", "zettabee.logs", "nsca",
+    "zettabee.run", "zettabee.update", "zettabee.initialize", "zettabee.purge",
+    "zettabee.resume", "zettabee.divergence", "zettabee.snapshots", "zettabee.views",
+    "zettabee.relay", "zettabee.mbuffer", "zettabee.tree", "zettabee.cliparser",
+    "zettabee.sourcerules",
 )  # fmt: skip
 
 
@@ -45,3 +49,18 @@ def test_enroll_is_where_paramiko_is() -> None:
     assert "paramiko" in loaded_after(
         "from zettabee import contact\nfrom zettabee.host import SshTarget\ncontact.pinned_keys('/nonexistent', SshTarget('h'))"
     )
+
+
+def test_python_importtime_of_each_plugin_and_of_replicate_names_no_paramiko() -> None:
+    """What ``python -X importtime`` sees a plugin and replicate import, as they start."""
+    for script in ("check_zettabee_lag", "check_zettabee_runtime", "replicate"):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", str(REPO / "plugins" / script), "--help"],
+            capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+        imported = [
+            line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line
+        ]
+        assert "nagiosplugin" in imported or script == "replicate", out.stderr[-500:]
+        assert "zettabee" in imported, out.stderr[-500:]
+        assert not [name for name in imported if name.split(".")[0] == "paramiko"], script
