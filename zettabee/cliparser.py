@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import NoReturn
 
 from zettabee import __version__
@@ -44,6 +45,17 @@ ENROLL_EPILOG = (
     "error. Example: zettabee enroll db1.example.com --host-key-fingerprint "
     "SHA256:... 3</root/db1.password --password-fd 3"
 )
+
+
+class _WholeOptionNames(argparse.HelpFormatter):
+    """Wraps text without breaking a word at its hyphens, so that an option named in a
+    paragraph (``--host-key-fingerprint``) stays whole on one line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = " ".join(text.split())
+        return textwrap.fill(
+            text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+        )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
             _monitoring_options(p, icinga=name == "icinga-config")
         if name == "enroll":
             p.epilog = ENROLL_EPILOG
+            p.formatter_class = _WholeOptionNames
             _enroll_options(p)
     return parser
 
