@@ -60,10 +60,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     A test marked ``one_openzfs`` checks what does not change from one OpenZFS version
     to the next (messages, exit codes, status columns, the monitoring side), or what a
-    fault row proves on every version: it runs on zfs-fuse and 2.1, not again on 2.3."""
+    fault row proves on every version: it runs on zfs-fuse and 2.1, not again on 2.3.
+    One marked ``zfs_independent`` checks what no ZFS below changes (the command line's
+    messages, exit codes and status columns, host keys, the monitoring side): it runs on
+    zfs-fuse alone, as zettabee's own code is the same installed anywhere."""
     once = [
-        item for item in items if guest_rank(item) == 2 and item.get_closest_marker("one_openzfs")
-    ]
+        item for item in items
+        if (guest_rank(item) == 2 and item.get_closest_marker("one_openzfs"))
+        or (guest_rank(item) and item.get_closest_marker("zfs_independent"))
+    ]  # fmt: skip
     if once:
         config.hook.pytest_deselected(items=once)
         items[:] = [item for item in items if item not in once]

@@ -114,7 +114,7 @@ def test_warning_then_critical_as_the_lag_grows(zb: Zb) -> None:
     assert state_of(check(zb, "check_zettabee_lag", fs))[0] == 0
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_unknown_for_an_uninitialized_pair_and_an_unknown_one(zb: Zb) -> None:
     zb.make_source("data", 1)
     zb.write_pairs(zb.pair_line("data"))
@@ -131,7 +131,7 @@ def test_unknown_for_an_uninitialized_pair_and_an_unknown_one(zb: Zb) -> None:
     assert code == 3 and "no pair 'nosuch'" in out
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_all_pairs_in_one_check(zb: Zb) -> None:
     for leaf in ("one", "two", "new"):
         zb.make_source(leaf, 1)
@@ -191,7 +191,7 @@ def _wait_for_receive_to_end(zb: Zb, fs: str) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_usage_errors_exit_unknown(zb: Zb) -> None:
     for name, args in (
         ("check_zettabee_lag", ["--warning"]),

@@ -149,7 +149,7 @@ def test_one_failing_pair_stops_no_other_and_says_why(zb: Zb, nscad: NscaDaemon)
     assert (good_lag.code, good_runtime.code) == (0, 0)
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 @every_backend
 def test_parallel_pairs_share_one_control_connection(zb: Zb) -> None:
     initialized(zb, "a", "b", "c", "d")
@@ -161,7 +161,7 @@ def test_parallel_pairs_share_one_control_connection(zb: Zb) -> None:
         zb.assert_same_data(leaf)
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 @every_backend
 def test_monitoring_down_loses_nothing(zb: Zb, nscad: NscaDaemon) -> None:
     zb.write_settings(nsca_settings(nscad))

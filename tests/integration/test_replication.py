@@ -88,7 +88,7 @@ def test_local_transport(zb: Zb) -> None:
     assert json.loads(zb.run("status", "--json").stdout)[0]["last_bytes"] > 0
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_status_columns_json_and_all_pairs(zb: Zb) -> None:
     zb.make_source("a", mb=1)
     zb.make_source("b", mb=1)
@@ -110,7 +110,7 @@ def test_status_columns_json_and_all_pairs(zb: Zb) -> None:
     assert data[0]["lag"] is not None and 0 <= data[0]["lag"] < 120
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_actions_output_and_exit_codes(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -142,7 +142,7 @@ def test_initialize_force_replaces_destination(zb: Zb) -> None:
     zb.assert_same_data()
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_bad_config_reported_and_good_pairs_still_replicate(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(
@@ -263,7 +263,7 @@ def test_two_concurrent_updates_of_one_pair(zb: Zb) -> None:
     zb.assert_same_data()
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_stage_errors_quote_the_tool(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -277,7 +277,7 @@ def test_stage_errors_quote_the_tool(zb: Zb) -> None:
     assert "local-change" in zb.dstside.checksums(zb.dst_dir())  # nothing discarded silently
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_unknown_host_key_is_refused(zb: Zb) -> None:
     zb.make_source(mb=1)
     empty = zb.tmp / "empty_known_hosts"
