@@ -368,7 +368,14 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     # fail on a broken pipe, and the first of those in the pipeline is not the one to name.
     # So is a stage that said why before one that exited 1 without a word: zfs send does
     # that when its receiver refused the stream and left (if the stream outgrew the pipe).
-    failed.sort(key=lambda s: (_signal_of(s) is None, not s.stderr and s.returncode == 1))
+    # A broken pipe (SIGPIPE) is the victim's end, never the cause.
+    failed.sort(
+        key=lambda s: (
+            _signal_of(s) == signal.SIGPIPE,
+            _signal_of(s) is None,
+            not s.stderr and s.returncode == 1,
+        )
+    )
     first = failed[0]
     notes = [f"{s.label} on {s.host}: {last_lines(s.stderr)}" for s in failed[1:] if s.stderr]
     said = first.stderr or f"no error output (exit {first.returncode})"

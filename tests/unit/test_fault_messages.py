@@ -46,6 +46,16 @@ def test_the_receiver_that_refused_the_stream_is_named_not_the_sender_it_left_be
     )
 
 
+def test_a_sender_ended_by_sigpipe_is_not_named_when_its_receiver_said_why() -> None:
+    """OpenZFS's zfs send, from a remote shell, ends with 141 (SIGPIPE) once its receiver
+    has left: the receiver's reason is the one to read (seen with a full pool on 2.1)."""
+    full = "cannot receive incremental stream: out of space"
+    stages = [stage("zfs send", 141), stage("zfs receive", 1, full)]
+    assert str(describe_failure(stages, None)).startswith(
+        f"zfs receive on src failed (exit 1): {full}"
+    )
+
+
 def test_a_local_stage_killed_by_a_signal() -> None:
     text = str(
         describe_failure([stage("zfs send", 1, "Broken pipe"), stage("mbuffer -I", -15)], None)
