@@ -52,6 +52,7 @@ def wait_for_code(zb: Zb, code: int, *args: str, timeout: float = 20) -> str:
     raise AssertionError(f"the lag check never exited {code}: {seen[-3:]}")
 
 
+@pytest.mark.one_openzfs
 def test_ok_after_an_update(zb: Zb) -> None:
     zb.make_source("data", 4)
     zb.write_pairs(zb.pair_line("data"))
@@ -78,6 +79,7 @@ def test_ok_after_an_update(zb: Zb) -> None:
     assert code in (0, 1) and "lag=" in out and ";0;3600;0" in out
 
 
+@pytest.mark.one_openzfs
 def test_warning_then_critical_as_the_lag_grows(zb: Zb) -> None:
     zb.make_source("data", 1)
     zb.write_pairs(zb.pair_line("data", "wlag=2,clag=4"))
@@ -149,6 +151,7 @@ def test_all_pairs_in_one_check(zb: Zb) -> None:
     assert code == 2 and "(+2 more)" in out
 
 
+@pytest.mark.one_openzfs
 def test_killed_run_is_critical_with_the_unlock_fix(zb: Zb) -> None:
     # A stream of 5 s at least: the first progress report (after 1 s) comes mid-stream,
     # before anything is recorded, however fast the lab is that day.

@@ -86,6 +86,7 @@ def initialized(zb: Zb, *leaves: str, options: str = "") -> None:
         assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.one_openzfs
 @every_backend
 def test_results_reach_nsca_as_the_plugins_print_them(zb: Zb, nscad: NscaDaemon) -> None:
     zb.write_settings(nsca_settings(nscad))
@@ -122,6 +123,7 @@ def test_zettabee_nagios_reports_through_the_same_path(zb: Zb, nscad: NscaDaemon
     assert runtime.code == 0
 
 
+@pytest.mark.one_openzfs
 @every_backend
 def test_one_failing_pair_stops_no_other_and_says_why(zb: Zb, nscad: NscaDaemon) -> None:
     zb.write_settings(nsca_settings(nscad))

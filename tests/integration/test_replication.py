@@ -132,7 +132,7 @@ def test_actions_output_and_exit_codes(zb: Zb) -> None:
     assert "DESTROYS" in help_text
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_initialize_force_replaces_destination(zb: Zb) -> None:
     zb.make_source(mb=2)
     zb.write_pairs(zb.pair_line())
@@ -165,7 +165,7 @@ def test_bad_config_reported_and_good_pairs_still_replicate(zb: Zb) -> None:
     zb.assert_same_data()
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line())
@@ -182,7 +182,7 @@ def test_diverged_destination_is_refused_then_rolled_back_when_allowed(zb: Zb) -
     assert "local-extra" not in zb.dstside.snapshots(zb.dst_fs())  # rolled back, as allowed
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options="hold=no"))  # else the hold keeps the base alive
@@ -196,7 +196,7 @@ def test_no_common_snapshot_refuses_without_resending(zb: Zb) -> None:
     assert zb.dstside.snapshots(zb.dst_fs()) == before
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_purge_keeps_the_common_snapshot_and_dry_run_destroys_nothing(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options="keep=3"))
@@ -217,7 +217,7 @@ def test_purge_keeps_the_common_snapshot_and_dry_run_destroys_nothing(zb: Zb) ->
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options=zb.mbuffer("bwlimit=2M")))
@@ -243,7 +243,7 @@ def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
     assert "Idle" in zb.run("status", zb.dst_fs()).stdout
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_two_concurrent_updates_of_one_pair(zb: Zb) -> None:
     zb.make_source(mb=1)
     zb.write_pairs(zb.pair_line(options=zb.mbuffer("bwlimit=1M")))
