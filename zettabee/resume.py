@@ -3,6 +3,7 @@ one keeps, going on from a resume token; and one stream with its size estimated 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -41,9 +42,19 @@ def note_transfer(run: PairRun, target: str, kept: int = 0) -> dict[str, Any]:
     return entry
 
 
-def kept_after_failure(run: PairRun, entry: dict[str, Any]) -> str:
-    """After a resumable stream failed: is there a token? Say what the next run does."""
+def kept_after_failure(run: PairRun, entry: dict[str, Any], failure: str = "") -> str:
+    """After a resumable stream failed: is there a token? Say what the next run does.
+
+    A receive that ran out of space keeps no partial state: resuming it would need room
+    for the whole stream it began, changed data and all, and fail again every run."""
     fs, dst = run.pair.destination.fs, run.dst
+    if "out of space" in failure:
+        with contextlib.suppress(ZettabeeError):
+            abort_receive(run, "the destination pool is full")
+            return (
+                f"; the partial receive was discarded (zfs receive -A {fs}), so the next "
+                "update sends again from the common snapshot: make room on the pool first"
+            )
     try:
         result = dst.run(zfs.get([fs], [zfs.PROP_RESUME_TOKEN]), check=False)
     except ZettabeeError:
@@ -82,7 +93,7 @@ def transfer(
     except (CommandError, TransportError) as exc:
         error = divergence.explain_receive(run.pair, exc, base)
         if entry is not None:
-            note = kept_after_failure(run, entry)
+            note = kept_after_failure(run, entry, str(error))
             if note:
                 error.args = (f"{error}{note}",)
         raise error from exc
@@ -134,7 +145,7 @@ def resume(run: PairRun, token: str, force: bool = False) -> tuple[str, StreamRe
             abort_receive(run, f"the resume token no longer applies ({exc.stderr})")
             return None
         error = divergence.explain_receive(run.pair, exc)
-        error.args = (f"{error}{kept_after_failure(run, entry)}",)
+        error.args = (f"{error}{kept_after_failure(run, entry, str(error))}",)
         raise error from exc
     run.status.extra.pop("resume", None)
     run.write_status()
