@@ -306,6 +306,17 @@ class Faults:
             env["PATH"] = f"{path_first}:{env['PATH']}"
         return env
 
+    def killed_before_the_record(self, *args: str) -> None:
+        """``zettabee ARGS`` SIGKILLed once its receive is done, as it records the pair's
+        snapshot on the destination (held there by a gate on ``zettabee:lastsnap=``)."""
+        gate = self.gate("dest-gate", "zettabee:lastsnap=")
+        gate.arm()
+        run = self.popen("zettabee", *args, path_first=gate.dir)
+        gate.wait(run)
+        kill([run.pid])
+        run.wait()
+        gate.abort()
+
     def popen(
         self,
         name: str,

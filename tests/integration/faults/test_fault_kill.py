@@ -107,18 +107,12 @@ def test_sigkill_of_initialize_after_its_receive(faults: Faults) -> None:
     zb = faults.zb
     zb.make_source("data", 4)
     zb.write_pairs(zb.pair_line("data"))
-    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
-    gate.arm()
     row = faults.expect(
         "SIGKILL of initialize after its receive",
         "status Interrupted; lag UNKNOWN (not initialized); runtime CRITICAL; update adopts "
         "the received snapshot, no resend",
     )
-    run = faults.popen("zettabee", "initialize", zb.dst_fs(), path_first=gate.dir)
-    gate.wait(run)
-    kill([run.pid])
-    run.wait()
-    gate.abort()
+    faults.killed_before_the_record("initialize", zb.dst_fs())
     status = faults.run("zettabee", "status", zb.dst_fs())
     lag_code, lag_text = faults.plugin("check_zettabee_lag", zb.dst_fs())
     run_code, run_text = faults.plugin("check_zettabee_runtime", zb.dst_fs())
@@ -268,18 +262,12 @@ def test_a_nested_pair_killed_after_its_receive_reads_only_its_own_record(
     nested = f"{home.fs}/alice"
     alice_line = zb.pair_line("alice").replace(f":{zb.dst_fs('alice')}", f":{nested}")
     zb.write_pairs(zb.pair_line("home"), alice_line)
-    gate = faults.gate("dest-gate", "zettabee:lastsnap=")
-    gate.arm()
     row = faults.expect(
         "SIGKILL of a nested pair's initialize after its receive (its parent a replica)",
         "lag UNKNOWN (not initialized), not CRITICAL 'carries fingerprint' of the parent; "
         "update adopts it, no resend",
     )
-    run = faults.popen("zettabee", "initialize", nested, path_first=gate.dir)
-    gate.wait(run)
-    kill([run.pid])
-    run.wait()
-    gate.abort()
+    faults.killed_before_the_record("initialize", nested)
     lag_code, lag_text = faults.plugin("check_zettabee_lag", nested)
     row.observed = f"killed; lag {STATES[lag_code]}: {lag_text.splitlines()[0][:90]}"
     assert "carries fingerprint" not in lag_text, lag_text
