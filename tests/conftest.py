@@ -26,12 +26,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -576,6 +578,16 @@ class Zb:
             assert time.monotonic() < deadline, f"{proc.args}: no pid after 30 s"
             time.sleep(0.05)
         return int(pidfile.read_text())
+
+    def wait_for_transfer(self, fingerprint: str, what: str = "the transfer") -> None:
+        """Until the pair's progress file counts bytes received (at most a minute)."""
+        progress = self.tmp / "state" / f"{fingerprint}.progress"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("bytes", 0) > 0:
+                return
+            time.sleep(0.1)
+        pytest.fail(f"{what} never started")
 
     def kill(self, proc: subprocess.Popen[str], sig: int) -> None:
         """Send ``sig`` to the program ``proc`` started (not to the ssh that carries it)."""

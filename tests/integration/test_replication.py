@@ -224,15 +224,7 @@ def test_sigkill_mid_transfer_then_status_then_update(zb: Zb) -> None:
     assert zb.run("initialize", zb.dst_fs()).returncode == 0
     zb.srcside.write_random(zb.src_dir() / "big.bin", 40)
     proc = zb.popen("zettabee", "update", zb.dst_fs())
-    fp = zb.fingerprint()
-    progress = zb.tmp / "state" / f"{fp}.progress"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if progress.exists() and json.loads(progress.read_text() or "{}").get("bytes", 0) > 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the transfer never started")
+    zb.wait_for_transfer(zb.fingerprint())
     zb.kill(proc, signal.SIGKILL)
     proc.wait()
     status = zb.run("status", zb.dst_fs())

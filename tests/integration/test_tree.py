@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -167,14 +166,7 @@ def test_a_run_killed_in_the_middle_of_the_tree_is_finished_by_the_next(zb: Zb) 
     zb.srcside.write_random(zb.src_dir() / "d/after.bin", 1)
     fps = {d["child"]: d["fingerprint"] for d in status(zb)}
     proc = zb.popen("zettabee", "update", zb.dst_fs())
-    progress = zb.tmp / "state" / f"{fps['a/b']}.progress"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if progress.exists() and json.loads(progress.read_text() or "{}").get("bytes", 0) > 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the transfer of a/b never started")
+    zb.wait_for_transfer(fps["a/b"], "the transfer of a/b")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     out = zb.run("update", zb.dst_fs())
