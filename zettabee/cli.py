@@ -402,6 +402,13 @@ def do_monitoring_config(app: App) -> int:
 
     args = app.args
     pairs = app.select(args.destination, all_when_empty=True)
+    if args.per_child:
+        if args.mode != monconf.ACTIVE:
+            raise UsageError(
+                "--per-child goes with --mode active: replicate submits one result per "
+                "pair line, so a child's passive service would never receive one"
+            )
+        pairs = monconf.with_children(pairs, app.settings.state_dir)
     settings_file, pair_file = monconf.plugin_files(app.settings, app.pairfile.path)
     request = monconf.Request(
         host=args.host or app.settings.monitoring_host(),

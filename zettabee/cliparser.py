@@ -205,6 +205,10 @@ def _monitoring_options(p: argparse.ArgumentParser, icinga: bool) -> None:
     p.add_argument("--sudo", action="store_true",
                    help="active: run the plugins through sudo -n (for a monitoring user that "
                    "cannot read ZFS; needs the sudoers rule in icinga-conf/README.md)")  # fmt: skip
+    p.add_argument("--per-child", action="store_true",
+                   help="active: also one lag and one runtime service per child of a "
+                   "recursive line, as its last run listed them (replicate submits one "
+                   "result per line, so passive services stay per line)")  # fmt: skip
     if icinga:
         p.add_argument("--endpoint", metavar="NAME",
                        help="active: the Endpoint (agent on the destination host) that runs the plugins")  # fmt: skip

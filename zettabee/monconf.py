@@ -154,6 +154,17 @@ def services(settings: Settings, pairs: Sequence[Pair]) -> list[Service]:
     return found
 
 
+def with_children(lines: Sequence[Pair], state_dir: str) -> list[Pair]:
+    """``lines`` with, after each recursive one, its children as its last run listed
+    them (a line not yet run has none: its services appear once it has)."""
+    from zettabee.tree import recorded
+
+    pairs: list[Pair] = []
+    for line in lines:
+        pairs += recorded(state_dir, line).pairs if line.options.recursive else [line]
+    return pairs
+
+
 def plugin_files(settings: Settings, pair_file: str) -> tuple[str | None, str | None]:
     """``--settings`` and ``--config`` for the plugins, when the defaults would not do.
 

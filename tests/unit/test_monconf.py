@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zettabee import cli, monconf
+from zettabee import cli, monconf, tree
 from zettabee.config import Settings, load_settings, parse_settings
 from zettabee.errors import ConfigError, UsageError
 from zettabee.monconf import ACTIVE, BOTH, Request, render
@@ -442,3 +442,31 @@ def test_the_command_refuses_a_mode_it_does_not_know(capsys: pytest.CaptureFixtu
         cli.main(["icinga-config", "--mode", "sometimes"])
     assert info.value.code == cli.EXIT_USAGE
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_per_child_adds_the_services_of_a_recursive_lines_children(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pair_file = tmp_path / "pairs.cfg"
+    pair_file.write_text("src:tank/home localhost:backup/home recursive=yes\n")
+    ini = tmp_path / "zettabee.ini"
+    ini.write_text(
+        f"[paths]\npairs = {pair_file}\nstate_dir = {tmp_path}\n[monitoring]\nhost_name = backup1\n"
+    )
+    (line,) = pairs(pair_file.read_text(), load_settings(str(ini)))
+    tree.save(tmp_path, tree.Tree(line, [line, tree.child(line, "alice"), tree.child(line, "bob")]))
+
+    argv = ["--settings", str(ini), "icinga-config", "--mode", "active"]
+    assert cli.main(argv) == cli.EXIT_OK
+    assert capsys.readouterr().out.count("object Service") == 2  # the line's own two
+
+    assert cli.main([*argv, "--per-child"]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert out.count("object Service") == 6
+    for fs in ("backup/home", "backup/home/alice", "backup/home/bob"):
+        assert f'\tvars.zettabee_lag_destination = "{fs}"' in out
+        assert f'\tvars.zettabee_runtime_destination = "{fs}"' in out
+
+    code = cli.main(["--settings", str(ini), "icinga-config", "--per-child"])
+    assert code == cli.EXIT_USAGE
+    assert "--per-child goes with --mode active" in capsys.readouterr().err
