@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from zettabee import relay, zfs
-from zettabee.errors import CommandError
+from zettabee.errors import CommandError, ZettabeeError
 from zettabee.host import Host, SshHost
 
 if TYPE_CHECKING:
@@ -264,7 +264,14 @@ def update(
     receiver = relay.Stage("zfs receive", dst.name, relay.remote_argv(dst, plan.recv, stall))
 
     def received() -> None:
-        step = _await_step(sender, "send")
+        # The whole stream is in: a send that does not say it ended within the stall
+        # limit is stuck (a zfs process stopped or hung on the source), never waited for.
+        step = _await_step(sender, "send", timeout=stall or None)
+        if step is None and sender.proc is not None and sender.proc.poll() is None:
+            stuck.append(
+                f"zfs send on {src.name} did not exit within {stall} s of the end of its stream"
+            )
+            sender.kill()
         if step is None or step.status != 0:
             return
         if sender.feed:
@@ -272,7 +279,14 @@ def update(
         if on_received is not None:
             on_received()
 
+    stuck: list[str] = []
     piped = relay.relay_stages(sender, receiver, stall, progress, received)
+    if stuck:
+        raise ZettabeeError(
+            f"{stuck[0]} (stall={stall}); it was stopped. The replica may hold the new "
+            f"snapshot already: the next run records it. Look on {src.name} for a zfs "
+            "process that is stopped or hung (ps -o pid,stat,cmd -C zfs) and for a busy pool."
+        )
     outcome = _judge(src, plan, sender, receiver, piped)
     if outcome is not None:
         outcome.stream.seconds = time.monotonic() - started
@@ -321,10 +335,12 @@ def _judge(
     return Outcome(source, stream, measured, after)
 
 
-def _await_step(stage: relay.Stage, name: str) -> Step | None:
+def _await_step(stage: relay.Stage, name: str, timeout: float | None = None) -> Step | None:
     """The step ``name`` as soon as the running script has reported it (None if it ends
-    without): its stderr is a file this process can read while the script writes it."""
-    while True:
+    without, or has not said it within ``timeout`` seconds): its stderr is a file this
+    process can read while the script writes it."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
         ended = stage.proc is not None and stage.proc.poll() is not None
         if stage.errfile is not None:
             text = os.pread(stage.errfile.fileno(), 1 << 20, 0).decode(errors="replace")
@@ -334,6 +350,7 @@ def _await_step(stage: relay.Stage, name: str) -> Step | None:
         if ended or stage.errfile is None:
             return None
         time.sleep(0.002)
+    return None
 
 
 def _has(snapshots: list[zfs.Snapshot], wanted: zfs.Snapshot) -> bool:

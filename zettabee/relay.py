@@ -36,6 +36,10 @@ STAGE_MARK = "@@zettabee-stage"
 ProgressFn = Callable[[int, float], None]
 
 
+# Seconds a stream's process has between SIGTERM and SIGKILL.
+KILL_GRACE = 5.0
+
+
 @dataclass
 class Stage:
     """One process of the stream, with its stderr kept apart for the error message."""
@@ -60,7 +64,7 @@ class Stage:
             self.returncode = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            self.returncode = self.proc.wait()
+            self.returncode = self.reap()
         if self.ended is None:
             self.ended = time.monotonic()
         if self.errfile is not None:
@@ -68,6 +72,18 @@ class Stage:
             self.stderr = self.errfile.read().decode(errors="replace").strip()
             self.errfile.close()
             self.errfile = None
+
+    def reap(self) -> int:
+        """The exit status of a process sent SIGTERM: SIGKILL after :data:`KILL_GRACE`
+        seconds, for a process that ignores it or is stopped (it would hold SIGTERM
+        pending until someone continued it)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            return self.proc.wait()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -459,7 +475,7 @@ def relay_stages(
         answer(sender, "")  # a sender still waiting for a line reads the end of its input
         # A sender still writing after its receiver left would wait forever.
         cut_off = relay.receiver_left or receiver.failed
-        sender.finish(timeout=stall or None if cut_off else None)
+        sender.finish(timeout=stall or None if cut_off or sender.killed else None)
     return relay
 
 

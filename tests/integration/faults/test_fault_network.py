@@ -7,6 +7,12 @@ and a next update that simply works once the fault is gone.
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+from pathlib import Path
+
 import pytest
 
 from tests.integration.faults.conftest import (
@@ -116,4 +122,49 @@ def test_mbuffer_killed_mid_transfer(faults: Faults, side: str, says: str) -> No
     kill(victims)
     outcome = faults.finish(run)
     faults.failed(replica, outcome, says)
+    faults.recovers(replica)
+
+
+def stuck_send(where: Path) -> Path:
+    """A ``zfs`` in front of the real one whose ``zfs send`` stops itself (SIGSTOP) once
+    its whole stream is out, holding the stream's pipe open: a send that never exits
+    (once ``armed`` exists in ``where``)."""
+    real = shutil.which("zfs", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert real, "zfs not found"
+    where.mkdir(parents=True, exist_ok=True)
+    os.chmod(where, 0o755)
+    wrapper = where / "zfs"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'  send) {shlex.quote(real)} "$@"; s=$?\n'
+        f"        [ -e {shlex.quote(str(where / 'armed'))} ] || exit $s\n"
+        f"        echo $$ > {shlex.quote(str(where / 'pid'))}; kill -STOP $$; exit $s ;;\n"
+        "esac\n"
+        f'exec {shlex.quote(real)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return where
+
+
+def test_a_source_zfs_send_that_never_exits(faults: Faults, sshd: Sshd) -> None:
+    gate = stuck_send(faults.tmp / "stuck-send")
+    sshd.start(path_first=gate)
+    replica = faults.replica(mb=2, options=f"stall=5,{sshd.options()}")
+    (gate / "armed").touch()  # from here on, a send stops once its stream is out
+    replica.grow(1)
+    faults.expect(
+        "source zfs send stopped (SIGSTOP) after its stream",
+        "exit 1 within the stall limit naming the stuck zfs send; runtime CRITICAL; lag "
+        "CRITICAL 'inconsistent' (the replica took the stream, unrecorded) until the next "
+        "update reconciles it once the send is continued",
+    )
+    outcome = faults.run("zettabee", "update", replica.fs, timeout=120)
+    try:
+        faults.failed(replica, outcome, r"zfs send on \S+ did not exit within 5 s", lag=2)
+    finally:
+        stopped = gate / "pid"
+        if stopped.exists():
+            kill([int(stopped.read_text())], signal.SIGCONT)
+    (gate / "zfs").unlink()
     faults.recovers(replica)
