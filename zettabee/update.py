@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from zettabee import divergence, fastpath, resume, snapshots, zfs
-from zettabee.errors import CommandError, StateError, TransportError
+from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.pair import hold_tag, is_own_snapshot
 from zettabee.relay import StreamResult
 from zettabee.run import TIDY, PairRun, RunReport
@@ -96,7 +96,8 @@ def in_one_round_trip(
     Once both the send and the receive have succeeded, the new snapshot is the
     common one: the script holds it on the source, releases the pair's hold on the
     old base and destroys that, while here :func:`received` does its part. What the
-    source's listing adds (rare: leftovers of failed runs) goes after.
+    source's listing adds (rare: leftovers of killed runs) goes after; a failed run's
+    new snapshot goes at once (:func:`discard_new`).
 
     Without ``listing`` (the run before left the source tidy), the source is listed
     only if the update fails. A run that found and left the source as planned says
@@ -117,6 +118,7 @@ def in_one_round_trip(
                 run.src, run.dst, plan, pair.options.stall, run.progress(), on_received
             )
         except (CommandError, TransportError) as exc:
+            discard_new(run, snap, held=False)  # its hold comes only once received
             raise divergence.explain_receive(pair, exc, base.name) from exc
     if outcome is None:
         return None
@@ -231,6 +233,49 @@ def source_base_gone(
     return [f"{src.name}:{target}"]
 
 
+def discard_new(run: PairRun, snap: str, held: bool) -> None:
+    """After a failed update, its new snapshot on the source goes again (``held``: its
+    hold first), so that failed runs, one after another, leave the source as the last
+    good one left it; unless the destination has it after all (the receive went through
+    and a later step failed) or a resume token there goes on from it, and then the next
+    run needs it. Nothing else is touched: the base and older snapshots stay. A cleanup
+    that fails is only said: the run's own error is the one that counts."""
+    pair, src = run.pair, run.src
+    target = f"{pair.source.fs}@{snap}"
+    try:
+        view = dest_view(pair, run.dst, run.feats.destination)
+    except ZettabeeError as exc:
+        log.debug("%s: %s kept: the destination cannot be read (%s)", pair.name, target, exc)
+        return
+    if view is not None and snap in [s.name for s in view.snapshots]:
+        return
+    token = zfs.resume_token(view.props.get(zfs.PROP_RESUME_TOKEN)) if view else None
+    if token and _resumes(token, target):
+        log.info("%s: %s kept for the resumable receive of it", pair.name, target)
+        return
+    try:
+        if held:
+            snapshots.let_go(pair, src, target)
+        snapshots.destroy(src, target)
+    except ZettabeeError as exc:
+        log.warning(
+            "%s: the failed update's new snapshot %s:%s stays (%s); the next update that "
+            "succeeds destroys it",
+            pair.name, src.name, target, exc,
+        )  # fmt: skip
+        return
+    log.info("%s: destroyed %s:%s, the failed update's new snapshot", pair.name, src.name, target)
+
+
+def _resumes(token: str, target: str) -> bool:
+    """Does the resume token go on with the send of ``target``? (Yes when it cannot be
+    read: a snapshot kept for nothing goes with the next good run.)"""
+    try:
+        return zfs.decode_resume_token(token).get("toname") in (target, None)
+    except ValueError:
+        return True
+
+
 # -- step by step --------------------------------------------------------------------
 
 
@@ -257,9 +302,14 @@ def step_by_step(
         )  # fmt: skip
     with clock("snapshot"):
         snap = snapshots.new_snapshot(pair, src, ssnaps)
+    try:
         if feats.hold_source:
-            snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
-    stream = _send(run, snap, source_base, common.name)
+            with clock("snapshot"):
+                snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
+        stream = _send(run, snap, source_base, common.name)
+    except ZettabeeError:
+        discard_new(run, snap, held=feats.hold_source)
+        raise
     run.report.destroyed = received(run, snap, common.name, dsnaps)
     with clock("record"):
         if feats.source.holds:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.tokens import encode
 from zettabee import checks, fastpath
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.health import SYNCHRONIZED, Health
@@ -61,6 +62,11 @@ class ScriptedHost:
                 answers.append((rc, stdout, stderr))
                 return
         self.answers.append((prefix, [(rc, stdout, stderr)]))
+
+    def now(self, prefix: list[str], stdout: str) -> None:
+        """From now on, answer ``prefix`` so (what the host is after a change)."""
+        self.answers = [(known, answers) for known, answers in self.answers if known != prefix]
+        self.on(prefix, stdout)
 
     def run(self, argv: list[str], *, check: bool = True, **_: object) -> Result:
         argv = list(argv)
@@ -297,6 +303,9 @@ def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
 
     def cut() -> None:
         progress_writer(lab.store, PAIR)(5_000_000, 2.0)
+        # the destination keeps the partial receive of the new snapshot: a resume token
+        kept = encode({"toname": f"{SRC_FS}@{lab.new_snapshot()}", "toguid": 7})
+        lab.dst.now(["zfs", "get", "-Hp", "-d"], listing(DST_FS, [(S1, 1, 1)], token=kept))
         raise TransportError("ssh to src failed (exit 255): Connection reset by peer")
 
     lab.failures.append(cut)
@@ -306,6 +315,7 @@ def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "Connection reset" in message and "the receive is resumable" in message
     assert "4.8 MiB" in message and "next update resumes" in message
+    assert not lab.src.calls("zfs", "destroy")
     status = lab.status()
     assert status.state == FAILED
     assert status.extra["resume"]["snapshot"] == new
@@ -315,6 +325,61 @@ def test_a_broken_resumable_stream_says_what_is_kept(tmp_path: Path) -> None:
     health = Health(PAIR, SYNCHRONIZED, status=status, run_state=FAILED, runtime=3)
     outcome = checks.evaluate(checks.runtime_check([health]))
     assert outcome.code == 2 and "resumable" in outcome.output and new in outcome.output
+
+
+MODIFIED = "cannot receive incremental stream: destination backup/data has been modified"
+
+
+def refused_lab(tmp_path: Path, destroy: tuple[int, str] = (0, "")) -> Lab:
+    """An update whose receive is refused (a modified replica), no resume token after it."""
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get", "-Hp", "-d"], listing(DST_FS, [(S1, 1, 1)]))
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.src.on(["zfs", "destroy"], stderr=destroy[1], rc=destroy[0])
+
+    def refused() -> None:
+        raise CommandError(["zfs", "receive"], "dst", 1, MODIFIED, "zfs receive")
+
+    lab.failures.append(refused)
+    return lab
+
+
+def test_a_refused_receive_releases_and_destroys_the_new_snapshot_only(tmp_path: Path) -> None:
+    lab = refused_lab(tmp_path)
+    with pytest.raises(StateError, match="was modified since the common snapshot .*rollback=yes"):
+        lab.replicator.update(PAIR)
+    new = f"{SRC_FS}@{lab.new_snapshot()}"
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", TAG, new]]
+    assert lab.src.calls("zfs", "destroy") == [["zfs", "destroy", new]]  # never the base
+    assert lab.index("src", "zfs", "release", TAG, new) < lab.index("src", "zfs", "destroy", new)
+    assert not lab.dst.calls("zfs", "destroy") and not lab.dst.calls("zfs", "release")
+
+
+def test_a_failed_cleanup_leaves_the_run_s_own_error_as_it_was(tmp_path: Path) -> None:
+    lab = refused_lab(tmp_path, destroy=(1, "cannot destroy snapshot: I/O error"))
+    with pytest.raises(StateError) as caught:
+        lab.replicator.update(PAIR)
+    message = str(caught.value)
+    assert "was modified since the common snapshot" in message and "I/O error" not in message
+    assert "I/O error" not in lab.status().error
+
+
+def test_a_new_snapshot_the_destination_received_after_all_stays(tmp_path: Path) -> None:
+    """zfs receive can fail after it took the stream (a mount that fails): the new
+    snapshot is the common one then, and stays on the source, held."""
+    lab = refused_lab(tmp_path)
+    lab.failures.clear()
+
+    def received_then_failed() -> None:
+        taken = listing(DST_FS, [(S1, 1, 1), (lab.new_snapshot(), 2, 0)])
+        lab.dst.now(["zfs", "get", "-Hp", "-d"], taken)
+        raise CommandError(["zfs", "receive"], "dst", 1, "cannot mount: busy", "zfs receive")
+
+    lab.failures.append(received_then_failed)
+    with pytest.raises(CommandError, match="cannot mount"):
+        lab.replicator.update(PAIR)
+    assert not lab.src.calls("zfs", "destroy") and not lab.src.calls("zfs", "release")
 
 
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:

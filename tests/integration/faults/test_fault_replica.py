@@ -7,11 +7,13 @@ without consent; the advice it gives must then work.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
 from tests.integration.faults.conftest import (
+    INTACT,
     Faults,
     Replica,
     Sshd,
@@ -190,3 +192,37 @@ def test_the_source_refuses_to_hold_the_new_base_after_the_receive(
     faults.recovers(replica)
     now = holds_on_source(replica)
     assert now == {replica.snapshot: 1}, now
+
+
+@pytest.mark.parametrize("path", ["one round trip", "step by step"])
+def test_failed_runs_leave_no_held_snapshots_behind(faults: Faults, path: str) -> None:
+    """Every run takes a new snapshot on the source (held, on the step-by-step path)
+    before its stream; when the receive refuses the stream and leaves no resume token,
+    that snapshot is released and destroyed again: cron's failed runs, one after another,
+    must not pile held snapshots up on production. The mbuffer transport goes step by
+    step; ssh in one round trip."""
+    zb = faults.zb
+    steps = path == "step by step"
+    options = zb.mbuffer() if steps else ""
+    replica = faults.replica(mb=2, options=options)
+    before = holds_on_source(replica)
+    assert before == {replica.snapshot: 1}, before
+    zb.dstside.run("zfs", "set", "readonly=off", replica.fs)
+    zb.dstside.write_text(replica.dest_dir / "local-change.txt", "written on the replica\n")
+    replica.grow(8)  # more than the pipes hold: the send is cut off as well as refused
+    faults.expect(
+        f"five updates refused by a modified replica ({path})",
+        "each exit 1 'modified ... rollback=yes'; the source holds after each what it held "
+        "before (the base, held once); rollback=yes recovers",
+    )
+    refused = r"was modified since the common snapshot .*rollback=yes"
+    faults.update_fails(replica, refused)
+    assert holds_on_source(replica) == before
+    for _ in range(4):
+        again = faults.run("zettabee", "update", replica.fs)
+        assert again.code == 1 and re.search(refused, again.stderr), again.stderr
+        assert holds_on_source(replica) == before
+    assert replica.intact() == INTACT
+    zb.write_pairs(zb.pair_line(replica.leaf, ",".join(o for o in (options, "rollback=yes") if o)))
+    faults.recovers(replica)
+    assert holds_on_source(replica) == {replica.snapshot: 1}
