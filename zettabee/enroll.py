@@ -17,8 +17,9 @@ leaves nothing half-done):
 2. the restricted line (:mod:`zettabee.authkeys`) in the key user's ``authorized_keys``,
    written to a temporary file with the old file's owner and mode and renamed over it;
    nothing is written when the line is there already;
-3. the host key pinned in the pair's known_hosts file, and a pull's command run through
-   the restricted key with OpenSSH, as cron will.
+3. the host key pinned in the pair's known_hosts file, a pull's command run through the
+   restricted key with OpenSSH, as cron will, and each pair's features probed that way
+   and printed as ``setup`` prints them.
 
 Only this module and its rooms (:mod:`zettabee.contact`, :mod:`zettabee.enrollsource`,
 :mod:`zettabee.enrollplan`) import paramiko; the check plugins, ``replicate`` and ``update`` never
@@ -125,6 +126,7 @@ def _enroll(
             pin_host_key(plan.target.known_hosts or "", plan.target, offered)
     if not dry:
         prove(plan)
+        show_features(plan)
 
 
 def _would(dry: bool) -> str:
@@ -211,6 +213,31 @@ def prove(plan: Plan) -> None:
     print(
         f"{plan.target.host}: a pull's command through the restricted key works ({len(plan.pairs)} pairs, {len(plan.datasets)} file systems)"
     )
+
+
+def show_features(plan: Plan) -> None:
+    """Each pair's features as ``setup`` prints them, the source probed through the
+    restricted key as a cron run probes it; a pair that cannot work as its options ask
+    (raw=yes where a side has no raw send) fails the enrollment's proof."""
+    from zettabee.hosts import Hosts
+    from zettabee.preflight import print_features
+
+    hosts = Hosts(plan.target.known_hosts or "")
+    try:
+        failed = []
+        for pair in plan.pairs:
+            print(f"{pair}:")
+            src, dst = hosts.get(pair.source, pair), hosts.get(pair.destination, pair)
+            if not print_features(hosts, pair, src, dst):
+                failed.append(pair.name)
+    finally:
+        hosts.close()
+    if failed:
+        raise EnrollError(
+            f"{plan.target.host}: enrolled, but {', '.join(failed)} cannot work as "
+            "configured (the FAIL lines above): fix the pair file, then `zettabee setup` "
+            "checks it again"
+        )
 
 
 def _remove(remote: Remote, request: Request, plan: Plan) -> None:

@@ -95,15 +95,15 @@ def check_pairs(settings: Settings, pairs: Sequence[Pair], accept_new_host_key: 
                 if not ok and label == "zfs" and host is src:
                     break
             if zfs_ok:
-                all_ok &= _features(hosts, pair, src, dst)
+                all_ok &= print_features(hosts, pair, src, dst)
     finally:
         hosts.close()
     return all_ok
 
 
-def _features(hosts: Hosts, pair: Pair, src: Host, dst: Host) -> bool:
+def print_features(hosts: Hosts, pair: Pair, src: Host, dst: Host) -> bool:
     """What each side's ZFS offers and what the pair will use; a demanded option that a
-    side cannot honour (raw, bookmark) fails the check."""
+    side cannot honour (raw, bookmark) fails the check. ``enroll`` ends with these lines."""
     try:
         feats = hosts.features(pair, src, dst)
     except ZettabeeError as exc:

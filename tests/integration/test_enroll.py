@@ -234,6 +234,19 @@ def test_enroll_then_pull_through_the_restricted_key(enrolling: Enroll) -> None:
     assert oct(e.root_keys.stat().st_mode & 0o777) == "0o600"
     assert e.known_hosts.read_text().startswith(f"[{e.sshd.address}]:{e.sshd.port} ssh-ed25519 ")
     assert e.key.exists() and Path(f"{e.key}.pub").exists()
+    # the proof ends with the pair's features, probed through the key as setup prints them
+    setup = zb.run("setup", zb.dst_fs())
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    features = [
+        line
+        for line in setup.stdout.splitlines()
+        if line.startswith(("  ok   source zfs on ", "  ok   destination zfs on ", "  uses "))
+    ]
+    assert len(features) == 3, setup.stdout
+    pair = setup.stdout.splitlines()[0]  # the pair, as setup names it
+    shown = first.stdout.splitlines()
+    assert pair in shown, first.stdout
+    assert [pair, *features] == shown[shown.index(pair) :][:4], (setup.stdout, first.stdout)
 
     # cron's way in: the pair initializes and updates through the restricted key
     init = zb.run("initialize", zb.dst_fs())
@@ -275,6 +288,16 @@ def test_other_lines_owner_and_mode_kept(enrolling: Enroll) -> None:
     assert text.startswith(f"# admins\n{other}restrict,")
     assert oct(e.root_keys.stat().st_mode & 0o777) == "0o640"
     assert not [p for p in e.sshd.keys.iterdir() if p.name.startswith(".")]
+
+
+def test_a_pair_its_zfs_cannot_serve_fails_the_proof(enrolling: Enroll) -> None:
+    """raw=yes on zfs-fuse: enrolled, then the features say why the pair cannot work."""
+    e, zb = enrolling, enrolling.zb
+    zb.write_pairs(zb.pair_line(options=f"{e.options},raw=yes"))
+    proc = e.run("--host-key-fingerprint", e.sshd.fingerprint)
+    assert_clean_failure(proc, "cannot work as configured (the FAIL lines above)")
+    assert "  FAIL raw=yes, but the source" in proc.stdout, proc.stdout
+    assert e.root_keys.read_text().startswith("restrict,")  # enrolled all the same
 
 
 def test_dry_run_changes_nothing(enrolling: Enroll) -> None:
