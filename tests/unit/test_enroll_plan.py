@@ -98,6 +98,19 @@ def test_the_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path) -> None:
     assert contact.sha256_fingerprint(key) == printed.stdout.split()[1]
 
 
+@pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa"])
+def test_an_admin_key_that_ssh_keygen_wrote_is_loaded(tmp_path: Path, kind: str) -> None:
+    """--admin-key of each type, as OpenSSH writes it, and with a passphrase told apart."""
+    path = tmp_path / kind
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
+    printed = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True)
+    assert contact.sha256_fingerprint(contact._load_key(str(path))) == printed.stdout.split()[1]
+    locked = tmp_path / f"{kind}-locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "secret", "-f", str(locked)], check=True)
+    with pytest.raises(enrollplan.EnrollError, match="has a passphrase: load it into ssh-agent"):
+        contact._load_key(str(locked))
+
+
 TARGET = SshTarget("src.example.com", 22, "root", "/k/id", "/etc/zettabee/known_hosts")
 
 
