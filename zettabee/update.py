@@ -118,7 +118,7 @@ def in_one_round_trip(
                 run.src, run.dst, plan, pair.options.stall, run.progress(), on_received
             )
         except (CommandError, TransportError) as exc:
-            discard_new(run, snap, held=False)  # its hold comes only once received
+            discard_new(run, snap, exc, held=False)  # its hold comes only once received
             raise divergence.explain_receive(pair, exc, base.name) from exc
     if outcome is None:
         return None
@@ -233,15 +233,25 @@ def source_base_gone(
     return [f"{src.name}:{target}"]
 
 
-def discard_new(run: PairRun, snap: str, held: bool) -> None:
+def discard_new(run: PairRun, snap: str, cause: ZettabeeError, held: bool) -> None:
     """After a failed update, its new snapshot on the source goes again (``held``: its
     hold first), so that failed runs, one after another, leave the source as the last
     good one left it; unless the destination has it after all (the receive went through
     and a later step failed) or a resume token there goes on from it, and then the next
     run needs it. Nothing else is touched: the base and older snapshots stay. A cleanup
-    that fails is only said: the run's own error is the one that counts."""
+    that fails is only said: the run's own error is the one that counts.
+
+    When the link is what failed (``cause`` a :class:`TransportError`: a stall, a cut
+    connection), the source is not asked again: over a dead or crawling link each command
+    would wait out its own timeout, and the run would hang minutes past its stall limit.
+    The snapshot stays for the next update that gets through, which destroys the pair's
+    leftovers it lists."""
     pair, src = run.pair, run.src
     target = f"{pair.source.fs}@{snap}"
+    if isinstance(cause, TransportError):
+        log.info("%s: %s:%s kept: the link failed; the next update removes it",
+                 pair.name, src.name, target)  # fmt: skip
+        return
     try:
         view = dest_view(pair, run.dst, run.feats.destination)
     except ZettabeeError as exc:
@@ -307,8 +317,8 @@ def step_by_step(
             with clock("snapshot"):
                 snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
         stream = _send(run, snap, source_base, common.name)
-    except ZettabeeError:
-        discard_new(run, snap, held=feats.hold_source)
+    except ZettabeeError as exc:
+        discard_new(run, snap, exc, held=feats.hold_source)
         raise
     run.report.destroyed = received(run, snap, common.name, dsnaps)
     with clock("record"):

@@ -382,6 +382,21 @@ def test_a_new_snapshot_the_destination_received_after_all_stays(tmp_path: Path)
     assert not lab.src.calls("zfs", "destroy") and not lab.src.calls("zfs", "release")
 
 
+def test_a_stream_the_link_broke_asks_the_source_nothing_more(tmp_path: Path) -> None:
+    """A stall or a cut link: over that link a cleanup would wait out each command's own
+    timeout (minutes) after the stall limit; the snapshot waits for the next good run."""
+    lab = refused_lab(tmp_path)
+    lab.failures.clear()
+
+    def stalled() -> None:
+        raise TransportError("the stream stalled: no data for 5s after 4096 bytes; aborted")
+
+    lab.failures.append(stalled)
+    with pytest.raises(TransportError, match="stalled"):
+        lab.replicator.update(PAIR)
+    assert not lab.src.calls("zfs", "destroy") and not lab.src.calls("zfs", "release")
+
+
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
     lab = Lab(tmp_path, OPENZFS_PROBE, FUSE_PROBE)
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 0)]))

@@ -220,6 +220,13 @@ class Replica:
     def grow(self, mb: int, name: str = "more.bin") -> None:
         self.zb.srcside.write_random(self.source_dir / name, mb)
 
+    def source_holds(self) -> dict[str, int]:
+        """The source's snapshots of the pair and the holds on each."""
+        fs = self.zb.src_fs(self.leaf)
+        argv = ("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs)
+        rows = [line.split("\t") for line in self.zb.srcside.run(*argv).stdout.splitlines()]
+        return {name.partition("@")[2]: int(refs) for name, refs in rows if f"{fs}@" in name}
+
     def intact(self, snapshot_destroyed: bool = False) -> str:
         """``intact``, or what is wrong with the last good state.
 

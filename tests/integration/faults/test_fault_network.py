@@ -55,6 +55,7 @@ def test_link_cut_mid_transfer(faults: Faults) -> None:
     with faults.rate(THROTTLE), faults.link() as cut:
         faults.update_broken_mid_stream(replica, cut, STALLED)
     faults.recovers(replica)
+    assert replica.source_holds() == {replica.snapshot: 1}  # the failed run's snapshot gone
 
 
 def test_source_sshd_gone_before_a_run(faults: Faults, sshd: Sshd) -> None:
@@ -96,6 +97,7 @@ def test_stream_stalled_by_a_rate_near_zero(faults: Faults) -> None:
     with faults.rate(THROTTLE) as rate:
         faults.update_broken_mid_stream(replica, lambda: rate("1kbit"), STALLED)
     faults.recovers(replica)
+    assert replica.source_holds() == {replica.snapshot: 1}  # the failed run's snapshot gone
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,6 @@ import pytest
 from tests.integration.faults.conftest import (
     INTACT,
     Faults,
-    Replica,
     Sshd,
     destroy_past_the_hold,
     every_backend,
@@ -112,15 +111,6 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
     faults.row.observed += "; initialize --force: exit 0, lag OK, runtime OK"
 
 
-def holds_on_source(replica: Replica) -> dict[str, int]:
-    """The source's snapshots of the pair and the holds on each."""
-    zb = replica.zb
-    fs = zb.src_fs(replica.leaf)
-    out = zb.srcside.run("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs).stdout
-    rows = [line.split("\t") for line in out.splitlines() if f"{fs}@" in line]
-    return {name.partition("@")[2]: int(refs) for name, refs in rows}
-
-
 @pytest.mark.parametrize("where", ["source", "destination"])
 def test_an_old_base_held_under_another_tag_is_kept(faults: Faults, where: str) -> None:
     """An operator's hold on the base an update leaves behind (a restore point kept by
@@ -186,11 +176,11 @@ def test_the_source_refuses_to_hold_the_new_base_after_the_receive(
         updated=True,
     )  # fmt: skip
     assert replica.snapshot != old  # received and recorded before the hold failed
-    left = holds_on_source(replica)
+    left = replica.source_holds()
     assert left == {old: 1, replica.snapshot: 0}, left
     gate.remove()
     faults.recovers(replica)
-    now = holds_on_source(replica)
+    now = replica.source_holds()
     assert now == {replica.snapshot: 1}, now
 
 
@@ -205,7 +195,7 @@ def test_failed_runs_leave_no_held_snapshots_behind(faults: Faults, path: str) -
     steps = path == "step by step"
     options = zb.mbuffer() if steps else ""
     replica = faults.replica(mb=2, options=options)
-    before = holds_on_source(replica)
+    before = replica.source_holds()
     assert before == {replica.snapshot: 1}, before
     zb.dstside.run("zfs", "set", "readonly=off", replica.fs)
     zb.dstside.write_text(replica.dest_dir / "local-change.txt", "written on the replica\n")
@@ -217,12 +207,12 @@ def test_failed_runs_leave_no_held_snapshots_behind(faults: Faults, path: str) -
     )
     refused = r"was modified since the common snapshot .*rollback=yes"
     faults.update_fails(replica, refused)
-    assert holds_on_source(replica) == before
+    assert replica.source_holds() == before
     for _ in range(4):
         again = faults.run("zettabee", "update", replica.fs)
         assert again.code == 1 and re.search(refused, again.stderr), again.stderr
-        assert holds_on_source(replica) == before
+        assert replica.source_holds() == before
     assert replica.intact() == INTACT
     zb.write_pairs(zb.pair_line(replica.leaf, ",".join(o for o in (options, "rollback=yes") if o)))
     faults.recovers(replica)
-    assert holds_on_source(replica) == {replica.snapshot: 1}
+    assert replica.source_holds() == {replica.snapshot: 1}
