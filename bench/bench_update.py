@@ -39,7 +39,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
-from zettabee.mbuffer import MBUFFER_BLOCK, MBUFFER_MEMORY, listening  # noqa: E402
+from zettabee.mbuffer import (  # noqa: E402
+    MBUFFER_BLOCK,
+    MBUFFER_MEMORY,
+    listener_is_ours,
+    local_fds,
+    local_tables,
+)
 
 TARGETS = {"no change": 1.5, "+MB": 1.1, "full ssh": 0.95, "full mbuffer": 0.95}
 MBUFFER_PORT = 19431
@@ -194,7 +200,7 @@ class Bench:
             ["mbuffer", *opts, "-I", f"{self.src.address}:{MBUFFER_PORT}"], stdout=subprocess.PIPE
         )
         receiver = subprocess.Popen(["zfs", "recv", "-F", self.rawfs], stdin=listener.stdout)
-        while not listening(MBUFFER_PORT):
+        while not listener_is_ours(local_tables(), local_fds(listener.pid), MBUFFER_PORT, "here"):
             time.sleep(0.005)
         remote = f"zfs send {self.sfs}@{snap} | mbuffer {' '.join(opts)} -O {self.lab.dest_address}:{MBUFFER_PORT}"
         sender = subprocess.run(self.src.ssh_argv(remote), capture_output=True)

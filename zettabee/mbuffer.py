@@ -2,10 +2,19 @@
 ``zfs send`` into ``mbuffer -O`` (started over the control connection) and ``mbuffer -I``
 listens on the destination: here, feeding the relay, or on a remote destination, where
 its own status line is the byte count.
+
+The stream is not encrypted, so the source is told to connect only once the listening
+socket on the port is known to be the listening mbuffer's own: the kernel's table of
+listening sockets (``/proc/net/tcp``) names the socket, and it must be one of the
+mbuffer process's open files (``/proc/PID/fd``), on the host where it listens. Anything
+else listening on the port (another service, another pair's mbuffer) fails the run, or,
+when the pair fixes no port, makes it try another one.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import socket
 import threading
@@ -32,6 +41,17 @@ from zettabee.relay import (
 
 MBUFFER_BLOCK = "128k"
 MBUFFER_MEMORY = "64M"
+# Ports a run tries when the pair fixes none and the one it picked was taken meanwhile.
+PORT_TRIES = 5
+# Where a destination's free port is picked: Linux's default local port range.
+EPHEMERAL_PORTS = range(32768, 61000)
+# The remote listener's first line on stderr: its pid, for /proc/PID/fd.
+PID_MARK = "@@zettabee-listener"
+_IN_USE = "Address already in use"
+
+
+class PortTaken(TransportError):
+    """Another program listens on the port the mbuffer was to listen on."""
 
 
 def free_port() -> int:
@@ -40,46 +60,77 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def listening(port: int) -> bool:
-    """Is anything on this machine listening on TCP ``port``? (no connection made:
-    mbuffer -I accepts exactly one.)"""
+def free_port_in(tables: str) -> int:
+    """A port of :data:`EPHEMERAL_PORTS` that no socket of a host's ``/proc/net/tcp``
+    tables uses, listening or connected: a free port of that host's."""
+    used = set()
+    for line in tables.splitlines():
+        cols = line.split()
+        if len(cols) > 3 and ":" in cols[1]:
+            used.add(int(cols[1].rpartition(":")[2], 16))
+    free = [port for port in EPHEMERAL_PORTS if port not in used]
+    if not free:
+        raise TransportError(f"no free port between {EPHEMERAL_PORTS[0]} and {EPHEMERAL_PORTS[-1]}")
+    return random.choice(free)
+
+
+def listeners(tables: str, port: int) -> set[str]:
+    """The socket inodes a Linux ``/proc/net/tcp`` (and ``tcp6``) table lists as
+    listening on ``port``, on any address."""
+    want = f":{port:04X}"
+    found = set()
+    for line in tables.splitlines():
+        cols = line.split()
+        if len(cols) > 9 and cols[1].endswith(want) and cols[3] == "0A":
+            found.add(cols[9])
+    return found
+
+
+def socket_inodes(fd_listing: str) -> set[str]:
+    """The socket inodes among a process's open files: ``socket:[INODE]``, as
+    ``readlink`` of ``/proc/PID/fd/N`` (or ``ls -l /proc/PID/fd``) shows them."""
+    return set(re.findall(r"socket:\[([0-9]+)\]", fd_listing))
+
+
+def listener_is_ours(tables: str, fd_listing: str, port: int, where: str) -> bool:
+    """Is every socket listening on ``port`` one of the mbuffer's own? False while none
+    listens yet; :class:`PortTaken` when another program's socket does, besides it."""
+    listening = listeners(tables, port)
+    ours = socket_inodes(fd_listing)
+    if listening & ours:
+        if listening - ours:
+            raise PortTaken(
+                f"port {port} on {where} has another listener besides zettabee's mbuffer: "
+                "the stream could go to it; stop the other program or choose another port="
+            )
+        return True
+    return False
+
+
+def local_tables() -> str:
+    """This host's ``/proc/net/tcp`` and ``tcp6`` tables, as one text."""
+    text = ""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as handle:
-                if proc_net_listening(handle.read(), port):
-                    return True
+                text += handle.read()
         except OSError:
             continue
-    return False
+    return text
 
 
-def proc_net_listening(text: str, port: int) -> bool:
-    """Does a Linux ``/proc/net/tcp`` table show a listener on ``port``?"""
-    want = f":{port:04X}"
-    for line in text.splitlines():
-        cols = line.split()
-        if len(cols) > 3 and cols[1].endswith(want) and cols[3] == "0A":
-            return True
-    return False
-
-
-def netstat_listening(text: str, port: int) -> bool:
-    """Does ``netstat -an`` (BSD, illumos) show a TCP listener on ``port``?"""
-    for line in text.splitlines():
-        cols = line.split()
-        if "LISTEN" in cols and any(re.search(rf"[.:]{port}$", col) for col in cols):
-            return True
-    return False
-
-
-def remote_listening(host: SshHost, port: int) -> bool:
-    """Is anything listening on TCP ``port`` on a remote host? Read over the control
-    connection: /proc/net/tcp on Linux, ``netstat -an`` elsewhere."""
-    res = host.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"], check=False, timeout=30)
-    if res.stdout.strip():
-        return proc_net_listening(res.stdout, port)
-    res = host.run(["netstat", "-an"], check=False, timeout=30)
-    return netstat_listening(res.stdout, port)
+def local_fds(pid: int) -> str:
+    """Where each open file of process ``pid`` of this host leads, one a line."""
+    links = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+    except OSError:
+        return ""
+    return "\n".join(links)
 
 
 _MBUFFER_COUNT = re.compile(
@@ -115,11 +166,11 @@ def stream_via_mbuffer(
 ) -> StreamResult:
     """The seed's unencrypted TCP stream: source ``zfs send | mbuffer -O``, local ``mbuffer -I``.
 
-    The local listener is up before the source is told to connect (no fixed sleep), and
-    both mbuffers run with a ``-W`` watchdog so a dead peer cannot hang the run. The
-    listener starts before the control connection is waited for, so that both come up
-    together. ``first`` (to a destination on this host) runs on the source before the
-    send, in the same command (:func:`pipeline_script`): the snapshot to send, say.
+    The local listener is up, and known to be the one listening on its port, before the
+    source is told to connect (no fixed sleep), and both mbuffers run with a ``-W``
+    watchdog so a dead peer cannot hang the run. ``first`` (to a destination on this
+    host) runs on the source before the send, in the same command
+    (:func:`pipeline_script`): the snapshot to send, say.
     """
     if first and not dest.is_local:
         raise ValueError("commands before an mbuffer stream only to a local destination")
@@ -129,24 +180,8 @@ def stream_via_mbuffer(
             source, dest, send_argv, recv_argv, stall, port, connect_host, bwlimit, progress
         )
     started = time.monotonic()
-    port = port or free_port()
-    listen = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
-    listen += listen_for(source.target.address, port)
-    listener = Stage("mbuffer -I", dest.name, listen)
-    receiver = Stage("zfs receive", dest.name, list(recv_argv))
+    listen, listener, receiver, port = _listen_here(source, dest, recv_argv, stall, port)
     stages = [listener, receiver]
-    start_pipe(listener, receiver)
-    deadline = time.monotonic() + 10
-    while not listening(port):
-        if listener.proc and listener.proc.poll() is not None:
-            receiver.kill()
-            for stage in stages:
-                stage.finish()
-            raise describe_failure(stages, None)
-        if time.monotonic() > deadline:
-            kill_all(stages)()
-            raise TransportError(f"mbuffer did not listen on port {port} within 10s")
-        time.sleep(0.002)
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
     script = pipeline_script([send_argv, out], first=first)
     remote: dict[str, object] = {}
@@ -177,6 +212,78 @@ def stream_via_mbuffer(
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result
+
+
+def _listen_here(
+    source: SshHost, dest: Host, recv_argv: list[str], stall: int, port: int | None
+) -> tuple[list[str], Stage, Stage, int]:
+    """``mbuffer -I | zfs receive`` here, its mbuffer known to be the one listening on
+    the port: that of the pair, or a free one (another, if it was taken meanwhile)."""
+    for tries_left in reversed(range(PORT_TRIES if port is None else 1)):
+        chosen = port or free_port()
+        listen = ["mbuffer", "-q", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+        listen += listen_for(source.target.address, chosen)
+        listener = Stage("mbuffer -I", dest.name, listen)
+        receiver = Stage("zfs receive", dest.name, list(recv_argv))
+        start_pipe(listener, receiver)
+        try:
+            _await_local_listener(listener, receiver, chosen, dest.name, port is not None)
+        except PortTaken:
+            if tries_left:
+                continue
+            raise
+        return listen, listener, receiver, chosen
+    raise AssertionError("unreachable")
+
+
+def _await_local_listener(
+    listener: Stage, receiver: Stage, port: int, where: str, fixed: bool
+) -> None:
+    """Until the socket listening on ``port`` is the listener's own (its
+    ``/proc/PID/fd``). A listener that ended is the failure; one that could not bind
+    the port (another program holds it) is :class:`PortTaken`."""
+    stages = [listener, receiver]
+    assert listener.proc is not None
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if listener_is_ours(local_tables(), local_fds(listener.proc.pid), port, where):
+                return
+        except PortTaken:
+            kill_all(stages)()
+            for stage in stages:
+                stage.finish()
+            raise
+        if listener.proc.poll() is not None:
+            receiver.kill()
+            for stage in stages:
+                stage.finish()
+            if _IN_USE in listener.stderr:
+                raise _port_taken(port, where, listener.stderr, fixed)
+            raise describe_failure(stages, None)
+        if time.monotonic() > deadline:
+            kill_all(stages)()
+            for stage in stages:
+                stage.finish()
+            raise TransportError(
+                f"mbuffer did not listen on port {port} within 10s"
+                + (" (another program listens there)" if listeners(local_tables(), port) else "")
+            )
+        time.sleep(0.002)
+
+
+def _port_taken(port: int, where: str, said: str, fixed: bool) -> PortTaken:
+    line = next((x for x in said.splitlines() if _IN_USE in x), said).strip()
+    advice = (
+        "stop it, or choose another port= for the pair (without port=, a free one is picked)"
+        if fixed
+        else f"{PORT_TRIES} free ports were taken before mbuffer could listen on them"
+    )
+    return PortTaken(
+        f"port {port} on {where} is in use by another program, so the source was not told "
+        f"to connect ({line}): {advice}",
+        transient=not fixed,
+    )
 
 
 def _mbuffer_out(stall: int, bwlimit: str | None, connect_host: str, port: int) -> list[str]:
@@ -222,32 +329,18 @@ def _mbuffer_to_remote(
     progress: ProgressFn | None,
 ) -> StreamResult:
     """mbuffer between two remote hosts: ``mbuffer -I | zfs receive`` runs on the
-    destination through an OpenSSH client, and is listening before the source connects.
+    destination through an OpenSSH client, and is known to be the one listening on its
+    port there (a free port of the destination's, unless the pair fixes one) before the
+    source connects.
 
     The stream goes straight from source to destination, so nothing here can count it:
     the listening mbuffer's status line (it runs without ``-q``) is read from its stderr
     as it arrives. Its ``-W`` watchdog, and the sender's, stop a stalled stream."""
     started = time.monotonic()
-    port = port or free_port()
     # The listener accepts only the source; a source that is the destination host itself
     # connects from the address it was told to use.
     peer = connect_host if source.name == dest.name else source.target.address
-    listen = ["mbuffer", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
-    listen += listen_for(peer, port)
-    script = pipeline_script([listen, recv_argv], live=0)
-    listener = Stage("mbuffer -I | zfs receive", dest.name, dest.stream_argv(script, stall))
-    spawn(listener, None, None)
-    assert listener.proc is not None
-    deadline = time.monotonic() + 30
-    while not remote_listening(dest, port):
-        if listener.proc.poll() is not None or time.monotonic() > deadline:
-            listener.kill()
-            listener.finish()
-            stages = _listener_stages(dest, listen, recv_argv, listener)
-            if not any(s.failed for s in stages):
-                raise TransportError(f"mbuffer did not listen on {dest.name} port {port}")
-            raise describe_failure(stages, None)
-        time.sleep(0.1)
+    listen, listener, port = _listen_there(dest, peer, recv_argv, stall, port)
     meter = StderrMeter(listener, progress, mbuffer_bytes)
     meter.start()
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
@@ -274,6 +367,103 @@ def _mbuffer_to_remote(
     return result
 
 
+def _listen_there(
+    dest: SshHost, peer: str, recv_argv: list[str], stall: int, port: int | None
+) -> tuple[list[str], Stage, int]:
+    """``mbuffer -I | zfs receive`` on ``dest``, its mbuffer known to be the one
+    listening on the port there: the pair's, or one free on ``dest``."""
+    for tries_left in reversed(range(PORT_TRIES if port is None else 1)):
+        chosen = port or free_port_in(_remote_tables(dest))
+        listen = ["mbuffer", "-s", MBUFFER_BLOCK, "-m", MBUFFER_MEMORY, "-W", str(stall)]
+        listen += listen_for(peer, chosen)
+        script = pipeline_script([_telling_its_pid(listen), recv_argv], live=0)
+        listener = Stage("mbuffer -I | zfs receive", dest.name, dest.stream_argv(script, stall))
+        spawn(listener, None, None)
+        try:
+            _await_remote_listener(dest, listen, recv_argv, listener, chosen, port is not None)
+        except PortTaken:
+            if tries_left:
+                continue
+            raise
+        return listen, listener, chosen
+    raise AssertionError("unreachable")
+
+
+def _telling_its_pid(argv: list[str]) -> list[str]:
+    """``argv`` run by a shell that first says its pid on stderr, then becomes it."""
+    return ["sh", "-c", f'echo "{PID_MARK} $$" >&2; exec "$@"', "sh", *argv]
+
+
+def _remote_tables(dest: SshHost) -> str:
+    res = dest.run(["cat", "/proc/net/tcp", "/proc/net/tcp6"], check=False, timeout=30)
+    if not res.stdout.strip():
+        raise _no_proc(dest)
+    return res.stdout
+
+
+def _no_proc(dest: SshHost) -> TransportError:
+    return TransportError(
+        f"cannot tell on {dest.name} which program listens on a port (no /proc/net/tcp "
+        "there), so the unencrypted mbuffer stream could go to another program than "
+        "zettabee's mbuffer: use transport=ssh for this pair",
+        transient=False,
+    )
+
+
+_FD_SCRIPT = 'cat /proc/net/tcp /proc/net/tcp6 2>/dev/null; echo @@fd; ls -l "/proc/$1/fd"'
+
+
+def _await_remote_listener(
+    dest: SshHost,
+    listen: list[str],
+    recv_argv: list[str],
+    listener: Stage,
+    port: int,
+    fixed: bool,
+) -> None:
+    """Until the socket listening on ``port`` on ``dest`` is the remote mbuffer's own:
+    its pid from the first line it says, its sockets from ``/proc/PID/fd`` there."""
+    assert listener.proc is not None
+    deadline = time.monotonic() + 30
+    pid = None
+    while True:
+        if pid is None:
+            pid = _said_pid(listener)
+        if pid is not None:
+            res = dest.run(["sh", "-c", _FD_SCRIPT, "zettabee", pid], check=False, timeout=30)
+            tables, _, fds = res.stdout.partition("@@fd")
+            if not tables.strip():
+                listener.kill()
+                listener.finish()
+                raise _no_proc(dest)
+            try:
+                if listener_is_ours(tables, fds, port, dest.name):
+                    return
+            except PortTaken:
+                listener.kill()
+                listener.finish()
+                raise
+        if listener.proc.poll() is not None or time.monotonic() > deadline:
+            listener.kill()
+            listener.finish()
+            stages = _listener_stages(dest, listen, recv_argv, listener)
+            if _IN_USE in stages[0].stderr:
+                raise _port_taken(port, dest.name, stages[0].stderr, fixed)
+            if not any(s.failed for s in stages):
+                raise TransportError(f"mbuffer did not listen on {dest.name} port {port}")
+            raise describe_failure(stages, None)
+        time.sleep(0.1)
+
+
+def _said_pid(listener: Stage) -> str | None:
+    """The remote listener's pid, once its first line has come."""
+    if listener.errfile is None:
+        return None
+    head = os.pread(listener.errfile.fileno(), 4096, 0).decode(errors="replace")
+    match = re.search(rf"^{PID_MARK} ([0-9]+)$", head, re.MULTILINE)
+    return match[1] if match else None
+
+
 def _listener_stages(
     dest: SshHost, listen: list[str], recv_argv: list[str], listener: Stage
 ) -> list[Stage]:
@@ -298,7 +488,7 @@ def _without_status_lines(text: str) -> str:
     lines = [part for line in text.splitlines() for part in line.split("\r")]
     keep = [
         line for line in lines if line.strip() and " total, buffer " not in line
-        and not line.startswith("summary:") and "No controlling terminal" not in line
+        and not line.startswith(("summary:", PID_MARK)) and "No controlling terminal" not in line
     ]  # fmt: skip
     return "\n".join(keep)
 

@@ -397,18 +397,47 @@ def test_counts_read_from_mbuffer_and_dd_status_lines() -> None:
     assert transport.dd_bytes("dd: unknown operand status") is None
 
 
-def test_listeners_found_in_proc_net_tcp_and_netstat() -> None:
-    proc_tcp = (
-        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt\n"
-        "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000\n"
-        "   1: 0100007F:0016 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000\n"
+PROC_TCP = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
+    "timeout inode\n"
+    "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0 "
+    "       0 4242 1 0000000000000000 100 0 0 10 0\n"
+    "   1: 0100007F:0016 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0 "
+    "       0 5151 1 0000000000000000 20 4 30 10 -1\n"
+)
+PROC_TCP6 = (
+    "   0: 00000000000000000000000000000000:1F90 00000000000000000000000000000000:0000 0A "
+    "00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 100 0 0 10 0\n"
+)
+
+
+def test_listeners_found_in_proc_net_tcp() -> None:
+    assert mbuffer.listeners(PROC_TCP, 8080) == {"4242"}
+    assert mbuffer.listeners(PROC_TCP, 22) == set()  # established, not listening
+    assert mbuffer.listeners(PROC_TCP + PROC_TCP6, 8080) == {"4242", "4343"}
+    fds = "lrwx------ 1 root root 64 Dec  3 07:00 3 -> socket:[4242]\n0 -> /dev/null\n"
+    assert mbuffer.socket_inodes(fds) == {"4242"}
+
+
+def test_the_source_connects_only_to_a_listener_that_is_the_mbuffers_own() -> None:
+    """Issue 17, row 4: "something listens on the port" let the unencrypted stream go to
+    whatever held it. Only the listening mbuffer's own socket (one of its open files)
+    will do; another program's socket on the port, beside it, fails the run."""
+    ours = "socket:[4242]\n"
+    assert mbuffer.listener_is_ours(PROC_TCP, ours, 8080, "here")
+    assert not mbuffer.listener_is_ours(PROC_TCP, "socket:[9999]\n", 8080, "here")  # not yet
+    assert not mbuffer.listener_is_ours("", ours, 8080, "here")  # nothing listens yet
+    with pytest.raises(mbuffer.PortTaken, match="port 8080 on here has another listener"):
+        mbuffer.listener_is_ours(PROC_TCP + PROC_TCP6, ours, 8080, "here")
+
+
+def test_a_free_port_of_the_destination_is_none_its_sockets_use() -> None:
+    used = "".join(
+        f"   {i}: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 0 0 0 {i}\n"
+        for i, port in enumerate(mbuffer.EPHEMERAL_PORTS)
+        if port != 40000
     )
-    assert mbuffer.proc_net_listening(proc_tcp, 8080)
-    assert not mbuffer.proc_net_listening(proc_tcp, 22)  # established, not listening
-    bsd = "tcp4  0  0  *.9090   *.*   LISTEN\ntcp4  0  0  10.0.0.1.22  10.0.0.2.5000  ESTABLISHED\n"
-    assert mbuffer.netstat_listening(bsd, 9090)
-    assert not mbuffer.netstat_listening(bsd, 22)
-    assert not mbuffer.netstat_listening(bsd, 909)
+    assert mbuffer.free_port_in(used) == 40000
 
 
 def test_mbuffer_sender_argv_names_its_target_once() -> None:

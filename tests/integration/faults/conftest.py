@@ -466,13 +466,18 @@ class Faults:
 
     # pairs ----------------------------------------------------------------------------
     def replica(
-        self, leaf: str = "data", mb: int = 2, options: str = "", dest: str = ""
+        self, leaf: str = "data", mb: int = 2, options: str = "", dest: str = "", host: str = ""
     ) -> Replica:
-        """An initialized pair (into ``dest`` instead of the lab's destination pool)."""
+        """An initialized pair (into ``dest`` instead of the lab's destination pool, on
+        ``host`` instead of the lab's destination address: on zfs-fuse the one daemon
+        serves every pool to every host)."""
         self.zb.make_source(leaf, mb)
         line = self.zb.pair_line(leaf, options)
         if dest:
             line = line.replace(f":{self.zb.dst_fs(leaf)}", f":{dest}")
+        if host:
+            before, _, after = line.rpartition(f"{self.zb.dstside.address}:")
+            line = f"{before}{host}:{after}"
         self.zb.write_pairs(line)
         replica = Replica(self.zb, leaf, dest=dest)
         out = self.zb.run("initialize", replica.fs)

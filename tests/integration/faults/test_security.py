@@ -12,14 +12,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
+import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -279,6 +281,81 @@ def test_the_restricted_key_refuses_everything_else(
     )
     row.data = INTACT if after == before and not marker.exists() else "CHANGED"
     assert after == before
+
+
+# -- the unencrypted mbuffer stream ------------------------------------------------------
+
+# A plain TCP server that takes whatever comes and writes how many bytes it got.
+IMPOSTOR = """
+import socket, sys, threading
+port, record = int(sys.argv[1]), sys.argv[2]
+server = socket.socket()
+server.bind(("0.0.0.0", port))
+server.listen(8)
+print("listening", flush=True)
+got, lock = 0, threading.Lock()
+def take(conn):
+    global got
+    with conn:
+        while data := conn.recv(65536):
+            with lock:
+                got += len(data)
+                with open(record, "w") as out:
+                    out.write(str(got))
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=take, args=(conn,), daemon=True).start()
+"""
+
+
+@contextlib.contextmanager
+def impostor(port: int, record: Path, netns: str | None) -> Iterator[Callable[[], int]]:
+    """Another program listening on ``port`` (in the namespace ``netns``); yields a
+    function that says how many bytes it has received."""
+    inside = ["nsenter", f"--net=/run/netns/{netns}", "--"] if netns else []
+    record.write_text("0")
+    argv = [*inside, sys.executable, "-c", IMPOSTOR, str(port), str(record)]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        yield lambda: int(record.read_text() or 0)
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize("where", ["here", "remote"])
+def test_another_program_on_the_mbuffer_port_gets_nothing(
+    faults: Faults, tmp_path: Path, where: str
+) -> None:
+    """Issue 17, row 4: readiness was "something listens on the port", so the source's
+    unencrypted stream went to whatever held the pair's port (the listening mbuffer, left
+    without it, failed after). The source is told to connect only once the socket on the
+    port is the listening mbuffer's own; here, the destination host (this one, or a
+    remote one) has another program on the port, and the run fails naming it."""
+    zb = faults.zb
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    remote = where == "remote"
+    replica = faults.replica(
+        mb=2, options=f"transport=mbuffer,port={port}", host=zb.srcside.address if remote else ""
+    )
+    replica.grow(2)
+    row = faults.expect(
+        "another program listens on the pair's mbuffer port= on the destination"
+        + (" (a remote one)" if remote else " (this host)"),
+        "the source is not told to connect, the program receives 0 bytes; exit 1 'port P "
+        "on HOST is in use by another program'; runtime CRITICAL; recovers once it is gone",
+    )
+    with impostor(port, tmp_path / "impostor-got", faults.netns if remote else None) as got:
+        outcome = faults.run("zettabee", "update", replica.fs)
+        received = got()
+    row.observed = f"the other program received {received} bytes; exit {outcome.code}"
+    assert received == 0, f"the stream went to the other program: {outcome.stderr}"
+    faults.failed(replica, outcome, rf"port {port} on \S+ is in use by another program")
+    row.observed = "the other program received 0 bytes; " + row.observed
+    faults.recovers(replica)
 
 
 FP = "0123456789abcdef0123456789abcdef"  # a pair's fingerprint: requests need only its form
