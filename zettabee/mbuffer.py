@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from zettabee.errors import TransportError
 from zettabee.host import Host, Result, SshHost
+from zettabee.names import validate_host
 from zettabee.relay import (
     STAGE_MARK,
     ProgressFn,
@@ -45,6 +46,8 @@ MBUFFER_MEMORY = "64M"
 PORT_TRIES = 5
 # Where a destination's free port is picked: Linux's default local port range.
 EPHEMERAL_PORTS = range(32768, 61000)
+# What the source says its SSH connection comes from (``CLIENT PORT SERVER PORT``).
+CLIENT_ADDRESS = ["printenv", "SSH_CONNECTION"]
 # The remote listener's first line on stderr: its pid, for /proc/PID/fd.
 PID_MARK = "@@zettabee-listener"
 _IN_USE = "Address already in use"
@@ -133,6 +136,25 @@ def local_fds(pid: int) -> str:
     return "\n".join(links)
 
 
+def address_seen_by(source: SshHost) -> str:
+    """The address this host's SSH connection to ``source`` comes from, as the source
+    sees it (``SSH_CONNECTION``): where its mbuffer can reach the listener here, and
+    the one address ``zettabee-source`` lets that mbuffer connect to."""
+    res = source.run(CLIENT_ADDRESS, check=False, timeout=30)
+    words = res.stdout.split()
+    if res.ok and len(words) == 4 and validate_host(words[0]) is None:
+        return words[0]
+    said = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "nothing said"
+    raise TransportError(
+        f"{source.name} did not say which address its SSH connection comes from "
+        f"(`{' '.join(CLIENT_ADDRESS)}` there: exit {res.returncode}, {said}), which its "
+        "mbuffer is to connect back to: set the pair's mbufferhost= to the address the "
+        "source reaches this host at (and zettabee-source --mbuffer-host to it), or update "
+        f"zettabee on {source.name}",
+        transient=False,
+    )
+
+
 _MBUFFER_COUNT = re.compile(
     r"(?:(?P<total>[0-9]+(?:\.[0-9]+)?) (?P<tunit>[kMGT]?)i?B total"
     r"|summary: +(?P<sum>[0-9]+(?:\.[0-9]+)?) (?P<sunit>[kMGT]?)i?Byte)"
@@ -159,7 +181,7 @@ def stream_via_mbuffer(
     recv_argv: list[str],
     stall: int,
     port: int | None,
-    connect_host: str,
+    connect_host: str | None,
     bwlimit: str | None = None,
     progress: ProgressFn | None = None,
     first: Sequence[Sequence[str]] = (),
@@ -168,9 +190,11 @@ def stream_via_mbuffer(
 
     The local listener is up, and known to be the one listening on its port, before the
     source is told to connect (no fixed sleep), and both mbuffers run with a ``-W``
-    watchdog so a dead peer cannot hang the run. ``first`` (to a destination on this
-    host) runs on the source before the send, in the same command
-    (:func:`pipeline_script`): the snapshot to send, say.
+    watchdog so a dead peer cannot hang the run. The source connects to
+    ``connect_host`` (the pair's ``mbufferhost``), or else back to where its SSH
+    connection comes from. ``first`` (to a destination on this host) runs on the source
+    before the send, in the same command (:func:`pipeline_script`): the snapshot to
+    send, say.
     """
     if first and not dest.is_local:
         raise ValueError("commands before an mbuffer stream only to a local destination")
@@ -180,6 +204,7 @@ def stream_via_mbuffer(
             source, dest, send_argv, recv_argv, stall, port, connect_host, bwlimit, progress
         )
     started = time.monotonic()
+    connect_host = connect_host or address_seen_by(source)
     listen, listener, receiver, port = _listen_here(source, dest, recv_argv, stall, port)
     stages = [listener, receiver]
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
@@ -324,7 +349,7 @@ def _mbuffer_to_remote(
     recv_argv: list[str],
     stall: int,
     port: int | None,
-    connect_host: str,
+    connect_host: str | None,
     bwlimit: str | None,
     progress: ProgressFn | None,
 ) -> StreamResult:
@@ -337,6 +362,7 @@ def _mbuffer_to_remote(
     the listening mbuffer's status line (it runs without ``-q``) is read from its stderr
     as it arrives. Its ``-W`` watchdog, and the sender's, stop a stalled stream."""
     started = time.monotonic()
+    connect_host = connect_host or dest.name
     # The listener accepts only the source; a source that is the destination host itself
     # connects from the address it was told to use.
     peer = connect_host if source.name == dest.name else source.target.address

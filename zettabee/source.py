@@ -42,7 +42,8 @@ snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
   its incremental source a snapshot or bookmark of FS (see :func:`_check_token`);
 - ``zfs send ... | mbuffer ... -O HOST:PORT`` to the client's address or an allowed host,
   also after the ``zfs snapshot FS@OWN`` (and its hold) of the snapshot it sends;
-  ``mbuffer -V``;
+  ``mbuffer -V``; ``printenv SSH_CONNECTION``, where the client learns the address its
+  connection comes from, the one its mbuffer is to connect back to;
 - ``cat >/dev/null``, the session of the run's OpenSSH master connection: it is not run,
   zettabee-source itself reads its input until zettabee closes it;
 - the routine update in one round trip (:mod:`zettabee.fastpath`): a shell script made of

@@ -56,7 +56,8 @@ def stream(
     if opts.transport == "mbuffer":
         if not isinstance(src, SshHost):
             raise StateError(f"{pair.name}: transport=mbuffer needs a remote source host")
-        connect = opts.mbufferhost or pair.destination.host
+        # Into this host, the source connects back to where its SSH connection comes from.
+        connect = opts.mbufferhost or (None if dst.is_local else pair.destination.host)
         return stream_via_mbuffer(
             src, dst, send, recv, opts.stall, opts.port, connect, opts.bwlimit, progress,
             first=first,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -74,6 +75,27 @@ def test_initialize_then_updates_keep_the_data_identical(zb: Zb, transport: str)
     src_snaps, dst_snaps = zb.srcside.snapshots(zb.src_fs()), zb.dstside.snapshots(zb.dst_fs())
     assert len(src_snaps) == 1 and src_snaps == dst_snaps
     assert zb.dstside.zget(zb.dst_fs(), "zettabee:lastsnap") == dst_snaps[0]
+
+
+@pytest.mark.zfs_independent
+def test_the_readme_mbuffer_line_into_localhost_replicates(zb: Zb) -> None:
+    """The README's mbuffer example, ``SRC:tank/pg localhost:backup/pg
+    transport=mbuffer,port=9090``: the source's mbuffer connects back to the address its
+    SSH connection comes from, not to ``localhost`` (itself: "unable to connect to
+    localhost:PORT", exit 1)."""
+    zb.make_source(mb=8)
+    with socket.socket() as probe:  # the README's 9090 may be another lab's
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    line = f"{zb.srcside.address}:{zb.src_fs()}  localhost:{zb.dst_fs()}"
+    zb.write_pairs(f"{line}  transport=mbuffer,port={port}")
+    out = zb.run("initialize", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    zb.srcside.write_random(zb.src_dir() / "more.bin", 2)
+    out = zb.run("update", zb.dst_fs())
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
 
 
 def test_local_transport(zb: Zb) -> None:

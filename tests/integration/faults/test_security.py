@@ -113,15 +113,23 @@ def restricted(faults: Faults, sshd: Sshd) -> Sshd:
     return sshd
 
 
-@pytest.mark.parametrize("transport", ["ssh", "mbuffer"])
+@pytest.mark.parametrize(
+    ("transport", "host"),
+    [("ssh", ""), ("mbuffer", ""), ("mbuffer", "localhost")],
+    ids=["ssh", "mbuffer", "mbuffer-into-localhost"],
+)
 def test_a_pull_works_through_the_restricted_key(
-    faults: Faults, restricted: Sshd, transport: str
+    faults: Faults, restricted: Sshd, transport: str, host: str
 ) -> None:
+    """Into ``localhost`` (the README's mbuffer line), the source's mbuffer connects back
+    to the address of its SSH connection, the one zettabee-source lets it reach."""
     zb = faults.zb
     log = restricted.capture_auth_log()
-    replica = faults.replica(mb=2, options=f"{restricted.options()},transport={transport}")
+    options = f"{restricted.options()},transport={transport}"
+    replica = faults.replica(mb=2, options=options, host=host)
     row = faults.expect(
-        f"pull through the restricted key (zettabee-source), {transport}",
+        f"pull through the restricted key (zettabee-source), {transport}"
+        + (f" into {host}" if host else ""),
         "setup, initialize, updates and pruning work, the probe finds holds and the base "
         "is held on the source; exit 0; lag OK; runtime OK",
     )
