@@ -440,6 +440,33 @@ def test_a_free_port_of_the_destination_is_none_its_sockets_use() -> None:
     assert mbuffer.free_port_in(used) == 40000
 
 
+class _Answers:
+    """A source host that answers ``printenv SSH_CONNECTION`` as it is told to."""
+
+    name = "db1.example.com"
+
+    def __init__(self, code: int, out: str, err: str = "") -> None:
+        self.answer = (code, out, err)
+
+    def run(self, argv: list[str], **_: object) -> Result:
+        assert argv == ["printenv", "SSH_CONNECTION"]
+        return Result(argv, self.name, *self.answer)
+
+
+def test_a_stream_into_this_host_connects_back_to_where_the_ssh_connection_comes_from() -> None:
+    """Issue 17, row 17: into ``localhost`` the source's mbuffer connected to itself."""
+    seen = _Answers(0, "10.77.14.1 51234 10.77.14.2 22\n")
+    assert mbuffer.address_seen_by(seen) == "10.77.14.1"  # type: ignore[arg-type]
+    refused = _Answers(126, "", "zettabee-source: refused: not a command of a zettabee pull")
+    with pytest.raises(
+        mbuffer.TransportError,
+        match=r"exit 126, zettabee-source: refused.*set the pair's mbufferhost=",
+    ):
+        mbuffer.address_seen_by(refused)  # type: ignore[arg-type]
+    with pytest.raises(mbuffer.TransportError, match="nothing said"):
+        mbuffer.address_seen_by(_Answers(1, ""))  # type: ignore[arg-type]
+
+
 def test_mbuffer_sender_argv_names_its_target_once() -> None:
     out = mbuffer._mbuffer_out(60, "2M", "dst.example.com", 9090)
     assert out == [

@@ -131,6 +131,7 @@ ALLOWED = [
     pool_argv("tank"),
     ["zfs", "list", "-H", "-o", "name", "tank"],
     ["mbuffer", "-V"],
+    ["printenv", "SSH_CONNECTION"],  # where the mbuffer of a stream into the client connects
 ]
 
 
@@ -183,6 +184,8 @@ ESCAPES = {
     "quoted metacharacters": "zfs list -H -o name 'tank;id'",
     "a shell": "sh -c id",
     "another program": "cat /etc/shadow",
+    "the whole environment": "printenv",
+    "another variable": "printenv PATH",
     "no command": "",
     "another dataset": "zfs send tank/secret@zettabee.0123456789abcdef0123456789abcdef.20240101T000000Z",
     "a dataset's child": f"zfs send {FS}/child@zettabee.{FP}.20240101T000000Z",
