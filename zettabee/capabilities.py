@@ -44,6 +44,9 @@ PROBE_SCRIPT = (
     f'echo {_MARK} pools; for p; do zpool get all "$p" 2>&1; done'
 )
 
+# What a stream with the source's properties must not set on a replica (PairFeatures).
+KEPT_LOCAL = ("mountpoint", "sharenfs", "sharesmb")
+
 # (name shown to people, attribute)
 FEATURES = (
     ("holds", "holds"),
@@ -122,6 +125,11 @@ class Capabilities:
     estimates: bool = False
     raw: bool = False
     compressed: bool = False
+    # Properties in a stream (send -p) and left out of a receive (receive -x): what a pair
+    # with props=yes needs (not listed among the extras: plain send and receive lack
+    # nothing without them).
+    send_props: bool = False
+    receive_exclude: bool = False
     pool_version: int | None = None
     note: str = ""
 
@@ -271,6 +279,8 @@ def capabilities(host: str, tool: ZfsTool, pool: PoolFeatures) -> Capabilities:
         estimates=tool.has(send, "n", "v", "P"),
         raw=tool.has(send, "w") and flags and pool.has("encryption"),
         compressed=tool.has(send, "c"),
+        send_props=tool.has(send, "p"),
+        receive_exclude=tool.has(recv, "x"),
         pool_version=version,
         note=pool.error,
     )
@@ -406,7 +416,17 @@ class PairFeatures:
     estimate: bool = False
     raw: bool = False
     bookmark: bool = False
+    props: bool = False
     problems: tuple[str, ...] = ()
+
+    def kept_local(self, volume: bool) -> tuple[str, ...]:
+        """The properties a receive leaves out of a stream that carries the source's
+        (``props``): where the source's host mounts the file system and what it shares.
+        Received, they would mount the replica over a path of this host's own (the
+        source's ``/var/lib/postgresql``, say) and export it. Left out, the replica
+        inherits them from the file system above it, as without props. A volume has
+        none of them, and OpenZFS 2.1 refuses ``-x mountpoint`` on one."""
+        return () if not self.props or volume else KEPT_LOCAL
 
     def uses(self) -> list[str]:
         used = []
@@ -422,6 +442,7 @@ class PairFeatures:
             ("size estimates", self.estimate),
             ("raw send", self.raw),
             ("bookmarks", self.bookmark),
+            ("the source's properties", self.props),
         ):
             if on:
                 used.append(label)
@@ -447,9 +468,22 @@ def plan_features(
     hold: bool = True,
     bookmark: bool = False,
     raw: bool = False,
+    props: bool = False,
 ) -> PairFeatures:
     """Which capabilities a pair uses, from its options (``PairOptions`` fields)."""
     problems = []
+    if props and not (src.send_props and dst.receive_exclude):
+        side, caps, lacks = (
+            ("source", src, "zfs send -p")
+            if not src.send_props
+            else ("destination", dst, "zfs receive -x")
+        )
+        problems.append(
+            f"props=yes, but the {side} {caps.host} ({caps.zfs}) has no {lacks}: the "
+            "source's properties are sent only where the receive can leave out the ones "
+            f"that would mount the replica over this host's own paths ({', '.join(KEPT_LOCAL)}); "
+            "remove props=yes, or replicate from and to hosts with OpenZFS"
+        )
     if raw:
         for side, caps in (("source", src), ("destination", dst)):
             if not caps.raw:
@@ -474,5 +508,6 @@ def plan_features(
         estimate=src.estimates,
         raw=raw and src.raw and dst.raw,
         bookmark=bookmark and src.bookmarks,
+        props=props and src.send_props and dst.receive_exclude,
         problems=tuple(problems),
     )

@@ -51,6 +51,7 @@ class Hosts:
             hold=opts.hold,
             bookmark=opts.bookmark,
             raw=opts.raw,
+            props=opts.props,
         )
 
     def forget_probes(self, pair: Pair) -> None:

@@ -46,6 +46,18 @@ def initialize(run: PairRun, force: bool = False) -> RunReport:
     return run.report
 
 
+def _source_is_volume(run: PairRun) -> bool:
+    """Is the source a volume? Asked only of a pair that sends the source's properties,
+    the one whose receive differs for a volume (PairFeatures.kept_local)."""
+    if not run.feats.props:
+        return False
+    fs = run.pair.source.fs
+    result = run.src.run(zfs.get([fs], ["type"]), check=False)
+    if result.returncode != 0:
+        raise result.error("zfs get")
+    return zfs.parse_get(result.stdout).get(fs, {}).get("type") == "volume"
+
+
 def _interrupted(run: PairRun, view: DestView, force: bool) -> bool:
     """Is the destination an initialize that was interrupted (its full stream goes on)?"""
     token = zfs.resume_token(view.props.get(zfs.PROP_RESUME_TOKEN))
@@ -85,10 +97,9 @@ def step_by_step(run: PairRun) -> None:
         snap = snapshots.new_snapshot(pair, src, ssnaps)
         if feats.hold_source:
             snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
-    raw = pair.options.raw
-    send = zfs.send(f"{pair.source.fs}@{snap}", raw=raw)
-    estimate = zfs.send(f"{pair.source.fs}@{snap}", raw=raw, estimate=True)
-    recv = zfs.recv(pair.destination.fs, resumable=feats.resume)
+    send = run.send_argv(f"{pair.source.fs}@{snap}")
+    estimate = run.send_argv(f"{pair.source.fs}@{snap}", estimate=True)
+    recv = run.receive_argv(_source_is_volume(run), resumable=feats.resume)
     with clock("stream"):
         stream = resume.transfer(run, send, recv, snap, estimate)
     with clock("record"):
@@ -106,8 +117,8 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
         pair.source.fs,
         None,
         snap,
-        zfs.send(f"{pair.source.fs}@{snap}", raw=pair.options.raw),
-        zfs.recv(pair.destination.fs),
+        run.send_argv(f"{pair.source.fs}@{snap}"),
+        run.receive_argv(_source_is_volume(run)),
         hold=hold_tag(pair.fingerprint) if feats.hold_source else None,
     )
 
@@ -137,10 +148,11 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
     first = [zfs.snapshot(pair.source.fs, snap)]
     if feats.hold_source:
         first.append(zfs.hold(hold_tag(pair.fingerprint), target))
-    send = zfs.send(target, raw=pair.options.raw)
+    send = run.send_argv(target)
+    recv = run.receive_argv(_source_is_volume(run))
     with clock("stream"):
         try:
-            stream = run.stream(send, zfs.recv(pair.destination.fs), first=first)
+            stream = run.stream(send, recv, first=first)
         except CommandError as exc:
             if exc.stage == "zfs snapshot":
                 log.debug("%s: snapshot on %s failed: step by step", pair.name, run.src.name)

@@ -141,6 +141,7 @@ _OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "hold": _boolean,
     "bookmark": _boolean,
     "raw": _boolean,
+    "props": _boolean,
     "recursive": _boolean,
     "exclude": _patterns,
 }

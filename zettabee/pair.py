@@ -61,6 +61,9 @@ class PairOptions:
     hold: bool = True
     bookmark: bool = False
     raw: bool = False
+    # The source's properties in the stream (send -p), but never those that say where
+    # and how the source's own host serves the file system (see PairFeatures.kept_local).
+    props: bool = False
     # A tree: the source and each descendant file system and volume, each its own pair
     # (zettabee.tree); ``exclude`` holds patterns of relative names left out.
     recursive: bool = False

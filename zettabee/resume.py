@@ -133,7 +133,8 @@ def resume(run: PairRun, token: str, force: bool = False) -> tuple[str, StreamRe
         run.name, target or "?", format_bytes(kept), run.dst.name,
     )  # fmt: skip
     entry = note_transfer(run, target or "?", kept)
-    recv = zfs.recv(run.pair.destination.fs, force=force, resumable=True)
+    volume = run.view is not None and run.view.volume
+    recv = run.receive_argv(volume, force=force, resumable=True)
     try:
         stream = run.stream(zfs.send_resume(token), recv, total)
     except (CommandError, TransportError) as exc:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from zettabee import transport
+from zettabee import transport, zfs
 from zettabee.capabilities import PairFeatures
 from zettabee.errors import StateError, ZettabeeError
 from zettabee.host import Host
@@ -127,6 +127,20 @@ class PairRun:
 
     def write_status(self) -> None:
         self.engine.store.write_status(self.status)
+
+    def send_argv(self, target: str, base: str | None = None, estimate: bool = False) -> list[str]:
+        """The pair's ``zfs send`` of ``target`` (from ``base``), as its options say."""
+        opts = self.pair.options
+        return zfs.send(
+            target, base, opts.intermediate, raw=opts.raw, props=self.feats.props,
+            estimate=estimate,
+        )  # fmt: skip
+
+    def receive_argv(self, volume: bool, force: bool = False, resumable: bool = False) -> list[str]:
+        """The pair's ``zfs receive`` into its destination (``volume``: the stream is
+        a volume's)."""
+        fs = self.pair.destination.fs
+        return zfs.recv(fs, force, resumable, exclude=self.feats.kept_local(volume))
 
     def progress(self, total: int | None = None) -> ProgressFn:
         return progress_writer(self.engine.store, self.pair, total)

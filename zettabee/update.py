@@ -142,12 +142,9 @@ def _plan(run: PairRun, base: zfs.Snapshot, snap: str, listing: bool) -> fastpat
     new snapshot's hold, the old base's release, and its destroy (if it is the pair's)."""
     pair, opts = run.pair, run.pair.options
     src_fs = pair.source.fs
-    send = zfs.send(
-        f"{src_fs}@{snap}",
-        base=f"{src_fs}@{base.name}",
-        intermediate=opts.intermediate,
-        raw=opts.raw,
-    )
+    send = run.send_argv(f"{src_fs}@{snap}", f"{src_fs}@{base.name}")
+    assert run.view is not None
+    recv = run.receive_argv(run.view.volume, force=opts.rollback)
     tag = hold_tag(pair.fingerprint) if run.feats.hold_source else None
     then = []
     if tag:  # the new snapshot's hold, then the old base's release
@@ -158,7 +155,7 @@ def _plan(run: PairRun, base: zfs.Snapshot, snap: str, listing: bool) -> fastpat
     if is_own_snapshot(base.name, pair.fingerprint):
         then.append(("destroy", zfs.destroy(f"{src_fs}@{base.name}")))
     return fastpath.Plan(
-        src_fs, base, snap, send, zfs.recv(pair.destination.fs, force=opts.rollback),
+        src_fs, base, snap, send, recv,
         check_base=opts.intermediate or opts.rollback, holds=run.feats.source.holds,
         then=then, listing=listing,
     )  # fmt: skip
@@ -358,9 +355,10 @@ def _send(run: PairRun, snap: str, source_base: str, common: str) -> StreamResul
     """The incremental stream from ``source_base`` (a snapshot or bookmark) to ``snap``."""
     pair, opts = run.pair, run.pair.options
     target = f"{pair.source.fs}@{snap}"
-    send = zfs.send(target, source_base, opts.intermediate, raw=opts.raw)
-    estimate = zfs.send(target, source_base, opts.intermediate, raw=opts.raw, estimate=True)
-    recv = zfs.recv(pair.destination.fs, force=opts.rollback, resumable=run.feats.resume)
+    send = run.send_argv(target, source_base)
+    estimate = run.send_argv(target, source_base, estimate=True)
+    assert run.view is not None
+    recv = run.receive_argv(run.view.volume, force=opts.rollback, resumable=run.feats.resume)
     with run.clock("stream"):
         stream = resume.transfer(run, send, recv, snap, estimate, base=common)
     receiver = stream.stages[-1] if stream.stages else None

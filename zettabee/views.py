@@ -22,11 +22,16 @@ class DestView(NamedTuple):
     props: dict[str, str]
     snapshots: list[zfs.Snapshot]
 
+    @property
+    def volume(self) -> bool:
+        return self.props.get("type") == "volume"
+
 
 def dest_props(caps: Capabilities | None) -> list[str]:
-    """What a destination's listing reads: its snapshots, the pair's record, and the
-    resume token and hold counts where ``caps`` has them."""
-    props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP]
+    """What a destination's listing reads: its snapshots, the pair's record, its type
+    (a volume receives without ``-x``: see PairFeatures.kept_local), and the resume token
+    and hold counts where ``caps`` has them."""
+    props = [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT, zfs.PROP_LASTSNAP, "type"]
     if caps is not None and caps.resumable:
         props.append(zfs.PROP_RESUME_TOKEN)
     if caps is not None and caps.holds:

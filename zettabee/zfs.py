@@ -116,12 +116,18 @@ def send_resume(token: str, estimate: bool = False) -> list[str]:
     return ["zfs", "send", *(["-nvP"] if estimate else []), "-t", token]
 
 
-def recv(fs: str, force: bool = False, resumable: bool = False) -> list[str]:
+def recv(
+    fs: str, force: bool = False, resumable: bool = False, exclude: Sequence[str] = ()
+) -> list[str]:
+    """``zfs receive``; ``exclude``: properties of the stream it leaves out (``-x``), so
+    that the received file system inherits them here."""
     argv = ["zfs", "receive"]
     if force:
         argv.append("-F")
     if resumable:
         argv.append("-s")
+    for prop in exclude:
+        argv += ["-x", prop]
     return [*argv, fs]
 
 

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -321,3 +321,43 @@ def test_a_bookmark_carries_the_pair_past_an_outside_prune(zb: Zb) -> None:
     marks = zb.srcside.run("zfs", "list", "-H", "-t", "bookmark", "-o", "name", "-r", zb.src_fs())
     [new] = zb.srcside.snapshots(zb.src_fs())
     assert marks.stdout.split() == [f"{zb.src_fs()}#{new}"]  # the old one went with the old base
+
+
+def test_a_source_mountpoint_never_covers_the_backup_hosts_own_paths(zb: Zb) -> None:
+    """props=yes sends the source's properties (``zfs send -p``), but the receive leaves
+    out where the source's host mounts and shares the file system: received, the source's
+    mountpoint would mount the replica over that path on the backup host (here the same
+    kernel as the source's namespace: over the source's own mount). A volume receives
+    without ``-x`` (OpenZFS 2.1 refuses ``-x mountpoint`` on one) and replicates too."""
+    zb.make_source(mb=1)
+    line = zb.pair_line(options="props=yes")
+    if not modern(zb):
+        zb.write_pairs(line)
+        out = zb.run("initialize", zb.dst_fs())
+        assert out.returncode == 1, out.stderr
+        assert "props=yes" in out.stderr and "zfs receive -x" in out.stderr
+        assert "mountpoint" in out.stderr and "remove props=yes" in out.stderr
+        assert zb.srcside.snapshots(zb.src_fs()) == []  # refused before anything was done
+        return
+    src, dst, fs = zb.srcside, zb.dstside, zb.dst_fs()
+    own = PurePosixPath(f"/srv/{zb.name}-own-path")
+    src.run("zfs", "set", f"mountpoint={own}", zb.src_fs())
+    src.run("zfs", "set", "org.example:tier=gold", zb.src_fs())
+    volume = zb.src_fs("vol")
+    src.run("zfs", "create", "-V", "16M", volume)
+    src.run("zfs", "set", "org.example:tier=silver", volume)
+    zb.write_pairs(line, zb.pair_line("vol", "props=yes"))
+    for action in ("initialize", "update"):
+        ok(zb, action, fs)
+        ok(zb, action, zb.dst_fs("vol"))
+        src.write_random(own / f"{action}.bin", 1)
+    assert dst.zget(fs, "org.example:tier") == "gold"  # the properties travelled
+    mount = dst.run("zfs", "get", "-H", "-o", "value,source", "mountpoint", fs).stdout.split()
+    assert mount[0] == str(zb.dst_dir()) and mount[1] not in ("received", "local"), mount
+    assert dst.zget(fs, "mounted") == "yes"
+    ok(zb, "update", fs)
+    assert dst.checksums(zb.dst_dir()) == src.checksums(own)  # each in its own place
+    assert dst.zget(zb.dst_fs("vol"), "type") == "volume"
+    assert dst.zget(zb.dst_fs("vol"), "org.example:tier") == "silver"
+    last = dst.zget(zb.dst_fs("vol"), "zettabee:lastsnap")
+    assert dst.zget(f"{zb.dst_fs('vol')}@{last}", "guid") == src.zget(f"{volume}@{last}", "guid")

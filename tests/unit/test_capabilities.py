@@ -355,3 +355,31 @@ def test_a_probe_refused_by_another_zettabee_source_version_says_to_enroll(
     with caplog.at_level("WARNING", logger="zettabee.capabilities"):
         Prober().of(RefusingSource("pool"), "gsrc")  # type: ignore[arg-type]
     assert "enroll" not in caplog.text
+
+
+def test_props_need_send_p_and_receive_x_and_leave_the_mount_out() -> None:
+    """props=yes: the source's properties in the stream, but never where the source's
+    host mounts or shares the file system (a replica mounted over this host's /var/lib/
+    postgresql, say); zfs-fuse has send -p but no receive -x, so it is refused there."""
+    modern, dst = caps(OPENZFS_PROBE, "gsrc", "src"), caps(OPENZFS_PROBE, "gsrc", "dst")
+    assert modern.send_props and modern.receive_exclude
+    fuse = caps(FUSE_PROBE, "tdstpool", "backup1")
+    assert fuse.send_props and not fuse.receive_exclude
+    refused = plan_features(modern, fuse, props=True)
+    assert not refused.props and refused.kept_local(volume=False) == ()
+    [problem] = refused.problems
+    assert (
+        "props=yes" in problem and "destination backup1 (zfs-fuse) has no zfs receive -x" in problem
+    )
+    assert "mountpoint" in problem and "remove props=yes" in problem
+    props = plan_features(modern, dst, props=True)
+    assert props.problems == () and "the source's properties" in props.uses()
+    assert props.kept_local(volume=False) == ("mountpoint", "sharenfs", "sharesmb")
+    assert props.kept_local(volume=True) == ()  # OpenZFS 2.1 refuses -x mountpoint on one
+    assert plan_features(modern, dst).kept_local(volume=False) == ()
+    assert zfs.recv("d/fs", resumable=True, exclude=("mountpoint", "sharenfs")) == [
+        "zfs", "receive", "-s", "-x", "mountpoint", "-x", "sharenfs", "d/fs",
+    ]  # fmt: skip
+    assert zfs.send("p/fs@b", base="p/fs@a", props=True) == [
+        "zfs", "send", "-p", "-i", "p/fs@a", "p/fs@b",
+    ]  # fmt: skip

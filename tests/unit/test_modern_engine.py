@@ -397,6 +397,19 @@ def test_a_stream_the_link_broke_asks_the_source_nothing_more(tmp_path: Path) ->
     assert not lab.src.calls("zfs", "destroy") and not lab.src.calls("zfs", "release")
 
 
+@pytest.mark.parametrize("kind", ["filesystem", "volume"])
+def test_a_props_pair_sends_the_properties_but_never_the_mount(tmp_path: Path, kind: str) -> None:
+    lab = Lab(tmp_path)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(S1, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]) + f"{DST_FS}\ttype\t{kind}\n")
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.replicator.update(make_pair(props=True))
+    [(send, recv, _)] = lab.streams
+    assert send[:3] == ["zfs", "send", "-p"]
+    kept = ["-x", "mountpoint", "-x", "sharenfs", "-x", "sharesmb"] if kind == "filesystem" else []
+    assert recv == ["zfs", "receive", "-s", *kept, DST_FS]  # 2.1 refuses -x on a volume
+
+
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
     lab = Lab(tmp_path, OPENZFS_PROBE, FUSE_PROBE)
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 0)]))

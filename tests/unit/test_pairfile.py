@@ -88,6 +88,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "hold": ("off", False),
     "bookmark": ("yes", True),
     "raw": ("true", True),
+    "props": ("yes", True),
     "recursive": ("yes", True),
     "exclude": ("tmp|*/cache,recursive=yes", ("tmp", "*/cache")),  # needs recursive
 }
