@@ -55,6 +55,7 @@ def _ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m: a guest no test selected is not started
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The zfs-fuse tests first, then those on the OpenZFS 2.1 guest, then on 2.3 (file
     order kept within each); the guests the session needs are made ready in the
