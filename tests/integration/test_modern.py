@@ -288,13 +288,19 @@ def test_an_encrypted_source_replicates_raw_and_the_replica_stays_locked(zb: Zb)
         f"printf '%s\\n' {secret} | zfs create -o encryption=on -o keyformat=passphrase "
         f"-o keylocation=prompt {zb.src_fs()}"
     )
+    zb.srcside.run("zfs", "set", "org.example:tier=gold", zb.src_fs())
     zb.srcside.write_random(zb.src_dir() / "random.bin", 2)
+    zb.write_pairs(zb.pair_line(options="raw=yes,props=yes"))
     ok(zb, "initialize", zb.dst_fs())
     zb.srcside.write_random(zb.src_dir() / "more.bin", 1)
     ok(zb, "update", zb.dst_fs())
     fs, dst = zb.dst_fs(), zb.dstside
     assert dst.zget(fs, "encryption") == "aes-256-gcm"
     assert dst.zget(fs, "keystatus") == "unavailable"  # the key never travelled
+    # its own encryption root, so its key loads alone: with the source's passphrase
+    assert dst.zget(fs, "encryptionroot") == fs
+    assert dst.zget(fs, "org.example:tier") == "gold"  # props=yes beside raw=yes
+    assert dst.zget(fs, "mountpoint") == str(zb.dst_dir())
     assert dst.zget(fs, "mounted") == "no"
     assert "encryption key not loaded" in said(dst, f"zfs mount {fs}")
     assert "Incorrect key" in said(dst, f"echo not-the-passphrase | zfs load-key {fs}")
