@@ -57,6 +57,9 @@ class Stage:
     # A sender that reports after its stream (the update script): when the receiver
     # fails it is cut off from it, not killed, and says what it found.
     lingers: bool = False
+    # Seconds it was given to exit once its stream had ended, when it did not (and was
+    # stopped): a zfs process stopped or hung on its host.
+    overdue: float = 0.0
 
     def finish(self, timeout: float | None = None) -> None:
         assert self.proc is not None
@@ -375,6 +378,17 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
             f"the stream stalled: no data for {relay.stall:.0f}s after {relay.count} bytes; "
             "aborted (raise the pair's stall= option if the link is that slow)"
         )
+    overdue = [s for s in stages if s.overdue]
+    if overdue:
+        stuck = overdue[0]
+        what = stuck.label.split(" (")[0]
+        return TransportError(
+            f"{what} on {stuck.host} did not exit within {stuck.overdue:.0f} s of the end of "
+            f"its stream (stall={stuck.overdue:.0f}); it was stopped. The replica may hold "
+            "the new snapshot already: the next run records it. Look on "
+            f"{stuck.host} for a zfs process that is stopped or hung "
+            "(ps -o pid,stat,cmd -C zfs) and for a busy pool."
+        )
     failed = [s for s in stages if s.failed and not s.killed]
     if not failed:
         failed = [s for s in stages if s.failed]
@@ -473,9 +487,17 @@ def relay_stages(
             on_received()
     finally:
         answer(sender, "")  # a sender still waiting for a line reads the end of its input
-        # A sender still writing after its receiver left would wait forever.
+        # A sender still writing after its receiver left would wait forever; so would
+        # one that never exits once its whole stream is out (a zfs send stopped or hung
+        # on its host): both get the stall limit. The update script (``lingers``) has
+        # steps to run after its stream, and bounds its send itself (fastpath).
         cut_off = relay.receiver_left or receiver.failed
-        sender.finish(timeout=stall or None if cut_off or sender.killed else None)
+        if cut_off or sender.killed or not sender.lingers:
+            sender.finish(timeout=stall or None)
+            if not cut_off and sender.killed and not relay.stalled and not relay.error:
+                sender.overdue = float(stall)
+        else:
+            sender.finish(timeout=None)
     return relay
 
 
