@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import summary, verdicts  # noqa: E402
+from bench.bench_update import alternate, verdicts  # noqa: E402
 from bench.record import append, load, machine  # noqa: E402
 from lab.guest import Guest  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
@@ -91,22 +91,15 @@ class GuestBench:
         return self.timed(f"{self.zettabee} update {self.dfs}")
 
     def incremental(self, add_mb: int, repeats: int) -> dict[str, dict[str, object]]:
-        base = self.raw_snapshot()
-        self.raw(base, None)
-        rows: dict[str, dict[str, list[float]]] = {
-            "no change": {"raw": [], "zettabee": []},
-            f"+{add_mb} MB": {"raw": [], "zettabee": []},
-        }
-        for i in range(repeats):
-            for label in rows:
-                if label != "no change":
-                    self.zb.srcside.write_random(self.zb.src_dir("bench") / f"add{i}.bin", add_mb)
-                snap = self.raw_snapshot()
-                rows[label]["raw"].append(self.raw(snap, base))
-                base = snap
-                time.sleep(1.0)  # zettabee names snapshots by the second
-                rows[label]["zettabee"].append(self.update())
-        return {label: summary(cols, repeats) for label, cols in rows.items()}
+        src_dir = self.zb.src_dir("bench")
+        return alternate(
+            add_mb,
+            repeats,
+            self.raw_snapshot,
+            self.raw,
+            self.update,
+            lambda name: self.zb.srcside.write_random(src_dir / name, add_mb),
+        )
 
     def breakdown(self) -> tuple[dict[str, float], str]:
         """One no-change update with --debug: what each part cost, and the path taken."""

@@ -216,22 +216,14 @@ class Bench:
         destroy(dfs)
         destroy(self.rawfs)
         self.zb("initialize", dfs)
-        base = self.raw_snapshot()
-        self.raw_ssh(base, None)
-        rows: dict[str, dict[str, list[float]]] = {
-            "no change": {"raw": [], "zettabee": []},
-            f"+{add_mb} MB": {"raw": [], "zettabee": []},
-        }
-        for i in range(repeats):
-            for label in rows:
-                if label != "no change":
-                    write_random(Path(self.src.mountpoint) / "bench-update" / f"add{i}.bin", add_mb)
-                snap = self.raw_snapshot()
-                rows[label]["raw"].append(self.raw_ssh(snap, base))
-                base = snap
-                time.sleep(1.0)  # zettabee names snapshots by the second
-                rows[label]["zettabee"].append(self.zb("update", dfs))
-        return {label: summary(cols, repeats) for label, cols in rows.items()}
+        return alternate(
+            add_mb,
+            repeats,
+            self.raw_snapshot,
+            self.raw_ssh,
+            lambda: self.zb("update", dfs),
+            lambda name: write_random(Path(self.src.mountpoint) / "bench-update" / name, add_mb),
+        )
 
     def breakdown(self) -> dict[str, float]:
         """One no-change update with --debug: what each part of it cost."""
@@ -284,6 +276,35 @@ class Bench:
         data = json.loads((self.tmp / "state" / f"{fp}.json").read_text())
         assert isinstance(data, dict)
         return data
+
+
+def alternate(
+    add_mb: int,
+    repeats: int,
+    snapshot: Callable[[], str],
+    raw: Callable[[str, str | None], float],
+    update: Callable[[], float],
+    grow: Callable[[str], None],
+) -> dict[str, dict[str, object]]:
+    """The incremental cases, raw and zettabee runs alternating: ``repeats`` updates with
+    no change and with ``add_mb`` more (``grow`` writes a new file of that size by name),
+    each beside the raw pipeline's send of a ``snapshot`` from the one before."""
+    base = snapshot()
+    raw(base, None)
+    rows: dict[str, dict[str, list[float]]] = {
+        "no change": {"raw": [], "zettabee": []},
+        f"+{add_mb} MB": {"raw": [], "zettabee": []},
+    }
+    for i in range(repeats):
+        for label in rows:
+            if label != "no change":
+                grow(f"add{i}.bin")
+            snap = snapshot()
+            rows[label]["raw"].append(raw(snap, base))
+            base = snap
+            time.sleep(1.0)  # zettabee names snapshots by the second
+            rows[label]["zettabee"].append(update())
+    return {label: summary(cols, repeats) for label, cols in rows.items()}
 
 
 def summary(cols: dict[str, list[float]], repeats: int) -> dict[str, object]:

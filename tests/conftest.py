@@ -602,6 +602,17 @@ class Zb:
         assert out.returncode == 0, out.stderr
         return out.stdout.split()[-1]
 
+    def initialize_then_update(self) -> None:
+        """The pair into :meth:`dst_fs`: ``initialize``, then an ``update`` after 2 MB
+        more on the source; each exits 0 with the data identical on both sides."""
+        out = self.run("initialize", self.dst_fs())
+        assert out.returncode == 0, out.stderr
+        self.assert_same_data()
+        self.srcside.write_random(self.src_dir() / "more.bin", 2)
+        out = self.run("update", self.dst_fs())
+        assert out.returncode == 0, out.stderr
+        self.assert_same_data()
+
     def assert_same_data(self, leaf: str = "data") -> None:
         settle()
         src = self.srcside.checksums(self.src_dir(leaf))

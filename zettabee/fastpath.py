@@ -268,9 +268,7 @@ def update(
         # limit is stuck (a zfs process stopped or hung on the source), never waited for.
         step = _await_step(sender, "send", timeout=stall or None)
         if step is None and sender.proc is not None and sender.proc.poll() is None:
-            stuck.append(
-                f"zfs send on {src.name} did not exit within {stall} s of the end of its stream"
-            )
+            sender.overdue = float(stall)
             sender.kill()
         if step is None or step.status != 0:
             return
@@ -279,14 +277,9 @@ def update(
         if on_received is not None:
             on_received()
 
-    stuck: list[str] = []
     piped = relay.relay_stages(sender, receiver, stall, progress, received)
-    if stuck:
-        raise ZettabeeError(
-            f"{stuck[0]} (stall={stall}); it was stopped. The replica may hold the new "
-            f"snapshot already: the next run records it. Look on {src.name} for a zfs "
-            "process that is stopped or hung (ps -o pid,stat,cmd -C zfs) and for a busy pool."
-        )
+    if sender.overdue:
+        raise ZettabeeError(relay.overdue_message(sender))
     outcome = _judge(src, plan, sender, receiver, piped)
     if outcome is not None:
         outcome.stream.seconds = time.monotonic() - started

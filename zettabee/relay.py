@@ -380,15 +380,7 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         )
     overdue = [s for s in stages if s.overdue]
     if overdue:
-        stuck = overdue[0]
-        what = stuck.label.split(" (")[0]
-        return TransportError(
-            f"{what} on {stuck.host} did not exit within {stuck.overdue:.0f} s of the end of "
-            f"its stream (stall={stuck.overdue:.0f}); it was stopped. The replica may hold "
-            "the new snapshot already: the next run records it. Look on "
-            f"{stuck.host} for a zfs process that is stopped or hung "
-            "(ps -o pid,stat,cmd -C zfs) and for a busy pool."
-        )
+        return TransportError(overdue_message(overdue[0]))
     failed = [s for s in stages if s.failed and not s.killed]
     if not failed:
         failed = [s for s in stages if s.failed]
@@ -423,6 +415,17 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
     if notes:
         err.args = (f"{err}; then {'; '.join(notes)}",)
     return err
+
+
+def overdue_message(stage: Stage) -> str:
+    """What a run says of a stage stopped for not exiting after its stream (``overdue``)."""
+    what, host = stage.label.split(" (")[0], stage.host
+    return (
+        f"{what} on {host} did not exit within {stage.overdue:.0f} s of the end of its "
+        f"stream (stall={stage.overdue:.0f}); it was stopped. The replica may hold the new "
+        f"snapshot already: the next run records it. Look on {host} for a zfs process "
+        "that is stopped or hung (ps -o pid,stat,cmd -C zfs) and for a busy pool."
+    )
 
 
 def _signal_of(stage: Stage) -> int | None:
@@ -492,12 +495,13 @@ def relay_stages(
         # on its host): both get the stall limit. The update script (``lingers``) has
         # steps to run after its stream, and bounds its send itself (fastpath).
         cut_off = relay.receiver_left or receiver.failed
-        if cut_off or sender.killed or not sender.lingers:
-            sender.finish(timeout=stall or None)
-            if not cut_off and sender.killed and not relay.stalled and not relay.error:
-                sender.overdue = float(stall)
-        else:
+        if sender.lingers and not (cut_off or sender.killed):
             sender.finish(timeout=None)
+        else:
+            killed_before = sender.killed  # by a stall, a failed receiver, the caller
+            sender.finish(timeout=stall or None)
+            if sender.killed and not (killed_before or cut_off):
+                sender.overdue = float(stall)
     return relay
 
 

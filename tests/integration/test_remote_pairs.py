@@ -45,13 +45,7 @@ def test_both_ends_on_one_remote_host(rzb: Zb, transport: str) -> None:
     zb = rzb
     zb.make_source(mb=20)
     zb.write_pairs(zb.pair_line(options=f"transport={transport}"))
-    out = zb.run("initialize", zb.dst_fs())
-    assert out.returncode == 0, out.stderr
-    zb.assert_same_data()
-    zb.srcside.write_random(zb.src_dir() / "more.bin", 2)
-    out = zb.run("update", zb.dst_fs())
-    assert out.returncode == 0, out.stderr
-    zb.assert_same_data()
+    zb.initialize_then_update()
 
     # zettabee status reads the destination over SSH ...
     [row] = json.loads(zb.run("status", "--json").stdout)

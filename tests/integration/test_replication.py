@@ -89,13 +89,7 @@ def test_the_readme_mbuffer_line_into_localhost_replicates(zb: Zb) -> None:
         port = probe.getsockname()[1]
     line = f"{zb.srcside.address}:{zb.src_fs()}  localhost:{zb.dst_fs()}"
     zb.write_pairs(f"{line}  transport=mbuffer,port={port}")
-    out = zb.run("initialize", zb.dst_fs())
-    assert out.returncode == 0, out.stderr
-    zb.assert_same_data()
-    zb.srcside.write_random(zb.src_dir() / "more.bin", 2)
-    out = zb.run("update", zb.dst_fs())
-    assert out.returncode == 0, out.stderr
-    zb.assert_same_data()
+    zb.initialize_then_update()
 
 
 def test_local_transport(zb: Zb) -> None:
