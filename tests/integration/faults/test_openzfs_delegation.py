@@ -16,8 +16,9 @@ Two pulls:
   23 ("stream has unsupported feature"), so that source file system lives in a pool of
   that version, made in the guest for the test; delegation is the same OpenZFS code
   whatever the pool's version, and holds and estimates are there;
-- the engine itself into the guest's own pool ``gdst`` as root, from the delegated user
-  on ``gsrc``: both ends OpenZFS 2.1, so bookmarks and resumable receive are used too. A
+- the engine itself into the guest's own pool ``gdst`` as root, from a user on ``gsrc``
+  that ``zettabee enroll --user`` made, delegated to and gave its key's line: both ends
+  OpenZFS 2.1, so bookmarks and resumable receive are used too, and pruning on both. A
   pair file gives both ends of a pair the same user and key; the test hands the engine a
   host for each end instead.
 """
@@ -92,10 +93,10 @@ def delegate(g: Guest, fs: str) -> SshTarget:
     return SshTarget(g.address, g.port, USER, g.key, g.known_hosts)
 
 
-def as_user(g: Guest, command: str) -> subprocess.CompletedProcess[str]:
+def as_user(g: Guest, command: str, user: str = USER) -> subprocess.CompletedProcess[str]:
     """``command`` run by the delegated user in a shell of the guest, past the forced
     command: only the delegation limits it there."""
-    return g.run("su", "-s", "/bin/sh", USER, "-c", command, check=False)
+    return g.run("su", "-s", "/bin/sh", user, "-c", command, check=False)
 
 
 def restricted(target: SshTarget, command: str) -> subprocess.CompletedProcess[str]:
@@ -212,7 +213,9 @@ def pull_as_delegated_user(faults: Faults, g: Guest, fs: str) -> None:
     assert row.data == INTACT
 
 
-# -- OpenZFS on both ends: bookmarks and resume through the restricted key ----------------
+# -- OpenZFS on both ends: bookmarks and resume behind a user enroll made ------------------
+
+ENROLLED = "zbenrollpull"  # made by `zettabee enroll --user`, unlike USER
 
 
 class EndHosts(Hosts):
@@ -244,20 +247,45 @@ def test_resume_bookmarks_and_holds_through_the_restricted_key(
     finally:
         for each in (dst, f"{dst}-stolen", fs):
             g.shell(f"zfs receive -A {each} 2>/dev/null; zfs destroy -r {each}", check=False)
+        g.shell(f"userdel -r {ENROLLED} 2>/dev/null", check=False)
+
+
+def enroll_user(faults: Faults, g: Guest, pair: Pair) -> SshTarget:
+    """``zettabee enroll --user`` for the pair, as an admin runs it (root's key): it makes
+    the user, delegates a pull's permissions (bookmark with them: bookmark=yes) and
+    writes the key's line; how the source is reached as that user."""
+    key, known = faults.tmp / "pairkey" / "id_ed25519", faults.tmp / "pair_known_hosts"
+    options = f"sshport={g.port},user={ENROLLED},sshkey={key},knownhosts={known},bookmark=yes"
+    faults.zb.write_pairs(f"{pair.source}  {pair.destination}  {options}")
+    fingerprint = sh("ssh-keygen", "-l", "-f", g.known_hosts).stdout.split()[1]
+    done = faults.zb.run(
+        "enroll", g.address, "--admin-key", g.key, "--user", ENROLLED,
+        "--host-key-fingerprint", fingerprint, "--timeout", "60",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"create the user {ENROLLED}" in done.stdout, done.stdout
+    fs = pair.source.fs
+    assert f"zfs allow -u {ENROLLED} {PERMISSIONS} {fs}" in done.stdout, done.stdout
+    assert f"  ok   source zfs on {g.address}: OpenZFS " in done.stdout, done.stdout
+    line = g.run("cat", f"/home/{ENROLLED}/.ssh/authorized_keys").stdout
+    assert f'--pair {pair.fingerprint} {fs}" ' in line, line
+    return SshTarget(g.address, g.port, ENROLLED, str(key), str(known))
 
 
 def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> None:
-    target = delegate(g, fs)
     root = SshTarget(g.address, g.port, g.user, g.key, g.known_hosts)
     pair = Pair(Endpoint(g.address, fs), Endpoint(g.address, dst), PairOptions(bookmark=True))
     fp = pair.fingerprint
+    target = enroll_user(faults, g, pair)
     store = StateStore(faults.tmp / "engine-state", faults.tmp / "engine-run", faults.tmp / "log")
     store.ensure_dirs()
     hosts = EndHosts(target, root)
     row = faults.expect(
-        "OpenZFS both ends: delegated source user behind zettabee-source, resume",
-        "initialize, an interrupted update resumed (send -nvP -t, send -t), update: holds "
-        "both sides, bookmark of the base; a token of another snapshot refused (126)",
+        "OpenZFS both ends: a source user made by zettabee enroll --user, behind "
+        "zettabee-source, resume",
+        "enrolled; initialize, an interrupted update resumed (send -nvP -t, send -t), "
+        "update: pruned on both sides by the delegated destroy, holds both sides, bookmark "
+        "of the base; a token of another snapshot refused (126)",
     )
     try:
         g.shell(f"head -c 4194304 /dev/urandom > /{fs}/random.bin")
@@ -300,7 +328,7 @@ def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> Non
     stolen = g.run("zfs", "get", "-H", "-o", "value", "receive_resume_token", f"{dst}-stolen")
     stolen_token = stolen.stdout.strip()
     assert stolen_token.startswith("1-"), stolen.stdout
-    delegated = as_user(g, shlex.join(zfs.send_resume(stolen_token, estimate=True)))
+    delegated = as_user(g, shlex.join(zfs.send_resume(stolen_token, estimate=True)), ENROLLED)
     assert delegated.returncode == 0, delegated.stderr
     refused = restricted(target, shlex.join(zfs.send_resume(stolen_token, estimate=True)))
     assert refused.returncode == 126 and "by-hand" in refused.stderr, refused.stderr
@@ -316,8 +344,9 @@ def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> Non
     )
     guids = same.stdout.split()
     row.observed = (
-        f"initialize, resumed update ({resumed.resumed.rsplit('.', 1)[1]}), update: as user "
-        f"{USER}, using {', '.join(uses)}; base held on both sides and bookmarked; token "
+        f"enrolled; initialize, resumed update ({resumed.resumed.rsplit('.', 1)[1]}), update: "
+        f"as user {ENROLLED}, using {', '.join(uses)}; pruned to the base on both sides, "
+        f"held there and bookmarked; token "
         f"of {fs}@by-hand: allowed by the delegation, refused by zettabee-source (126)"
     )
     row.data = INTACT if len(guids) == 2 and guids[0] == guids[1] else "DIFFERENT"
