@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.record import append, lab_held, machine  # noqa: E402
+from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
 from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET_MS = 80.0
@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plugins.jsonl"))
     args = parser.parse_args()
+    compile_package()
+    load_before = load()
 
     with lab_held() as lab:
         tmp = Path(tempfile.mkdtemp(prefix="zb-bench-plugins-"))
@@ -111,6 +113,7 @@ def main() -> int:
         finally:
             if dst:
                 tear_down_pair(lab, dst, f"{lab.source.pool}/bench-plugins")
+    load_after = load()
 
     print(f"{'case':<26}{'median ms':>10}{'p90 ms':>8}{'peak MiB':>10}  exit codes")
     for label, row in results.items():
@@ -121,6 +124,8 @@ def main() -> int:
     record = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
+        "load_before": load_before,
+        "load_after": load_after,
         "targets": {"median_ms": TARGET_MS, "peak_rss_mib": TARGET_MB},
         "results": results,
     }
