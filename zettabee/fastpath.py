@@ -21,10 +21,18 @@ A full send (``initialize``) uses the same script without a base.
 Where the pair holds its snapshots, the script of an initialize holds the new one before
 it sends it (step ``hold``).
 
+Where the source estimates a stream's size (OpenZFS), the script runs the dry run
+``zfs send -nvP`` with the send's own flags once the snapshot exists, its report on
+stderr (step ``estimate``): this side reads it from there while the stream runs, so
+``runstatus`` shows a percentage and an ETA. An estimate that fails never stops the
+send. Where the receive is resumable, the caller keeps the resume bookkeeping around
+the one round trip as around any stream (:mod:`zettabee.resume`).
+
 What the source does once the new snapshot is safely on the destination (hold it,
 release the hold on the old base, destroy that) waits in the same script. Until then
 the old base, held, is the common snapshot; the new one needs its hold only once it is
-the common snapshot too. So the script reads one line from its stdin after the send,
+the common snapshot too (unless a broken stream would leave a resume token that goes on
+from it: then it is held before it is sent, step ``hold``). So the script reads one line from its stdin after the send,
 and runs those commands only if it says ``received``, which this side writes once the
 receive has succeeded. A run killed before that closes the connection, the script reads
 the end of its input instead, and the old base stays, held.
@@ -53,10 +61,16 @@ log = logging.getLogger(__name__)
 STEP_MARK = "@@zettabee-step"
 # The steps, in the order the script reports them.
 # "base" comes first when the base is checked, "hold" after "snapshot" when an initialize
-# holds its snapshot; the closing steps of an update (see script's then) after "send".
+# holds its snapshot, "estimate" before "send" where the stream's size is estimated; the
+# closing steps of an update (see script's then) after "send".
 STEPS = ("start", "snapshot", "send", "listing", "listed")
 # The line the script waits for before its commands that follow a received stream.
 RECEIVED = "received"
+# How the script's size estimate ends: its report goes to stderr, never into the stream.
+ESTIMATE_END = " >&2; e=$?"
+
+# Makes a stream's progress report, given the stream's estimated size (None: unknown).
+ProgressFor = Callable[[int | None], relay.ProgressFn]
 
 
 @dataclass
@@ -103,6 +117,7 @@ def script(
     holds: bool = False,
     then: Sequence[tuple[str, Sequence[str]]] = (),
     listing: bool = True,
+    estimate: Sequence[str] | None = None,
 ) -> str:
     """The remote command that snapshots ``fs@snap``, runs ``send_argv`` with its stream
     on stdout, and lists ``fs`` after it; with ``base``, it first checks that this
@@ -114,7 +129,9 @@ def script(
     after a step ``hold`` that failed: the new snapshot is not held, so the old base is
     left alone.
     Without ``listing`` the script lists only when the update did not go through: the
-    caller knows the source from the runs before.
+    caller knows the source from the runs before. ``estimate``, the send's dry run
+    (``zfs send -nvP``), runs just before the send with its report on stderr (step
+    ``estimate``); the send goes on whatever it said.
 
     After each step the script writes a line ``@@zettabee-step NAME STATUS [TIME]`` on
     stderr, after what the tool itself said there; the listing is written after its own
@@ -146,6 +163,8 @@ def script(
             "step hold $s",
             "[ $s = 0 ] || exit $s",
         ]
+    if estimate is not None:
+        lines += [f"{shlex.join(estimate)}{ESTIMATE_END}", "step estimate $e"]
     lines += [f"{shlex.join(send_argv)}; s=$?", "step send $s"]
     if then or not listing:
         lines.append(f'if [ $s = 0 ] && read -r r && [ "$r" = {RECEIVED} ]; then')
@@ -219,7 +238,8 @@ class Plan:
     ``then`` are the source's steps once the receive has succeeded (see :func:`script`):
     they start before the caller's ``on_received``, and the caller judges what they
     reported (:attr:`Outcome.then`). Without ``listing``, the source is listed only when
-    the update fails (:attr:`Outcome.source_snapshots` is None then)."""
+    the update fails (:attr:`Outcome.source_snapshots` is None then). ``estimate``, the
+    send's dry run (``zfs send -nvP``), gives the stream's size before it starts."""
 
     fs: str
     base: zfs.Snapshot | None
@@ -231,12 +251,14 @@ class Plan:
     holds: bool = False
     then: Sequence[tuple[str, Sequence[str]]] = ()
     listing: bool = True
+    estimate: list[str] | None = None
 
     def script(self) -> str:
         checked = self.base if self.check_base else None
         return script(
             self.fs, self.snap, self.send, clock=debug_wanted(log), base=checked,
             hold=self.hold, holds=self.holds, then=self.then, listing=self.listing,
+            estimate=self.estimate,
         )  # fmt: skip
 
 
@@ -245,14 +267,15 @@ def update(
     dst: Host,
     plan: Plan,
     stall: int,
-    progress: relay.ProgressFn | None = None,
+    progress: ProgressFor | None = None,
     on_received: Callable[[], None] | None = None,
 ) -> Outcome | None:
     """Run the update in one round trip; None when its premise failed (the caller goes
     on step by step): the snapshot failed, or the stream failed and the listing shows
     the base gone. A failing send or receive raises otherwise, as in
     :func:`transport.stream_via_processes`. ``on_received`` runs once both the send and
-    the receive have succeeded, beside the source's listing."""
+    the receive have succeeded, beside the source's listing. ``progress`` makes the
+    stream's progress report, given its estimated size once the script said it."""
     started = time.monotonic()
     command = plan.script()
     if isinstance(src, SshHost):
@@ -277,7 +300,8 @@ def update(
         if on_received is not None:
             on_received()
 
-    piped = relay.relay_stages(sender, receiver, stall, progress, received)
+    meter = _progress(sender, progress, plan.estimate is not None) if progress else None
+    piped = relay.relay_stages(sender, receiver, stall, meter, received)
     if sender.overdue:
         raise ZettabeeError(relay.overdue_message(sender))
     outcome = _judge(src, plan, sender, receiver, piped)
@@ -328,16 +352,49 @@ def _judge(
     return Outcome(source, stream, measured, after)
 
 
+def _progress(sender: relay.Stage, progress_for: ProgressFor, estimated: bool) -> relay.ProgressFn:
+    """The progress report of the script's stream: with the stream's size once its
+    step ``estimate`` has said it (read from the sender's stderr as it runs)."""
+    current = progress_for(None)
+    if not estimated:
+        return current
+    waiting = True  # for the step
+
+    def report(count: int, elapsed: float) -> None:
+        nonlocal current, waiting
+        step = _reported(sender, "estimate") if waiting else None
+        if step is not None:
+            waiting = False
+            total = zfs.parse_estimate(step.said) if step.status == 0 else None
+            log.debug("estimated stream size %s", total)
+            if total:
+                current = progress_for(total)
+        current(count, elapsed)
+
+    return report
+
+
+def _reported(stage: relay.Stage, name: str) -> Step | None:
+    """The step ``name`` if the running script has reported it so far: its stderr is a
+    file this process can read while the script writes it."""
+    errfile = stage.errfile
+    if errfile is None:
+        return None
+    try:
+        text = os.pread(errfile.fileno(), 1 << 20, 0).decode(errors="replace")
+    except (OSError, ValueError):  # closed once the stage finished
+        return None
+    return parse(text).steps.get(name)
+
+
 def _await_step(stage: relay.Stage, name: str, timeout: float | None = None) -> Step | None:
     """The step ``name`` as soon as the running script has reported it (None if it ends
-    without, or has not said it within ``timeout`` seconds): its stderr is a file this
-    process can read while the script writes it."""
+    without, or has not said it within ``timeout`` seconds)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
         ended = stage.proc is not None and stage.proc.poll() is not None
         if stage.errfile is not None:
-            text = os.pread(stage.errfile.fileno(), 1 << 20, 0).decode(errors="replace")
-            step = parse(text).steps.get(name)
+            step = _reported(stage, name)
             if step is not None or ended:
                 return step
         if ended or stage.errfile is None:
@@ -387,19 +444,21 @@ def needs_steps(
 
     It saves round trips to a remote source whose stream comes here over ssh, and it
     takes the new snapshot's hold in its script and moves the holds after the
-    receive. What needs a step of its own around the stream goes step by step: a
-    size estimate (the snapshot must exist first), a resumable receive and its
-    bookkeeping, a resume token to go on with, a bookmark, the adoption of a
-    destination that an interrupted initialize received; so do a remote destination
-    and the transports other than ``streams`` (initialize takes its snapshot in the
-    mbuffer pipeline's command too)."""
+    receive; its script estimates the stream's size too, and the caller keeps a
+    resumable receive's bookkeeping around it. What needs a step of its own around
+    the stream goes step by step: a resume token to go on with, a bookmark, the
+    adoption of a destination that an interrupted initialize received; so do a remote
+    destination and the transports other than ``streams``. The mbuffer pipeline
+    (initialize takes its snapshot in its command too) has no place for an estimate
+    or the resume bookkeeping."""
+    piped = pair.options.transport != "ssh"
     reasons = [
         (pair.options.transport not in streams, f"transport={pair.options.transport}"),
         (not isinstance(src, SshHost), "the source is on this host"),
         (not dst.is_local, "the destination is remote"),
         (bool(token), "a resume token is pending"),
-        (feats.estimate, "size estimate"),
-        (feats.resume, "resumable receive"),
+        (piped and feats.estimate, "size estimate"),
+        (piped and feats.resume, "resumable receive"),
         (feats.bookmark, "bookmarks"),
         (adopt, "an interrupted initialize to adopt"),
     ]

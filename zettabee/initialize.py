@@ -113,13 +113,15 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
     source: the caller looks first)."""
     pair, feats, clock, dst = run.pair, run.feats, run.clock, run.dst
     snap = snapshots.fresh_name(pair.fingerprint, ())
+    target = f"{pair.source.fs}@{snap}"
     plan = fastpath.Plan(
         pair.source.fs,
         None,
         snap,
-        run.send_argv(f"{pair.source.fs}@{snap}"),
-        run.receive_argv(_source_is_volume(run)),
+        run.send_argv(target),
+        run.receive_argv(_source_is_volume(run), resumable=feats.resume),
         hold=hold_tag(pair.fingerprint) if feats.hold_source else None,
+        estimate=run.send_argv(target, estimate=True) if feats.estimate else None,
     )
 
     def received() -> None:
@@ -128,13 +130,15 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
             if feats.hold_destination:
                 snapshots.hold(pair, dst, f"{pair.destination.fs}@{snap}")
 
+    entry = resume.note_transfer(run, snap) if feats.resume else None
     with clock("stream"):
         try:
             outcome = fastpath.update(
-                run.src, dst, plan, pair.options.stall, run.progress(), received
+                run.src, dst, plan, pair.options.stall, run.progress, received
             )
         except (CommandError, TransportError) as exc:
-            raise divergence.explain_receive(pair, exc) from exc
+            raise resume.failed(run, entry, exc) from exc
+    run.status.extra.pop("resume", None)
     return (snap, outcome.stream) if outcome is not None else None
 
 

@@ -91,14 +91,25 @@ def transfer(
     try:
         stream = run.stream(send, recv, total)
     except (CommandError, TransportError) as exc:
-        error = divergence.explain_receive(run.pair, exc, base)
-        if entry is not None:
-            note = kept_after_failure(run, entry, str(error))
-            if note:
-                error.args = (f"{error}{note}",)
-        raise error from exc
+        raise failed(run, entry, exc, base) from exc
     run.status.extra.pop("resume", None)
     return stream
+
+
+def failed(
+    run: PairRun,
+    entry: dict[str, Any] | None,
+    exc: CommandError | TransportError,
+    base: str | None = None,
+) -> ZettabeeError:
+    """The error a failed stream ends its run with, as the destination explains it; for
+    a resumable receive (``entry``, its note), what it kept and what the next run does."""
+    error = divergence.explain_receive(run.pair, exc, base)
+    if entry is not None:
+        note = kept_after_failure(run, entry, str(error))
+        if note:
+            error.args = (f"{error}{note}",)
+    return error
 
 
 def estimate(pair: Pair, src: Host, argv: list[str]) -> int | None:

@@ -339,12 +339,31 @@ def check_update_script(command: str, policy: Policy) -> None:
     tag = held[0][2] if held else None
     base = _checked_base(lines, fs, policy)
     then = [(_check_after(words, fs, policy), words) for words in after]
+    estimate = _checked_estimate(lines, send)
     clock = "date +%s.%N" in lines[0]
     for holds in (False, True):
         for listing in (True, False):
-            if fastpath.script(fs, snap, send, clock, base, tag, holds, then, listing) == command:
+            written = fastpath.script(
+                fs, snap, send, clock, base, tag, holds, then, listing, estimate
+            )
+            if written == command:
                 return
     raise Refused("the update script is not written as zettabee writes it")
+
+
+def _checked_estimate(lines: list[str], send: list[str]) -> list[str] | None:
+    """The size estimate the update script runs before its send, if it does: that very
+    send as a dry run (``zfs send -nvP``, the same flags and snapshots), nothing else."""
+    found = [
+        split_words(line[: -len(fastpath.ESTIMATE_END)])
+        for line in lines
+        if line.endswith(fastpath.ESTIMATE_END)
+    ]
+    if not found:
+        return None
+    if len(found) > 1 or found[0] != [*send[:2], "-nvP", *send[2:]]:
+        raise Refused("the update script estimates something else than its send")
+    return found[0]
 
 
 _GUID_CHECK = '[ "${g##*\tguid\t}" = '

@@ -94,8 +94,9 @@ def in_one_round_trip(
     """The routine update (see :mod:`fastpath`); None when it does not apply.
 
     Once both the send and the receive have succeeded, the new snapshot is the
-    common one: the script holds it on the source, releases the pair's hold on the
-    old base and destroys that, while here :func:`received` does its part. What the
+    common one: the script holds it on the source (a resumable one is held before
+    it is sent: see :func:`_plan`), releases the pair's hold on the old base and
+    destroys that, while here :func:`received` does its part. What the
     source's listing adds (rare: leftovers of killed runs) goes after; a failed run's
     new snapshot goes at once (:func:`discard_new`).
 
@@ -112,14 +113,18 @@ def in_one_round_trip(
     def on_received() -> None:
         run.report.destroyed.extend(received(run, snap, base.name, dsnaps))
 
+    log.debug("%s: update in one round trip%s", pair.name, _folded(run))
+    entry = resume.note_transfer(run, snap) if run.feats.resume else None
     with run.clock("stream"):
         try:
             outcome = fastpath.update(
-                run.src, run.dst, plan, pair.options.stall, run.progress(), on_received
+                run.src, run.dst, plan, pair.options.stall, run.progress, on_received
             )
         except (CommandError, TransportError) as exc:
-            discard_new(run, snap, exc, held=False)  # its hold comes only once received
-            raise divergence.explain_receive(pair, exc, base.name) from exc
+            error = resume.failed(run, entry, exc, base.name)
+            discard_new(run, snap, exc, held=plan.hold is not None)
+            raise error from exc
+    run.status.extra.pop("resume", None)
     if outcome is None:
         return None
     run.clock.add(outcome.timings)
@@ -137,27 +142,43 @@ def in_one_round_trip(
     return snap, base, outcome.stream
 
 
+def _folded(run: PairRun) -> str:
+    """What the one round trip does of what a step-by-step update would do apart."""
+    parts = [
+        (run.feats.estimate, "a size estimate"),
+        (run.feats.resume, "a resumable receive"),
+        (run.feats.hold_source, "the source's hold"),
+    ]
+    done = [what for applies, what in parts if applies]
+    return f", with {', '.join(done)}" if done else ""
+
+
 def _plan(run: PairRun, base: zfs.Snapshot, snap: str, listing: bool) -> fastpath.Plan:
     """The script's send and receive, and its steps on the source once received: the
-    new snapshot's hold, the old base's release, and its destroy (if it is the pair's)."""
-    pair, opts = run.pair, run.pair.options
+    new snapshot's hold, the old base's release, and its destroy (if it is the pair's).
+
+    A resumable receive's snapshot is held before it is sent, as step by step: a stream
+    that breaks leaves a resume token that goes on from it, and the hold keeps it for
+    the next run. Otherwise its hold waits until it is the common snapshot."""
+    pair, opts, feats = run.pair, run.pair.options, run.feats
     src_fs = pair.source.fs
     send = run.send_argv(f"{src_fs}@{snap}", f"{src_fs}@{base.name}")
+    estimate = run.send_argv(f"{src_fs}@{snap}", f"{src_fs}@{base.name}", estimate=True)
     assert run.view is not None
-    recv = run.receive_argv(run.view.volume, force=opts.rollback)
-    tag = hold_tag(pair.fingerprint) if run.feats.hold_source else None
+    recv = run.receive_argv(run.view.volume, force=opts.rollback, resumable=feats.resume)
+    tag = hold_tag(pair.fingerprint) if feats.hold_source else None
+    first = tag if tag and feats.resume else None
     then = []
-    if tag:  # the new snapshot's hold, then the old base's release
-        then += [
-            ("hold", zfs.hold(tag, f"{src_fs}@{snap}")),
-            ("release", zfs.release(tag, f"{src_fs}@{base.name}")),
-        ]
+    if tag and not first:
+        then.append(("hold", zfs.hold(tag, f"{src_fs}@{snap}")))
+    if tag:
+        then.append(("release", zfs.release(tag, f"{src_fs}@{base.name}")))
     if is_own_snapshot(base.name, pair.fingerprint):
         then.append(("destroy", zfs.destroy(f"{src_fs}@{base.name}")))
     return fastpath.Plan(
         src_fs, base, snap, send, recv,
-        check_base=opts.intermediate or opts.rollback, holds=run.feats.source.holds,
-        then=then, listing=listing,
+        check_base=opts.intermediate or opts.rollback, hold=first, holds=feats.source.holds,
+        then=then, listing=listing, estimate=estimate if feats.estimate else None,
     )  # fmt: skip
 
 

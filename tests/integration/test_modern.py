@@ -170,12 +170,13 @@ def test_purge_releases_the_holds(zb: Zb) -> None:
     zb.srcside.sh(f"for i in 1 2 3 4 5; do zfs destroy {target} && exit 0; sleep 0.5; done; exit 1")
 
 
-def _kill_mid_transfer(zb: Zb, action: str = "update") -> str:
-    """Start ``action`` over a throttled link, read runstatus while it runs, SIGKILL it."""
+def _kill_mid_transfer(zb: Zb, action: str = "update") -> tuple[str, str]:
+    """Start ``action`` with ``--debug`` over a throttled link, read runstatus while it
+    runs, SIGKILL it. What runstatus showed, and what the killed run had said."""
     progress = zb.tmp / "state" / f"{zb.fingerprint()}.progress"
     # In the guest, reading runstatus takes seconds: a slower link keeps the stream going.
     with throttled(zb, "16mbit" if zb.backend.host is None else "4mbit"):
-        proc = zb.popen("zettabee", action, zb.dst_fs())
+        proc = zb.popen("zettabee", "--debug", action, zb.dst_fs())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if (
@@ -196,8 +197,8 @@ def _kill_mid_transfer(zb: Zb, action: str = "update") -> str:
         except subprocess.TimeoutExpired as exc:
             shown = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         zb.kill(proc, signal.SIGKILL)
-        proc.wait()
-    return shown
+        _out, told = proc.communicate()
+    return shown, told
 
 
 def test_a_killed_transfer_resumes_and_the_data_verifies(zb: Zb) -> None:
@@ -205,7 +206,10 @@ def test_a_killed_transfer_resumes_and_the_data_verifies(zb: Zb) -> None:
     zb.write_pairs(zb.pair_line())
     ok(zb, "initialize", zb.dst_fs())
     zb.srcside.write_random(zb.src_dir() / "big.bin", 16)
-    shown = _kill_mid_transfer(zb)
+    shown, told = _kill_mid_transfer(zb)
+    # the routine update goes in one round trip, the estimate and resume folded in
+    folded = "a size estimate, a resumable receive" if modern(zb) else "the source's hold"
+    assert f"update in one round trip, with {folded}" in told, told
     # progress with a size where the source estimates it (send -nvP)
     assert re.search(r"\d+% of \d+\.\d MiB, ETA", shown) if modern(zb) else "%" not in shown
     assert " at " in shown and "/s" in shown
@@ -234,7 +238,8 @@ def test_a_killed_initialize_goes_on_where_it_broke(zb: Zb) -> None:
     zfs-fuse the partial receive is gone and it starts over, as before."""
     zb.make_source(mb=16)
     zb.write_pairs(zb.pair_line())
-    _kill_mid_transfer(zb, "initialize")
+    _shown, told = _kill_mid_transfer(zb, "initialize")
+    assert "initialize step by step" not in told, told  # the script takes the snapshot
     if modern(zb):
         assert zb.dstside.zget(zb.dst_fs(), "receive_resume_token").startswith("1-")
         assert "partial receive of zettabee." in zb.run("status", zb.dst_fs()).stdout

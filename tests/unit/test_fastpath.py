@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from zettabee import fastpath, zfs
+from zettabee import fastpath, relay, zfs
 
 FS = "tank/home"
 BASE = zfs.Snapshot(FS, "zettabee.0123456789abcdef0123456789abcdef.20260101T000000Z", 42, 1000)
@@ -28,7 +29,11 @@ case "$1" in
        else for last; do :; done; grep "^$last	guid	" "$FAKE/listing" || exit 1; fi ;;
   snapshot) [ -e "$FAKE/snapshot-fails" ] && { echo "cannot create snapshot: out of space" >&2; exit 1; }; exit 0 ;;
   hold) [ -e "$FAKE/hold-fails" ] && { echo "cannot hold snapshot: pool is full" >&2; exit 1; }; exit 0 ;;
-  send) printf 'STREAM'; [ -e "$FAKE/send-fails" ] && { echo "send broke" >&2; exit 2; }; exit 0 ;;
+  send) if [ "$2" = -nvP ]; then
+         [ -e "$FAKE/estimate-fails" ] && { echo "cannot estimate: busy" >&2; exit 1; }
+         printf 'incremental\tbase\tnew\t12345\nsize\t12345\n'; exit 0
+       fi
+       printf 'STREAM'; [ -e "$FAKE/send-fails" ] && { echo "send broke" >&2; exit 2; }; exit 0 ;;
 esac
 """
 
@@ -49,11 +54,13 @@ def run(
     then: list[tuple[str, list[str]]] | None = None,
     answer: bytes = b"",
     listing: bool = True,
+    estimate: bool = False,
 ) -> subprocess.CompletedProcess[bytes]:
     send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
+    dry_run = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}", estimate=True)
     script = fastpath.script(
         FS, SNAP, send, clock=clock, base=base, hold=hold, holds=bool(hold), then=then or (),
-        listing=listing,
+        listing=listing, estimate=dry_run if estimate else None,
     )  # fmt: skip
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", FAKE=str(fake))
     return subprocess.run(["sh", "-c", script], capture_output=True, env=env, input=answer)
@@ -153,6 +160,72 @@ def test_a_failing_send_is_reported_with_its_own_words_and_the_listing_still_com
     assert report.ok("snapshot") and report.steps["send"].status == 2
     assert report.steps["send"].said == "send broke"
     assert BASE.name in report.steps["listed"].said  # to tell a gone base from a broken send
+
+
+def test_the_size_estimate_runs_before_the_send_and_reports_on_stderr_only(fake: Path) -> None:
+    proc = run(fake, estimate=True, then=LET_GO, answer=b"received\n")
+    assert proc.returncode == 0
+    assert proc.stdout == b"STREAM"  # the dry run's report never enters the stream
+    assert calls(fake)[:3] == [
+        f"snapshot {FS}@{SNAP}",
+        f"send -nvP -i {FS}@{BASE.name} {FS}@{SNAP}",
+        f"send -i {FS}@{BASE.name} {FS}@{SNAP}",
+    ]
+    report = fastpath.parse(proc.stderr.decode())
+    assert list(report.steps)[:4] == ["start", "snapshot", "estimate", "send"]
+    assert zfs.parse_estimate(report.steps["estimate"].said) == 12345
+    assert report.steps["send"].said == ""  # the estimate's words are its own step's
+    assert report.ok("destroy")
+
+
+def test_a_failing_size_estimate_never_stops_the_send(fake: Path) -> None:
+    (fake / "estimate-fails").touch()
+    proc = run(fake, estimate=True)
+    assert proc.returncode == 0 and proc.stdout == b"STREAM"
+    report = fastpath.parse(proc.stderr.decode())
+    assert report.steps["estimate"].status == 1
+    assert report.steps["estimate"].said == "cannot estimate: busy"
+    assert report.ok("send") and report.ok("listing")
+
+
+def _stage_that_said(text: str) -> relay.Stage:
+    stage = relay.Stage("zfs send (over ssh)", "src", ["true"])
+    stage.errfile = tempfile.TemporaryFile()
+    stage.errfile.write(text.encode())
+    stage.errfile.flush()
+    return stage
+
+
+def test_progress_has_the_streams_size_once_the_script_estimated_it(fake: Path) -> None:
+    made: list[int | None] = []
+    seen: list[tuple[int | None, int]] = []
+
+    def progress_for(total: int | None) -> relay.ProgressFn:
+        made.append(total)
+        return lambda count, elapsed: seen.append((total, count))
+
+    stderr = run(fake, estimate=True).stderr.decode()
+    before_estimate = stderr.partition(f"{fastpath.STEP_MARK} estimate")[0]
+    stage = _stage_that_said(before_estimate)
+    report = fastpath._progress(stage, progress_for, estimated=True)
+    report(10, 1.0)  # the script has not said its estimate yet: no total
+    assert stage.errfile is not None
+    stage.errfile.write(stderr[len(before_estimate) :].encode())
+    stage.errfile.flush()
+    report(20, 2.0)
+    report(30, 3.0)
+    assert seen == [(None, 10), (12345, 20), (12345, 30)]
+    assert made == [None, 12345]  # the file is read until the step, not after
+
+
+def test_progress_without_an_estimate_has_no_size(fake: Path) -> None:
+    (fake / "estimate-fails").touch()
+    seen: list[int | None] = []
+    stage = _stage_that_said(run(fake, estimate=True).stderr.decode())
+    report = fastpath._progress(stage, lambda total: lambda c, e: seen.append(total), True)
+    report(1, 1.0)
+    report(2, 2.0)
+    assert seen == [None, None]
 
 
 def test_clock_times_each_step_on_the_source(fake: Path) -> None:

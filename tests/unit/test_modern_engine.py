@@ -627,9 +627,8 @@ def test_which_updates_go_in_one_round_trip() -> None:
     remote, here = SshHost(SshTarget("src")), LocalHost()
     needs = fastpath.needs_steps
     assert needs(PAIR, remote, here, plan_features(fuse, fuse), None) == ""  # holds fold in
-    assert needs(PAIR, remote, here, plan_features(modern, modern), None) == (
-        "size estimate, resumable receive"
-    )
+    # The estimate and the resume bookkeeping fold into the script over ssh, not mbuffer's.
+    assert needs(PAIR, remote, here, plan_features(modern, modern), None) == ""
     assert "resume token" in needs(PAIR, remote, here, plan_features(fuse, fuse), TOKEN)
     assert "remote" in needs(
         PAIR, remote, SshHost(SshTarget("dst")), plan_features(fuse, fuse), None
@@ -637,6 +636,15 @@ def test_which_updates_go_in_one_round_trip() -> None:
     assert "this host" in needs(PAIR, here, here, plan_features(fuse, fuse), None)
     mbuffer = make_pair(transport="mbuffer")
     assert needs(mbuffer, remote, here, plan_features(fuse, fuse), None) == "transport=mbuffer"
+    assert needs(mbuffer, remote, here, plan_features(modern, modern), None) == (
+        "transport=mbuffer, size estimate, resumable receive"
+    )
+    assert (
+        needs(
+            mbuffer, remote, here, plan_features(modern, modern), None, streams=("ssh", "mbuffer")
+        )
+        == "size estimate, resumable receive"
+    )
 
 
 def test_a_status_that_cannot_be_written_fails_the_run_naming_the_directory_and_fix(

@@ -396,6 +396,9 @@ def update_script(**kw: object) -> str:
 
 
 BASE = zfs.Snapshot(FS, OWN.partition("@")[2], 1234567890123, 0)
+_OWN_NAME = OWN.partition("@")[2]
+# The size estimate the script runs before its send: that send as a dry run.
+ESTIMATE = zfs.send(OWN2, base=OWN, estimate=True)
 # What the script does with the old base once the destination received the stream.
 THEN = [
     ("hold", zfs.hold(TAG, OWN2)),
@@ -415,6 +418,15 @@ THEN = [
         {"holds": True, "then": THEN},
         {"holds": True, "then": THEN, "listing": False},
         {"listing": False},
+        {"estimate": zfs.send(OWN2, base=OWN, estimate=True)},
+        {
+            "estimate": zfs.send(OWN2, base=OWN, estimate=True),
+            "holds": True,
+            "then": THEN,
+            "listing": False,
+            "clock": True,
+        },
+        {"estimate": ESTIMATE, "hold": TAG, "holds": True, "then": THEN[1:], "clock": True},
     ],
     ids=[
         "plain",
@@ -425,6 +437,9 @@ THEN = [
         "base-let-go",
         "base-let-go-unlisted",
         "unlisted",
+        "estimated",
+        "estimated-let-go-unlisted",
+        "estimated-held-first",
     ],  # fmt: skip
 )
 def test_the_update_script_runs_whole_in_a_shell(kw: dict[str, object]) -> None:
@@ -466,6 +481,24 @@ SCRIPT_ESCAPES = {
     ),
     "runs another command once received": update_script(then=[("rm", ["rm", "-rf", "/"])]),
     "a step named otherwise": update_script(then=[("cleanup", zfs.destroy(OWN))]),
+    "estimates another snapshot": update_script(
+        estimate=zfs.send(OWN, base=f"{FS}@hand-made", estimate=True)
+    ),
+    "estimates without the dry run": update_script(estimate=zfs.send(OWN2, base=OWN)),
+    "estimates another file system": update_script(
+        estimate=zfs.send(
+            f"tank/pg@{OWN2.partition('@')[2]}", base=f"tank/pg@{_OWN_NAME}", estimate=True
+        )
+    ),
+    "estimates twice": update_script(estimate=ESTIMATE).replace(
+        f"{shlex.join(ESTIMATE)}{fastpath.ESTIMATE_END}",
+        f"{shlex.join(ESTIMATE)}{fastpath.ESTIMATE_END}\n"
+        f"{shlex.join(ESTIMATE)}{fastpath.ESTIMATE_END}",
+    ),
+    "runs something else as the estimate": update_script(estimate=["id"]),
+    "estimate's report into the stream": update_script(estimate=ESTIMATE).replace(
+        fastpath.ESTIMATE_END, "; e=$?"
+    ),
 }
 
 
