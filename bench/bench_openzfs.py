@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import shlex
 import statistics
@@ -40,6 +41,7 @@ from bench.bench_update import alternate, verdicts  # noqa: E402
 from bench.record import append, load, machine  # noqa: E402
 from lab.guest import Guest  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
+from zettabee import zfs  # noqa: E402
 
 # The tests' own harness builds the package and reaches the guest's two hosts (loaded by
 # name: the tests are not type-checked with the package).
@@ -106,10 +108,62 @@ class GuestBench:
         time.sleep(1.0)
         proc = self.zb.dstside.sh(f"{self.zettabee} --debug update {self.dfs} 2>&1")
         line = next(x for x in proc.stdout.splitlines() if ": timings " in x)
-        path = next((x for x in proc.stdout.splitlines() if "step by step (" in x), "")
+        lines = proc.stdout.splitlines()
+        path = next((x for x in lines if "step by step (" in x or "in one round trip" in x), "")
         parts = {part: float(sec) for part, sec in re.findall(r"(\w+)=([0-9.]+)s", line)}
         why = path.partition("update step by step (")[2].rstrip(")")
-        return parts, f"step by step: {why}" if why else "one round trip"
+        if why:
+            return parts, f"step by step: {why}"
+        return parts, path.partition(": update ")[2] or "one round trip"
+
+
+# The source's listing as zettabee asks for it (zfs.list_snapshots with holds), and the
+# same in the JSON that OpenZFS 2.3 added: what issue 18 asks to decide by measurement.
+LISTING_PROPS = "guid,creation,createtxg,userrefs"
+
+
+def listing_formats(bench: GuestBench, snapshots: int = 200, repeats: int = 15) -> dict[str, Any]:
+    """``zfs get -Hp`` against ``zfs get -j`` (and ``zfs list -j``) over one file system
+    with ``snapshots`` snapshots, alternated on the source host, each timed there; and
+    what parsing each output costs here. Empty where the source has no ``-j``."""
+    zb = bench.zb
+    fs = zb.src_fs("listing")
+    zb.srcside.run("zfs", "create", "-p", fs)
+    if zb.srcside.sh(f"zfs get -j guid {fs}", check=False).returncode != 0:
+        return {}  # before OpenZFS 2.3: no -j
+    names = " ".join(f"{fs}@s{i:04d}" for i in range(snapshots))
+    zb.srcside.sh(f"zfs snapshot {names}")
+    commands = {
+        "get -Hp": f"zfs get -Hp -d 1 -o name,property,value {LISTING_PROPS} -- {fs}",
+        "get -j": f"zfs get -j --json-int -d 1 -o name,property,value {LISTING_PROPS} {fs}",
+        "list -j": f"zfs list -j --json-int -d 1 -t all -o name,{LISTING_PROPS} {fs}",
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in commands}
+    outputs = {label: zb.srcside.sh(command).stdout for label, command in commands.items()}
+    for _ in range(repeats):
+        for label, command in commands.items():
+            script = (
+                f"t0=$(date +%s%N); {command} >/dev/null || exit 9; "
+                't1=$(date +%s%N); echo "$((t1 - t0))"'
+            )
+            seconds[label].append(int(zb.srcside.sh(script).stdout.split()[-1]) / 1e9)
+    parsers = {
+        "get -Hp": lambda text: zfs.parse_snapshots(fs, text),
+        "get -j": lambda text: json.loads(text),
+        "list -j": lambda text: json.loads(text),
+    }
+    parse_ms = {}
+    for label, text in outputs.items():
+        started = time.perf_counter()
+        for _ in range(100):
+            parsers[label](text)
+        parse_ms[label] = round((time.perf_counter() - started) * 10, 3)  # per parse, ms
+    return {
+        "snapshots": snapshots,
+        "median_s": {label: round(statistics.median(v), 4) for label, v in seconds.items()},
+        "bytes": {label: len(text) for label, text in outputs.items()},
+        "parse_ms": parse_ms,
+    }
 
 
 def main() -> int:
@@ -119,6 +173,10 @@ def main() -> int:
     parser.add_argument("--source-mb", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7, help="incremental runs of each kind")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
+    parser.add_argument(
+        "--formats", action="store_true",
+        help="also time the source's listing as -Hp and as JSON (-j, OpenZFS 2.3)",
+    )  # fmt: skip
     args = parser.parse_args()
     share = Path(tempfile.mkdtemp(prefix="zb-bench-openzfs-"))
     share.chmod(0o755)
@@ -141,6 +199,7 @@ def main() -> int:
                 raise RuntimeError(f"initialize failed: {init.stderr.strip()}")
             result = bench.incremental(args.add_mb, args.repeats)
             parts, path = bench.breakdown()
+            formats = listing_formats(bench) if args.formats else {}
             version = zb.dstside.sh("zfs version | head -1").stdout.strip()
         finally:
             vm.down()
@@ -153,6 +212,9 @@ def main() -> int:
         print(f"  {label}: {text}")
     print(f"no-change update ({path}), --debug timings: "
           + " ".join(f"{k}={v:.3f}s" for k, v in parts.items()))  # fmt: skip
+    if formats:
+        print(f"listing of {formats['snapshots']} snapshots: median s {formats['median_s']}, "
+              f"bytes {formats['bytes']}, parse ms {formats['parse_ms']}")  # fmt: skip
     host = machine()
     host["zfs"] = "openzfs " + version.removeprefix("zfs-")
     host["topology"] = "guest (TCG emulation): backup host local pool, source in a netns over ssh"
@@ -168,6 +230,7 @@ def main() -> int:
         "verdicts": said,
         "no_change_path": path,
         "no_change_timings": parts,
+        **({"listing_formats": formats} if formats else {}),
         "raw_median_spread": {
             label: round(statistics.pstdev(cols["raw_all"]), 3)  # type: ignore[arg-type]
             for label, cols in result.items()
