@@ -482,7 +482,12 @@ def relay_stages(
     relay.run(kill_all(stages))
     if relay.error:  # the receiver went away: the sender must not wait forever
         sender.kill()
-    receiver.finish()
+    # A receive that does not exit within the stall limit of its stream's end is stuck
+    # (a zfs receive stopped, or hung committing on a busy pool), never waited for.
+    receiver_killed = receiver.killed
+    receiver.finish(timeout=stall or None)
+    if receiver.killed and not receiver_killed:
+        receiver.overdue = float(stall)
     if receiver.failed and not sender.lingers:
         sender.kill()
     try:

@@ -66,3 +66,34 @@ def test_a_send_that_exits_at_once_is_not_hurried(tmp_path: Path) -> None:
     send = ["sh", "-c", "head -c 200000 /dev/zero; sleep 0.5"]
     assert run_bounded(send, ["sh", "-c", f"cat >{got}"], stall=2) is None
     assert got.stat().st_size == 200000
+
+
+def test_a_receive_that_never_exits_after_its_stream_fails_within_the_stall_limit(
+    tmp_path: Path,
+) -> None:
+    pid = tmp_path / "pid"
+    got = tmp_path / "got"
+    # the whole stream read, then stopped: as a zfs receive stuck committing
+    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
+    finally:
+        if pid.exists():
+            with_pid = int(pid.read_text())
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(with_pid, sig)
+                except ProcessLookupError:
+                    break
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert "zfs receive on backup1 did not exit within 2 s of the end of its stream" in message
+    assert "The replica may hold the new snapshot already" in message
+    assert got.stat().st_size == 200000
+
+
+def test_a_receive_that_takes_a_moment_to_commit_is_not_hurried(tmp_path: Path) -> None:
+    got = tmp_path / "got"
+    recv = ["sh", "-c", f"cat >{got}; sleep 0.5"]
+    assert run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2) is None
+    assert got.stat().st_size == 200000
