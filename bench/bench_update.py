@@ -46,6 +46,7 @@ from zettabee.mbuffer import (  # noqa: E402
     local_fds,
     local_tables,
 )
+from zettabee.pair import tag_of  # noqa: E402
 
 TARGETS = {"no change": 1.5, "+MB": 1.1, "full ssh": 0.95, "full mbuffer": 0.95}
 MBUFFER_PORT = 19431
@@ -70,9 +71,8 @@ def release_holds(fs: str, lab: ZfsLab | None = None) -> None:
     out = run("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs)
     for line in out.splitlines():
         name, _, refs = line.partition("\t")
-        snap = name.partition("@")[2]
-        if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
-            tag = ".".join(snap.split(".")[:2])
+        tag = tag_of(name.partition("@")[2])
+        if refs.isdigit() and int(refs) > 0 and tag is not None:
             run("zfs", "release", tag, name)
 
 

@@ -667,8 +667,9 @@ def destroy(fs: str, side: Side | None = None) -> None:
 
 
 def release_holds(fs: str, side: Side | None = None) -> None:
-    """Release the pairs' holds (tag ``zettabee.<fingerprint>``, read from the snapshot
-    name: zfs-fuse cannot list holds) on every snapshot below ``fs``."""
+    """Release the pairs' holds (the tag the snapshot's name gives, ``zettabee.<fp>.<rid>``
+    or ``zettabee.<fp>``: zfs-fuse cannot list holds) on every snapshot below ``fs``."""
+    from zettabee.pair import tag_of
 
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         if side is not None:
@@ -678,9 +679,9 @@ def release_holds(fs: str, side: Side | None = None) -> None:
     out = run("zfs", "get", "-Hp", "-r", "-o", "name,value", "userrefs", fs).stdout
     for line in out.splitlines():
         name, _, refs = line.partition("\t")
-        snap = name.partition("@")[2]
-        if refs.isdigit() and int(refs) > 0 and snap.startswith("zettabee."):
-            run("zfs", "release", ".".join(snap.split(".")[:2]), name)
+        tag = tag_of(name.partition("@")[2])
+        if refs.isdigit() and int(refs) > 0 and tag is not None:
+            run("zfs", "release", tag, name)
 
 
 def executable(name: str) -> list[str]:

@@ -9,6 +9,9 @@ has ``hold`` and ``release`` but no ``bookmark`` and no ``receive -s``, and it s
 
 A capability needs both sides of the truth: the command and option in the binary, and
 the pool feature that backs it.
+
+The pool's guid comes with its properties: a destination pool's names the replica whose
+snapshots and holds a pair's are (:func:`zettabee.pair.replica_id`).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class PoolFeatures:
     version: int | None = None
     features: frozenset[str] = frozenset()
     error: str = ""
+    guid: str = ""  # as zpool get prints it, in decimal
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -132,6 +136,7 @@ class Capabilities:
     receive_exclude: bool = False
     pool_version: int | None = None
     note: str = ""
+    pool_guid: str = ""
 
     def present(self) -> list[str]:
         return [label for label, attr in FEATURES if getattr(self, attr)]
@@ -217,13 +222,15 @@ def parse_usage(text: str) -> dict[str, frozenset[str]]:
 
 
 def parse_pools(text: str, pools: Iterable[str]) -> dict[str, PoolFeatures]:
-    """Version and enabled features of ``pools`` from ``zpool get all POOL`` tables.
+    """Version, guid and enabled features of ``pools`` from ``zpool get all POOL`` tables.
 
     zfs-fuse's ``zpool get`` has no ``-H``: the human table is read, header and all, and
-    only ``version`` and ``feature@*`` rows are used (their values never hold spaces).
+    only ``version``, ``guid`` and ``feature@*`` rows are used (their values never hold
+    spaces).
     """
     wanted = set(pools)
     versions: dict[str, int | None] = {}
+    guids: dict[str, str] = {}
     features: dict[str, set[str]] = {}
     errors: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -233,6 +240,8 @@ def parse_pools(text: str, pools: Iterable[str]) -> dict[str, PoolFeatures]:
             features.setdefault(pool, set())
             if prop == "version":
                 versions[pool] = int(value) if value.isdigit() else FEATURE_POOL_VERSION
+            elif prop == "guid" and value.isdigit():
+                guids[pool] = value
             elif prop.startswith("feature@") and value in ("enabled", "active"):
                 features[pool].add(prop.split("@", 1)[1])
         elif line.startswith("cannot open"):
@@ -242,7 +251,9 @@ def parse_pools(text: str, pools: Iterable[str]) -> dict[str, PoolFeatures]:
     result = {}
     for pool in wanted:
         if pool in features:
-            result[pool] = PoolFeatures(pool, versions.get(pool), frozenset(features[pool]))
+            result[pool] = PoolFeatures(
+                pool, versions.get(pool), frozenset(features[pool]), guid=guids.get(pool, "")
+            )
         else:
             said = "; ".join(errors.get(pool, [])) or "zpool get printed nothing for it"
             result[pool] = PoolFeatures(pool, error=said)
@@ -283,6 +294,7 @@ def capabilities(host: str, tool: ZfsTool, pool: PoolFeatures) -> Capabilities:
         receive_exclude=tool.has(recv, "x"),
         pool_version=version,
         note=pool.error,
+        pool_guid=pool.guid,
     )
 
 

@@ -9,7 +9,7 @@ import logging
 from zettabee import snapshots, zfs
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.host import Host
-from zettabee.pair import Pair, is_own_snapshot
+from zettabee.pair import Pair, is_pair_snapshot
 from zettabee.run import PairRun
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ def check_identity(pair: Pair, props: dict[str, str], dsnaps: list[zfs.Snapshot]
     """Is the destination this pair's? True: it may be, by an initialize that was
     killed after its receive and before it recorded the pair (see :func:`adopt`)."""
     owner = zfs.user_prop(props.get(zfs.PROP_FINGERPRINT))
-    if owner is None and any(is_own_snapshot(s.name, pair.fingerprint) for s in dsnaps):
+    if owner is None and any(is_pair_snapshot(s.name, pair.fingerprint) for s in dsnaps):
         return True
     if owner is None:
         raise StateError(
@@ -41,7 +41,7 @@ def adopt(pair: Pair, dst: Host, common: zfs.Snapshot | None) -> None:
     name carries the fingerprint, its guid is the source's): then nobody else can
     have made it. The alternative, initialize --force, would send everything again."""
     fs = pair.destination.fs
-    if common is None or not is_own_snapshot(common.name, pair.fingerprint):
+    if common is None or not is_pair_snapshot(common.name, pair.fingerprint):
         raise StateError(
             f"{pair.name}: {fs} exists but was not made by zettabee (no "
             f"{zfs.PROP_FINGERPRINT} property, and no snapshot of this pair shared with "
@@ -80,7 +80,7 @@ def roll_back_newer(
         pair.name, fs, common.name, ", ".join(s.name for s in newer),
     )  # fmt: skip
     if run.feats.destination.holds:  # the pair's own hold would make the rollback fail
-        snapshots.move_holds(pair, run.dst, newer, keep="")
+        snapshots.move_holds(pair, run.dst, newer, run.replica.on_destination, keep="")
     run.dst.run(zfs.rollback(f"{fs}@{common.name}"))
     return dsnaps[: dsnaps.index(common) + 1]
 

@@ -20,7 +20,7 @@ from zettabee import zfs
 from zettabee.capabilities import Capabilities
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
-from zettabee.pair import Pair, is_own_snapshot, parse_snapshot_name
+from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 from zettabee.units import format_bytes
 
@@ -310,7 +310,7 @@ def _one(
         health.reason = f"the recorded snapshot {fs}@{lastsnap} is missing on the destination"
         return health
     own = sorted(
-        (n for n in snaps if is_own_snapshot(n, fp)), key=lambda n: int(snaps[n]["createtxg"])
+        (n for n in snaps if is_pair_snapshot(n, fp)), key=lambda n: int(snaps[n]["createtxg"])
     )
     if own and own[-1] != lastsnap and not health.running:
         health.state = INCONSISTENT

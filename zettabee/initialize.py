@@ -9,7 +9,6 @@ import logging
 
 from zettabee import divergence, fastpath, resume, snapshots, zfs
 from zettabee.errors import CommandError, StateError, TransportError
-from zettabee.pair import hold_tag
 from zettabee.relay import StreamResult
 from zettabee.run import PairRun, RunReport
 from zettabee.threads import Background, wait_all
@@ -83,7 +82,7 @@ def _destroy_for_force(run: PairRun, view: DestView, force: bool) -> None:
         )
     log.warning("%s: --force: destroying %s and everything below it", pair.name, fs)
     if run.feats.destination.holds:
-        snapshots.move_holds(pair, run.dst, view.snapshots, keep="")
+        snapshots.move_holds(pair, run.dst, view.snapshots, run.replica.on_destination, keep="")
     snapshots.destroy(run.dst, fs, recursive=True)
 
 
@@ -94,7 +93,7 @@ def step_by_step(run: PairRun) -> None:
     with clock("listing"):
         ssnaps, _marks = source_view(pair, src, feats)
     with clock("snapshot"):
-        snap = snapshots.new_snapshot(pair, src, ssnaps)
+        snap = snapshots.new_snapshot(pair, run.replica, src, ssnaps)
         if feats.hold_source:
             snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
     send = run.send_argv(f"{pair.source.fs}@{snap}")
@@ -112,7 +111,7 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
     None when the snapshot failed (a name taken within the same second, a missing
     source: the caller looks first)."""
     pair, feats, clock, dst = run.pair, run.feats, run.clock, run.dst
-    snap = snapshots.fresh_name(pair.fingerprint, ())
+    snap = snapshots.fresh_name(run.replica, ())
     target = f"{pair.source.fs}@{snap}"
     plan = fastpath.Plan(
         pair.source.fs,
@@ -120,7 +119,7 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
         snap,
         run.send_argv(target),
         run.receive_argv(_source_is_volume(run), resumable=feats.resume),
-        hold=hold_tag(pair.fingerprint) if feats.hold_source else None,
+        hold=run.replica.tag if feats.hold_source else None,
         estimate=run.send_argv(target, estimate=True) if feats.estimate else None,
     )
 
@@ -147,11 +146,11 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
     into mbuffer; the record and the destination's hold go together after it. None
     when the snapshot failed (the caller looks first, step by step)."""
     pair, feats, clock, dst = run.pair, run.feats, run.clock, run.dst
-    snap = snapshots.fresh_name(pair.fingerprint, ())
+    snap = snapshots.fresh_name(run.replica, ())
     target = f"{pair.source.fs}@{snap}"
     first = [zfs.snapshot(pair.source.fs, snap)]
     if feats.hold_source:
-        first.append(zfs.hold(hold_tag(pair.fingerprint), target))
+        first.append(zfs.hold(run.replica.tag, target))
     send = run.send_argv(target)
     recv = run.receive_argv(_source_is_volume(run))
     with clock("stream"):
@@ -184,7 +183,7 @@ def finish(run: PairRun, snap: str, stream: StreamResult, hold_source: bool = Fa
     if feats.hold_destination:
         snapshots.hold(pair, dst, f"{pair.destination.fs}@{snap}")
     if feats.bookmark:
-        snapshots.bookmark(pair, src, snap, [])
+        snapshots.bookmark(pair, run.replica, src, snap, [])
     _report(run, snap, stream)
     return run.report
 

@@ -1,4 +1,12 @@
-"""A replication pair: two endpoints, their options, the fingerprint and snapshot names."""
+"""A replication pair: two endpoints, their options, the fingerprint and snapshot names.
+
+A pair's snapshots and holds carry its fingerprint and the replica id of the destination
+pool that receives them (:func:`replica_id`): two backup servers that pull one source
+under the same pair line (``SRC:tank/home localhost:backup/home`` on each) have one
+fingerprint, but their pools differ, and so do their snapshots and holds on the source.
+Names from before the replica id (``zettabee.<fp>.<stamp>``, hold ``zettabee.<fp>``)
+still count as the pair's.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,14 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 SNAPSHOT_PREFIX = "zettabee"
 _STAMP = "%Y%m%dT%H%M%SZ"
-_SNAPSHOT_RE = re.compile(r"^zettabee\.(?P<fp>[0-9a-f]{32})\.(?P<stamp>\d{8}T\d{6}Z)$")
+# zettabee.<fp>.<rid>.<stamp>, and the names from before the replica id without <rid>.
+_SNAPSHOT_RE = re.compile(
+    r"^zettabee\.(?P<fp>[0-9a-f]{32})\.(?:(?P<rid>[0-9a-f]{8})\.)?(?P<stamp>\d{8}T\d{6}Z)$"
+)
 
 TRANSPORTS = ("ssh", "mbuffer", "local")
 
@@ -124,15 +136,33 @@ def child_fingerprint(line_fp: str, relative: str) -> str:
     return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
-def snapshot_name(fp: str, when: datetime) -> str:
-    """``zettabee.<fp>.<UTC stamp>``: sortable, unambiguous in every time zone."""
+def replica_id(pool_guid: str) -> str:
+    """The replica id of the destination pool with guid ``pool_guid`` (as ``zpool get``
+    prints it): the first 8 hex digits of its MD5. The guid is the pool's own, random
+    when it was created: it moves with the pool (export, import, a new host) and differs
+    between two backup servers' pools of one name. Eight digits keep snapshot names
+    short (ZFS allows 255 characters for ``fs@snapshot``); two pools share them once in
+    four billion."""
+    return hashlib.md5(pool_guid.encode(), usedforsecurity=False).hexdigest()[:8]
+
+
+def snapshot_name(fp: str, rid: str, when: datetime) -> str:
+    """``zettabee.<fp>.<rid>.<UTC stamp>``: sortable by time within a replica,
+    unambiguous in every time zone."""
     if when.tzinfo is None:
         raise ValueError("snapshot times must be aware datetimes")
-    return f"{SNAPSHOT_PREFIX}.{fp}.{when.astimezone(UTC).strftime(_STAMP)}"
+    return f"{SNAPSHOT_PREFIX}.{fp}.{rid}.{when.astimezone(UTC).strftime(_STAMP)}"
 
 
-def parse_snapshot_name(name: str) -> tuple[str, datetime] | None:
-    """Fingerprint and time of one of our snapshot names (with or without ``fs@``)."""
+class SnapshotName(NamedTuple):
+    fp: str
+    when: datetime
+    rid: str | None  # None: a name from before the replica id
+
+
+def parse_snapshot_name(name: str) -> SnapshotName | None:
+    """Fingerprint, time and replica id of one of our snapshot names (with or without
+    ``fs@``)."""
     match = _SNAPSHOT_RE.match(name.rsplit("@", 1)[-1])
     if not match:
         return None
@@ -140,14 +170,59 @@ def parse_snapshot_name(name: str) -> tuple[str, datetime] | None:
         when = datetime.strptime(match["stamp"], _STAMP).replace(tzinfo=UTC)
     except ValueError:
         return None
-    return match["fp"], when
+    return SnapshotName(match["fp"], when, match["rid"])
 
 
-def hold_tag(fp: str) -> str:
-    """The tag of the pair's holds: ``zfs holds`` names the pair that placed it."""
-    return f"{SNAPSHOT_PREFIX}.{fp}"
+def hold_tag(fp: str, rid: str | None) -> str:
+    """The tag of a replica's holds, ``zettabee.<fp>.<rid>``: ``zfs holds`` names the
+    pair and the destination that placed it (``rid`` None: the tag from before the
+    replica id, ``zettabee.<fp>``). It is the name of the snapshot it holds without
+    the time."""
+    return f"{SNAPSHOT_PREFIX}.{fp}" if rid is None else f"{SNAPSHOT_PREFIX}.{fp}.{rid}"
 
 
-def is_own_snapshot(name: str, fp: str) -> bool:
+def tag_of(name: str) -> str | None:
+    """The tag zettabee holds the snapshot ``name`` (with or without ``fs@``) under;
+    None for a snapshot that is not zettabee's."""
     parsed = parse_snapshot_name(name)
-    return parsed is not None and parsed[0] == fp
+    return None if parsed is None else hold_tag(parsed.fp, parsed.rid)
+
+
+def is_pair_snapshot(name: str, fp: str) -> bool:
+    """A snapshot of pair ``fp``, whichever replica's: what a destination holds of the
+    pair is all its own (only its pair receives into it)."""
+    parsed = parse_snapshot_name(name)
+    return parsed is not None and parsed.fp == fp
+
+
+def is_own_snapshot(name: str, fp: str, rid: str) -> bool:
+    """A snapshot of pair ``fp`` that replica ``rid`` may release and destroy on the
+    source: its own, or one named before the replica id (then the pair's; a second
+    server under the same pair line may share those, see the README)."""
+    parsed = parse_snapshot_name(name)
+    return parsed is not None and parsed.fp == fp and parsed.rid in (rid, None)
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A pair as one destination receives it: the pair's fingerprint and the replica id
+    of the destination's pool."""
+
+    fp: str
+    rid: str
+
+    @property
+    def tag(self) -> str:
+        return hold_tag(self.fp, self.rid)
+
+    def snapshot_name(self, when: datetime) -> str:
+        return snapshot_name(self.fp, self.rid, when)
+
+    def on_source(self, name: str) -> bool:
+        """Is the source's snapshot or bookmark ``name`` this replica's to release and
+        destroy?"""
+        return is_own_snapshot(name, self.fp, self.rid)
+
+    def on_destination(self, name: str) -> bool:
+        """Is the destination's snapshot ``name`` the pair's?"""
+        return is_pair_snapshot(name, self.fp)

@@ -10,7 +10,8 @@ from zettabee import snapshots, zfs
 from zettabee.capabilities import PairFeatures
 from zettabee.errors import StateError
 from zettabee.host import Host
-from zettabee.pair import Pair, hold_tag, is_own_snapshot
+from zettabee.pair import Pair, tag_of
+from zettabee.run import replica_of
 from zettabee.views import dest_view, source_view
 
 log = logging.getLogger(__name__)
@@ -44,33 +45,38 @@ def purge(
     ssnaps, marks = source_view(pair, src, feats)
     common = zfs.common_snapshot(ssnaps, dsnaps)
     base = common.name if common else ""
-    steps = _releases(pair, [(src, ssnaps), (dst, dsnaps)], base, release, dry_run)
-    own = [m.name for m in marks if is_own_snapshot(m.name, pair.fingerprint)]
-    for mark in snapshots.old_bookmarks(pair, marks, own[-1] if own else ""):
+    replica = replica_of(pair, feats)
+    sides: list[tuple[Host, list[zfs.Snapshot], snapshots.Owns]] = [
+        (src, ssnaps, replica.on_source),
+        (dst, dsnaps, replica.on_destination),
+    ]
+    steps = _releases(pair, sides, base, release, dry_run)
+    own = [m.name for m in marks if replica.on_source(m.name)]
+    for mark in snapshots.old_bookmarks(replica, marks, own[-1] if own else ""):
         steps.append(PurgeStep("destroy", f"{src.name}:{mark.full}"))
         if not dry_run:
             snapshots.destroy(src, mark.full)
             log.info("%s: %s", pair.name, steps[-1].describe(done=True))
     listing = ([s.name for s in ssnaps], [s.name for s in dsnaps], base)
-    doomed = snapshots.prune(pair, src, dst, listing, dry_run=dry_run)
+    doomed = snapshots.prune(pair, replica, src, dst, listing, dry_run=dry_run)
     return steps + [PurgeStep("destroy", name) for name in doomed]
 
 
 def _releases(
     pair: Pair,
-    sides: list[tuple[Host, list[zfs.Snapshot]]],
+    sides: list[tuple[Host, list[zfs.Snapshot], snapshots.Owns]],
     base: str,
     release: bool,
     dry_run: bool,
 ) -> list[PurgeStep]:
     """Release the pair's holds on both sides but the base's (``release``: that too)."""
     keep = "" if release else base
-    tag = hold_tag(pair.fingerprint)
     steps = []
-    for host, snaps in sides:
-        for snap in snapshots.held(pair, snaps, base):
+    for host, snaps, owns in sides:
+        for snap in snapshots.held(snaps, owns):
             if snap.name != keep:
                 if dry_run or snapshots.release(pair, host, snap.full):
+                    tag = tag_of(snap.name) or ""
                     steps.append(PurgeStep("release", f"{host.name}:{snap.full}", tag))
                     if not dry_run:
                         log.info("%s: %s", pair.name, steps[-1].describe(done=True))

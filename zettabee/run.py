@@ -22,7 +22,7 @@ from zettabee.capabilities import PairFeatures
 from zettabee.errors import StateError, ZettabeeError
 from zettabee.host import Host
 from zettabee.hosts import Hosts
-from zettabee.pair import Pair
+from zettabee.pair import Pair, Replica, replica_id
 from zettabee.relay import ProgressFn, StreamResult
 from zettabee.state import FAILED, IDLE, RUNNING, StateStore, Status, StatusUnwritable
 from zettabee.views import DestView, Prefetch, dest_view
@@ -80,6 +80,21 @@ Streamer = Callable[
 ]
 
 
+def replica_of(pair: Pair, feats: PairFeatures) -> Replica:
+    """The pair as its destination's pool receives it (see :mod:`zettabee.pair`); a
+    pool whose guid is unknown is refused, as zettabee could not tell its snapshots
+    and holds from those of another backup server under the same pair line."""
+    dst = feats.destination
+    if not dst.pool_guid:
+        said = dst.note or f"`zpool get all {dst.pool}` printed no guid"
+        raise StateError(
+            f"{pair.name}: cannot read the guid of the destination pool {dst.pool} on "
+            f"{dst.host} ({said}); zettabee names the pair's snapshots and holds after it. "
+            f"Check that the pool is imported there (`zpool list {dst.pool}`)"
+        )
+    return Replica(pair.fingerprint, replica_id(dst.pool_guid))
+
+
 def pair_stream(
     run: PairRun,
     send: list[str],
@@ -124,6 +139,11 @@ class PairRun:
     @property
     def name(self) -> str:
         return self.pair.name
+
+    @property
+    def replica(self) -> Replica:
+        """Whose the pair's snapshots and holds are: this destination's."""
+        return replica_of(self.pair, self.feats)
 
     def write_status(self) -> None:
         self.engine.store.write_status(self.status)
@@ -270,10 +290,12 @@ def _open(
 
 def features(hosts: Hosts, pair: Pair, src: Host, dst: Host, status: Status) -> PairFeatures:
     """Probe both sides (once per host and run), record what the pair uses in its
-    status, and refuse an option the pair demands but a side cannot honour."""
+    status, and refuse an option the pair demands but a side cannot honour, or a
+    destination pool whose guid (the pair's replica id) the probe did not tell."""
     feats = hosts.features(pair, src, dst)
     status.extra["features"] = {**feats.as_dict(), "probed": time.time()}
     if feats.problems:
         raise StateError(f"{pair.name}: {'; '.join(feats.problems)}")
+    replica_of(pair, feats)
     log.debug("%s: uses %s", pair.name, feats.describe())
     return feats

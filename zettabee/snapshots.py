@@ -1,35 +1,45 @@
 """The pair's snapshots on either side: a new one, the record on the destination, holds
-and their release, bookmarks, destroying (busy retried), and which of them can go."""
+and their release, bookmarks, destroying (busy retried), and which of them can go.
+
+Which snapshots are the pair's depends on the side (see :class:`zettabee.pair.Replica`):
+on the source, only this replica's (and those named before the replica id); another
+backup server's under the same pair line are never touched there. On the destination
+every snapshot of the pair is this replica's.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
 from zettabee import zfs
 from zettabee.errors import CommandError
 from zettabee.host import Host
-from zettabee.pair import Pair, hold_tag, is_own_snapshot, snapshot_name
+from zettabee.pair import Pair, Replica, tag_of
 from zettabee.threads import Background, wait_all
 
 log = logging.getLogger(__name__)
 
 
-def fresh_name(fp: str, taken: Collection[str]) -> str:
-    """A new snapshot name of the pair, none of ``taken``: two runs within one second
+# Is this snapshot (or bookmark) name the pair's, on the side it was listed on?
+Owns = Callable[[str], bool]
+
+
+def fresh_name(replica: Replica, taken: Collection[str]) -> str:
+    """A new snapshot name of the replica, none of ``taken``: two runs within one second
     wait for the next."""
-    name = snapshot_name(fp, datetime.now(UTC))
+    name = replica.snapshot_name(datetime.now(UTC))
     while name in taken:
         time.sleep(0.2)
-        name = snapshot_name(fp, datetime.now(UTC))
+        name = replica.snapshot_name(datetime.now(UTC))
     return name
 
 
-def new_snapshot(pair: Pair, src: Host, existing: list[zfs.Snapshot]) -> str:
-    name = fresh_name(pair.fingerprint, {s.name for s in existing})
+def new_snapshot(pair: Pair, replica: Replica, src: Host, existing: list[zfs.Snapshot]) -> str:
+    name = fresh_name(replica, {s.name for s in existing})
     src.run(zfs.snapshot(pair.source.fs, name))
     log.info("%s: snapshot %s@%s", pair.name, pair.source.fs, name)
     return name
@@ -54,17 +64,25 @@ def record(pair: Pair, dst: Host, snap: str, first: bool) -> None:
 
 
 def hold(pair: Pair, host: Host, snap: str) -> None:
-    """Keep ``snap`` from being destroyed by anyone until zettabee releases it."""
-    result = host.run(zfs.hold(hold_tag(pair.fingerprint), snap), check=False)
+    """Keep ``snap``, one of zettabee's, from being destroyed by anyone until zettabee
+    releases it; the tag is the one its name gives (:func:`zettabee.pair.tag_of`)."""
+    tag = tag_of(snap)
+    if tag is None:
+        raise ValueError(f"{snap} is not a zettabee snapshot: no hold of zettabee's on it")
+    result = host.run(zfs.hold(tag, snap), check=False)
     if result.ok or zfs.tag_exists(result.stderr):
-        log.debug("%s: hold %s on %s:%s", pair.name, hold_tag(pair.fingerprint), host.name, snap)
+        log.debug("%s: hold %s on %s:%s", pair.name, tag, host.name, snap)
         return
     raise result.error("zfs hold")
 
 
 def release(pair: Pair, host: Host, snap: str) -> bool:
-    """Release the pair's hold on ``snap``; False when it carried none."""
-    result = host.run(zfs.release(hold_tag(pair.fingerprint), snap), check=False)
+    """Release the hold zettabee placed on ``snap`` (under the tag its name gives);
+    False when it carried none, or is not zettabee's."""
+    tag = tag_of(snap)
+    if tag is None:
+        return False
+    result = host.run(zfs.release(tag, snap), check=False)
     if result.ok:
         return True
     if zfs.tag_missing(result.stderr) or zfs.missing_dataset(result.stderr):
@@ -72,13 +90,12 @@ def release(pair: Pair, host: Host, snap: str) -> bool:
     raise result.error("zfs release")
 
 
-def move_holds(
-    pair: Pair, host: Host, snaps: list[zfs.Snapshot], keep: str, base: str = ""
-) -> None:
-    """Release the pair's holds on its snapshots (and on ``base``, which need not be
-    one of its own) except ``keep``. Only snapshots that carry holds are asked: one
-    command each, normally just the previous base."""
-    for snap in held(pair, snaps, base):
+def move_holds(pair: Pair, host: Host, snaps: list[zfs.Snapshot], owns: Owns, keep: str) -> None:
+    """Release the pair's holds on its snapshots (those ``owns`` names) except ``keep``.
+    Only snapshots that carry holds are asked: one command each, normally just the
+    previous base. (A base taken by hand carries no hold of zettabee's; another
+    replica's snapshot on the source, even as the base, is that replica's to release.)"""
+    for snap in held(snaps, owns):
         if snap.name != keep:
             let_go(pair, host, snap.full)
 
@@ -89,58 +106,63 @@ def let_go(pair: Pair, host: Host, snap: str) -> None:
         log.info("%s: released hold on %s:%s", pair.name, host.name, snap)
 
 
-def held(pair: Pair, snaps: list[zfs.Snapshot], base: str = "") -> list[zfs.Snapshot]:
-    """Snapshots that may carry the pair's hold: its own and ``base``, when held at all
+def held(snaps: list[zfs.Snapshot], owns: Owns) -> list[zfs.Snapshot]:
+    """Snapshots that may carry the pair's hold: its own (``owns``), when held at all
     (other tags on other snapshots are none of zettabee's business)."""
-    fp = pair.fingerprint
-    return [s for s in snaps if s.userrefs > 0 and (is_own_snapshot(s.name, fp) or s.name == base)]
+    return [s for s in snaps if s.userrefs > 0 and owns(s.name)]
 
 
-def bookmark(pair: Pair, src: Host, snap: str, marks: list[zfs.Bookmark]) -> None:
+def bookmark(pair: Pair, replica: Replica, src: Host, snap: str, marks: list[zfs.Bookmark]) -> None:
     """Bookmark ``snap`` (the new base) and drop the pair's older bookmarks: should
     another tool prune the snapshot, the next update still sends from the bookmark."""
     fs = pair.source.fs
     result = src.run(zfs.bookmark(f"{fs}@{snap}", f"{fs}#{snap}"), check=False)
     if not result.ok and "exists" not in result.stderr:
         raise result.error("zfs bookmark")
-    for mark in old_bookmarks(pair, marks, snap):
+    for mark in old_bookmarks(replica, marks, snap):
         destroy(src, mark.full)
         log.info("%s: destroyed bookmark %s:%s", pair.name, src.name, mark.full)
 
 
-def old_bookmarks(pair: Pair, marks: list[zfs.Bookmark], keep: str) -> list[zfs.Bookmark]:
-    return [m for m in marks if is_own_snapshot(m.name, pair.fingerprint) and m.name != keep]
+def old_bookmarks(replica: Replica, marks: list[zfs.Bookmark], keep: str) -> list[zfs.Bookmark]:
+    return [m for m in marks if replica.on_source(m.name) and m.name != keep]
 
 
 # -- which snapshots go, and their destruction ---------------------------------------
 
 
 def plan_prune(
-    fp: str, source: list[str], dest: list[str], common: str, keep: int
+    replica: Replica, source: list[str], dest: list[str], common: str, keep: int
 ) -> tuple[list[str], list[str]]:
     """Which of the pair's own snapshots can go (names oldest first on both sides).
 
     The newest common snapshot is never chosen: it is the base of the next update. On the
-    source every older zettabee snapshot of the pair goes; on the destination the newest
-    ``keep`` stay. Without a common snapshot nothing is chosen at all.
+    source every older snapshot of this replica goes (and of the pair from before the
+    replica id), never another replica's; on the destination the newest ``keep`` stay.
+    Without a common snapshot nothing is chosen at all.
     """
     if not common:
         return [], []
-    src_own = [n for n in source if is_own_snapshot(n, fp)]
+    src_own = [n for n in source if replica.on_source(n)]
     cut = source.index(common) if common in source else -1
     src_doomed = [n for n in src_own if n != common and source.index(n) < cut]
-    dst_own = [n for n in dest if is_own_snapshot(n, fp)]
+    dst_own = [n for n in dest if replica.on_destination(n)]
     kept = set(dst_own[-max(1, keep) :]) | {common}
     dst_doomed = [n for n in dst_own if n not in kept and dest.index(n) < dest.index(common)]
     return src_doomed, dst_doomed
 
 
 def prune(
-    pair: Pair, src: Host, dst: Host, listing: tuple[list[str], list[str], str], dry_run: bool
+    pair: Pair,
+    replica: Replica,
+    src: Host,
+    dst: Host,
+    listing: tuple[list[str], list[str], str],
+    dry_run: bool,
 ) -> list[str]:
     """Destroy what :func:`plan_prune` marks (``listing``: the source's names, the
     destination's, the common one), or with ``dry_run`` only say it; HOST:FS@NAME each."""
-    src_doomed, dst_doomed = plan_prune(pair.fingerprint, *listing, pair.options.keep)
+    src_doomed, dst_doomed = plan_prune(replica, *listing, pair.options.keep)
     if dry_run:
         sides = [(src, pair.source.fs, src_doomed), (dst, pair.destination.fs, dst_doomed)]
         return [f"{host.name}:{fs}@{name}" for host, fs, doomed in sides for name in doomed]

@@ -28,15 +28,17 @@ first anything longer than :data:`MAX_REQUEST`, and whatever cannot be read. Req
 are read in one pass, never by a regular expression that could backtrack.
 
 The commands, for the served file systems FS of pools POOL (``OWN`` is a zettabee
-snapshot name, ``zettabee.<fingerprint>.<UTC time>``):
+snapshot name, ``zettabee.<fingerprint>.<replica id>.<UTC time>``, or without the
+replica id as named before it):
 
 - ``sh -c PROBE zettabee-probe POOL``, ``zpool get all POOL``: the capability probe;
 - ``zfs list -H -o name POOL|FS``, ``zfs get -Hp [-d 1] [-t filesystem,volume,snapshot,
   bookmark] -o name,property,value PROPS -- FS...``, ``zfs list -H -r -t filesystem,volume
   -o name,zettabee:exclude FS``: listings (the last, a recursive line's tree);
 - ``zfs snapshot FS@OWN``, ``zfs destroy FS@OWN``, ``zfs destroy FS#OWN``;
-- ``zfs hold zettabee.<fp> FS@OWN`` (the snapshot's own fingerprint), ``zfs release
-  zettabee.<fp> FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
+- ``zfs hold TAG FS@OWN`` (``TAG`` the one the snapshot's name gives,
+  ``zettabee.<fp>.<replica id>``, or ``zettabee.<fp>`` before the replica id), ``zfs
+  release TAG FS@SNAP``, ``zfs bookmark FS@OWN FS#OWN``;
 - ``zfs send [-nvP] [-w] [-c] [-p] [-i|-I FS@SNAP | -i FS#MARK] FS@OWN``, and ``zfs send
   [-nvP] -t TOKEN`` where the token's snapshot is ``FS@OWN`` with the token's guid, and
   its incremental source a snapshot or bookmark of FS (see :func:`_check_token`);
@@ -95,8 +97,9 @@ __all__ = [
 
 REFUSED = 126
 COMMAND_ENV = "SSH_ORIGINAL_COMMAND"
-# The longest request a pull sends is the one-round-trip update script: 1,353 characters
-# for tank/home with a base check, a hold and the old base let go; 3,081 with every name
+# The longest request a pull sends is the one-round-trip update script: about 1,500
+# characters for tank/home with a base check, a hold, a size estimate and the old base
+# let go (under the replica id's names); 3,099 with every name
 # at ZFS's limit of 255 characters and every option on (tests/unit/test_source.py builds
 # it). Anything longer is refused before it is read at all.
 MAX_REQUEST = 16 * 1024

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zettabee import __version__, fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
-from zettabee.pair import child_fingerprint, hold_tag, parse_snapshot_name
+from zettabee.pair import child_fingerprint, parse_snapshot_name, tag_of
 from zettabee.relay import pipeline_script
 
 # What a refused probe tells the destination: both hosts need the same zettabee version.
@@ -30,7 +30,8 @@ _PROPERTIES = re.compile(r"[a-z0-9_.:]+(?:,[a-z0-9_.:]+)*")
 _SIZE = re.compile(r"[0-9]+[kMG]?")
 _SECONDS = re.compile(r"[0-9]{1,9}")
 _PORT = re.compile(r"[0-9]{1,5}")
-_HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}")
+# zettabee.<fp>.<replica id>, and zettabee.<fp> from before the replica id (zettabee.pair).
+_HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}(?:\.[0-9a-f]{8})?")
 FINGERPRINT_WORD = re.compile(r"[0-9a-f]{32}")
 # What the source's listing asks for where bookmarks exist (zfs.list_snapshots).
 _LISTING_TYPES = "filesystem,volume,snapshot,bookmark"
@@ -113,8 +114,10 @@ def _pool(word: str, policy: Policy) -> str:
 
 
 def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
-    """``fs@zettabee.<fp>.<stamp>`` of a served file system: what zettabee creates,
-    holds, sends as the newest snapshot, and destroys (``fs#...``: its bookmark)."""
+    """``fs@zettabee.<fp>.<rid>.<stamp>`` (or, named before the replica id,
+    ``fs@zettabee.<fp>.<stamp>``) of a served file system and pair: what zettabee
+    creates, holds, sends as the newest snapshot, and destroys (``fs#...``: its
+    bookmark)."""
     fs, at, name = word.partition(sep)
     _dataset(fs, policy)
     parsed = parse_snapshot_name(name) if at and _SNAPSHOT_WORD.fullmatch(name) else None
@@ -229,10 +232,10 @@ def _check_token(token: str, policy: Policy) -> None:
 
 
 def _check_hold(tag: str, target: str, policy: Policy) -> None:
-    """The pair's hold goes on the pair's own snapshot: the tag carries its fingerprint."""
+    """The pair's hold goes on the pair's own snapshot: the tag is the one the
+    snapshot's name gives, its fingerprint and replica id."""
     _own_snapshot(target, policy)
-    parsed = parse_snapshot_name(target)
-    if parsed is None or tag != hold_tag(parsed[0]):
+    if tag != tag_of(target):
         raise Refused(f"{tag!r} is not the hold tag of {target!r}")
 
 
@@ -241,10 +244,9 @@ def _check_release(tag: str, target: str, policy: Policy) -> None:
     may be any snapshot; a release takes away no one's hold but zettabee's."""
     if not _HOLD_TAG.fullmatch(tag):
         raise Refused(f"{tag!r} is not a zettabee hold tag")
-    if not policy.serves(tag.partition(".")[2], target.partition("@")[0]):
-        raise Refused(
-            f"{tag!r} is the hold of pair {tag.partition('.')[2]}, not one this key serves (--pair)"
-        )
+    fp = tag.split(".")[1]
+    if not policy.serves(fp, target.partition("@")[0]):
+        raise Refused(f"{tag!r} is the hold of pair {fp}, not one this key serves (--pair)")
     _any_snapshot(target, policy)
 
 

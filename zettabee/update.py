@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from zettabee import divergence, fastpath, resume, snapshots, zfs
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
-from zettabee.pair import hold_tag, is_own_snapshot
+from zettabee.pair import tag_of
 from zettabee.relay import StreamResult
 from zettabee.run import TIDY, PairRun, RunReport
 from zettabee.threads import Background
@@ -55,25 +55,25 @@ def update(run: PairRun) -> RunReport:
     return report
 
 
-def received(run: PairRun, snap: str, base: str, dsnaps: list[zfs.Snapshot]) -> list[str]:
+def received(run: PairRun, snap: str, dsnaps: list[zfs.Snapshot]) -> list[str]:
     """The receive of ``snap`` succeeded: record it and hold it (releasing the earlier
     holds) at once, then destroy the destination's surplus. Only then: until the new
     snapshot is recorded, the recorded one is what a killed run leaves for status, the
     checks and the next run; and a snapshot still held cannot go."""
     pair, clock = run.pair, run.clock
     with clock("prune"):
-        holds = Background(functools.partial(move_dest_holds, run, dsnaps, snap, base))
+        holds = Background(functools.partial(move_dest_holds, run, dsnaps, snap))
         try:
             with clock("record"):
                 snapshots.record(pair, run.dst, snap, first=False)
         finally:
             holds.result()
         names = [s.name for s in dsnaps] + [snap]
-        doomed = snapshots.plan_prune(pair.fingerprint, [], names, snap, pair.options.keep)[1]
+        doomed = snapshots.plan_prune(run.replica, [], names, snap, pair.options.keep)[1]
         return snapshots.destroy_and_say(pair, run.dst, pair.destination.fs, doomed)
 
 
-def move_dest_holds(run: PairRun, dsnaps: list[zfs.Snapshot], snap: str, base: str) -> None:
+def move_dest_holds(run: PairRun, dsnaps: list[zfs.Snapshot], snap: str) -> None:
     """Hold the snapshot just received, then let go of the earlier holds. Where the
     host has holds, earlier ones go even when the pair stopped using them (hold=no):
     a forgotten hold would pin its snapshot for good."""
@@ -82,7 +82,8 @@ def move_dest_holds(run: PairRun, dsnaps: list[zfs.Snapshot], snap: str, base: s
         snapshots.hold(pair, run.dst, f"{pair.destination.fs}@{snap}")
     if feats.destination.holds:
         keep = snap if feats.hold_destination else ""
-        snapshots.move_holds(pair, run.dst, dsnaps, keep=keep, base=base)
+        owns = run.replica.on_destination
+        snapshots.move_holds(pair, run.dst, dsnaps, owns, keep=keep)
 
 
 # -- in one round trip ---------------------------------------------------------------
@@ -106,12 +107,12 @@ def in_one_round_trip(
     if not dsnaps:
         return None
     pair, base = run.pair, dsnaps[-1]
-    snap = snapshots.fresh_name(pair.fingerprint, {base.name})
+    snap = snapshots.fresh_name(run.replica, {base.name})
     plan = _plan(run, base, snap, listing)
-    early = [base.name] if is_own_snapshot(base.name, pair.fingerprint) else []
+    early = [base.name] if run.replica.on_source(base.name) else []
 
     def on_received() -> None:
-        run.report.destroyed.extend(received(run, snap, base.name, dsnaps))
+        run.report.destroyed.extend(received(run, snap, dsnaps))
 
     log.debug("%s: update in one round trip%s", pair.name, _folded(run))
     entry = resume.note_transfer(run, snap) if run.feats.resume else None
@@ -155,7 +156,9 @@ def _folded(run: PairRun) -> str:
 
 def _plan(run: PairRun, base: zfs.Snapshot, snap: str, listing: bool) -> fastpath.Plan:
     """The script's send and receive, and its steps on the source once received: the
-    new snapshot's hold, the old base's release, and its destroy (if it is the pair's).
+    new snapshot's hold, the old base's release and its destroy (if it is this
+    replica's, or the pair's from before the replica id; each hold under the tag its
+    snapshot's name gives).
 
     A resumable receive's snapshot is held before it is sent, as step by step: a stream
     that breaks leaves a resume token that goes on from it, and the hold keeps it for
@@ -166,14 +169,16 @@ def _plan(run: PairRun, base: zfs.Snapshot, snap: str, listing: bool) -> fastpat
     estimate = run.send_argv(f"{src_fs}@{snap}", f"{src_fs}@{base.name}", estimate=True)
     assert run.view is not None
     recv = run.receive_argv(run.view.volume, force=opts.rollback, resumable=feats.resume)
-    tag = hold_tag(pair.fingerprint) if feats.hold_source else None
+    tag = run.replica.tag if feats.hold_source else None
     first = tag if tag and feats.resume else None
+    ours = run.replica.on_source(base.name)
+    base_tag = tag_of(base.name) if ours else None
     then = []
     if tag and not first:
         then.append(("hold", zfs.hold(tag, f"{src_fs}@{snap}")))
-    if tag:
-        then.append(("release", zfs.release(tag, f"{src_fs}@{base.name}")))
-    if is_own_snapshot(base.name, pair.fingerprint):
+    if tag and base_tag:
+        then.append(("release", zfs.release(base_tag, f"{src_fs}@{base.name}")))
+    if ours:
         then.append(("destroy", zfs.destroy(f"{src_fs}@{base.name}")))
     return fastpath.Plan(
         src_fs, base, snap, send, recv,
@@ -192,17 +197,17 @@ def source_leftovers(
 ) -> bool:
     """Release the holds and destroy the snapshots that failed runs left on the
     source, as its listing after the send shows them; True when there were none."""
-    pair, feats, src = run.pair, run.feats, run.src
+    pair, feats, src, owns = run.pair, run.feats, run.src, run.replica.on_source
     rest = [s for s in listed if s.name != base]
     stray: list[zfs.Snapshot] = []
     if feats.source.holds:  # holds a failed run may have left
         keep = snap if feats.hold_source else ""
-        stray = [s for s in snapshots.held(pair, rest) if s.name != keep]
-        snapshots.move_holds(pair, src, rest, keep=keep)
+        stray = [s for s in snapshots.held(rest, owns) if s.name != keep]
+        snapshots.move_holds(pair, src, rest, owns, keep=keep)
     source_names = [s.name for s in listed]
-    planned = snapshots.plan_prune(
-        pair.fingerprint, source_names, dest_names, snap, pair.options.keep
-    )[0]
+    planned = snapshots.plan_prune(run.replica, source_names, dest_names, snap, pair.options.keep)[
+        0
+    ]
     late = [n for n in planned if n not in gone]
     if late:
         run.report.destroyed.extend(snapshots.destroy_planned(pair, src, run.dst, late, []))
@@ -329,7 +334,7 @@ def step_by_step(
             pair.name, pair.source.fs, common.name, source_base,
         )  # fmt: skip
     with clock("snapshot"):
-        snap = snapshots.new_snapshot(pair, src, ssnaps)
+        snap = snapshots.new_snapshot(pair, run.replica, src, ssnaps)
     try:
         if feats.hold_source:
             with clock("snapshot"):
@@ -338,18 +343,18 @@ def step_by_step(
     except ZettabeeError as exc:
         discard_new(run, snap, exc, held=feats.hold_source)
         raise
-    run.report.destroyed = received(run, snap, common.name, dsnaps)
+    run.report.destroyed = received(run, snap, dsnaps)
     with clock("record"):
         if feats.source.holds:
             keep = snap if feats.hold_source else ""
-            snapshots.move_holds(pair, src, ssnaps, keep=keep, base=common.name)
+            snapshots.move_holds(pair, src, ssnaps, run.replica.on_source, keep=keep)
         if feats.bookmark:
-            snapshots.bookmark(pair, src, snap, marks)
+            snapshots.bookmark(pair, run.replica, src, snap, marks)
     source_names = [s.name for s in ssnaps] + [snap]
     dest_names = [s.name for s in dsnaps] + [snap]
     with clock("prune"):
         doomed = snapshots.plan_prune(
-            pair.fingerprint, source_names, dest_names, snap, pair.options.keep
+            run.replica, source_names, dest_names, snap, pair.options.keep
         )[0]
         run.report.destroyed += snapshots.destroy_and_say(pair, src, pair.source.fs, doomed)
     return snap, common, stream

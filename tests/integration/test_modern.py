@@ -32,6 +32,7 @@ from lab.guest import SOURCE_NETNS
 from lab.zfslab import LAYOUTS
 from lab.zfslab import test_lab_name as lab_name
 from tests.conftest import BACKENDS, Side, Zb, backend_zb
+from zettabee.pair import tag_of
 
 pytestmark = pytest.mark.integration
 
@@ -267,7 +268,7 @@ def test_a_stale_token_is_cleared_and_the_pair_falls_back(zb: Zb) -> None:
     assert zb.dstside.zget(zb.dst_fs(), "receive_resume_token").startswith("1-")
     # someone destroys the snapshot the interrupted stream was sending
     [in_flight] = [s for s in zb.srcside.snapshots(zb.src_fs()) if s != base]
-    zb.srcside.run("zfs", "release", f"zettabee.{zb.fingerprint()}", f"{zb.src_fs()}@{in_flight}")
+    zb.srcside.run("zfs", "release", str(tag_of(in_flight)), f"{zb.src_fs()}@{in_flight}")
     zb.srcside.run("zfs", "destroy", f"{zb.src_fs()}@{in_flight}")
     out = zb.run("--verbose", "update", zb.dst_fs())
     assert out.returncode == 0, out.stderr

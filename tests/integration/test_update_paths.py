@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Zb, write_random
-from zettabee.pair import snapshot_name
+from zettabee.pair import parse_snapshot_name, snapshot_name, tag_of
 from zettabee.state import pid_alive
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,8 @@ def timings(stderr: str) -> dict[str, float]:
 
 def destroy_from_outside(zb: Zb, snap: str) -> None:
     """What another tool or an operator does: release the pair's hold, then destroy."""
-    tag = ".".join(snap.partition("@")[2].split(".")[:2])
+    tag = tag_of(snap)
+    assert tag is not None, snap
     zb.src.run("zfs", "release", tag, snap)
     zb.src.run("zfs", "destroy", snap)
 
@@ -86,7 +87,9 @@ def test_what_a_failed_update_left_on_the_source_goes_with_the_next_one(zb: Zb) 
     assert failed.returncode == 1 and "modified" in failed.stderr, failed.stderr
     assert source_snapshots(zb) == {base: 1}  # the base stays, held; the new one is gone
     # What a run killed after its snapshot leaves: a snapshot of the pair's, not held.
-    leftover = snapshot_name(zb.fingerprint(), datetime.now(UTC))
+    replica = parse_snapshot_name(base)
+    assert replica is not None and replica.rid is not None, base
+    leftover = snapshot_name(zb.fingerprint(), replica.rid, datetime.now(UTC))
     zb.src.run("zfs", "snapshot", f"{zb.src_fs()}@{leftover}")
     left = source_snapshots(zb)
     zb.dstside.run("zfs", "rollback", f"{zb.dst_fs()}@{base}")

@@ -72,6 +72,33 @@ def test_a_pool_that_cannot_be_read_has_no_extras_and_says_why() -> None:
     assert "no such pool" in c.note
 
 
+def test_the_probe_keeps_each_pool_s_guid_the_replica_id_comes_from() -> None:
+    """``zpool get all`` prints the guid on zfs-fuse and OpenZFS alike: no command more."""
+    assert caps(FUSE_PROBE, "tdstpool").pool_guid == "2591689529063941839"
+    assert caps(OPENZFS_PROBE, "gsrc").pool_guid == "10396368085209583401"
+    text = OPENZFS_PROBE.split("@@zettabee-probe pools")[0]
+    gone = caps(text + "@@zettabee-probe pools\ncannot open 'gone': no such pool\n", "gone")
+    assert gone.pool_guid == ""
+    again = capabilities.Capabilities.from_dict(caps(FUSE_PROBE, "tdstpool").as_dict())
+    assert again is not None and again.pool_guid == "2591689529063941839"
+
+
+def test_a_destination_pool_without_a_guid_is_refused_naming_the_pool() -> None:
+    from zettabee.errors import StateError
+    from zettabee.pair import Endpoint, Pair, replica_id
+    from zettabee.run import replica_of
+
+    pair = Pair(Endpoint("src", "tank/a"), Endpoint("localhost", "gone/a"))
+    text = OPENZFS_PROBE.split("@@zettabee-probe pools")[0]
+    gone = caps(text + "@@zettabee-probe pools\ncannot open 'gone': no such pool\n", "gone")
+    fuse = caps(FUSE_PROBE, "tdstpool")
+    with pytest.raises(StateError, match="guid of the destination pool gone on h .*no such pool"):
+        replica_of(pair, plan_features(fuse, gone))
+    replica = replica_of(pair, plan_features(gone, fuse))  # the source's guid is not asked
+    assert replica.rid == replica_id("2591689529063941839")
+    assert replica.fp == pair.fingerprint
+
+
 def test_usage_parser_reads_option_letters_and_continuation_lines() -> None:
     usage = capabilities.parse_usage(OPENZFS_PROBE)
     assert {"n", "v", "P", "w", "c", "t", "i"} <= usage["send"]

@@ -15,15 +15,28 @@ from zettabee import mbuffer, relay, transport, zfs
 from zettabee.errors import LockHeld
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, read_health
 from zettabee.host import Result, SshTarget, error_for
-from zettabee.pair import Endpoint, Pair, fingerprint, parse_snapshot_name, snapshot_name
+from zettabee.pair import (
+    Endpoint,
+    Pair,
+    Replica,
+    fingerprint,
+    hold_tag,
+    is_own_snapshot,
+    is_pair_snapshot,
+    parse_snapshot_name,
+    replica_id,
+    snapshot_name,
+    tag_of,
+)
 from zettabee.replicator import HeldElsewhere, destroy, destroy_all, plan_prune
 from zettabee.state import INTERRUPTED, RUNNING, StateStore, Status
 
 FP = "0123456789abcdef0123456789abcdef"
+RID, OTHER_RID = "0a1b2c3d", "99887766"
 
 
-def snap(fp: str, stamp: str) -> str:
-    return f"zettabee.{fp}.{stamp}"
+def snap(fp: str, stamp: str, rid: str | None = RID) -> str:
+    return f"zettabee.{fp}.{rid}.{stamp}" if rid else f"zettabee.{fp}.{stamp}"
 
 
 NEW_YEAR = 1767225600  # 20260101T000000Z
@@ -99,13 +112,65 @@ def test_snapshot_names_are_utc_and_round_trip() -> None:
     from datetime import timedelta, timezone
 
     when = datetime(2026, 3, 29, 2, 30, 0, tzinfo=timezone(timedelta(hours=2)))
-    name = snapshot_name(FP, when)
-    assert name == f"zettabee.{FP}.20260329T003000Z"
+    name = snapshot_name(FP, RID, when)
+    assert name == f"zettabee.{FP}.{RID}.20260329T003000Z"
     parsed = parse_snapshot_name(f"tank/a@{name}")
-    assert parsed == (FP, datetime(2026, 3, 29, 0, 30, tzinfo=UTC))
+    assert parsed == (FP, datetime(2026, 3, 29, 0, 30, tzinfo=UTC), RID)
+    assert parsed is not None and parsed.rid == RID and parsed.fp == FP
     assert parse_snapshot_name("zettabee.nothex.20260329T003000Z") is None
     with pytest.raises(ValueError):
-        snapshot_name(FP, datetime(2026, 1, 1))
+        snapshot_name(FP, RID, datetime(2026, 1, 1))
+
+
+def test_names_from_before_the_replica_id_still_parse_without_one() -> None:
+    legacy = parse_snapshot_name(f"tank/a@zettabee.{FP}.20260329T003000Z")
+    assert legacy == (FP, datetime(2026, 3, 29, 0, 30, tzinfo=UTC), None)
+    for bad in (
+        f"zettabee.{FP}.0a1b2c3.20260329T003000Z",  # seven digits
+        f"zettabee.{FP}.0A1B2C3D.20260329T003000Z",  # not as zettabee writes hex
+        f"zettabee.{FP}.{RID}.{RID}.20260329T003000Z",
+        f"zettabee.{FP}.{RID}.20261399T003000Z",  # month 13
+        f"zettabee.{FP}.{RID}",
+    ):
+        assert parse_snapshot_name(bad) is None, bad
+
+
+def test_a_replica_id_is_the_pool_guid_s_and_names_sort_by_time_within_it() -> None:
+    import hashlib
+
+    assert replica_id("5005940027499530020") == hashlib.md5(b"5005940027499530020").hexdigest()[:8]
+    assert replica_id("5005940027499530020") != replica_id("12366063459609246760")
+    names = [
+        snapshot_name(FP, RID, datetime(2026, 1, day, hour, tzinfo=UTC))
+        for day in (1, 2, 12)
+        for hour in (0, 9, 23)
+    ]
+    assert sorted(names) == names
+
+
+def test_tags_are_the_snapshot_name_without_the_time() -> None:
+    assert hold_tag(FP, RID) == f"zettabee.{FP}.{RID}"
+    assert hold_tag(FP, None) == f"zettabee.{FP}"
+    assert tag_of(f"tank/a@{snap(FP, '20260101T000000Z')}") == f"zettabee.{FP}.{RID}"
+    assert tag_of(snap(FP, "20260101T000000Z", rid=None)) == f"zettabee.{FP}"
+    assert tag_of("tank/a@manual") is None
+    assert Replica(FP, RID).tag == hold_tag(FP, RID)
+
+
+def test_on_the_source_a_replica_owns_its_own_and_the_names_from_before_it() -> None:
+    mine, legacy = snap(FP, "20260101T000000Z"), snap(FP, "20260101T000000Z", rid=None)
+    theirs = snap(FP, "20260101T000000Z", rid=OTHER_RID)
+    other_pair = snap("f" * 32, "20260101T000000Z")
+    replica = Replica(FP, RID)
+    assert [replica.on_source(n) for n in (mine, legacy, theirs, other_pair, "manual")] == [
+        True, True, False, False, False,
+    ]  # fmt: skip
+    assert [is_own_snapshot(n, FP, RID) for n in (mine, legacy, theirs)] == [True, True, False]
+    # on the destination, every snapshot of the pair is this replica's
+    assert [replica.on_destination(n) for n in (mine, legacy, theirs, other_pair)] == [
+        True, True, True, False,
+    ]  # fmt: skip
+    assert is_pair_snapshot(theirs, FP) and not is_pair_snapshot("manual", FP)
 
 
 # -- pruning -------------------------------------------------------------------------
@@ -114,12 +179,37 @@ def test_snapshot_names_are_utc_and_round_trip() -> None:
 def test_plan_prune_never_takes_the_common_snapshot() -> None:
     a, b, c = (snap(FP, f"2026010{i}T000000Z") for i in (1, 2, 3))
     other = snap("f" * 32, "20260101T000000Z")
-    src_doomed, dst_doomed = plan_prune(FP, [a, "manual", b, c], [a, other, b, c], c, keep=2)
+    replica = Replica(FP, RID)
+    src_doomed, dst_doomed = plan_prune(replica, [a, "manual", b, c], [a, other, b, c], c, keep=2)
     assert src_doomed == [a, b]
     assert dst_doomed == [a]  # keeps b and c; never touches other pairs' or manual snapshots
-    assert plan_prune(FP, [a, b], [a, b], "", keep=1) == ([], [])
-    _, dst_doomed = plan_prune(FP, [a, b, c], [a, b, c], b, keep=1)
+    assert plan_prune(replica, [a, b], [a, b], "", keep=1) == ([], [])
+    _, dst_doomed = plan_prune(replica, [a, b, c], [a, b, c], b, keep=1)
     assert dst_doomed == [a]  # c is newer than the common snapshot: not ours to judge here
+
+
+def test_plan_prune_leaves_another_backup_server_s_snapshots_on_the_source() -> None:
+    """Two servers pull one source under one pair line: one fingerprint, two replica ids.
+    Each one's prune takes its own older snapshots and never the other's, older or not."""
+    theirs_base = snap(FP, "20260101T120000Z", rid=OTHER_RID)
+    a, b = snap(FP, "20260101T000000Z"), snap(FP, "20260102T000000Z")
+    theirs_older = snap(FP, "20251231T000000Z", rid=OTHER_RID)
+    source = [theirs_older, a, theirs_base, b]
+    src_doomed, _ = plan_prune(Replica(FP, RID), source, [a, b], b, keep=1)
+    assert src_doomed == [a]
+    src_doomed, _ = plan_prune(Replica(FP, OTHER_RID), source, [theirs_older, theirs_base],
+                               theirs_base, keep=1)  # fmt: skip
+    assert src_doomed == [theirs_older]
+
+
+def test_plan_prune_takes_the_names_from_before_the_replica_id_once() -> None:
+    """The first update after the upgrade: the base named before the replica id, and what
+    older runs left under such names, go once the new base is common (as before)."""
+    old, older = (snap(FP, f"2026010{i}T000000Z", rid=None) for i in (2, 1))
+    new = snap(FP, "20260103T000000Z")
+    src_doomed, dst_doomed = plan_prune(Replica(FP, RID), [older, old, new], [old, new], new, 1)
+    assert src_doomed == [older, old]
+    assert dst_doomed == [old]
 
 
 # -- remote pipelines ------------------------------------------------------------------

@@ -76,7 +76,7 @@ def at(seconds: int) -> float:
 
 def snap(p: Pair, n: int) -> str:
     """The pair's ``n``th snapshot, named at(900 + 100 n), as the fakes' creation says."""
-    return snapshot_name(p.fingerprint, T0 + timedelta(seconds=900 + 100 * n))
+    return snapshot_name(p.fingerprint, "0a1b2c3d", T0 + timedelta(seconds=900 + 100 * n))
 
 
 def ran(store: StateStore, p: Pair, snapshot: str, state: str = IDLE, result: str = "ok") -> None:

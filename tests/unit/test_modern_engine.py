@@ -9,6 +9,7 @@ options, and what the pair's status and checks then say.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from zettabee.errors import CommandError, StateError, TransportError, ZettabeeEr
 from zettabee.health import SYNCHRONIZED, Health
 from zettabee.host import Result, error_for
 from zettabee.hosts import Hosts
-from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag
+from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag, replica_id
 from zettabee.relay import StreamResult
 from zettabee.replicator import Replicator
 from zettabee.run import PairRun, progress_writer
@@ -39,10 +40,23 @@ def make_pair(**options: Any) -> Pair:
     return Pair(Endpoint("src", SRC_FS), Endpoint("dst", DST_FS), PairOptions(**options))
 
 
+# Both recorded probes' pools answer with this guid here: the destination's replica id.
+POOL_GUID = "2591689529063941839"
+RID = replica_id(POOL_GUID)
+OTHER_RID = replica_id("10396368085209583401")  # another backup server's pool
+
+
+def named(fp: str, day: int, rid: str | None = RID) -> str:
+    """The pair's snapshot of 2026-01-0``day``, as this replica names it (``rid`` None:
+    as named before the replica id)."""
+    return f"zettabee.{fp}.{rid + '.' if rid else ''}2026010{day}T000000Z"
+
+
 PAIR = make_pair()
 FP = PAIR.fingerprint
-TAG = hold_tag(FP)
-S0, S1, S2 = (f"zettabee.{FP}.2026010{i}T000000Z" for i in (1, 2, 3))
+TAG = hold_tag(FP, RID)
+OLD_TAG = hold_tag(FP, None)
+S0, S1, S2 = (named(FP, i) for i in (1, 2, 3))
 
 
 class ScriptedHost:
@@ -98,7 +112,7 @@ class ScriptedHost:
 def _probe_for(text: str, pool: str) -> str:
     for recorded in ("gsrc", "tdstpool"):
         text = text.replace(f"\n{recorded} ", f"\n{pool} ")
-    return text
+    return re.sub(rf"(?m)^({pool} +guid +)[0-9]+", rf"\g<1>{POOL_GUID}", text)
 
 
 class FakeHosts(Hosts):
@@ -436,7 +450,7 @@ def test_a_pruned_base_is_replaced_by_its_bookmark(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     pair = make_pair(bookmark=True, intermediate=True)
     fp = pair.fingerprint
-    old = f"zettabee.{fp}.20260101T000000Z"
+    old = named(fp, 1)
     lab.src.on(["zfs", "get"], listing(SRC_FS, [], owner=None, marks=[(old, 1)]))
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)], owner=fp))
     report = lab.replicator.update(pair)
@@ -560,12 +574,12 @@ def test_a_pair_that_stops_holding_releases_its_earlier_holds(tmp_path: Path) ->
     lab = Lab(tmp_path)
     pair = make_pair(hold=False)
     fp = pair.fingerprint
-    old = f"zettabee.{fp}.20260101T000000Z"
+    old = named(fp, 1)
     lab.src.on(["zfs", "get"], listing(SRC_FS, [(old, 1, 1)], owner=None))
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)], owner=fp))
     lab.replicator.update(pair)
     assert not lab.src.calls("zfs", "hold") and not lab.dst.calls("zfs", "hold")
-    tag = hold_tag(fp)
+    tag = hold_tag(fp, RID)
     assert lab.src.calls("zfs", "release") == [["zfs", "release", tag, f"{SRC_FS}@{old}"]]
     assert lab.dst.calls("zfs", "release") == [["zfs", "release", tag, f"{DST_FS}@{old}"]]
     # released before the prune destroys the old snapshot
@@ -578,7 +592,7 @@ def test_a_token_on_a_pair_that_does_not_resume_is_discarded(tmp_path: Path) -> 
     lab = Lab(tmp_path)
     pair = make_pair(resume=False)
     fp = pair.fingerprint
-    base = f"zettabee.{fp}.20260101T000000Z"
+    base = named(fp, 1)
     lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(base, 1, 1)], owner=fp, token=TOKEN))
     lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
@@ -592,7 +606,7 @@ def test_rollback_yes_rolls_the_destination_back_before_receiving(tmp_path: Path
     lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
     pair = make_pair(rollback=True)
     fp = pair.fingerprint
-    base = f"zettabee.{fp}.20260101T000000Z"
+    base = named(fp, 1)
     lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 1)], owner=None))
     dst_view = listing(DST_FS, [(base, 1, 1), ("local-extra", 7, 0)], owner=fp, lastsnap=base)
     lab.dst.on(["zfs", "get"], dst_view)
@@ -609,12 +623,12 @@ def test_rollback_yes_releases_the_pairs_hold_on_what_it_rolls_back(tmp_path: Pa
     lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
     pair = make_pair(rollback=True)
     fp = pair.fingerprint
-    base, gone = (f"zettabee.{fp}.2026010{i}T000000Z" for i in (1, 2))
+    base, gone = (named(fp, i) for i in (1, 2))
     lab.src.on(["zfs", "get"], listing(SRC_FS, [(base, 1, 0)], owner=None))
     dst_view = listing(DST_FS, [(base, 1, 0), (gone, 2, 1)], owner=fp, lastsnap=gone)
     lab.dst.on(["zfs", "get"], dst_view)
     lab.replicator.update(pair)
-    release = lab.index("dst", "zfs", "release", hold_tag(fp), f"{DST_FS}@{gone}")
+    release = lab.index("dst", "zfs", "release", hold_tag(fp, RID), f"{DST_FS}@{gone}")
     assert release < lab.index("dst", "zfs", "rollback", "-r", f"{DST_FS}@{base}")
 
 
@@ -666,3 +680,85 @@ def test_a_status_that_cannot_be_written_fails_the_run_naming_the_directory_and_
     assert "free space" in message and "check_zettabee_runtime" in message
     assert message.count(PAIR.name) == 1
     assert not lab.streams  # nothing is sent that the status could not record
+
+
+# -- the replica id: two backup servers under one pair line, and names from before it ---
+
+
+def test_the_first_update_after_the_replica_id_goes_on_from_a_base_named_before_it(
+    tmp_path: Path,
+) -> None:
+    """A pair initialized before the replica id: its base, ``zettabee.<fp>.<stamp>`` held
+    under ``zettabee.<fp>``, is the common snapshot as ever (no resend); the new snapshot
+    and its holds carry the replica id; the old base's holds are released under their
+    own tag and it goes, as every update's old base."""
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    old = named(FP, 1, rid=None)
+    lab.src.on(["zfs", "get"], listing(SRC_FS, [(old, 1, 1)], owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(old, 1, 1)]))
+    report = lab.replicator.update(PAIR)
+    new = lab.new_snapshot()
+    assert report.base == old and new.startswith(f"zettabee.{FP}.{RID}.2")
+    assert lab.src.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{SRC_FS}@{new}"]]
+    assert lab.dst.calls("zfs", "hold") == [["zfs", "hold", TAG, f"{DST_FS}@{new}"]]
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", OLD_TAG, f"{SRC_FS}@{old}"]]
+    assert lab.dst.calls("zfs", "release") == [["zfs", "release", OLD_TAG, f"{DST_FS}@{old}"]]
+    assert lab.src.calls("zfs", "destroy") == [["zfs", "destroy", f"{SRC_FS}@{old}"]]
+
+
+def test_another_backup_server_s_snapshots_and_holds_on_the_source_are_left_alone(
+    tmp_path: Path,
+) -> None:
+    """Two backup servers pull one source under one pair line (one fingerprint): the
+    other's snapshots, older and newer than this one's base and held under its own tag,
+    are neither released nor destroyed; this one's old base goes."""
+    lab = Lab(tmp_path, FUSE_PROBE, FUSE_PROBE)
+    theirs_old, theirs_new = named(FP, 1, OTHER_RID), named(FP, 3, OTHER_RID)
+    held = [(theirs_old, 7, 1), (S1, 1, 1), (theirs_new, 8, 1)]
+    lab.src.on(["zfs", "get"], listing(SRC_FS, held, owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 1)]))
+    report = lab.replicator.update(PAIR)
+    assert report.base == S1
+    assert lab.src.calls("zfs", "release") == [["zfs", "release", TAG, f"{SRC_FS}@{S1}"]]
+    assert lab.src.calls("zfs", "destroy") == [["zfs", "destroy", f"{SRC_FS}@{S1}"]]
+
+
+def test_purge_leaves_another_backup_server_s_snapshots_on_the_source(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    theirs = named(FP, 1, OTHER_RID)
+    held = [(theirs, 7, 1), (S0, 5, 1), (S1, 1, 1)]
+    lab.src.on(["zfs", "get"], listing(SRC_FS, held, owner=None))
+    lab.dst.on(["zfs", "get"], listing(DST_FS, [(S0, 5, 0), (S1, 1, 1)]))
+    steps = lab.replicator.purge(PAIR, release=True)
+    assert not [s for s in steps if theirs in s.target]
+    assert not [argv for argv in lab.src.calls("zfs") if argv[-1] == f"{SRC_FS}@{theirs}"]
+    assert f"released hold {TAG} on src:{SRC_FS}@{S1}" in [s.describe(True) for s in steps]
+
+
+def one_round_trip_plan(base: str, resume: bool = False) -> fastpath.Plan:
+    """The script's plan of an update from ``base`` on the source, holds on both sides."""
+    from zettabee import update, zfs
+    from zettabee.capabilities import Capabilities, plan_features
+    from zettabee.views import DestView
+
+    caps = Capabilities("h", "p", "zfs", holds=True, resumable=resume, pool_guid=POOL_GUID)
+    run = PairRun(PAIR, None, None, plan_features(caps, caps), None, None, None, None,
+                  DestView({}, []))  # type: ignore[arg-type]  # fmt: skip
+    return update._plan(run, zfs.Snapshot(SRC_FS, base, 1, 0), S2, listing=True)
+
+
+def test_the_one_round_trip_lets_go_of_a_base_of_this_replica_or_from_before_it() -> None:
+    for base, tag in ((S1, TAG), (named(FP, 1, rid=None), OLD_TAG)):
+        plan = one_round_trip_plan(base)
+        assert [(name, list(argv)) for name, argv in plan.then] == [
+            ("hold", ["zfs", "hold", TAG, f"{SRC_FS}@{S2}"]),
+            ("release", ["zfs", "release", tag, f"{SRC_FS}@{base}"]),
+            ("destroy", ["zfs", "destroy", f"{SRC_FS}@{base}"]),
+        ]
+    assert one_round_trip_plan(S1, resume=True).hold == TAG  # held before it is sent
+
+
+@pytest.mark.parametrize("base", ["manual-before-upgrade", named(FP, 1, OTHER_RID)])
+def test_the_one_round_trip_leaves_a_base_that_is_not_this_replica_s(base: str) -> None:
+    plan = one_round_trip_plan(base)
+    assert [name for name, _ in plan.then] == ["hold"]

@@ -39,7 +39,10 @@ FS = "tank/home"
 OWN = f"{FS}@zettabee.{FP}.20240101T000000Z"
 OWN2 = f"{FS}@zettabee.{FP}.20240101T010000Z"
 OWN_MARK = OWN.replace("@", "#")
-TAG = hold_tag(FP)
+# OWN and OWN2 are named as before the replica id (zettabee.pair), and TAG is their tag:
+# a source keeps them until the first update after the upgrade, and serves them as ever.
+TAG = hold_tag(FP, None)
+RID, OTHER_RID = "0a1b2c3d", "99887766"
 CLIENT = "10.0.0.1"
 # The guids of the snapshots the tokens below name (those of the recorded tokens too).
 GUIDS = {
@@ -109,7 +112,7 @@ ALLOWED = [
     zfs.get([FS], ["type"]),
     zfs.get([FS, "tank/pg"], [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT], depth=1),
     zfs.get([FS], [*zfs.SNAPSHOT_PROPS, zfs.PROP_FINGERPRINT], depth=1, own=True),
-    zfs.snapshot(FS, snapshot_name(FP, datetime.now(UTC))),
+    zfs.snapshot(FS, snapshot_name(FP, RID, datetime.now(UTC))),
     zfs.send(OWN),
     zfs.send(OWN2, base=OWN),
     zfs.send(OWN2, base=f"{FS}@by-hand", intermediate=True),
@@ -223,7 +226,7 @@ ESCAPES = {
     ),
     "a pipeline holding another snapshot": snapshot_then(zfs.send(OWN), zfs.hold(TAG, OWN2)),
     "a pipeline holding with another pair's tag": snapshot_then(
-        zfs.send(OWN), zfs.hold(hold_tag(OTHER_FP), OWN)
+        zfs.send(OWN), zfs.hold(hold_tag(OTHER_FP, None), OWN)
     ),
     "a pipeline destroying after its snapshot": snapshot_then(zfs.send(OWN), zfs.destroy(OWN2)),
     "a snapshot pipeline to another host": snapshot_then(
@@ -252,7 +255,7 @@ ESCAPES = {
     # holds
     "a hold of a manual snapshot": f"zfs hold {TAG} {FS}@by-hand",
     "a hold under another tag": f"zfs hold keep {OWN}",
-    "a hold under another pair's tag": f"zfs hold {hold_tag(OTHER_FP)} {OWN}",
+    "a hold under another pair's tag": f"zfs hold {hold_tag(OTHER_FP, None)} {OWN}",
     "a hold of another dataset's snapshot": f"zfs hold {TAG} tank/secret@zettabee.{FP}.20240101T000000Z",
     "a recursive hold": f"zfs hold -r {TAG} {OWN}",
     "a release of someone else's hold": f"zfs release keep {FS}@by-hand",
@@ -462,7 +465,7 @@ SCRIPT_ESCAPES = {
         f"zfs send -i {OWN} {OWN2}", f"zfs send -i {OWN} {OWN}"
     ),
     "another pair's hold tag": update_script(hold=TAG).replace(
-        f"zfs hold {TAG}", f"zfs hold {hold_tag(OTHER_FP)}"
+        f"zfs hold {TAG}", f"zfs hold {hold_tag(OTHER_FP, None)}"
     ),
     "guid not a number": update_script(base=BASE).replace("1234567890123", "$(id)"),
     "recursive send": update_script().replace("zfs send -i", "zfs send -R -i"),
@@ -477,7 +480,7 @@ SCRIPT_ESCAPES = {
     "destroys recursively": update_script(then=[("destroy", zfs.destroy(FS, recursive=True))]),
     "releases a foreign tag": update_script(then=[("release", zfs.release("backup", OWN))]),
     "holds under another pair's tag": update_script(
-        then=[("hold", zfs.hold(hold_tag(OTHER_FP), OWN2))]
+        then=[("hold", zfs.hold(hold_tag(OTHER_FP, None), OWN2))]
     ),
     "runs another command once received": update_script(then=[("rm", ["rm", "-rf", "/"])]),
     "a step named otherwise": update_script(then=[("cleanup", zfs.destroy(OWN))]),
@@ -700,14 +703,15 @@ def longest_requests() -> tuple[dict[str, str], Policy]:
     """The longest request of each kind a pull sends: every name at ZFS's limit (255
     characters, snapshot name included), every option on, the largest numbers; and the
     policy that serves them."""
-    snap = snapshot_name(FP, datetime(2024, 1, 1, tzinfo=UTC))
+    snap = snapshot_name(FP, RID, datetime(2024, 1, 1, tzinfo=UTC))
     fs = "/".join(["p" * 60, "q" * 60, "r" * (255 - len(snap) - 1 - 122)])
     own, own2 = f"{fs}@{snap}", f"{fs}@{snap[:-3]}59Z"
     assert len(own) == 255 == len(own2)
     base = zfs.Snapshot(fs, snap, 2**64 - 1, 0)
+    tag = hold_tag(FP, RID)
     then = [
-        ("hold", zfs.hold(TAG, own2)),
-        ("release", zfs.release(TAG, own)),
+        ("hold", zfs.hold(tag, own2)),
+        ("release", zfs.release(tag, own)),
         ("destroy", zfs.destroy(own)),
     ]
     send = zfs.send(own2, base=own, intermediate=True, raw=True, compressed=True, props=True)
@@ -721,10 +725,10 @@ def longest_requests() -> tuple[dict[str, str], Policy]:
     served = Policy(frozenset({fs}), frozenset({CLIENT, "h" * 253}), lambda _: guids)
     return {
         "update": fastpath.script(fs, own2.partition("@")[2], send, clock=True, base=base,
-                                  hold=TAG, holds=True, then=then),
+                                  hold=tag, holds=True, then=then),
         "initialize over mbuffer": pipeline_script(
             [zfs.send(own, raw=True, compressed=True, props=True), out],
-            first=[zfs.snapshot(fs, snap), zfs.hold(TAG, own)],
+            first=[zfs.snapshot(fs, snap), zfs.hold(tag, own)],
         ),
         "resume": shlex.join(
             zfs.send_resume(token(*fields, nvpair("toname", own), *flags), estimate=True)
@@ -739,7 +743,7 @@ def test_the_longest_requests_of_a_pull_pass_well_under_the_limit() -> None:
     for name, command in requests.items():
         assert parse_request(command, served), name
     longest = max(len(command) for command in requests.values())
-    assert longest == len(requests["update"]) == 3081  # the figure the module quotes
+    assert longest == len(requests["update"]) == 3099  # the figure the module quotes
     assert longest * 4 < MAX_REQUEST
 
 
@@ -845,7 +849,7 @@ def test_the_guids_are_read_from_zfs_for_the_file_system_alone(
 
 BOUND = Policy(POLICY.datasets, POLICY.mbuffer_hosts, guids_of, pairs=frozenset({FP}))
 THEIRS = f"{FS}@zettabee.{OTHER_FP}.20240101T000000Z"
-OTHER_TAG = hold_tag(OTHER_FP)
+OTHER_TAG = hold_tag(OTHER_FP, None)
 
 ANOTHER_PAIRS = {
     "snapshot": zfs.snapshot(FS, THEIRS.partition("@")[2]),
@@ -944,10 +948,11 @@ def test_a_tree_is_served_whole_for_its_line_s_children_only() -> None:
         trees=frozenset({FS}),
     )  # fmt: skip
     check_command(tree.source_listing(FS), policy)
-    own = f"{kid.source.fs}@{snapshot_name(kid.fingerprint, datetime(2024, 1, 1, tzinfo=UTC))}"
+    when = datetime(2024, 1, 1, tzinfo=UTC)
+    own = f"{kid.source.fs}@{snapshot_name(kid.fingerprint, RID, when)}"
     for argv in (
         zfs.snapshot(kid.source.fs, own.partition("@")[2]),
-        zfs.hold(hold_tag(kid.fingerprint), own),
+        zfs.hold(hold_tag(kid.fingerprint, RID), own),
         zfs.send(own),
         zfs.list_snapshots(kid.source.fs, holds=True),
     ):
@@ -969,3 +974,85 @@ def test_a_key_line_for_a_tree_names_it_with_tree() -> None:
     grant = authkeys.Grant("/usr/bin/zettabee-source", (FS,), (FP,), trees=(FS,))
     assert grant.command_words() == ["/usr/bin/zettabee-source", "--pair", FP, "--tree", FS, FS]
     assert grant.problems() == []
+
+
+# -- names and holds with the replica id (two backup servers under one pair line) ----------
+
+NEW = f"{FS}@zettabee.{FP}.{RID}.20240101T000000Z"
+NEW2 = f"{FS}@zettabee.{FP}.{RID}.20240101T010000Z"
+NEW_TAG = hold_tag(FP, RID)
+THEIR_TAG = hold_tag(FP, OTHER_RID)  # the same pair line on another backup server
+
+WITH_REPLICA_ID = [
+    zfs.snapshot(FS, NEW.partition("@")[2]),
+    zfs.send(NEW),
+    zfs.send(NEW2, base=NEW),
+    zfs.send(NEW2, base=OWN),  # the first update after the upgrade, from the old base
+    zfs.send(NEW2, base=NEW, estimate=True),
+    zfs.send(NEW2, base=NEW.replace("@", "#")),
+    zfs.destroy(NEW),
+    zfs.destroy(NEW.replace("@", "#")),
+    zfs.hold(NEW_TAG, NEW),
+    zfs.release(NEW_TAG, NEW),
+    zfs.release(TAG, OWN),  # the old base's hold, under the tag from before
+    zfs.release(THEIR_TAG, NEW),  # a release takes away no one's hold but zettabee's
+    zfs.bookmark(NEW, NEW.replace("@", "#")),
+]
+
+
+@pytest.mark.parametrize("argv", WITH_REPLICA_ID, ids=lambda argv: " ".join(argv[:3]))
+def test_the_replica_id_s_names_and_tags_pass_for_a_key_and_for_its_pairs(argv: list[str]) -> None:
+    assert parse_request(shlex.join(argv), POLICY) == [argv]
+    assert parse_request(shlex.join(argv), BOUND) == [argv]  # --pair FP serves them all
+
+
+def test_the_update_script_moves_from_a_base_named_before_the_replica_id() -> None:
+    """The first update after the upgrade, as update._plan writes it: the new snapshot
+    held under the replica's tag, the old base released under its own and destroyed."""
+    snap = NEW2.partition("@")[2]
+    then = [
+        ("hold", zfs.hold(NEW_TAG, NEW2)),
+        ("release", zfs.release(TAG, OWN)),
+        ("destroy", zfs.destroy(OWN)),
+    ]
+    command = fastpath.script(FS, snap, zfs.send(NEW2, base=OWN), holds=True, then=then)
+    assert parse_request(command, BOUND) == [["sh", "-c", command]]
+    resumable = fastpath.script(
+        FS, snap, zfs.send(NEW2, base=NEW), hold=NEW_TAG, holds=True, then=then[1:]
+    )
+    assert parse_request(resumable, BOUND) == [["sh", "-c", resumable]]
+
+
+REPLICA_ID_REFUSALS = {
+    "a hold under the tag from before the replica id": zfs.hold(TAG, NEW),
+    "a hold of a name from before under a replica's tag": zfs.hold(NEW_TAG, OWN),
+    "a hold under another replica's tag": zfs.hold(THEIR_TAG, NEW),
+    "a hold under a tag with a short replica id": zfs.hold(f"zettabee.{FP}.0a1b2c3", NEW),
+    "a release under a tag with a short replica id": zfs.release(f"zettabee.{FP}.0a1b2c3", NEW),
+    "a release under a tag in capitals": zfs.release(f"zettabee.{FP}.0A1B2C3D", NEW),
+    "a release under a tag with a dot too many": zfs.release(f"{NEW_TAG}.", NEW),
+    "a snapshot with a replica id in capitals": zfs.snapshot(
+        FS, f"zettabee.{FP}.0A1B2C3D.20240101T000000Z"
+    ),
+    "a snapshot with two replica ids": zfs.snapshot(
+        FS, f"zettabee.{FP}.{RID}.{RID}.20240101T000000Z"
+    ),
+}
+
+
+@pytest.mark.parametrize("argv", REPLICA_ID_REFUSALS.values(), ids=REPLICA_ID_REFUSALS.keys())
+def test_a_tag_must_be_the_one_its_snapshot_s_name_gives(argv: list[str]) -> None:
+    with pytest.raises(Refused):
+        parse_request(shlex.join(argv), POLICY)
+
+
+def test_a_key_bound_to_its_pairs_refuses_another_pair_s_replica_names() -> None:
+    theirs = f"{FS}@zettabee.{OTHER_FP}.{RID}.20240101T000000Z"
+    for argv in (
+        zfs.snapshot(FS, theirs.partition("@")[2]),
+        zfs.destroy(theirs),
+        zfs.hold(hold_tag(OTHER_FP, RID), theirs),
+        zfs.release(hold_tag(OTHER_FP, RID), NEW),
+    ):
+        with pytest.raises(Refused, match=f"pair {OTHER_FP}, not one this key serves"):
+            parse_request(shlex.join(argv), BOUND)

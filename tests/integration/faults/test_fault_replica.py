@@ -20,7 +20,7 @@ from tests.integration.faults.conftest import (
     every_backend,
     snapshots,
 )
-from zettabee.pair import hold_tag
+from zettabee.pair import tag_of
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_common_snapshot_destroyed(faults: Faults, where: str) -> None:
     zb = faults.zb
     replica = faults.replica(mb=2)
     common = replica.snapshot
-    tag = hold_tag(replica.fingerprint)
+    tag = str(tag_of(common))
     if where in ("source", "both"):
         destroy_past_the_hold(zb.srcside, f"{zb.src_fs()}@{common}", tag)
     if where in ("destination", "both"):

@@ -40,7 +40,15 @@ from tests.tokens import encode
 from zettabee import zfs
 from zettabee.host import Host, SshHost, SshTarget
 from zettabee.hosts import Hosts
-from zettabee.pair import Endpoint, Pair, PairOptions, hold_tag, is_own_snapshot, snapshot_name
+from zettabee.pair import (
+    Endpoint,
+    Pair,
+    PairOptions,
+    is_pair_snapshot,
+    parse_snapshot_name,
+    snapshot_name,
+    tag_of,
+)
 from zettabee.replicator import Replicator
 from zettabee.state import StateStore
 
@@ -51,6 +59,7 @@ POOL = "gv23"  # see the module's docstring
 PERMISSIONS = "send,snapshot,destroy,mount,hold,release,bookmark"
 PACKAGE = Path(__file__).resolve().parents[3] / "zettabee"
 ANY_FP = "0123456789abcdef0123456789abcdef"  # the form of a pair's: no pair is run with it
+ANY_RID = "0a1b2c3d"  # and of a replica id
 
 INSTALL = r"""
 import json, os, sys
@@ -183,7 +192,7 @@ def pull_as_delegated_user(faults: Faults, g: Guest, fs: str) -> None:
         "id",
         f"zfs allow {fs}",
         shlex.join(zfs.release("keep", left[0])),
-        shlex.join(zfs.hold(hold_tag(zb.fingerprint()), f"{other}@s")),
+        shlex.join(zfs.hold(str(tag_of(left[0])), f"{other}@s")),
     ]
     refused = 0
     for command in escapes:
@@ -292,7 +301,9 @@ def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> Non
         first = Replicator(store, hosts).initialize(pair)
         # An update whose stream breaks after 1 MB, as a lost link leaves it: the
         # destination keeps a resume token naming the pair's new snapshot.
-        interrupted = snapshot_name(fp, datetime.now(UTC))
+        replica = parse_snapshot_name(first.snapshot)
+        assert replica is not None and replica.rid is not None, first.snapshot
+        interrupted = snapshot_name(fp, replica.rid, datetime.now(UTC))
         g.shell(
             f"head -c 8388608 /dev/urandom > /{fs}/more.bin && zfs snapshot {fs}@{interrupted} "
             f"&& zfs send -i @{first.snapshot} {fs}@{interrupted} | head -c 1048576 "
@@ -314,7 +325,7 @@ def resume_as_delegated_user(faults: Faults, g: Guest, fs: str, dst: str) -> Non
     src_snaps, dst_snaps = guest_snapshots(g, fs), guest_snapshots(g, dst)
     assert src_snaps == [last.snapshot], src_snaps  # pruned by the delegated destroy
     assert dst_snaps == [last.snapshot], dst_snaps  # keep=1: the resumed one pruned too
-    marks = [m for m in guest_snapshots(g, fs, "bookmark") if is_own_snapshot(m, fp)]
+    marks = [m for m in guest_snapshots(g, fs, "bookmark") if is_pair_snapshot(m, fp)]
     assert marks == [last.snapshot], marks  # the base bookmarked, the older one destroyed
     assert userrefs(g, f"{fs}@{last.snapshot}") == 1 and userrefs(g, f"{dst}@{last.snapshot}") == 1
 
@@ -395,7 +406,7 @@ def _crafted_token(
         g.shell(f"zfs receive -A {each} 2>/dev/null; zfs destroy -r {each}", check=False)
     g.run("zfs", "create", fs)
     g.run("zfs", "create", secret)
-    own = f"{fs}@{snapshot_name(ANY_FP, datetime.now(UTC))}"
+    own = f"{fs}@{snapshot_name(ANY_FP, ANY_RID, datetime.now(UTC))}"
     g.shell(
         f"head -c 4194304 /dev/urandom > /{fs}/mine.bin && zfs snapshot {own} && "
         f"echo 'the payroll' > /{secret}/secret.txt && zfs snapshot {secret}@s"

@@ -42,7 +42,7 @@ from tests.integration.faults.conftest import (
 )
 from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
-from zettabee.pair import hold_tag, snapshot_name
+from zettabee.pair import parse_snapshot_name, snapshot_name, tag_of
 from zettabee.relay import pipeline_script
 
 pytestmark = pytest.mark.integration
@@ -147,9 +147,10 @@ def test_a_pull_works_through_the_restricted_key(
     assert zb.srcside.zget(base, "userrefs") == "1"
     status = json.loads((zb.tmp / "state" / f"{replica.fingerprint}.json").read_text())
     assert "holds (source and destination)" in status["features"]["uses"], status["features"]
-    released = zb.srcside.run("zfs", "release", hold_tag(replica.fingerprint), base, check=False)
+    tag = str(tag_of(base))
+    released = zb.srcside.run("zfs", "release", tag, base, check=False)
     assert released.returncode == 0, released.stderr  # the tag was the pair's
-    zb.srcside.run("zfs", "hold", hold_tag(replica.fingerprint), base)
+    zb.srcside.run("zfs", "hold", tag, base)
     assert "refused" not in restricted.log()
     refusals = [text for _, text in log.read() if "refused" in text]
     row.observed = (
@@ -190,12 +191,15 @@ def test_a_key_bound_to_its_pairs_leaves_other_pairs_alone(faults: Faults, sshd:
     replica_b.grow(1)
     pulled.append(faults.run("zettabee", "update", dest_a))
     base_b = f"{fs}@{replica_b.snapshot}"
+    named_b = parse_snapshot_name(replica_b.snapshot)
+    assert named_b is not None and named_b.rid is not None, replica_b.snapshot
+    rid_b = named_b.rid
     target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
     attacks = {
-        "release": shlex.join(zfs.release(hold_tag(fp_b), base_b)),
+        "release": shlex.join(zfs.release(str(tag_of(base_b)), base_b)),
         "destroy": shlex.join(zfs.destroy(base_b)),
-        "hold": shlex.join(zfs.hold(hold_tag(fp_b), base_b)),
-        "snapshot": shlex.join(zfs.snapshot(fs, snapshot_name(fp_b, datetime.now(UTC)))),
+        "hold": shlex.join(zfs.hold(str(tag_of(base_b)), base_b)),
+        "snapshot": shlex.join(zfs.snapshot(fs, snapshot_name(fp_b, rid_b, datetime.now(UTC)))),
     }
     answers = {name: _ask(target, command) for name, command in attacks.items()}
     refused = [n for n, (code, err, _) in answers.items() if code == 126 and fp_b in err]
@@ -392,7 +396,7 @@ def test_malformed_requests_are_refused_and_logged(faults: Faults, restricted: S
     log = restricted.capture_auth_log()
     fs = zb.make_source("data", 1)
     before = snapshots(fs)
-    snap = snapshot_name(FP, datetime.now(UTC))
+    snap = snapshot_name(FP, "0a1b2c3d", datetime.now(UTC))
     own = f"{fs}@{snap}"
     out = ["mbuffer", "-q", "-s", "128k", "-m", "16M", "-O", f"{lab.dest_address}:9090"]
     requests: dict[str, str | bytes] = {
