@@ -142,6 +142,108 @@ class ZfsServer:
         raise RuntimeError(f"lab: cannot destroy pool {name}: {proc.stderr.strip()}")
 
 
+# zfs-fuse's fixed paths: its socket, its lock and its pool cache. A second daemon gets
+# empty ones of its own, in a mount namespace of its own (SecondZfsServer).
+ZFS_FUSE_PATHS = ("/run/zfs", "/run/lock/zfs", "/var/lib/zfs")
+
+
+class SecondZfsServer:
+    """A second ZFS on this machine: a zfs-fuse daemon of its own in a mount namespace of
+    its own, with a pool of the name the machine's own daemon already serves.
+
+    zfs-fuse keeps its socket, lock and pool cache at fixed paths; the namespace mounts
+    empty ones over them before the daemon starts (and refuses to start if any is not
+    empty: it never takes over the machine's daemon's socket), so every ``zfs`` and
+    ``zpool`` run in the namespace (:meth:`argv`) talks to this daemon only, and sees its
+    pools only. The namespace is a slave of this one: what is mounted here (the other
+    daemon's file systems) reaches it, what it mounts stays there. What two backup
+    servers with pools of one name need, on one machine."""
+
+    def __init__(self, root: Path, pool: str, size: str = "256M") -> None:
+        self.root = root
+        self.pool = pool
+        self.size = size
+        self.mountpoint = root / "mnt" / pool
+        self.image = root / f"{pool}.img"
+        self.log = root / "zfs-fuse.log"
+        self.pid: int | None = None
+
+    @property
+    def namespace(self) -> str:
+        return f"/proc/{self.pid}/ns/mnt"
+
+    def argv(self, *argv: str) -> list[str]:
+        """``argv`` run in the namespace, where this daemon is the ZFS (never here, where
+        it would reach the machine's own daemon and its pool of the same name)."""
+        if not self._daemon_in_namespace():
+            raise RuntimeError(f"lab: the second zfs-fuse (pid {self.pid}) is not running")
+        return ["nsenter", f"--mount={self.namespace}", "--", *argv]
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh(*self.argv(*argv), check=check)
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        own = "; ".join(
+            f'mkdir -p {d} && mount -t tmpfs -o mode=0700 zettabee-second {d} && [ -z "$(ls -A {d})" ]'
+            for d in ZFS_FUSE_PATHS
+        )
+        script = f"set -e; {own}; exec zfs-fuse --no-daemon --no-kstat-mount"
+        log = open(self.log, "ab")  # noqa: SIM115 - kept by the child
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        self.pid = proc.pid  # unshare and sh exec: this is the daemon's pid
+
+        def answers() -> bool:
+            """Once the daemon runs in the namespace: until unshare has made it, the
+            child's namespace is this one, and its zpool would ask the machine's daemon."""
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"lab: the second zfs-fuse exited: {self.log.read_text()[-800:]}"
+                )
+            if not self._daemon_in_namespace():
+                return False
+            return self.run("zpool", "list", "-H", "-o", "name", check=False).returncode == 0
+
+        try:
+            wait_for("the second zfs-fuse to answer", answers)
+            sh("truncate", "-s", self.size, str(self.image))
+            self.run("zpool", "create", "-f", "-m", "none", self.pool, str(self.image))
+            self.mountpoint.mkdir(parents=True, exist_ok=True)
+            self.run("zfs", "set", f"mountpoint={self.mountpoint}", self.pool)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _daemon_in_namespace(self) -> bool:
+        try:
+            exe = os.readlink(f"/proc/{self.pid}/exe")
+            theirs, ours = os.stat(self.namespace).st_ino, os.stat("/proc/self/ns/mnt").st_ino
+        except OSError:
+            return False
+        return exe.endswith("/zfs-fuse") and theirs != ours
+
+    def guid(self) -> str:
+        """The pool's guid, as ``zpool get`` prints it (zfs-fuse's has no ``-H``)."""
+        table = self.run("zpool", "get", "guid", self.pool).stdout.splitlines()
+        return table[-1].split()[2]
+
+    def stop(self) -> None:
+        """The pool destroyed and the daemon stopped; its namespace, and every mount in it,
+        goes with its last process."""
+        if self._daemon_in_namespace():
+            for _ in range(50):
+                done = self.run("zpool", "destroy", "-f", self.pool, check=False)
+                if done.returncode == 0 or "no such pool" in done.stderr:
+                    break
+                time.sleep(0.2)
+        stop_pid(self.pid, wait=20)
+        self.image.unlink(missing_ok=True)
+
+
 def detach_stale_mounts(pool: str) -> None:
     """Lazily unmount the pool's file systems whose FUSE connection is gone ("Transport
     endpoint is not connected", left by a zfs-fuse that stopped under them): zpool

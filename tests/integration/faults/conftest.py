@@ -36,9 +36,18 @@ from pathlib import Path
 import pytest
 
 from lab.guest import SOURCE_NETNS, Guest
-from lab.hosts import LabRecord, sh, start_sshd, stop_pid
+from lab.hosts import LabRecord, SecondZfsServer, sh, start_sshd, stop_pid
 from lab.zfslab import ZfsLab
-from tests.conftest import BACKENDS, Side, Zb, backend_zb, destroy, executable, settle
+from tests.conftest import (
+    BACKENDS,
+    Backend,
+    Side,
+    Zb,
+    backend_zb,
+    destroy,
+    executable,
+    settle,
+)
 
 STATES = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
 INTACT = "intact"
@@ -889,6 +898,35 @@ def sshd(lab: ZfsLab, tmp_path: Path) -> Iterator[Sshd]:
         server.stop()
         for log in server.auth_logs:
             log.close()
+
+
+class SecondServer(Zb):
+    """A second backup server on this machine: its own zettabee settings, pair file and
+    state, and its own ZFS (:class:`lab.hosts.SecondZfsServer`), whose destination pool
+    has the name of the lab's. It reaches the lab's source host over SSH as the first
+    does, by the same address: the same pair line is the same pair to both."""
+
+    def __init__(self, first: Zb, zfs: SecondZfsServer, tmp: Path) -> None:
+        self.zfs = zfs
+        dst = Side(
+            "localhost", zfs.pool, str(zfs.mountpoint),
+            lambda script: zfs.argv("sh", "-c", script), local_files=False,
+        )  # fmt: skip
+        super().__init__(Backend("zfs-fuse", first.src, first.srcside, dst), tmp, first.name)
+
+    def argv(self, name: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+        return self.zfs.argv(*super().argv(name, *args, env=env))
+
+
+@pytest.fixture
+def second_server(zb: Zb, lab: ZfsLab, tmp_path: Path) -> Iterator[SecondServer]:
+    """Server B beside the lab's destination (server A, ``zb``); zfs-fuse only."""
+    zfs = SecondZfsServer(tmp_path / "second", lab.dst_pool)
+    zfs.start()
+    try:
+        yield SecondServer(zb, zfs, tmp_path / "second")
+    finally:
+        zfs.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The replicas themselves in trouble: a full pool, changes behind zettabee's back, lost
-common snapshots.
+common snapshots, a second backup server pulling the same source under the same pair line.
 
 zettabee must stop, say what happened and what to do, and destroy or roll back nothing
 without consent; the advice it gives must then work.
@@ -15,6 +15,8 @@ import pytest
 from tests.integration.faults.conftest import (
     INTACT,
     Faults,
+    Replica,
+    SecondServer,
     Sshd,
     destroy_past_the_hold,
     every_backend,
@@ -219,3 +221,65 @@ def test_failed_runs_leave_no_held_snapshots_behind(faults: Faults, path: str) -
     zb.write_pairs(zb.pair_line(replica.leaf, ",".join(o for o in (options, "rollback=yes") if o)))
     faults.recovers(replica)
     assert replica.source_holds() == {replica.snapshot: 1}
+
+
+def test_two_backup_servers_under_one_pair_line_keep_each_other_s_base(
+    faults: Faults, second_server: SecondServer
+) -> None:
+    """Two backup servers pull one source under the same pair line (``SRC:tank/x
+    localhost:POOL/x`` on each, as the README writes pairs): one fingerprint. Server A is
+    the lab's destination, server B a second ZFS on this machine with a pool of the same
+    name, reaching the source by the same address. Each one's prune used to release and
+    destroy the other's base, whose next update then found no common snapshot (a full
+    resend, every time): each one's updates must stay incremental, each one's base held
+    on the source, the data the same on both."""
+    a, b = faults.zb, second_server
+    fs = a.make_source("data", 2)
+    line = f"{a.srcside.address}:{fs}  localhost:{a.dst_fs()}"
+    a.write_pairs(line)
+    b.write_pairs(line)
+    assert a.fingerprint() == b.fingerprint()
+    here = subprocess.run(["zpool", "get", "guid", a.dstside.pool], capture_output=True, text=True)
+    assert b.zfs.guid() not in here.stdout  # two pools of one name: two ZFS instances
+    servers = {"A": a, "B": b}
+    replicas = {name: Replica(server, "data") for name, server in servers.items()}
+    row = faults.expect(
+        "two backup servers, one pair line (one fingerprint), pulling one source",
+        "each one's initialize and 2 updates exit 0, incremental (its replica never made "
+        "again); each one's base held on the source, the other's left alone; data the same",
+    )
+    codes: dict[str, list[int]] = {name: [] for name in servers}
+    errors: list[str] = []
+
+    def pull(name: str, action: str) -> None:
+        server, replica = servers[name], replicas[name]
+        out = server.run(action, server.dst_fs())
+        codes[name].append(out.returncode)
+        if out.returncode != 0:
+            errors.append(f"{name} {action}: {out.stderr.strip()}")
+            return
+        replica.remember()  # the same data as the source, and its last good snapshot
+        holds = replica.source_holds()
+        mine = {r.snapshot: 1 for r in replicas.values() if r.snapshot}
+        if holds != mine:
+            errors.append(f"after {name}'s {action} the source holds {holds}, not {mine}")
+
+    for name in servers:
+        pull(name, "initialize")
+    made = {name: s.dstside.zget(s.dst_fs(), "guid") for name, s in servers.items()}
+    for n in range(2):
+        replicas["A"].grow(1, f"more{n}.bin")
+        for name in servers:
+            pull(name, "update")
+    remade = [n for n, s in servers.items() if s.dstside.zget(s.dst_fs(), "guid") != made[n]]
+    row.observed = (
+        "; ".join(f"{name}: exit {', '.join(map(str, c))}" for name, c in codes.items())
+        + f"; {'; '.join(errors) or 'each base held on the source, once'}"
+        + (f"; made again: {', '.join(remade)}" if remade else "")
+    )
+    verdicts = {name: replica.intact() for name, replica in replicas.items()}
+    row.data = INTACT if set(verdicts.values()) == {INTACT} else str(verdicts)
+    assert not errors, errors
+    assert codes == {"A": [0, 0, 0], "B": [0, 0, 0]} and not remade
+    assert replicas["A"].snapshot != replicas["B"].snapshot
+    assert row.data == INTACT
