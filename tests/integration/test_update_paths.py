@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Zb, write_random
-from zettabee.pair import parse_snapshot_name, snapshot_name, tag_of
+from zettabee.pair import hold_tag, parse_snapshot_name, snapshot_name, tag_of
 from zettabee.state import pid_alive
 
 pytestmark = pytest.mark.integration
@@ -192,3 +192,36 @@ def test_initialize_takes_its_snapshot_with_the_stream_and_says_when_the_source_
     missing = zb.run("initialize", zb.dst_fs("absent"))
     assert missing.returncode == 1
     assert f"the source {zb.src.address}:{zb.src_fs('absent')} does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("path", ["one round trip", "step by step"])
+def test_a_pair_named_before_the_replica_id_updates_without_a_resend(zb: Zb, path: str) -> None:
+    """A pair that a zettabee without the replica id initialized: its snapshot is
+    ``zettabee.<fp>.<stamp>``, held under ``zettabee.<fp>`` on both sides (made here from
+    what this version made, renamed and held again: the guids are what count). The first
+    update goes on from it, incremental; its new snapshot carries the replica id and is
+    held under its tag; the old base is released under its own tag and destroyed on both
+    sides. The mbuffer transport goes step by step, ssh in one round trip."""
+    initialized(zb, zb.mbuffer() if path == "step by step" else "")
+    src_fs, dst_fs = zb.src_fs(), zb.dst_fs()
+    [first] = source_snapshots(zb)
+    named = parse_snapshot_name(first)
+    assert named is not None and named.rid is not None, first
+    old = f"zettabee.{named.fp}.{named.when:%Y%m%dT%H%M%SZ}"
+    for side, fs in ((zb.srcside, src_fs), (zb.dstside, dst_fs)):
+        side.run("zfs", "release", str(tag_of(first)), f"{fs}@{first}")
+        side.run("zfs", "rename", f"{fs}@{first}", f"{fs}@{old}")
+        side.run("zfs", "hold", hold_tag(named.fp, None), f"{fs}@{old}")
+    zb.dstside.run("zfs", "set", f"zettabee:lastsnap={old}", dst_fs)
+    made = zb.dstside.zget(dst_fs, "guid")
+    zb.srcside.write_random(zb.src_dir() / "after.bin", 1)
+    out = zb.run("--verbose", "update", dst_fs)
+    assert out.returncode == 0, out.stderr
+    zb.assert_same_data()
+    [new] = source_snapshots(zb)
+    assert new.startswith(f"zettabee.{named.fp}.{named.rid}.")
+    assert source_snapshots(zb) == {new: 1}  # the old base released and gone
+    assert f"destroyed {zb.src.address}:{src_fs}@{old}" in out.stderr, out.stderr
+    assert zb.dstside.snapshots(dst_fs) == [new]
+    assert zb.dstside.zget(f"{dst_fs}@{new}", "userrefs") == "1"
+    assert zb.dstside.zget(dst_fs, "guid") == made  # the replica was never sent again
