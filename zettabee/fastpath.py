@@ -169,9 +169,9 @@ def script(
     if then or not listing:
         lines.append(f'if [ $s = 0 ] && read -r r && [ "$r" = {RECEIVED} ]; then')
         gates = 0
-        for name, argv in then:
+        for i, (name, argv) in enumerate(then):
             lines += [f"{shlex.join(argv)}; r=$?", f"step {name} $r"]
-            if name == "hold":
+            if name == "hold" and i < len(then) - 1:  # a hold alone gates nothing
                 lines.append("if [ $r = 0 ]; then")
                 gates += 1
         lines += ["fi"] * gates

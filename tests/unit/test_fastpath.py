@@ -287,6 +287,19 @@ def test_the_base_goes_once_the_destination_says_it_received_the_stream(fake: Pa
     assert all(report.ok(step) for step in ("hold", "release", "destroy", "listed"))
 
 
+@pytest.mark.parametrize("listing", [True, False])
+def test_a_base_not_this_replica_s_only_has_the_new_snapshot_held(
+    fake: Path, listing: bool
+) -> None:
+    """A base taken by hand (or another replica's) is neither released nor destroyed: the
+    script's only step after the receive is the hold, which gates nothing (an empty
+    ``if`` is a syntax error in sh: seen as 'sh: 12: Syntax error: "fi" unexpected')."""
+    proc = run(fake, then=LET_GO[:1], answer=b"received\n", listing=listing)
+    assert proc.returncode == 0, proc.stderr
+    assert calls(fake)[2] == f"hold {TAG} {FS}@{SNAP}"
+    assert fastpath.parse(proc.stderr.decode()).ok("hold")
+
+
 def test_the_old_base_stays_held_when_the_new_snapshot_cannot_be_held(fake: Path) -> None:
     (fake / "hold-fails").touch()
     proc = run(fake, then=LET_GO, answer=f"{fastpath.RECEIVED}\n".encode())

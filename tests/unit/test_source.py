@@ -1021,6 +1021,10 @@ def test_the_update_script_moves_from_a_base_named_before_the_replica_id() -> No
         FS, snap, zfs.send(NEW2, base=NEW), hold=NEW_TAG, holds=True, then=then[1:]
     )
     assert parse_request(resumable, BOUND) == [["sh", "-c", resumable]]
+    by_hand = fastpath.script(  # from a base taken by hand: only the new snapshot's hold
+        FS, snap, zfs.send(NEW2, base=f"{FS}@by-hand"), holds=True, then=then[:1]
+    )
+    assert parse_request(by_hand, BOUND) == [["sh", "-c", by_hand]]
 
 
 REPLICA_ID_REFUSALS = {
