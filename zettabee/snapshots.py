@@ -65,10 +65,13 @@ def record(pair: Pair, dst: Host, snap: str, first: bool) -> None:
 
 def hold(pair: Pair, host: Host, snap: str) -> None:
     """Keep ``snap``, one of zettabee's, from being destroyed by anyone until zettabee
-    releases it; the tag is the one its name gives (:func:`zettabee.pair.tag_of`)."""
+    releases it; the tag is the one its name gives (:func:`zettabee.pair.tag_of`). A
+    snapshot of another name (a partial receive that zettabee did not start, resumed)
+    is not held: zettabee would never release it."""
     tag = tag_of(snap)
     if tag is None:
-        raise ValueError(f"{snap} is not a zettabee snapshot: no hold of zettabee's on it")
+        log.warning("%s: %s:%s is not named by zettabee: not held", pair.name, host.name, snap)
+        return
     result = host.run(zfs.hold(tag, snap), check=False)
     if result.ok or zfs.tag_exists(result.stderr):
         log.debug("%s: hold %s on %s:%s", pair.name, tag, host.name, snap)
