@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -333,6 +334,10 @@ def _judge(
         raise CommandError(argv, src.name, held.status, held.said, "zfs hold")
     send = report.steps.get("send")
     sender.stderr = "\n".join(x for x in (send.said if send else "", report.trailer) if x)
+    if send is not None and send.status == 128 + signal.SIGPIPE:
+        # Its zfs send died of the broken pipe: the victim of a receive that left, as
+        # a send that ssh carries alone would be; the script's status says so here.
+        sender.returncode = -signal.SIGPIPE
     if send is None and isinstance(src, SshHost):
         relay.name_ssh_failure(sender)
     if failed:

@@ -343,3 +343,32 @@ def test_a_tidy_source_is_still_listed_when_the_update_fails(fake: Path, fails: 
     proc = run(fake, then=LET_GO, answer=answer, listing=False)
     assert [c.split()[0] for c in calls(fake)] == ["snapshot", "send", "get"]
     assert BASE.name in fastpath.parse(proc.stderr.decode()).steps["listed"].said
+
+
+def test_a_send_the_refusing_receive_broke_is_not_named_for_its_failure(fake: Path) -> None:
+    """The destination pool fills mid-receive: zfs receive says why and leaves, and the
+    script's zfs send dies of the broken pipe (its step says 141). The run names the
+    receive and its words, whichever process the shell saw end first."""
+    from zettabee.errors import CommandError
+    from zettabee.host import SshHost, SshTarget
+
+    (fake / "send-fails").touch()
+    said = (
+        run(fake)
+        .stderr.decode()
+        .replace(f"{fastpath.STEP_MARK} send 2", f"{fastpath.STEP_MARK} send 141")
+    )
+    src = SshHost(SshTarget("src.example.com"))
+    sender = relay.Stage("zfs send (over ssh)", src.name, ["ssh", "src.example.com", "sh"])
+    sender.returncode, sender.stderr = 141, said
+    receiver = relay.Stage("zfs receive", "backup1", ["zfs", "receive", "backup/home"])
+    receiver.returncode = 1
+    receiver.stderr = "cannot receive incremental stream: out of space"
+    piped = relay.Relay(None, None, 300, None)  # type: ignore[arg-type]
+    send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
+    plan = fastpath.Plan(FS, BASE, SNAP, send, ["zfs", "receive", "backup/home"])
+    with pytest.raises(CommandError) as caught:
+        fastpath._judge(src, plan, sender, receiver, piped)
+    message = str(caught.value)
+    assert message.startswith("zfs receive on backup1 failed"), message
+    assert "out of space" in message
