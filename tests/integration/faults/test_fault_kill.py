@@ -140,6 +140,7 @@ def test_sigkill_of_initialize_after_its_receive(faults: Faults) -> None:
 
 
 @every_backend
+@pytest.mark.one_openzfs  # the second run stops at zettabee's own lock, before any zfs
 def test_two_runs_of_one_pair_at_once(faults: Faults) -> None:
     replica = faults.replica(mb=1, options="transport=mbuffer,bwlimit=1M")
     # 24 s of stream at 1 MB/s: the second run and the plugins come while it runs (under a

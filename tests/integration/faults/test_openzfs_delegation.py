@@ -18,7 +18,8 @@ Two pulls:
   whatever the pool's version, and holds and estimates are there;
 - the engine itself into the guest's own pool ``gdst`` as root, from a user on ``gsrc``
   that ``zettabee enroll --user`` made, delegated to and gave its key's line: both ends
-  OpenZFS 2.1, so bookmarks and resumable receive are used too, and pruning on both. A
+  OpenZFS, so bookmarks and resumable receive are used too, and pruning on both; on 2.1
+  and on 2.3, whose ``zfs allow`` each enroll writes for. A
   pair file gives both ends of a pair the same user and key; the test hands the engine a
   host for each end instead.
 """
@@ -242,10 +243,19 @@ class EndHosts(Hosts):
             host.close()
 
 
+@pytest.fixture(params=["openzfs-2.1", "openzfs-2.3"])
+def each_guest(request: pytest.FixtureRequest) -> Guest:
+    """The 2.1 guest, then the 2.3 one: what `enroll --user` delegates, and what a pull
+    behind it may do, is each version's own `zfs allow`."""
+    name = "guest" if request.param == "openzfs-2.1" else "guest_23"
+    found: Guest = request.getfixturevalue(name)
+    return found
+
+
 def test_resume_bookmarks_and_holds_through_the_restricted_key(
-    faults: Faults, guest: Guest
+    faults: Faults, each_guest: Guest
 ) -> None:
-    g = guest
+    g = each_guest
     name = faults.zb.name
     fs, dst = f"{g.src_pool}/{name}", f"{g.dst_pool}/{name}"
     for each in (dst, fs):
