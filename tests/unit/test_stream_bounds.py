@@ -37,6 +37,17 @@ def run_bounded(send: list[str], recv: list[str], stall: int) -> BaseException |
     return outcome[0]
 
 
+def end_stopped(pid: Path) -> None:
+    """Continue and kill the stopped process whose pid the file ``pid`` holds, if any."""
+    if not pid.exists():
+        return
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.kill(int(pid.read_text()), sig)
+        except ProcessLookupError:
+            return
+
+
 def test_a_send_that_never_exits_after_its_stream_fails_within_the_stall_limit(
     tmp_path: Path,
 ) -> None:
@@ -47,13 +58,7 @@ def test_a_send_that_never_exits_after_its_stream_fails_within_the_stall_limit(
     try:
         error = run_bounded(send, ["sh", "-c", f"cat >{got}"], stall=2)
     finally:
-        if pid.exists():
-            with_pid = int(pid.read_text())
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(with_pid, sig)
-                except ProcessLookupError:
-                    break
+        end_stopped(pid)
     assert isinstance(error, ZettabeeError), error
     message = str(error)
     assert "zfs send on backup1 did not exit within 2 s of the end of its stream" in message
@@ -78,13 +83,7 @@ def test_a_receive_that_never_exits_after_its_stream_fails_within_the_stall_limi
     try:
         error = run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
     finally:
-        if pid.exists():
-            with_pid = int(pid.read_text())
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(with_pid, sig)
-                except ProcessLookupError:
-                    break
+        end_stopped(pid)
     assert isinstance(error, ZettabeeError), error
     message = str(error)
     assert "zfs receive on backup1 did not exit within 2 s of the end of its stream" in message
