@@ -602,6 +602,14 @@ class Zb:
         assert out.returncode == 0, out.stderr
         return out.stdout.split()[-1]
 
+    def replica_id(self) -> str:
+        """The replica id of the destination pool (:func:`zettabee.pair.replica_id` of its
+        guid, as ``zpool get`` prints it: zfs-fuse's has no ``-H``)."""
+        from zettabee.pair import replica_id
+
+        table = self.dstside.run("zpool", "get", "guid", self.dstside.pool).stdout.splitlines()
+        return replica_id(table[-1].split()[2])
+
     def initialize_then_update(self) -> None:
         """The pair into :meth:`dst_fs`: ``initialize``, then an ``update`` after 2 MB
         more on the source; each exits 0 with the data identical on both sides."""

@@ -104,7 +104,7 @@ class Grant:
 
     source_command: str  # path of zettabee-source on the source
     datasets: tuple[str, ...]
-    pairs: tuple[str, ...] = ()
+    pairs: tuple[str, ...] = ()  # FP.RID (a pair's replica), or FP (any replica of it)
     mbuffer_hosts: tuple[str, ...] = ()
     from_patterns: tuple[str, ...] = ()
     trees: tuple[str, ...] = ()  # recursive lines' sources: served with all below them
@@ -133,7 +133,7 @@ class Grant:
 
 
 def build_line(grant: Grant, key: PublicKey) -> str:
-    """``restrict,from="...",command="zettabee-source --pair FP ... FS..." KEY``.
+    """``restrict,from="...",command="zettabee-source --pair FP.RID ... FS..." KEY``.
 
     The command's words are names zettabee validated (no quote, no blank, no shell
     character), so joining them quotes nothing; anything else is refused first."""

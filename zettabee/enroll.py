@@ -65,6 +65,8 @@ from zettabee.enrollsource import (
     sftp_reason,
     write_keys,
 )
+from zettabee.errors import ZettabeeError
+from zettabee.pair import replica_id
 
 if TYPE_CHECKING:
     import paramiko
@@ -145,7 +147,7 @@ def _check(remote: Remote, request: Request, plan: Plan, placement: Placement) -
     grant = authkeys.Grant(
         source_command=placement.path,
         datasets=plan.datasets,
-        pairs=tuple(p.fingerprint for p in plan.pairs),
+        pairs=replica_bindings(plan, request.host),
         mbuffer_hosts=plan.mbuffer_hosts,
         from_patterns=from_patterns(remote, request),
         trees=plan.trees,
@@ -153,6 +155,40 @@ def _check(remote: Remote, request: Request, plan: Plan, placement: Placement) -
     if grant.problems():
         raise EnrollError(f"{request.host}: {'; '.join(grant.problems())}")
     return Checked(owner, read_keys(remote, path), placement, grant)
+
+
+def replica_bindings(plan: Plan, host: str) -> tuple[str, ...]:
+    """Each pair's ``--pair FP.RID``: its fingerprint and the replica id of its
+    destination pool (:func:`zettabee.pair.replica_id`), whose guid the destination's
+    capability probe reads, as every run reads it. Bound so, the key cannot touch the
+    snapshots and holds of another backup server that pulls the same source under the
+    same pair line (the same fingerprint, another pool). A pool whose guid cannot be
+    read (not created yet) binds the pair alone (``--pair FP``), and says so."""
+    from zettabee.hosts import Hosts
+
+    hosts = Hosts(plan.target.known_hosts or "")
+    words = []
+    try:
+        for pair in plan.pairs:
+            pool = pair.destination.pool
+            try:
+                caps = hosts.prober.of(hosts.get(pair.destination, pair), pool)
+                guid, said = caps.pool_guid, caps.note
+            except ZettabeeError as exc:
+                guid, said = "", str(exc)
+            if guid:
+                words.append(f"{pair.fingerprint}.{replica_id(guid)}")
+                continue
+            print(
+                f"{host}: {pair.name}: cannot read the guid of pool {pool} on "
+                f"{pair.destination.host} ({said or 'zpool get all printed none'}): its key "
+                f"is bound to the pair (--pair {pair.fingerprint}), not to this server's "
+                f"replica of it; run `zettabee enroll {host}` again once the pool exists"
+            )
+            words.append(pair.fingerprint)
+    finally:
+        hosts.close()
+    return tuple(words)
 
 
 def _apply(remote: Remote, request: Request, plan: Plan, checked: Checked) -> None:

@@ -10,9 +10,11 @@ named on its own command line, and nothing else:
 
     restrict,command="/usr/bin/zettabee-source tank/home tank/pg" ssh-ed25519 AAAA... zettabee@backup1
 
-With ``--pair FP`` (once per pair the key serves), the snapshots, bookmarks and holds it
-may make and remove are those of these pairs alone, so that one backup server's key
-cannot break another's chain on the same file system; without, any zettabee pair's.
+With ``--pair FP.RID`` (once per pair the key serves: its fingerprint and its replica
+id), the snapshots, bookmarks and holds it may make and remove are those of these pairs'
+replicas alone, so that one backup server's key cannot break another's chain on the same
+file system, not even under the same pair line (one fingerprint, two replica ids); with
+``--pair FP``, those of the pair whichever replica; without, any zettabee pair's.
 ``--tree FS`` (the source of a recursive line) serves FS and every file system below it;
 a child's pair is the one whose fingerprint derives from a ``--pair`` and its name below
 FS (:func:`zettabee.pair.child_fingerprint`).
@@ -72,7 +74,7 @@ from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
 from zettabee.relay import STAGE_MARK, pipeline_script
 from zettabee.sourcerules import (
-    FINGERPRINT_WORD,
+    PAIR_WORD,
     Policy,
     Refused,
     check_command,
@@ -274,10 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair",
         action="append",
         default=[],
-        metavar="FP",
-        help="the fingerprint of a pair this key serves (zettabee fingerprint DEST on the "
-        "destination), once per pair: the key may then make, hold, release and destroy only "
-        "those pairs' snapshots, bookmarks and holds; without it, any zettabee pair's",
+        metavar="FP[.RID]",
+        help="a pair this key serves, once per pair: its fingerprint and replica id, as "
+        "`zettabee fingerprint DEST` prints them on the destination (FP alone: any replica "
+        "of the pair); the key may then make, hold, release and destroy only those pairs' "
+        "snapshots, bookmarks and holds; without it, any zettabee pair's",
     )
     parser.add_argument(
         "--mbuffer-host",
@@ -295,8 +298,9 @@ def policy_from(args: argparse.Namespace, environ: dict[str, str]) -> Policy:
     if not args.datasets and not args.tree:
         problems.append("name the file systems this key serves (FS... or --tree FS)")
     problems += [m for m in map(validate_host, args.mbuffer_host) if m]
-    problems += [f"--pair {fp!r}: not a pair's fingerprint (32 hex digits)"
-                 for fp in args.pair if not FINGERPRINT_WORD.fullmatch(fp)]  # fmt: skip
+    problems += [f"--pair {fp!r}: not a pair's fingerprint (32 hex digits), with or "
+                 "without its replica id (FP.RID, 8 hex digits more)"
+                 for fp in args.pair if not PAIR_WORD.fullmatch(fp)]  # fmt: skip
     if problems:
         raise SystemExit(f"zettabee-source: {'; '.join(problems)}")
     hosts = set(args.mbuffer_host)

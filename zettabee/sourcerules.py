@@ -33,6 +33,8 @@ _PORT = re.compile(r"[0-9]{1,5}")
 # zettabee.<fp>.<replica id>, and zettabee.<fp> from before the replica id (zettabee.pair).
 _HOLD_TAG = re.compile(r"zettabee\.[0-9a-f]{32}(?:\.[0-9a-f]{8})?")
 FINGERPRINT_WORD = re.compile(r"[0-9a-f]{32}")
+# What --pair takes: a pair's fingerprint, or a pair's fingerprint and a replica id.
+PAIR_WORD = re.compile(r"[0-9a-f]{32}(?:\.[0-9a-f]{8})?")
 # What the source's listing asks for where bookmarks exist (zfs.list_snapshots).
 _LISTING_TYPES = "filesystem,volume,snapshot,bookmark"
 
@@ -64,9 +66,9 @@ def read_guids(fs: str) -> dict[str, int]:
 class Policy:
     """What this key may touch: its file systems, and where mbuffer may connect.
     ``guids`` reads the guids of a file system's snapshots and bookmarks (ZFS's, here).
-    ``pairs``, the fingerprints of the pairs the key serves: the only ones whose
-    snapshots, bookmarks and holds it may make and remove (any, when empty: the key
-    lines written before ``--pair``)."""
+    ``pairs``, the pairs the key serves (``FP``, or ``FP.RID``: the pair's replica
+    ``RID`` alone): the only ones whose snapshots, bookmarks and holds it may make and
+    remove (any, when empty: the key lines written before ``--pair``)."""
 
     datasets: frozenset[str]
     mbuffer_hosts: frozenset[str]
@@ -74,17 +76,40 @@ class Policy:
     pairs: frozenset[str] = frozenset()
     trees: frozenset[str] = frozenset()  # recursive lines' sources: each and all below
 
-    def serves(self, fp: str, fs: str = "") -> bool:
-        """May the key touch pair ``fp``'s snapshots (on ``fs``)? Below a tree's root, a
-        child's fingerprint comes from its line's (a ``--pair``) and its relative name."""
-        if not self.pairs or fp in self.pairs:
+    def serves(self, fp: str, fs: str = "", rid: str | None = None) -> bool:
+        """May the key touch the snapshots of pair ``fp``'s replica ``rid`` (on ``fs``)?
+        Below a tree's root, a child's fingerprint comes from its line's (a ``--pair``)
+        and its relative name. A ``--pair FP.RID`` serves that replica alone: another
+        server's under the same pair line has the same fingerprint, not the same replica
+        id. Names from before the replica id (``rid`` None) are the pair's, whichever
+        replica (the first update after the upgrade lets its old base go)."""
+        if not self.pairs:
             return True
-        for root in self.trees:
-            if fs.startswith(f"{root}/"):
-                relative = fs[len(root) + 1 :]
-                if any(child_fingerprint(line, relative) == fp for line in self.pairs):
-                    return True
+        for word in self.pairs:
+            line, _, bound = word.partition(".")
+            if bound and rid is not None and rid != bound:
+                continue
+            if fp == line or self._child_of(line, fp, fs):
+                return True
         return False
+
+    def _child_of(self, line: str, fp: str, fs: str) -> bool:
+        for root in self.trees:
+            if fs.startswith(f"{root}/") and child_fingerprint(line, fs[len(root) + 1 :]) == fp:
+                return True
+        return False
+
+    def refuse(self, what: str, fp: str, fs: str, rid: str | None) -> None:
+        """Refused unless the key serves pair ``fp``'s replica ``rid`` (:meth:`serves`):
+        the refusal names the pair, and the replica when the pair is the key's."""
+        if self.serves(fp, fs, rid):
+            return
+        if rid is not None and self.serves(fp, fs):
+            raise Refused(
+                f"{what} is of pair {fp}'s replica {rid}, not the one this key serves "
+                "(--pair FP.RID)"
+            )
+        raise Refused(f"{what} is of pair {fp}, not one this key serves (--pair)")
 
     def has(self, fs: str) -> bool:
         return (
@@ -123,8 +148,7 @@ def _own_snapshot(word: str, policy: Policy, sep: str = "@") -> str:
     parsed = parse_snapshot_name(name) if at and _SNAPSHOT_WORD.fullmatch(name) else None
     if parsed is None:
         raise Refused(f"{word!r} is not a zettabee {'snapshot' if sep == '@' else 'bookmark'}")
-    if not policy.serves(parsed[0], fs):
-        raise Refused(f"{word!r} is of pair {parsed[0]}, not one this key serves (--pair)")
+    policy.refuse(repr(word), parsed.fp, fs, parsed.rid)
     return word
 
 
@@ -244,9 +268,8 @@ def _check_release(tag: str, target: str, policy: Policy) -> None:
     may be any snapshot; a release takes away no one's hold but zettabee's."""
     if not _HOLD_TAG.fullmatch(tag):
         raise Refused(f"{tag!r} is not a zettabee hold tag")
-    fp = tag.split(".")[1]
-    if not policy.serves(fp, target.partition("@")[0]):
-        raise Refused(f"{tag!r} is the hold of pair {fp}, not one this key serves (--pair)")
+    _, fp, *rid = tag.split(".")
+    policy.refuse(f"the hold {tag!r}", fp, target.partition("@")[0], rid[0] if rid else None)
     _any_snapshot(target, policy)
 
 

@@ -226,9 +226,9 @@ def test_enroll_then_pull_through_the_restricted_key(enrolling: Enroll) -> None:
     assert "a pull's command through the restricted key works" in first.stdout
     lines = e.root_keys.read_text().splitlines()
     assert len(lines) == 1
-    fp = zb.fingerprint()
+    fp, rid = zb.fingerprint(), zb.replica_id()
     assert lines[0].startswith(
-        f'restrict,from="{zb.dstside.address}",command="{e.source_path} --pair {fp} {e.fs}" '
+        f'restrict,from="{zb.dstside.address}",command="{e.source_path} --pair {fp}.{rid} {e.fs}" '
         "ssh-ed25519 "
     )
     assert oct(e.root_keys.stat().st_mode & 0o777) == "0o600"
@@ -450,7 +450,10 @@ def test_enroll_a_delegated_user_on_openzfs_then_pull(guest: Guest, zb: Zb, tmp_
         allowed = g.run("zfs", "allow", fs).stdout
         assert DELEGATED in allowed and "bookmark" not in allowed
         line = g.run("cat", f"/home/{DELEGATED}/.ssh/authorized_keys").stdout
-        assert line.startswith('restrict,from="') and f'--pair {zb.fingerprint()} {fs}" ' in line
+        assert (
+            line.startswith('restrict,from="')
+            and f'--pair {zb.fingerprint()}.{zb.replica_id()} {fs}" ' in line
+        )
 
         init = zb.run("initialize", zb.dst_fs())
         assert init.returncode == 0, init.stderr

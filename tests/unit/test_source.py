@@ -1060,3 +1060,98 @@ def test_a_key_bound_to_its_pairs_refuses_another_pair_s_replica_names() -> None
     ):
         with pytest.raises(Refused, match=f"pair {OTHER_FP}, not one this key serves"):
             parse_request(shlex.join(argv), BOUND)
+
+
+# -- a key bound to its pairs' replicas (--pair FP.RID) ------------------------------------
+
+# Server A's key, bound to A's replica of the pair (RID); B pulls the same pair line into a
+# pool of its own (OTHER_RID): one fingerprint, two replica ids.
+REPLICA_BOUND = Policy(
+    POLICY.datasets, POLICY.mbuffer_hosts, guids_of, pairs=frozenset({f"{FP}.{RID}"})
+)
+B_SNAP = f"{FS}@zettabee.{FP}.{OTHER_RID}.20240101T000000Z"
+B_SNAP2 = f"{FS}@zettabee.{FP}.{OTHER_RID}.20240101T010000Z"
+
+B_REPLICA_S = {
+    "snapshot": zfs.snapshot(FS, B_SNAP.partition("@")[2]),
+    "destroy": zfs.destroy(B_SNAP),
+    "destroy of a bookmark": zfs.destroy(B_SNAP.replace("@", "#")),
+    "hold": zfs.hold(THEIR_TAG, B_SNAP),
+    "release": zfs.release(THEIR_TAG, B_SNAP),
+    "release on a snapshot of the key's replica": zfs.release(THEIR_TAG, NEW),
+    "release on a manual snapshot": zfs.release(THEIR_TAG, f"{FS}@by-hand"),
+    "bookmark": zfs.bookmark(B_SNAP, B_SNAP.replace("@", "#")),
+    "send": zfs.send(B_SNAP2, base=B_SNAP),
+}
+
+
+@pytest.mark.parametrize("argv", B_REPLICA_S.values(), ids=B_REPLICA_S.keys())
+def test_a_key_bound_to_its_replica_refuses_another_server_s_under_the_same_line(
+    argv: list[str],
+) -> None:
+    with pytest.raises(Refused, match=f"pair {FP}'s replica {OTHER_RID}, not the one this key"):
+        parse_request(shlex.join(argv), REPLICA_BOUND)
+    assert parse_request(shlex.join(argv), BOUND) == [argv]  # --pair FP: any replica, as before
+
+
+def test_a_key_bound_to_its_replica_refuses_the_other_s_scripts_and_tokens() -> None:
+    theirs = {
+        "an update script that lets their base go": update_script(
+            holds=True, then=[("release", zfs.release(THEIR_TAG, OWN))]
+        ),
+        "an update script that destroys theirs": update_script(
+            then=[("destroy", zfs.destroy(B_SNAP))]
+        ),
+        "a resume token of theirs": shlex.join(zfs.send_resume(token_for(B_SNAP))),
+    }
+    for name, command in theirs.items():
+        with pytest.raises(Refused, match=f"replica {OTHER_RID}"):
+            parse_request(command, REPLICA_BOUND)
+        assert name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [a for a in WITH_REPLICA_ID if THEIR_TAG not in a],
+    ids=lambda argv: " ".join(argv[:3]),
+)
+def test_a_key_bound_to_its_replica_pulls_as_before(argv: list[str]) -> None:
+    """Its own replica's names and tags, and those from before the replica id (the first
+    update after the upgrade lets the old base go)."""
+    assert parse_request(shlex.join(argv), REPLICA_BOUND) == [argv]
+
+
+def test_a_key_bound_to_its_replica_refuses_other_pairs_too() -> None:
+    theirs = f"{FS}@zettabee.{OTHER_FP}.{RID}.20240101T000000Z"
+    with pytest.raises(Refused, match=f"pair {OTHER_FP}, not one this key serves"):
+        parse_request(shlex.join(zfs.destroy(theirs)), REPLICA_BOUND)
+
+
+def test_a_replica_comes_from_its_key_s_command_line() -> None:
+    from zettabee.source import build_parser, policy_from
+
+    args = build_parser().parse_args(["--pair", f"{FP}.{RID}", "--pair", OTHER_FP, FS])
+    assert policy_from(args, {}).pairs == {f"{FP}.{RID}", OTHER_FP}
+    for bad in (f"{FP}.0A1B2C3D", f"{FP}.{RID}0", f"{FP}.", f"{FP}.{RID}.{RID}"):
+        with pytest.raises(SystemExit, match="not a pair's fingerprint.*FP.RID"):
+            policy_from(build_parser().parse_args(["--pair", bad, FS]), {})
+
+
+def test_a_tree_s_children_are_bound_to_the_line_s_replica() -> None:
+    from zettabee import tree
+    from zettabee.pair import Endpoint, Pair, PairOptions
+
+    line = Pair(Endpoint("src", FS), Endpoint("dst", "bk/home"), PairOptions(recursive=True))
+    kid = tree.child(line, "alice")
+    policy = Policy(
+        frozenset(), frozenset({CLIENT}), guids_of,
+        pairs=frozenset({f"{line.fingerprint}.{RID}"}), trees=frozenset({FS}),
+    )  # fmt: skip
+    when = datetime(2024, 1, 1, tzinfo=UTC)
+    mine = f"{kid.source.fs}@{snapshot_name(kid.fingerprint, RID, when)}"
+    theirs = f"{kid.source.fs}@{snapshot_name(kid.fingerprint, OTHER_RID, when)}"
+    check_command(zfs.destroy(mine), policy)
+    check_command(zfs.release(hold_tag(kid.fingerprint, RID), mine), policy)
+    for argv in (zfs.destroy(theirs), zfs.release(hold_tag(kid.fingerprint, OTHER_RID), mine)):
+        with pytest.raises(Refused, match=f"replica {OTHER_RID}"):
+            check_command(argv, policy)

@@ -34,6 +34,7 @@ from tests.integration.faults.conftest import (
     INTACT,
     Faults,
     Replica,
+    SecondServer,
     Sshd,
     cmdline,
     kill,
@@ -42,7 +43,7 @@ from tests.integration.faults.conftest import (
 )
 from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
-from zettabee.pair import parse_snapshot_name, snapshot_name, tag_of
+from zettabee.pair import parse_snapshot_name, replica_id, snapshot_name, tag_of
 from zettabee.relay import pipeline_script
 
 pytestmark = pytest.mark.integration
@@ -224,6 +225,97 @@ def test_a_key_bound_to_its_pairs_leaves_other_pairs_alone(faults: Faults, sshd:
     assert refused == list(attacks), answers
     assert len(logged()) == len(attacks), log.read()
     assert held == "1" and after.code == 0, after.stderr
+    assert row.data == INTACT
+
+
+def test_a_key_bound_to_its_replica_leaves_another_server_s_under_the_same_line_alone(
+    faults: Faults, sshd: Sshd, second_server: SecondServer
+) -> None:
+    """Two backup servers pull one source under the same pair line: one fingerprint, two
+    replica ids. Server A (the lab's destination) pulls through zettabee-source bound to
+    its replica, ``--pair FP.RIDA``; server B (a second ZFS on this machine, a pool of the
+    same name) pulls by the lab's own key. A ``--pair FP`` binding let A's key release
+    B's hold and destroy B's base (the fingerprint is B's too): ``--pair FP.RID`` must
+    refuse it, and both servers' updates stay incremental."""
+    a, b, lab = faults.zb, second_server, faults.lab
+    sshd.start()
+    log = sshd.capture_auth_log()
+    fs = a.make_source("data", 2)
+    a.write_pairs(f"{sshd.address}:{fs}  localhost:{a.dst_fs()}  {sshd.options()}")
+    b.write_pairs(f"{a.srcside.address}:{fs}  localhost:{b.dst_fs()}")
+    fp = a.fingerprint()
+    assert fp == b.fingerprint() and sshd.address == a.srcside.address
+    rid_a, rid_b = a.replica_id(), replica_id(b.zfs.guid())
+    assert rid_a != rid_b
+    key = (Path(lab.source.key).parent / "client_ed25519.pub").read_text().strip()
+    command = shlex.join([SOURCE_COMMAND, "--pair", f"{fp}.{rid_a}", fs])
+    sshd.authorized_keys.write_text(f'restrict,command="{command}" {key}\n')
+    servers = {"A": a, "B": b}
+    replicas = {name: Replica(server, "data") for name, server in servers.items()}
+    codes: dict[str, list[int]] = {name: [] for name in servers}
+
+    def pull(name: str, action: str) -> None:
+        out = servers[name].run(action, servers[name].dst_fs())
+        codes[name].append(out.returncode)
+        assert out.returncode == 0, f"{name} {action}: {out.stderr}"
+        replicas[name].remember()
+
+    for name in servers:
+        pull(name, "initialize")
+    replicas["A"].grow(1, "more0.bin")
+    for name in servers:
+        pull(name, "update")
+    made = {name: s.dstside.zget(s.dst_fs(), "guid") for name, s in servers.items()}
+    row = faults.expect(
+        "server A's key (zettabee-source --pair FP.RIDA) against server B's replica of "
+        "the same pair line (FP.RIDB) on the same source",
+        "A pulls as before; releasing, holding, destroying B's base and taking and sending "
+        "a snapshot under B's name: exit 126, logged; both servers' next updates "
+        "incremental, each base held once; both intact",
+    )
+    base_b = f"{fs}@{replicas['B'].snapshot}"
+    assert parse_snapshot_name(base_b) is not None
+    assert str(parse_snapshot_name(base_b).rid) == rid_b  # type: ignore[union-attr]
+    tag_b = str(tag_of(base_b))
+    forged = snapshot_name(fp, rid_b, datetime.now(UTC))
+    attacks = {
+        "release": shlex.join(zfs.release(tag_b, base_b)),
+        "destroy": shlex.join(zfs.destroy(base_b)),
+        "hold": shlex.join(zfs.hold(tag_b, base_b)),
+        "snapshot": shlex.join(zfs.snapshot(fs, forged)),
+        "send": shlex.join(zfs.send(base_b)),
+    }
+    target = SshTarget(sshd.address, sshd.port, "root", lab.source.key, str(sshd.known_hosts))
+    answers = {name: _ask(target, request) for name, request in attacks.items()}
+    refused = [n for n, (code, err, _) in answers.items() if code == 126 and rid_b in err]
+
+    def logged() -> list[str]:
+        return [t for p, t in log.read() if p == AUTH_WARNING and f"replica {rid_b}" in t]
+
+    wait_until("the refusals in the auth log", lambda: len(logged()) >= len(refused), 5)
+    held_b = replicas["A"].source_holds().get(replicas["B"].snapshot)
+    replicas["A"].grow(1, "more1.bin")
+    for name in servers:
+        pull(name, "update")
+    remade = [n for n, s in servers.items() if s.dstside.zget(s.dst_fs(), "guid") != made[n]]
+    after = replicas["A"].source_holds()
+    mine = {r.snapshot: 1 for r in replicas.values()}
+    verdicts = {name: replica.intact() for name, replica in replicas.items()}
+    row.observed = (
+        "; ".join(f"{name}: exit {', '.join(map(str, c))}" for name, c in codes.items())
+        + "; against B: "
+        + ", ".join(f"{n} exit {c}" for n, (c, _, _) in answers.items())
+        + f"; {len(logged())} auth-log lines naming replica {rid_b}"
+        + f"; B's base {'held' if held_b == 1 else 'NOT HELD'}"
+        + (f"; made again: {', '.join(remade)}" if remade else "; no resend")
+        + ("; each base held once" if after == mine else f"; the source holds {after}")
+    )
+    row.data = INTACT if set(verdicts.values()) == {INTACT} else str(verdicts)
+    assert refused == list(attacks), answers
+    assert len(logged()) == len(attacks), log.read()
+    assert held_b == 1 and snapshots(fs).count(forged) == 0
+    assert not remade and after == mine, (remade, after, mine)
+    assert codes == {"A": [0, 0, 0], "B": [0, 0, 0]}
     assert row.data == INTACT
 
 
