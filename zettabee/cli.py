@@ -232,7 +232,7 @@ def status_lines(healths: list[Health], full: bool) -> list[str]:
             f"{run} ({runtime})",
         ]
         if full:
-            row += [h.pair.fingerprint, h.pair.options.transport]
+            row += [h.pair.fingerprint, h.replica or "-", h.pair.options.transport]
         rows.append(row)
     if not rows:
         return []
@@ -257,6 +257,7 @@ def health_json(h: Health, gone: bool = False) -> dict[str, object]:
         "destination": str(h.pair.destination),
         "fingerprint": h.pair.fingerprint,
         "line": h.pair.line_fingerprint,
+        "replica": h.replica,
         "child": h.pair.relative,
         "source_gone": gone,
         "state": h.state,

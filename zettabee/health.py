@@ -20,7 +20,7 @@ from zettabee import zfs
 from zettabee.capabilities import Capabilities
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
-from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name
+from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name, replica_id
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 from zettabee.units import format_bytes
 
@@ -77,6 +77,18 @@ class Health:
             f"partial receive of {entry['snapshot']} kept since {when} ({size} received"
             f"{tried}); the next update resumes it"
         )
+
+    @property
+    def replica(self) -> str:
+        """The replica id of the pair on this server (:func:`zettabee.pair.replica_id`):
+        of the destination pool's guid the last run probed, else of the last snapshot's
+        name; empty before any run."""
+        dst = (self.features or {}).get("destination")
+        guid = dst.get("pool_guid") if isinstance(dst, dict) else None
+        if isinstance(guid, str) and guid:
+            return replica_id(guid)
+        named = parse_snapshot_name(self.lastsnap) if self.lastsnap else None
+        return named.rid or "" if named else ""
 
     @property
     def features(self) -> dict[str, Any] | None:

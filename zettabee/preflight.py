@@ -10,7 +10,7 @@ from zettabee.config import CHECKS, Settings
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host
 from zettabee.hosts import Hosts
-from zettabee.pair import Pair
+from zettabee.pair import Pair, Replica, replica_id
 
 
 def _check(label: str, host: Host, argv: list[str], fix: str) -> tuple[bool, str]:
@@ -112,6 +112,13 @@ def print_features(hosts: Hosts, pair: Pair, src: Host, dst: Host) -> bool:
     for side, caps in (("source", feats.source), ("destination", feats.destination)):
         print(f"  ok   {side} zfs on {caps.host}: {caps.describe()}")
     print(f"  uses {feats.describe()}")
+    if feats.destination.pool_guid:
+        replica = Replica(pair.fingerprint, replica_id(feats.destination.pool_guid))
+        print(
+            f"  replica id {replica.rid} (pool {pair.destination.pool} on "
+            f"{feats.destination.host}): snapshots {replica.tag}.<time>, hold {replica.tag}; "
+            f"the source's key binds it with --pair {pair.line_fingerprint}.{replica.rid}"
+        )
     for problem in feats.problems:
         print(f"  FAIL {problem}")
     return not feats.problems

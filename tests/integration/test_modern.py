@@ -119,14 +119,22 @@ def test_setup_and_fullstatus_say_what_each_side_offers(zb: Zb) -> None:
         assert "zfs-fuse (pool" in setup
         assert "lacks bookmarks, resumable receive, size estimates, raw send" in setup
         assert "uses holds (source and destination)\n" in setup
+    fp, rid = zb.fingerprint(), zb.replica_id()
+    assert (
+        f"  replica id {rid} (pool {zb.dstside.pool} on {zb.dstside.address}): snapshots "
+        f"zettabee.{fp}.{rid}.<time>, hold zettabee.{fp}.{rid}; the source's key binds it "
+        f"with --pair {fp}.{rid}\n"
+    ) in setup, setup
     assert "not probed yet" in ok(zb, "status", "--fullstatus")
     ok(zb, "initialize", zb.dst_fs())
     full = ok(zb, "status", "--fullstatus")
+    assert f"  {fp}  {rid}  ssh" in full.splitlines()[0], full
     assert "uses: holds (source and destination)" in full
     assert ("resumable receive" in full.split("uses:")[1]) is modern(zb)
     [data] = json.loads(ok(zb, "status", "--json"))
     assert data["features"]["source"]["resumable"] is modern(zb)
     assert data["features"]["destination"]["holds"] is True
+    assert data["replica"] == rid
 
 
 def test_a_held_base_survives_an_outside_destroy(zb: Zb) -> None:

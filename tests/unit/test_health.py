@@ -157,3 +157,18 @@ def test_a_source_clock_stepped_back_between_two_runs_is_not_inconsistent(
     ran(store, p, snap(p, 1), state=RUNNING, result="")  # read whole, every snapshot
     [health] = read_health([p], store, host=zfs_, now=at(1400))  # type: ignore[arg-type]
     assert (health.state, health.lastsnap, health.lag) == (SYNCHRONIZED, snap(p, 2), 300)
+
+
+def test_the_replica_id_is_the_destination_pool_s_the_last_run_probed() -> None:
+    """status --fullstatus and --json show it: which server's snapshots are which."""
+    from zettabee.health import Health
+    from zettabee.pair import replica_id
+
+    pair = Pair(Endpoint("src", "tank/home"), Endpoint("localhost", "backup/home"))
+    named = snapshot_name(pair.fingerprint, "0a1b2c3d", datetime(2024, 1, 1, tzinfo=UTC))
+    probed = Status(pair.fingerprint, extra={"features": {"destination": {"pool_guid": "42"}}})
+    assert Health(pair, "Synchronized", status=probed, lastsnap=named).replica == replica_id("42")
+    assert Health(pair, "Synchronized", lastsnap=named).replica == "0a1b2c3d"
+    before = f"zettabee.{pair.fingerprint}.20240101T000000Z"  # named before the replica id
+    assert Health(pair, "Synchronized", lastsnap=before).replica == ""
+    assert Health(pair, "Uninitialized").replica == ""
