@@ -209,34 +209,49 @@ def stream_via_mbuffer(
     stages = [listener, receiver]
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
     script = pipeline_script([send_argv, out], first=first)
-    remote: dict[str, object] = {}
-
-    def run_remote() -> None:
-        try:
-            result = source.run_command(script, check=False, timeout=None)
-            remote["result"] = result
-        except BaseException as exc:  # reported after the local side ends
-            remote["error"] = exc
-            kill_all(stages)()
-            return
-        if result.returncode != 0:  # nothing more will come: the listener must not wait
-            kill_all(stages)()
-
-    sender_thread = threading.Thread(target=run_remote, daemon=True)
-    sender_thread.start()
+    source.connect()
+    sender = Stage("zfs send | mbuffer -O", source.name, source.stream_argv(script, stall))
+    try:
+        spawn(sender, None, None)
+    except BaseException:
+        kill_all(stages)()
+        for stage in stages:
+            stage.finish(timeout=stall)
+        raise
+    watcher = threading.Thread(target=_stop_on_failure, args=(sender, stages), daemon=True)
+    watcher.start()
     assert listener.proc and listener.proc.stdout and receiver.proc and receiver.proc.stdin
     relay = Relay(listener.proc.stdout, receiver.proc.stdin, stall, progress)
-    relay.run(kill_all(stages))
+    relay.run(kill_all([*stages, sender]))
     if relay.error:
         listener.kill()
-    for stage in reversed(stages):
-        stage.finish()
-    sender_thread.join(timeout=stall + 30)
-    all_stages = _sender_stages(source, send_argv, out, remote, first) + stages
+    # None of the three is waited for without limit once the stream has ended (or
+    # stalled): each gets the stall limit, then it is stopped and named (a zfs receive
+    # hung committing, an mbuffer or a zfs send stopped).
+    for stage in (receiver, listener, sender):
+        _finish_in_time(stage, stall)
+    watcher.join()
+    all_stages = _sender_stages(source, send_argv, out, sender, first) + stages
     result = StreamResult(relay.count, time.monotonic() - started, all_stages, relay.ended)
     if any(s.failed for s in all_stages) or relay.stalled or relay.error:
         raise describe_failure(all_stages, relay)
     return result
+
+
+def _stop_on_failure(sender: Stage, stages: list[Stage]) -> None:
+    """A source pipeline that failed sends nothing more: the listener must not wait."""
+    assert sender.proc is not None
+    if sender.proc.wait() != 0:
+        kill_all(stages)()
+
+
+def _finish_in_time(stage: Stage, stall: int) -> None:
+    """Wait for ``stage`` for the stall limit; one that had to be stopped then, and was
+    not stopped before, is overdue (:func:`zettabee.relay.overdue_message`)."""
+    killed_before = stage.killed
+    stage.finish(timeout=stall or None)
+    if stage.killed and not killed_before:
+        stage.overdue = float(stall)
 
 
 def _listen_here(
@@ -322,23 +337,24 @@ def _sender_stages(
     source: SshHost,
     send_argv: list[str],
     out: list[str],
-    remote: dict[str, object],
+    sender: Stage,
     first: Sequence[Sequence[str]] = (),
 ) -> list[Stage]:
     """The source's ``zfs send | mbuffer -O`` as two stages (after those of the commands
-    ``first``), from its pipeline report."""
+    ``first``), from its pipeline report; without one (the OpenSSH client failed, or the
+    pipeline was stopped for not ending), the pipeline as one stage."""
+    if STAGE_MARK not in sender.stderr:
+        name_ssh_failure(sender)
+        return [sender]
     stages = [Stage(" ".join(argv[:2]), source.name, list(argv)) for argv in first]
     stages += [
         Stage("zfs send", source.name, list(send_argv)),
         Stage("mbuffer -O", source.name, out),
     ]
-    if "error" in remote:
-        raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
-    res = remote.get("result")
-    if res is not None:
-        codes, errs, _ = parse_pipeline_stderr(res.stderr, len(stages))  # type: ignore[attr-defined]
-        for stage, code, err in zip(stages, codes, errs, strict=True):
-            stage.returncode, stage.stderr = code, err
+    # the report's first mark starts a line: its newline went with the stripped stderr
+    codes, errs, _ = parse_pipeline_stderr(f"\n{sender.stderr}", len(stages))
+    for stage, code, err in zip(stages, codes, errs, strict=True):
+        stage.returncode, stage.stderr = code, err
     return stages
 
 
@@ -380,10 +396,20 @@ def _mbuffer_to_remote(
         listener.kill()
     sent = remote.get("result")
     sender_ok = isinstance(sent, Result) and sent.ok
-    # A sender that failed may never have connected: the listener gets its watchdog's time.
-    listener.finish(timeout=None if sender_ok else stall + 30)
+    # A sender that failed may never have connected: the listener gets its watchdog's
+    # time. Once the source's pipeline has ended well, the destination's (its zfs
+    # receive committing) gets the stall limit, and is stopped and named after it.
+    if sender_ok:
+        _finish_in_time(listener, stall)
+    else:
+        listener.finish(timeout=stall + 30)
     meter.stop()
-    all_stages = _sender_stages(source, send_argv, out, remote) + _listener_stages(
+    if "error" in remote:
+        raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
+    sender = Stage("zfs send | mbuffer -O", source.name, [])
+    if isinstance(sent, Result):
+        sender.returncode, sender.stderr = sent.returncode, sent.stderr.strip()
+    all_stages = _sender_stages(source, send_argv, out, sender) + _listener_stages(
         dest, listen, recv_argv, listener
     )
     ended = time.monotonic()

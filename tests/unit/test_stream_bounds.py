@@ -2,7 +2,9 @@
 bound the user set (the pair's stall limit), naming the stuck process, never hang.
 
 Real processes on this host (``sh``, ``head``, ``cat``) stand in for ``zfs send`` and
-``zfs receive``: what is tested is how zettabee waits for them."""
+``zfs receive``: what is tested is how zettabee waits for them. On the mbuffer
+transport the two mbuffers are real too, over TCP on this host; the source's pipeline
+runs in a local ``sh`` where the OpenSSH client would run it on the source."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import threading
 from pathlib import Path
 
 from zettabee.errors import ZettabeeError
-from zettabee.host import LocalHost
+from zettabee.host import LocalHost, Result, SshHost
+from zettabee.mbuffer import stream_via_mbuffer
+from zettabee.relay import STAGE_MARK
 from zettabee.transport import stream_via_processes
 
 HOST = LocalHost("backup1")
@@ -96,3 +100,148 @@ def test_a_receive_that_takes_a_moment_to_commit_is_not_hurried(tmp_path: Path) 
     recv = ["sh", "-c", f"cat >{got}; sleep 0.5"]
     assert run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2) is None
     assert got.stat().st_size == 200000
+
+
+# -- the mbuffer transport ---------------------------------------------------------------
+
+
+class SourceHere(LocalHost):
+    """The source host of an mbuffer stream, on this machine: its pipeline (the script
+    the OpenSSH client would run there) runs in a local ``sh``, and the listening
+    mbuffer accepts its connection from 127.0.0.1."""
+
+    class Target:
+        address = "127.0.0.1"
+
+    target = Target()
+
+    def stream_argv(self, remote_command: str, stall: int) -> list[str]:
+        return ["sh", "-c", remote_command]
+
+    def run_command(self, command: str, **kw: object) -> Result:
+        return self.run(["sh", "-c", command], check=False, timeout=None)
+
+
+SOURCE = SourceHere("source1")
+
+
+def mbuffer_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
+    """The mbuffer stream's outcome (its error, or None), or a test failure if it hangs."""
+    outcome: list[BaseException | None] = []
+
+    def stream() -> None:
+        try:
+            source: SshHost = SOURCE  # type: ignore[assignment]
+            stream_via_mbuffer(source, HOST, send, recv, stall, None, "127.0.0.1")
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is judged by the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    worker.join(NEVER)
+    assert outcome, f"the mbuffer stream still waits after {NEVER:.0f} s (stall={stall})"
+    return outcome[0]
+
+
+def test_an_mbuffer_stream_that_ends_well_is_not_hurried(tmp_path: Path) -> None:
+    got = tmp_path / "got"
+    send = ["sh", "-c", "head -c 200000 /dev/zero; sleep 0.5"]
+    recv = ["sh", "-c", f"cat >{got}; sleep 0.5"]
+    assert mbuffer_bounded(send, recv, stall=2) is None
+    assert got.stat().st_size == 200000
+
+
+def test_an_mbuffer_send_that_never_exits_after_its_stream_fails_within_the_stall_limit(
+    tmp_path: Path,
+) -> None:
+    """A zfs send stopped once its whole stream is out (zfs-fuse's daemon writes it):
+    the source's pipeline never ends, and holds the pipe into its mbuffer open, so the
+    last part of a block never leaves it and the stream stalls (or, should that
+    mbuffer's watchdog end it first, the pipeline does not exit). Either way the run
+    fails, and the source's pipeline is stopped with it: it was left running, waited
+    for in a thread of the run, while the run failed after stall+30 s."""
+    pid = tmp_path / "pid"
+    send = ["sh", "-c", f"head -c 200000 /dev/zero; exec >&-; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = mbuffer_bounded(send, ["sh", "-c", "cat >/dev/null"], stall=2)
+        left = pipelines_of_ours()
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert (
+        "the stream stalled: no data for 2s" in message
+        or "zfs send | mbuffer -O on source1 did not exit within 2 s of the end" in message
+    ), message
+    assert left == [], f"the source's pipeline was left running: {left}"
+
+
+def pipelines_of_ours() -> list[int]:
+    """The source pipelines (scripts of :func:`pipeline_script`) this process still runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if argv[:2] == [b"sh", b"-c"] and STAGE_MARK.encode() in argv[2] and ppid == os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+def test_an_mbuffer_receive_that_never_exits_after_its_stream_fails_within_the_stall_limit(
+    tmp_path: Path,
+) -> None:
+    pid = tmp_path / "pid"
+    got = tmp_path / "got"
+    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = mbuffer_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert "zfs receive on backup1 did not exit within 2 s of the end of its stream" in message
+    assert got.stat().st_size == 200000
+
+
+def test_a_stopped_listening_mbuffer_fails_within_the_stall_limit(tmp_path: Path) -> None:
+    """The mbuffer that listens here stopped mid-stream: the stream stalls, and the
+    stopped mbuffer, which holds SIGTERM pending, is killed, not waited for."""
+    go = tmp_path / "go"
+    send = ["sh", "-c", f"head -c 100000 /dev/zero; while [ ! -e {go} ]; do sleep 0.1; done"]
+    stopped: list[int] = []
+
+    def stop_the_listener() -> None:
+        for _ in range(300):
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0")
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if argv[:1] == [b"mbuffer"] and b"-I" in argv and ppid == os.getpid():
+                    os.kill(int(entry.name), signal.SIGSTOP)
+                    stopped.append(int(entry.name))
+                    return
+            threading.Event().wait(0.1)
+
+    stopper = threading.Thread(target=stop_the_listener, daemon=True)
+    stopper.start()
+    try:
+        error = mbuffer_bounded(send, ["sh", "-c", "cat >/dev/null"], stall=2)
+    finally:
+        go.touch()
+        for found in stopped:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(found, sig)
+                except ProcessLookupError:
+                    break
+    assert stopped, "the listening mbuffer was never found"
+    assert isinstance(error, ZettabeeError), error
+    assert "the stream stalled: no data for 2s" in str(error), error
