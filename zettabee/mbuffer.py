@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from zettabee.errors import TransportError
-from zettabee.host import Host, Result, SshHost
+from zettabee.host import Host, SshHost
 from zettabee.names import validate_host
 from zettabee.relay import (
     STAGE_MARK,
@@ -372,7 +372,8 @@ def _mbuffer_to_remote(
     """mbuffer between two remote hosts: ``mbuffer -I | zfs receive`` runs on the
     destination through an OpenSSH client, and is known to be the one listening on its
     port there (a free port of the destination's, unless the pair fixes one) before the
-    source connects.
+    source connects; the source's ``zfs send | mbuffer -O`` runs through another client
+    on the run's master connection, a stage of the stream like the listener.
 
     The stream goes straight from source to destination, so nothing here can count it:
     the listening mbuffer's status line (it runs without ``-q``) is read from its stderr
@@ -386,37 +387,48 @@ def _mbuffer_to_remote(
     meter = StderrMeter(listener, progress, mbuffer_bytes)
     meter.start()
     out = _mbuffer_out(stall, bwlimit, connect_host, port)
-    remote: dict[str, object] = {}
+    script = pipeline_script([send_argv, out])
     try:
-        remote["result"] = source.run_command(
-            pipeline_script([send_argv, out]), check=False, timeout=None
-        )
-    except BaseException as exc:  # reported after the listener ends
-        remote["error"] = exc
+        source.connect()
+        sender = Stage("zfs send | mbuffer -O", source.name, source.stream_argv(script, stall))
+        spawn(sender, None, None)
+    except BaseException:
         listener.kill()
-    sent = remote.get("result")
-    sender_ok = isinstance(sent, Result) and sent.ok
-    # A sender that failed may never have connected: the listener gets its watchdog's
-    # time. Once the source's pipeline has ended well, the destination's (its zfs
-    # receive committing) gets the stall limit, and is stopped and named after it.
-    if sender_ok:
-        _finish_in_time(listener, stall)
+        listener.finish()
+        meter.stop()
+        raise
+    # The stream has ended when either side has. Once the source's pipeline has ended
+    # well, the destination's (its zfs receive committing) gets the stall limit; once
+    # the destination's has ended, the source's does (a zfs send stopped or hung there
+    # would hold it forever). A source pipeline that failed may never have connected:
+    # the listener gets its watchdog's time. Whichever does not end in time is stopped.
+    if _first_to_end(sender, listener) is sender:
+        if sender.proc is not None and sender.proc.returncode == 0:
+            _finish_in_time(listener, stall)
+        else:
+            listener.finish(timeout=stall + 30)
     else:
-        listener.finish(timeout=stall + 30)
+        _finish_in_time(sender, stall)
+    sender.finish()
+    listener.finish()
     meter.stop()
-    if "error" in remote:
-        raise TransportError(f"control connection to {source.name} failed: {remote['error']}")
-    sender = Stage("zfs send | mbuffer -O", source.name, [])
-    if isinstance(sent, Result):
-        sender.returncode, sender.stderr = sent.returncode, sent.stderr.strip()
     all_stages = _sender_stages(source, send_argv, out, sender) + _listener_stages(
         dest, listen, recv_argv, listener
     )
     ended = time.monotonic()
     result = StreamResult(meter.count, ended - started, all_stages, ended)
-    if any(s.failed for s in all_stages):
+    if any(s.failed or s.overdue for s in all_stages):
         raise describe_failure(all_stages, None)
     return result
+
+
+def _first_to_end(*stages: Stage) -> Stage:
+    """The first of ``stages`` whose process has exited (they run at once, on two hosts)."""
+    while True:
+        for stage in stages:
+            if stage.proc is None or stage.proc.poll() is not None:
+                return stage
+        time.sleep(0.05)
 
 
 def _listen_there(

@@ -380,7 +380,15 @@ def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportE
         )
     overdue = [s for s in stages if s.overdue]
     if overdue:
-        return TransportError(overdue_message(overdue[0]))
+        # what the other stages said: the end the stuck one left them (a cut stream)
+        notes = [
+            f"{s.label} on {s.host}: {last_lines(s.stderr)}"
+            for s in stages
+            if s.failed and s.stderr and s not in overdue
+        ]
+        return TransportError(
+            overdue_message(overdue[0]) + (f" Then {'; '.join(notes)}" if notes else "")
+        )
     failed = [s for s in stages if s.failed and not s.killed]
     if not failed:
         failed = [s for s in stages if s.failed]

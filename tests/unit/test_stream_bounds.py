@@ -12,9 +12,10 @@ import os
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from zettabee.errors import ZettabeeError
-from zettabee.host import LocalHost, Result, SshHost
+from zettabee.host import LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
 from zettabee.relay import STAGE_MARK
 from zettabee.transport import stream_via_processes
@@ -245,3 +246,80 @@ def test_a_stopped_listening_mbuffer_fails_within_the_stall_limit(tmp_path: Path
     assert stopped, "the listening mbuffer was never found"
     assert isinstance(error, ZettabeeError), error
     assert "the stream stalled: no data for 2s" in str(error), error
+
+
+# -- the mbuffer transport into a remote destination ----------------------------------------
+
+
+class DestinationThere(SshHost):
+    """A remote destination of an mbuffer stream, on this machine: its ``mbuffer -I |
+    zfs receive`` (the script the OpenSSH client would run there), and the commands run
+    there, run in a local ``sh``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(SshTarget(name))
+
+    def connect(self) -> None:
+        pass
+
+    def stream_argv(self, remote_command: str, stall: int) -> list[str]:
+        return ["sh", "-c", remote_command]
+
+    def run_command(self, command: str, **kw: Any) -> Result:
+        return HOST.run(["sh", "-c", command], check=False, timeout=kw.get("timeout"))
+
+
+DESTINATION = DestinationThere("backup2")
+
+
+def mbuffer_there_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
+    """The outcome of an mbuffer stream into a remote destination (its error, or None), or
+    a test failure if it hangs."""
+    outcome: list[BaseException | None] = []
+
+    def stream() -> None:
+        try:
+            source: SshHost = SOURCE  # type: ignore[assignment]
+            stream_via_mbuffer(source, DESTINATION, send, recv, stall, None, "127.0.0.1")
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is judged by the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    worker.join(NEVER)
+    assert outcome, f"the mbuffer stream still waits after {NEVER:.0f} s (stall={stall})"
+    return outcome[0]
+
+
+def test_an_mbuffer_stream_into_a_remote_destination_that_ends_well_is_not_hurried(
+    tmp_path: Path,
+) -> None:
+    got = tmp_path / "got"
+    send = ["sh", "-c", "head -c 200000 /dev/zero; sleep 0.5"]
+    recv = ["sh", "-c", f"cat >{got}; sleep 0.5"]
+    assert mbuffer_there_bounded(send, recv, stall=2) is None
+    assert got.stat().st_size == 200000
+
+
+def test_an_mbuffer_send_into_a_remote_destination_that_never_exits_fails_within_the_stall_limit(
+    tmp_path: Path,
+) -> None:
+    """A zfs send stopped once its stream is out (zfs-fuse's daemon writes it): the pipe
+    into the source's mbuffer stays open, the last part of a block stays in that mbuffer,
+    the watchdogs end both mbuffers, and the source's pipeline never ends. It was waited
+    for without limit (the run hung until someone continued the zfs send); now it gets
+    the stall limit after the destination's end, and the run names it, then what the
+    destination said."""
+    pid = tmp_path / "pid"
+    send = ["sh", "-c", f"head -c 200000 /dev/zero; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = mbuffer_there_bounded(send, ["sh", "-c", "cat >/dev/null"], stall=2)
+        left = pipelines_of_ours()
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert "zfs send | mbuffer -O on source1 did not exit within 2 s" in message, message
+    assert "Then mbuffer -I on backup2: " in message, message  # the cut stream, after
+    assert left == [], f"the source's pipeline was left running: {left}"
