@@ -62,9 +62,14 @@ class Stage:
     overdue: float = 0.0
 
     def finish(self, timeout: float | None = None) -> None:
+        """Wait for the process, ``timeout`` seconds at most (then it is stopped). One
+        sent SIGTERM already is never waited for without limit: :meth:`reap`."""
         assert self.proc is not None
         try:
-            self.returncode = self.proc.wait(timeout=timeout)
+            if self.killed and timeout is None:
+                self.returncode = self.reap()
+            else:
+                self.returncode = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             self.returncode = self.reap()
@@ -533,8 +538,9 @@ def answer(stage: Stage, line: str) -> None:
 def name_ssh_failure(stage: Stage) -> None:
     """The OpenSSH client exits 255 for its own failures (no connection, a connection
     killed or lost) and with the remote command's status otherwise: a client that
-    exited 255 without its command's report is named ``ssh``, and said so."""
-    if stage.returncode == SSH_FAILED:
+    exited 255 without its command's report is named ``ssh``, and said so; not one that
+    was stopped for not exiting (``overdue``): it exits 255 on the SIGTERM it was sent."""
+    if stage.returncode == SSH_FAILED and not stage.overdue:
         stage.label = "ssh"
 
 

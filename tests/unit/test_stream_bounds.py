@@ -17,7 +17,7 @@ from typing import Any
 from zettabee.errors import ZettabeeError
 from zettabee.host import LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
-from zettabee.relay import STAGE_MARK
+from zettabee.relay import STAGE_MARK, Stage, describe_failure, name_ssh_failure, start_pipe
 from zettabee.transport import stream_via_processes
 
 HOST = LocalHost("backup1")
@@ -323,3 +323,45 @@ def test_an_mbuffer_send_into_a_remote_destination_that_never_exits_fails_within
     assert "zfs send | mbuffer -O on source1 did not exit within 2 s" in message, message
     assert "Then mbuffer -I on backup2: " in message, message  # the cut stream, after
     assert left == [], f"the source's pipeline was left running: {left}"
+
+
+# -- a stage sent SIGTERM ------------------------------------------------------------------
+
+
+def test_a_stage_that_outlives_sigterm_gets_sigkill() -> None:
+    """The receiver of a stream whose sender cannot start is stopped: one that does not
+    exit on SIGTERM (ignores it, or is stopped and holds it pending) was waited for
+    without limit; it gets SIGKILL after the grace seconds."""
+    sender = Stage("zfs send", "backup1", ["zettabee-test-no-such-program"])
+    receiver = Stage("zfs receive", "backup1", ["sh", "-c", "while :; do sleep 1; done"])
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            start_pipe(sender, receiver)
+        except BaseException as exc:  # the outcome is judged by the test
+            outcome.append(exc)
+
+    # ignored from its start (inherited): no moment where SIGTERM would still end it
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        worker = threading.Thread(target=start, daemon=True)
+        worker.start()
+        worker.join(NEVER)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        if not outcome and receiver.proc is not None:
+            receiver.proc.kill()
+    assert outcome, f"the receiver that outlived SIGTERM was still waited for after {NEVER:.0f} s"
+    assert "not installed" in str(outcome[0]), outcome
+    assert receiver.returncode == -signal.SIGKILL
+
+
+def test_an_overdue_stage_over_ssh_keeps_its_name() -> None:
+    """The OpenSSH client of a stage stopped for not exiting exits 255 on SIGTERM: that
+    is no ssh failure, and the run names the stage (it said "ssh on HOST did not exit")."""
+    sender = Stage("zfs send | mbuffer -O", "source1", ["ssh", "--", "source1", "sh -c ..."])
+    sender.returncode, sender.overdue, sender.killed = 255, 5.0, True
+    name_ssh_failure(sender)
+    message = str(describe_failure([sender], None))
+    assert message.startswith("zfs send | mbuffer -O on source1 did not exit within 5 s"), message
