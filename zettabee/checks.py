@@ -181,7 +181,11 @@ def label(pair: Pair) -> str:
 
 
 def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    """``text`` for a plugin's status line: one line, and no ``|``, which starts the
+    perfdata there (nagiosplugin would drop it and add a warning line): a pipeline such
+    as ``zfs send | mbuffer -O`` reads ``zfs send / mbuffer -O``."""
+    one = "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return one.replace("|", "/")
 
 
 def _without_pair_prefix(text: str, pair: Pair) -> str:
