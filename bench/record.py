@@ -58,11 +58,11 @@ def compile_package() -> None:
 
 
 @contextlib.contextmanager
-def lab_held(keep: bool = False) -> Iterator[ZfsLab]:
-    """The test suite's lab (ZETTABEE_LAB), held so that no test session tears it down
-    during the run. A lab that was down is brought up, and down again at the end unless
-    ``keep``; one already up (a kept test lab) is left as it was."""
-    lab = ZfsLab(test_lab_name(), pool_size="3G")
+def lab_held(keep: bool = False, name: str | None = None) -> Iterator[ZfsLab]:
+    """The test suite's lab (``name``, else ZETTABEE_LAB), held so that no test session
+    tears it down during the run. A lab that was down is brought up, and down again at
+    the end unless ``keep``; one already up (a kept test lab) is left as it was."""
+    lab = ZfsLab(name or test_lab_name(), pool_size="3G")
     with lab.held():
         started_lab = not lab.is_up()
         if started_lab:
