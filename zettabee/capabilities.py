@@ -472,6 +472,25 @@ class PairFeatures:
         }
 
 
+def feature_lines(recorded: dict[str, Any] | None) -> list[str]:
+    """What each side offers and what the pair uses, as the last run recorded them
+    (:meth:`PairFeatures.as_dict`, kept in the pair's status file)."""
+    if recorded is None:
+        return ["features: not probed yet (`zettabee setup` shows them; every run records them)"]
+    lines = []
+    for side in ("source", "destination"):
+        data = recorded.get(side)
+        caps = Capabilities.from_dict(data) if isinstance(data, dict) else None
+        if caps is not None:
+            lines.append(f"{side} {caps.host}: {caps.describe()}")
+    uses = recorded.get("uses") or []
+    lines.append(
+        f"uses: {', '.join(uses) if uses else 'none of the extras (plain send and receive)'}"
+    )
+    lines.extend(f"problem: {problem}" for problem in recorded.get("problems") or [])
+    return lines
+
+
 def plan_features(
     src: Capabilities,
     dst: Capabilities,

@@ -279,6 +279,7 @@ def health_json(h: Health, gone: bool = False) -> dict[str, object]:
 def do_status(app: App) -> int:
     args = app.args
     from zettabee import tree
+    from zettabee.capabilities import feature_lines
     from zettabee.health import read_health
     from zettabee.hosts import Hosts
 
@@ -311,7 +312,7 @@ def do_status(app: App) -> int:
             if h.resume_note:
                 print(f"  {h.pair.name}: {h.resume_note}")
             if args.fullstatus:
-                for line in h.feature_lines():
+                for line in feature_lines(h.features):
                     print(f"  {h.pair.name}: {line}")
     return EXIT_OK
 

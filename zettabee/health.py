@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from zettabee import zfs
-from zettabee.capabilities import Capabilities
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
 from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name, replica_id
@@ -94,26 +93,6 @@ class Health:
     def features(self) -> dict[str, Any] | None:
         entry = self.status.extra.get("features") if self.status else None
         return entry if isinstance(entry, dict) else None
-
-    def feature_lines(self) -> list[str]:
-        """What each side offers and what the pair uses, as the last run probed them."""
-        entry = self.features
-        if entry is None:
-            return [
-                "features: not probed yet (`zettabee setup` shows them; every run records them)"
-            ]
-        lines = []
-        for side in ("source", "destination"):
-            data = entry.get(side)
-            caps = Capabilities.from_dict(data) if isinstance(data, dict) else None
-            if caps is not None:
-                lines.append(f"{side} {caps.host}: {caps.describe()}")
-        uses = entry.get("uses") or []
-        lines.append(
-            f"uses: {', '.join(uses) if uses else 'none of the extras (plain send and receive)'}"
-        )
-        lines.extend(f"problem: {problem}" for problem in entry.get("problems") or [])
-        return lines
 
 
 def read_health(

@@ -438,6 +438,21 @@ def test_plugins_never_import_the_engine() -> None:
         assert not [m for m in ENGINE if f" {m}\n" in proc.stderr], proc.stderr
 
 
+# Nor what a check never uses on its way: the feature probe (a check shows no feature
+# record: `zettabee status -v` does) and strptime's module (a snapshot name's stamp is
+# ISO 8601, which datetime reads itself). Each costs every start of every check.
+NOT_FOR_CHECKS = ("zettabee.capabilities", "_strptime")
+
+
+def test_a_check_reading_a_snapshot_name_loads_neither_probe_nor_strptime() -> None:
+    name = f"zettabee.{'0' * 32}.{'1' * 8}.20261207T205000Z"
+    code = "import sys, zettabee.checks, zettabee.plugin; from zettabee import pair; "
+    code += f"assert pair.parse_snapshot_name({name!r}).when.hour == 20; "
+    code += f"print([m for m in {NOT_FOR_CHECKS!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 # -- passive results share the checks -------------------------------------------------------
 
 
