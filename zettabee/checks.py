@@ -34,7 +34,6 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import nagiosplugin
 from nagiosplugin.output import Output
@@ -45,8 +44,11 @@ from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, Health
 from zettabee.pair import Pair
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING
 from zettabee.survey import HealthSource, Survey, configured, tree_pairs, tree_survey
-from zettabee.tree import gone_note
 from zettabee.units import format_duration, parse_duration
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any
 
 LAG = "ZETTABEE_LAG"
 RUNTIME = "ZETTABEE_RUNTIME"
@@ -285,6 +287,8 @@ class GoneContext(nagiosplugin.Context):
         super().__init__("gone")
 
     def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        from zettabee.tree import gone_note  # loaded already: the gone come from a tree
+
         health: Health = metric.value
         return nagiosplugin.Result(Warn, gone_note(health.pair), metric)
 

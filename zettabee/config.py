@@ -13,12 +13,15 @@ import re
 import socket
 import string
 from dataclasses import dataclass, field
-from typing import Any
 
 from zettabee.errors import ConfigError, Problem
 from zettabee.names import describe_char, validate_path
 from zettabee.options import build_options, suggest
 from zettabee.pair import Pair, PairOptions
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any
 
 # What some editors (Windows Notepad's "UTF-8") put before the first line of a file.
 BOM = "\ufeff"

@@ -14,7 +14,6 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from zettabee import zfs
 from zettabee.errors import ZettabeeError
@@ -22,6 +21,10 @@ from zettabee.host import Host, LocalHost, is_local_host
 from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name, replica_id
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 from zettabee.units import format_bytes
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any
 
 DestinationHosts = Callable[[Pair], Host]
 

@@ -18,9 +18,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
 
 from zettabee.errors import CommandError, TransportError, ZfsError
+
+# typing for the annotations only: importing it costs every check (which loads this
+# module). Host is a Protocol to the type checker; at run time, nothing needs it to be.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Protocol
+else:
+    Protocol = object
 
 log = logging.getLogger(__name__)
 # The OpenSSH client's exit status for its own failures (else it exits with the remote

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from zettabee.errors import Problem
 from zettabee.names import validate_host, validate_path, validate_user
 from zettabee.pair import TRANSPORTS, PairOptions
 from zettabee.units import parse_duration, short_duration
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any
 
 OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PairOptions))
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NamedTuple
 
 SNAPSHOT_PREFIX = "zettabee"
 _STAMP = "%Y%m%dT%H%M%SZ"
@@ -154,10 +158,15 @@ def snapshot_name(fp: str, rid: str, when: datetime) -> str:
     return f"{SNAPSHOT_PREFIX}.{fp}.{rid}.{when.astimezone(UTC).strftime(_STAMP)}"
 
 
-class SnapshotName(NamedTuple):
-    fp: str
-    when: datetime
-    rid: str | None  # None: a name from before the replica id
+if TYPE_CHECKING:
+
+    class SnapshotName(NamedTuple):
+        fp: str
+        when: datetime
+        rid: str | None  # None: a name from before the replica id
+
+else:  # the same class, without importing typing (which costs every check)
+    SnapshotName = namedtuple("SnapshotName", "fp when rid")
 
 
 def parse_snapshot_name(name: str) -> SnapshotName | None:

@@ -11,13 +11,16 @@ import argparse
 import logging
 import sys
 import textwrap
-from typing import Any, NoReturn
 
 import nagiosplugin
 
 from zettabee import __version__
 from zettabee.checks import threshold
 from zettabee.units import parse_duration
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 UNKNOWN_EXIT = 3
 DEFAULT_TIMEOUT = 10

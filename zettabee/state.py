@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from zettabee.errors import LockHeld, StateError
+
+TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
+if TYPE_CHECKING:
+    from typing import Any
 
 IDLE, RUNNING, FAILED, INTERRUPTED = "idle", "running", "failed", "interrupted"
 

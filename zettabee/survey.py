@@ -12,7 +12,6 @@ from zettabee.health import Health, read_health
 from zettabee.pair import Pair
 from zettabee.pairfile import find_pair, load_pairs
 from zettabee.state import StateStore
-from zettabee.tree import find_in_trees, recorded
 
 
 @dataclass
@@ -46,6 +45,8 @@ def configured(
         try:
             pair = find_pair(pairfile.pairs, destination, pairfile.path)
         except ZettabeeError as exc:
+            from zettabee.tree import find_in_trees  # a recursive line's child
+
             child = find_in_trees(pairfile.pairs, settings.state_dir, destination)
             if child is not None:
                 return Survey(read_health([child], store))
@@ -65,6 +66,8 @@ def tree_pairs(line: Pair, state_dir: str) -> tuple[list[Pair], list[Pair]]:
     replicas whose source is gone; any other pair alone."""
     if not line.options.recursive or line.is_child:
         return [line], []
+    from zettabee.tree import recorded  # only a pair file with recursive lines loads it
+
     tree = recorded(state_dir, line)
     return tree.pairs, tree.gone
 
