@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zettabee.errors import ZettabeeError
-from zettabee.host import LocalHost, Result, SshHost, SshTarget
+from zettabee.host import Host, LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
 from zettabee.relay import STAGE_MARK, Stage, describe_failure, name_ssh_failure, start_pipe
 from zettabee.transport import stream_via_processes
@@ -126,14 +126,17 @@ class SourceHere(LocalHost):
 SOURCE = SourceHere("source1")
 
 
-def mbuffer_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
-    """The mbuffer stream's outcome (its error, or None), or a test failure if it hangs."""
+def mbuffer_bounded(
+    send: list[str], recv: list[str], stall: int, dest: Host = HOST
+) -> BaseException | None:
+    """The outcome of an mbuffer stream into ``dest`` (its error, or None), or a test
+    failure if it hangs."""
     outcome: list[BaseException | None] = []
 
     def stream() -> None:
         try:
             source: SshHost = SOURCE  # type: ignore[assignment]
-            stream_via_mbuffer(source, HOST, send, recv, stall, None, "127.0.0.1")
+            stream_via_mbuffer(source, dest, send, recv, stall, None, "127.0.0.1")
             outcome.append(None)
         except BaseException as exc:  # the outcome is judged by the test
             outcome.append(exc)
@@ -275,21 +278,7 @@ DESTINATION = DestinationThere("backup2")
 def mbuffer_there_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
     """The outcome of an mbuffer stream into a remote destination (its error, or None), or
     a test failure if it hangs."""
-    outcome: list[BaseException | None] = []
-
-    def stream() -> None:
-        try:
-            source: SshHost = SOURCE  # type: ignore[assignment]
-            stream_via_mbuffer(source, DESTINATION, send, recv, stall, None, "127.0.0.1")
-            outcome.append(None)
-        except BaseException as exc:  # the outcome is judged by the test
-            outcome.append(exc)
-
-    worker = threading.Thread(target=stream, daemon=True)
-    worker.start()
-    worker.join(NEVER)
-    assert outcome, f"the mbuffer stream still waits after {NEVER:.0f} s (stall={stall})"
-    return outcome[0]
+    return mbuffer_bounded(send, recv, stall, DESTINATION)
 
 
 def test_an_mbuffer_stream_into_a_remote_destination_that_ends_well_is_not_hurried(
