@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import shlex
 import shutil
@@ -48,7 +47,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import destroy, destroy_on  # noqa: E402
-from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
+from bench.record import (  # noqa: E402
+    append,
+    compile_package,
+    guest_installed,
+    lab_held,
+    load,
+    machine,
+)
 from lab.guest import BACKUP_ADDRESS, Guest  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
 
@@ -241,22 +247,8 @@ def zfs_fuse_fleet(args: argparse.Namespace) -> Iterator[Fleet]:
 def guest_fleet(args: argparse.Namespace) -> Iterator[GuestFleet]:
     """The fleet in the lab guest of ``--zfs``, the package of this tree installed; the
     guest goes down at the end (its pools with it)."""
-    # The tests' harness builds the package (loaded by name: the tests are not
-    # type-checked with the package).
-    harness = importlib.import_module("tests.conftest")
-    share = Path(tempfile.mkdtemp(prefix="zb-bench-fleet-"))
-    share.chmod(0o755)
-    deb = harness.build_package(share / "deb")
-    vm = Guest(args.lab, zfs=args.zfs, share=share)
-    with vm.held():
-        vm.build()
-        vm.up()
-        try:
-            vm.start_source_host()
-            vm.install_package(deb)
-            yield GuestFleet(vm, args.fleet, args.options)
-        finally:
-            vm.down()
+    with guest_installed(args.lab, args.zfs, "zb-bench-fleet-") as (vm, _share):
+        yield GuestFleet(vm, args.fleet, args.options)
 
 
 def measure(

@@ -29,7 +29,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import alternate, verdicts  # noqa: E402
-from bench.record import append, load, machine  # noqa: E402
-from lab.guest import Guest  # noqa: E402
+from bench.record import append, guest_installed, load, machine  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
 from zettabee import zfs  # noqa: E402
 
@@ -178,31 +176,20 @@ def main() -> int:
         help="also time the source's listing as -Hp and as JSON (-j, OpenZFS 2.3)",
     )  # fmt: skip
     args = parser.parse_args()
-    share = Path(tempfile.mkdtemp(prefix="zb-bench-openzfs-"))
-    share.chmod(0o755)
-    deb = harness.build_package(share / "deb")
-    vm = Guest(test_lab_name(), zfs=args.zfs, share=share)
     load_before = load()
-    with vm.held():
-        vm.build()
-        vm.up()
-        try:
-            vm.start_source_host()
-            vm.install_package(deb)
-            (share / "zb").mkdir()
-            zb = Zb(harness.main_topology_backend(vm), share / "zb", "bench")
-            bench = GuestBench(zb)
-            zb.make_source("bench", args.source_mb)
-            zb.write_pairs(zb.pair_line("bench"))
-            init = zb.run("initialize", bench.dfs, timeout=1800)
-            if init.returncode != 0:
-                raise RuntimeError(f"initialize failed: {init.stderr.strip()}")
-            result = bench.incremental(args.add_mb, args.repeats)
-            parts, path = bench.breakdown()
-            formats = listing_formats(bench) if args.formats else {}
-            version = zb.dstside.sh("zfs version | head -1").stdout.strip()
-        finally:
-            vm.down()
+    with guest_installed(test_lab_name(), args.zfs, "zb-bench-openzfs-") as (vm, share):
+        (share / "zb").mkdir()
+        zb = Zb(harness.main_topology_backend(vm), share / "zb", "bench")
+        bench = GuestBench(zb)
+        zb.make_source("bench", args.source_mb)
+        zb.write_pairs(zb.pair_line("bench"))
+        init = zb.run("initialize", bench.dfs, timeout=1800)
+        if init.returncode != 0:
+            raise RuntimeError(f"initialize failed: {init.stderr.strip()}")
+        result = bench.incremental(args.add_mb, args.repeats)
+        parts, path = bench.breakdown()
+        formats = listing_formats(bench) if args.formats else {}
+        version = zb.dstside.sh("zfs version | head -1").stdout.strip()
     load_after = load()
     print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}")
     for label, cols in result.items():

@@ -1,17 +1,21 @@
 """What every benchmark records beside its figures: the machine it ran on, how busy it
-was, one JSON line; the package prepared as an installation has it; and the lab the
-benchmarks on ZFS share with the test suite."""
+was, one JSON line; the package prepared as an installation has it; the lab the
+benchmarks on ZFS share with the test suite; and the OpenZFS lab guest with this tree's
+package installed."""
 
 from __future__ import annotations
 
 import compileall
 import contextlib
+import importlib
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from lab.guest import Guest
 from lab.zfslab import ZfsLab, test_lab_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,3 +76,27 @@ def lab_held(keep: bool = False, name: str | None = None) -> Iterator[ZfsLab]:
         finally:
             if started_lab and not keep:
                 lab.down()
+
+
+@contextlib.contextmanager
+def guest_installed(lab: str, zfs: str, prefix: str) -> Iterator[tuple[Guest, Path]]:
+    """The lab guest ``lab`` of OpenZFS ``zfs`` in the main topology: booted, its source
+    host started and this tree's package installed. Yields the guest and the folder it
+    shares with this host (made with ``prefix``); the guest goes down at the end, its
+    pools with it."""
+    # The tests' harness builds the package (loaded by name: the tests are not
+    # type-checked with the package).
+    harness = importlib.import_module("tests.conftest")
+    share = Path(tempfile.mkdtemp(prefix=prefix))
+    share.chmod(0o755)
+    deb = harness.build_package(share / "deb")
+    vm = Guest(lab, zfs=zfs, share=share)
+    with vm.held():
+        vm.build()
+        vm.up()
+        try:
+            vm.start_source_host()
+            vm.install_package(deb)
+            yield vm, share
+        finally:
+            vm.down()
