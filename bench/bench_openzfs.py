@@ -15,9 +15,15 @@ the same load; figures are medians.
 - zettabee: ``zettabee update`` as cron runs it (start-up, connection, probe, listing,
   snapshot, estimate, stream, record, prune).
 
+- full sends (``--full-mb``): ``zettabee initialize`` over ``ssh`` and over ``mbuffer``
+  beside ``ssh SRC zfs send B | zfs receive -F RAW`` and ``mbuffer -I SRC:PORT | zfs
+  receive -F RAW`` with ``ssh SRC 'zfs send B | mbuffer -O BACKUP:PORT'`` (zettabee's
+  block size and buffer), each replica destroyed before its run.
+
 Cases: an update with no change and with +N MB (targets of issue 18: at most 1.5x and
-1.1x the raw pipeline's wall time), and one no-change update's ``--debug`` timings.
-Appends one JSON line to bench/results/update.jsonl (``machine.zfs``: "openzfs X").
+1.1x the raw pipeline's wall time), full sends (at least 0.95x its throughput), and one
+no-change update's ``--debug`` timings. Appends one JSON line to
+bench/results/update.jsonl (``machine.zfs``: "openzfs X").
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import alternate, verdicts  # noqa: E402
+from bench.bench_update import MBUFFER_PORT, alternate, summary, verdicts  # noqa: E402
 from bench.record import append, guest_installed, load, machine  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
 from zettabee import zfs  # noqa: E402
+from zettabee.mbuffer import MBUFFER_BLOCK, MBUFFER_MEMORY  # noqa: E402
 
 # The tests' own harness builds the package and reaches the guest's two hosts (loaded by
 # name: the tests are not type-checked with the package).
@@ -100,6 +107,77 @@ class GuestBench:
             self.update,
             lambda name: self.zb.srcside.write_random(src_dir / name, add_mb),
         )
+
+    def full(self, full_mb: int, repeats: int) -> dict[str, dict[str, object]]:
+        """Full sends of one ``full_mb`` file system: zettabee's ``initialize`` over ssh
+        and over mbuffer, each beside the raw pipeline of the same transport."""
+        zb = self.zb
+        sfs = zb.make_source("full", full_mb)
+        zb.srcside.run("zfs", "snapshot", f"{sfs}@rawfull")
+        dests = {"ssh": zb.dst_fs("full"), "mbuffer": zb.dst_fs("fullm")}
+        lines = [
+            f"{zb.srcside.address}:{sfs}  {zb.dstside.address}:{dests['ssh']}",
+            f"{zb.srcside.address}:{sfs}  {zb.dstside.address}:{dests['mbuffer']}  " + zb.mbuffer(),
+        ]
+        zb.write_pairs(zb.pair_line("bench"), *lines)
+        rows: dict[str, dict[str, list[float]]] = {
+            f"full {kind}": {"raw": [], "zettabee": [], "stream": []} for kind in dests
+        }
+        size = 0
+        for _ in range(repeats):
+            for kind, dfs in dests.items():
+                cols = rows[f"full {kind}"]
+                self.destroy(self.rawfs)
+                cols["raw"].append(self.raw_full(f"{sfs}@rawfull", kind))
+                self.destroy(dfs)
+                time.sleep(1.0)
+                cols["zettabee"].append(self.timed(f"{self.zettabee} initialize {dfs}"))
+                status = self.status(dfs)
+                size = int(status["bytes"])
+                cols["stream"].append(float(status["seconds"]))
+        result = {}
+        for label, cols in rows.items():
+            row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)
+            raw_s, zb_s = float(row.pop("raw")), float(row.pop("zettabee"))  # type: ignore[arg-type]
+            stream_s = statistics.median(cols["stream"])
+            mib = size / 2**20
+            del row["ratio"]
+            row.update(
+                raw=round(raw_s, 3),
+                zettabee=round(zb_s, 3),
+                bytes=size,
+                raw_mib_s=round(mib / raw_s, 1),
+                zettabee_mib_s=round(mib / zb_s, 1),
+                stream_mib_s=round(mib / stream_s, 1),
+                throughput_ratio=round(raw_s / zb_s, 3),
+                stream_throughput_ratio=round(raw_s / stream_s, 3),
+            )
+            result[label] = row
+        return result
+
+    def raw_full(self, snap: str, kind: str) -> float:
+        send = f"zfs send {snap}"
+        if kind == "ssh":
+            return self.timed(f"{self.ssh} {shlex.quote(send)} | zfs receive -F {self.rawfs}")
+        opts = f"-q -s {MBUFFER_BLOCK} -m {MBUFFER_MEMORY}"
+        address = self.zb.srcside.address
+        remote = f"{send} | mbuffer {opts} -O {self.zb.dstside.address}:{MBUFFER_PORT}"
+        # the listener first, as zettabee starts it; the clock runs from its start
+        return self.timed(
+            f"{{ mbuffer {opts} -4 -I {address}:{MBUFFER_PORT} | zfs receive -F {self.rawfs} "
+            f"& }}; until ss -Hltn 'sport = :{MBUFFER_PORT}' | grep -q .; do sleep 0.02; "
+            f"done; {self.ssh} {shlex.quote(remote)} && wait $!"
+        )
+
+    def destroy(self, fs: str) -> None:
+        self.zb.dstside.sh(f"zfs destroy -r {fs} 2>/dev/null || true")
+
+    def status(self, dfs: str) -> dict[str, Any]:
+        proc = self.zb.dstside.sh(f"{self.zettabee} fingerprint {dfs}")
+        fp = proc.stdout.split()[-1]
+        data = json.loads((self.zb.tmp / "state" / f"{fp}.json").read_text())
+        assert isinstance(data, dict)
+        return data
 
     def breakdown(self) -> tuple[dict[str, float], str]:
         """One no-change update with --debug: what each part cost, and the path taken."""
@@ -170,6 +248,10 @@ def main() -> int:
     parser.add_argument("--add-mb", type=int, default=20)
     parser.add_argument("--source-mb", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7, help="incremental runs of each kind")
+    parser.add_argument(
+        "--full-mb", type=int, default=100, help="full sends of this size (0: none)"
+    )
+    parser.add_argument("--full-repeats", type=int, default=3, help="full sends of each kind")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "update.jsonl"))
     parser.add_argument(
         "--formats", action="store_true",
@@ -188,12 +270,15 @@ def main() -> int:
             raise RuntimeError(f"initialize failed: {init.stderr.strip()}")
         result = bench.incremental(args.add_mb, args.repeats)
         parts, path = bench.breakdown()
+        if args.full_mb:
+            result.update(bench.full(args.full_mb, args.full_repeats))
         formats = listing_formats(bench) if args.formats else {}
         version = zb.dstside.sh("zfs version | head -1").stdout.strip()
     load_after = load()
     print(f"{'case':<14}{'raw s':>9}{'zettabee s':>12}{'ratio':>8}")
     for label, cols in result.items():
-        print(f"{label:<14}{cols['raw']:>9.3f}{cols['zettabee']:>12.3f}{cols['ratio']:>8.2f}")
+        ratio = cols.get("ratio", cols.get("throughput_ratio"))
+        print(f"{label:<14}{cols['raw']:>9.3f}{cols['zettabee']:>12.3f}{ratio:>8.2f}")
     said = verdicts(result)
     for label, text in said.items():
         print(f"  {label}: {text}")
@@ -212,6 +297,7 @@ def main() -> int:
         "load_after": load_after,
         "source_mb": args.source_mb,
         "add_mb": args.add_mb,
+        "full_mb": args.full_mb,
         "options": "",
         "results": result,
         "verdicts": said,
