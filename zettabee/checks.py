@@ -33,7 +33,6 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import nagiosplugin
 from nagiosplugin.output import Output
@@ -42,6 +41,7 @@ from nagiosplugin.state import Critical, Ok, ServiceState, Unknown, Warn
 from zettabee.errors import ZettabeeError
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, Health
 from zettabee.pair import Pair
+from zettabee.records import Record
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING
 from zettabee.survey import HealthSource, Survey, configured, tree_pairs, tree_survey
 from zettabee.units import format_duration, parse_duration
@@ -529,8 +529,7 @@ def runtime_check(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Record, frozen=True):
     """A check's outcome as the active plugin prints it at verbosity 0."""
 
     code: int

@@ -12,12 +12,12 @@ import os
 import re
 import socket
 import string
-from dataclasses import dataclass, field
 
 from zettabee.errors import ConfigError, Problem
 from zettabee.names import describe_char, validate_path
 from zettabee.options import build_options, suggest
 from zettabee.pair import Pair, PairOptions
+from zettabee.records import Record, field
 
 TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
 if TYPE_CHECKING:
@@ -50,8 +50,7 @@ def _fqdn() -> str:
     return socket.getfqdn()
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Record, frozen=True):
     """The site-wide settings; ``Settings()`` is what a machine without the file gets.
 
     ``backends`` keeps the passive back ends' sections as raw strings: their meaning

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from zettabee.records import Record
 
 
 class ZettabeeError(Exception):
@@ -18,8 +19,7 @@ class ZettabeeError(Exception):
     transient = False
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Record, frozen=True):
     """One thing wrong in a configuration file, with its place."""
 
     path: str

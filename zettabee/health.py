@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from zettabee import zfs
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, is_local_host
 from zettabee.pair import Pair, is_pair_snapshot, parse_snapshot_name, replica_id
+from zettabee.records import Record
 from zettabee.state import FAILED, IDLE, INTERRUPTED, RUNNING, StateStore, Status
 from zettabee.units import format_bytes
 
@@ -36,8 +36,7 @@ SYNCHRONIZED, UNINITIALIZED, INCONSISTENT, UNREADABLE = (
 )
 
 
-@dataclass
-class Health:
+class Health(Record):
     pair: Pair
     state: str
     reason: str = ""

@@ -17,9 +17,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from zettabee.errors import CommandError, TransportError, ZfsError
+from zettabee.records import Record
 
 # typing for the annotations only: importing it costs every check (which loads this
 # module). Host is a Protocol to the type checker; at run time, nothing needs it to be.
@@ -38,8 +38,7 @@ CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 300.0
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(Record, frozen=True):
     argv: list[str]
     host: str
     returncode: int
@@ -145,8 +144,7 @@ class LocalHost:
         pass
 
 
-@dataclass(frozen=True)
-class SshTarget:
+class SshTarget(Record, frozen=True):
     """Where and how to reach a remote host with the OpenSSH client."""
 
     host: str

@@ -6,20 +6,20 @@ so that a default can never hold a value a pair line would refuse.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
 
 from zettabee.errors import Problem
 from zettabee.names import validate_host, validate_path, validate_user
 from zettabee.pair import TRANSPORTS, PairOptions
+from zettabee.records import fields, replace
 from zettabee.units import parse_duration, short_duration
 
 TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
 if TYPE_CHECKING:
     from typing import Any
 
-OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PairOptions))
+OPTION_NAMES: tuple[str, ...] = fields(PairOptions)
 
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True}
 _BOOLEANS.update({"no": False, "false": False, "off": False, "0": False})
@@ -198,7 +198,7 @@ def build_options(
             values[key] = parse_option(key, value)
         except ValueError as exc:
             problems.append(Problem(path, where, str(exc)))
-    options = dataclasses.replace(base, **values)
+    options = replace(base, **values)
     for warn, crit in (("wlag", "clag"), ("wrun", "crun")):
         warn_value, crit_value = getattr(options, warn), getattr(options, crit)
         if warn_value > crit_value:

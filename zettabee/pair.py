@@ -14,8 +14,9 @@ import functools
 import hashlib
 import re
 from collections import namedtuple
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from zettabee.records import Record, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,8 +32,7 @@ _SNAPSHOT_RE = re.compile(
 TRANSPORTS = ("ssh", "mbuffer", "local")
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Record, frozen=True):
     """``host:pool/fs``; the host is a name or address, the file system a ZFS name."""
 
     host: str
@@ -50,8 +50,7 @@ class Endpoint:
         return f"{self.host}:{self.fs}"
 
 
-@dataclass(frozen=True)
-class PairOptions:
+class PairOptions(Record, frozen=True):
     """Per-pair settings; every default is defined once, in the settings file's [defaults]."""
 
     transport: str = "ssh"
@@ -86,8 +85,7 @@ class PairOptions:
     exclude: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(Record, frozen=True):
     source: Endpoint
     destination: Endpoint
     options: PairOptions = field(default_factory=PairOptions)
@@ -214,8 +212,7 @@ def is_own_snapshot(name: str, fp: str, rid: str) -> bool:
     return parsed is not None and parsed.fp == fp and parsed.rid in (rid, None)
 
 
-@dataclass(frozen=True)
-class Replica:
+class Replica(Record, frozen=True):
     """A pair as one destination receives it: the pair's fingerprint and the replica id
     of the destination's pool."""
 

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from zettabee.config import BOM, Settings
 from zettabee.errors import ConfigError, Problem, UsageError
 from zettabee.names import parse_endpoint
 from zettabee.options import build_options
 from zettabee.pair import Endpoint, Pair, PairOptions
+from zettabee.records import Record
 
 _COMMENT_RE = re.compile(r"(?:^|[ \t])#.*")
 _COLUMNS_RE = re.compile(r"[ \t]+")
 _LINE_SHAPE = "a pair line is 'source destination [options]'"
 
 
-@dataclass(frozen=True)
-class PairFile:
+class PairFile(Record, frozen=True):
     """The pairs that can run, and everything wrong with the others."""
 
     path: str

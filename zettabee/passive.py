@@ -12,7 +12,6 @@ results, and that is logged as an error.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from nsca.backends import Backend, BackendConfigError, make_backend
 from nsca.errors import SubmitError
 from nsca.result import PassiveResult
 from nsca.spool import Spool
-from zettabee import checks
+from zettabee import checks, records
 from zettabee.config import Settings
 from zettabee.errors import LockHeld, ZettabeeError
 from zettabee.health import Health, read_health
@@ -93,8 +92,8 @@ def _with_failure(health: Health, error: ZettabeeError | None, action: str) -> H
     status = health.status
     if health.run_state == FAILED and status.error:
         return health
-    status = dataclasses.replace(status, error=str(error), action=status.action or action)
-    return dataclasses.replace(health, run_state=FAILED, status=status)
+    status = records.replace(status, error=str(error), action=status.action or action)
+    return records.replace(health, run_state=FAILED, status=status)
 
 
 def submit_pair_results(

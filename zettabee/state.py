@@ -15,10 +15,10 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zettabee.errors import LockHeld, StateError
+from zettabee.records import Record, asdict, field, fields
 
 TYPE_CHECKING = False  # typing for the annotations only: importing it costs every check
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ class StatusUnwritable(StateError):
     that its status could not record."""
 
 
-@dataclass
-class Status:
+class Status(Record):
     """The status file of one pair; unknown keys from newer versions are kept."""
 
     fingerprint: str
@@ -97,6 +96,8 @@ class Status:
             return INTERRUPTED
         return self.state
 
+
+STATUS_FIELDS = frozenset(fields(Status))
 
 _TEXT = ("pair", "state", "action", "result", "snapshot", "error")
 _NUMBERS = ("bytes", "seconds")
@@ -176,8 +177,8 @@ class StateStore:
             return Status(fingerprint=fp, corrupt=f"status file {path} unreadable: {exc}")
         if not isinstance(data, dict):
             return Status(fingerprint=fp, corrupt=f"status file {path} is not a JSON object")
-        known = {k: v for k, v in data.items() if k in Status.__dataclass_fields__}
-        extra = {k: v for k, v in data.items() if k not in Status.__dataclass_fields__}
+        known = {k: v for k, v in data.items() if k in STATUS_FIELDS}
+        extra = {k: v for k, v in data.items() if k not in STATUS_FIELDS}
         known["fingerprint"] = fp
         wrong = _wrongly_typed(known)
         if wrong:

@@ -4,18 +4,17 @@ check (under its timeout), and a recursive line's children as its last run liste
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from zettabee.config import load_settings
 from zettabee.errors import ZettabeeError
 from zettabee.health import Health, read_health
 from zettabee.pair import Pair
 from zettabee.pairfile import find_pair, load_pairs
+from zettabee.records import Record, field
 from zettabee.state import StateStore
 
 
-@dataclass
-class Survey:
+class Survey(Record):
     """What a check looks at: the pairs' health, and pair-file lines that did not load."""
 
     healths: list[Health]

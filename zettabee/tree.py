@@ -17,7 +17,6 @@ itself; ``status`` and the checks report it.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import logging
@@ -26,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zettabee import zfs
+from zettabee import records, zfs
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host
 from zettabee.pair import Endpoint, Pair
@@ -63,7 +62,7 @@ def child(line: Pair, relative: str) -> Pair:
     line's own: its children each pick a free one, since several may run at once."""
     options = line.options
     if options.port is not None:
-        options = dataclasses.replace(options, port=None)
+        options = records.replace(options, port=None)
     return Pair(
         Endpoint(line.source.host, f"{line.source.fs}/{relative}"),
         Endpoint(line.destination.host, f"{line.destination.fs}/{relative}"),

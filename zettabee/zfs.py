@@ -10,7 +10,8 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from zettabee.records import Record
 
 PROP_FINGERPRINT = "zettabee:fingerprint"
 PROP_LASTSNAP = "zettabee:lastsnap"
@@ -22,8 +23,7 @@ SNAPSHOT_PROPS = ["guid", "creation", "createtxg"]
 PROP_USERREFS = "userrefs"
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Record, frozen=True):
     """A snapshot as ZFS knows it: the guid identifies it on every side of a replication."""
 
     fs: str
@@ -38,8 +38,7 @@ class Snapshot:
         return f"{self.fs}@{self.name}"
 
 
-@dataclass(frozen=True)
-class Bookmark:
+class Bookmark(Record, frozen=True):
     """A bookmark keeps a snapshot's guid and txg after the snapshot is gone: enough to
     be the base of an incremental send (``-i fs#name``), not to receive into."""
 

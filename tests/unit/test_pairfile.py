@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import socket
 from pathlib import Path
 
 import pytest
 
-from zettabee import host
+from zettabee import host, records
 from zettabee.config import Settings, load_settings, parse_settings
 from zettabee.errors import ConfigError, UsageError
 from zettabee.options import OPTION_NAMES
@@ -95,7 +94,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
 
 
 def test_samples_cover_every_pair_option() -> None:
-    assert set(SAMPLES) == {f.name for f in dataclasses.fields(PairOptions)} == set(OPTION_NAMES)
+    assert set(SAMPLES) == set(records.fields(PairOptions)) == set(OPTION_NAMES)
 
 
 @pytest.mark.parametrize("key", sorted(SAMPLES))
