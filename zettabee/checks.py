@@ -62,7 +62,8 @@ _SEVERITY = {Ok: 0, Unknown: 1, Warn: 2, Critical: 3}
 # Thresholds
 # --------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+# As text, not compiled: re compiles (and caches) it when a -w or -c is given, not in every check.
+_NUMBER = r"-?[0-9]+(?:\.[0-9]*)?"
 
 
 def threshold(spec: str) -> nagiosplugin.Range:
@@ -80,7 +81,7 @@ def threshold(spec: str) -> nagiosplugin.Range:
     start, colon, end = body.rpartition(":") if ":" in body else ("", "", body)
     atoms = []
     for atom in (start, end):
-        if atom in ("", "~") or _NUMBER.fullmatch(atom):
+        if atom in ("", "~") or re.fullmatch(_NUMBER, atom):
             atoms.append(atom)
         else:
             atoms.append(str(parse_duration(atom)))

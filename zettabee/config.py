@@ -10,7 +10,6 @@ import configparser
 import functools
 import os
 import re
-import socket
 import string
 
 from zettabee.errors import ConfigError, Problem
@@ -47,6 +46,8 @@ _ILLEGAL_OBJECT_CHARS = frozenset("`~!$%^&*|'\"<>?,()=\t\n\r")
 
 @functools.cache
 def _fqdn() -> str:
+    import socket  # only a passive result needs it, and the module costs every check
+
     return socket.getfqdn()
 
 

@@ -64,7 +64,7 @@ class CommandError(ZettabeeError):
         super().__init__(self._describe())
 
     def _describe(self) -> str:
-        usage = _USAGE.search(self.stderr)
+        usage = re.search(_USAGE, self.stderr)
         if usage is None:
             said = last_lines(self.stderr) or "no error output"
         else:
@@ -76,8 +76,9 @@ class CommandError(ZettabeeError):
         return f"{self.stage} on {self.host} failed (exit {self.returncode}): {said}"
 
 
-# The line where a tool starts its usage text, after what it complained of.
-_USAGE = re.compile(r"^\s*usage:", re.IGNORECASE | re.MULTILINE)
+# The line where a tool starts its usage text, after what it complained of (as text: re
+# compiles it when a command fails, not in every check).
+_USAGE = r"(?im)^\s*usage:"
 
 
 def last_lines(text: str, count: int = 3) -> str:

@@ -16,8 +16,9 @@ from zettabee.pair import Endpoint
 
 _DATASET_CHARS = frozenset(string.ascii_letters + string.digits + "_.:-/")
 _HOST_CHARS = frozenset(string.ascii_letters + string.digits + ".-")
-_IPV6_LITERAL_RE = re.compile(r"\[(?P<addr>[0-9A-Fa-f:.]+)(?:%(?P<zone>[A-Za-z0-9_.-]+))?\]")
-_USER_RE = re.compile(r"[a-z_][a-z0-9_-]*")
+# As text, not compiled: re compiles (and caches) it when a name needs it, not in every check.
+_IPV6_LITERAL = r"\[(?P<addr>[0-9A-Fa-f:.]+)(?:%(?P<zone>[A-Za-z0-9_.-]+))?\]"
+_USER = r"[a-z_][a-z0-9_-]*"
 MAX_DATASET_LENGTH = 255
 
 
@@ -108,7 +109,7 @@ def _validate_ipv6_literal(name: str) -> str | None:
     for char in name:
         if char not in allowed:
             return f"host {name!r} contains {describe_char(char)}"
-    match = _IPV6_LITERAL_RE.fullmatch(name)
+    match = re.fullmatch(_IPV6_LITERAL, name)
     if not match:
         return f"host {name!r} is not an IPv6 address in brackets, like [fe80::1]"
     try:
@@ -120,7 +121,7 @@ def _validate_ipv6_literal(name: str) -> str | None:
 
 def validate_user(name: str) -> str | None:
     """Why ``name`` cannot be a remote login name, or None: the portable POSIX subset."""
-    if not _USER_RE.fullmatch(name) or len(name) > 32:
+    if not re.fullmatch(_USER, name) or len(name) > 32:
         bad = next((c for c in name if not (c.isascii() and (c.isalnum() or c in "_-"))), None)
         what = f" (it contains {describe_char(bad)})" if bad else ""
         return (

@@ -23,8 +23,9 @@ OPTION_NAMES: tuple[str, ...] = fields(PairOptions)
 
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True}
 _BOOLEANS.update({"no": False, "false": False, "off": False, "0": False})
-_BWLIMIT_RE = re.compile(r"[0-9]+[kMG]?")
-_COMPRESSION_RE = re.compile(
+# As text, not compiled: re compiles (and caches) it when an option uses it, not in every check.
+_BWLIMIT = r"[0-9]+[kMG]?"
+_COMPRESSION = (
     r"on|off|lzjb|zle|lz4|gzip|gzip-[1-9]|zstd|zstd-(?:[1-9]|1[0-9])"
     r"|zstd-fast|zstd-fast-(?:[1-9]|10|20|30|40|50|60|70|80|90|100|500|1000)"
 )
@@ -84,7 +85,7 @@ def _keep(text: str) -> int:
 
 
 def _bwlimit(text: str) -> str:
-    if not _BWLIMIT_RE.fullmatch(text) or int(text.rstrip("kMG")) == 0:
+    if not re.fullmatch(_BWLIMIT, text) or int(text.rstrip("kMG")) == 0:
         raise ValueError(
             f"must be a positive rate in bytes per second, digits with an optional k, M or G "
             f"(500k, 10M, 1G), not {text!r}"
@@ -114,7 +115,7 @@ def _patterns(text: str) -> tuple[str, ...]:
 
 
 def _compression(text: str) -> str:
-    if not _COMPRESSION_RE.fullmatch(text):
+    if not re.fullmatch(_COMPRESSION, text):
         raise ValueError(
             f"{text!r} is not a ZFS compression value; use on, off, lz4, lzjb, zle, gzip, "
             "gzip-1..gzip-9, zstd, zstd-1..zstd-19 or zstd-fast[-N]"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 
-_DURATION_RE = re.compile(
-    r"(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?"
-)
+# As text, not compiled: re compiles (and caches) it when a duration is read, not in every check.
+_DURATION = r"(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?(?:(?P<s>[0-9]+)s)?"
 _UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
@@ -18,7 +17,7 @@ def parse_duration(text: str) -> int:
     """
     if re.fullmatch(r"[0-9]+", text):
         return int(text)
-    match = _DURATION_RE.fullmatch(text)
+    match = re.fullmatch(_DURATION, text)
     if not text or not match:
         raise ValueError(
             f"{text!r} is not a duration; use seconds (90) or numbers with d, h, m, s "

@@ -259,9 +259,8 @@ def resume_token(value: str | None) -> str | None:
     return user_prop(value)
 
 
-_TOKEN_RE = re.compile(
-    r"1-(?P<sum>[0-9a-f]{1,16})-(?P<size>[0-9a-f]{1,16})-(?P<data>(?:[0-9a-f]{2})+)"
-)
+# As text, not compiled: re compiles (and caches) it when a token is read, not in every check.
+_TOKEN = r"1-(?P<sum>[0-9a-f]{1,16})-(?P<size>[0-9a-f]{1,16})-(?P<data>(?:[0-9a-f]{2})+)"
 _TOKEN_PACKED_MAX = 1 << 16
 # nvpair data types a resume token carries (sys/nvpair.h), each with its value's size
 _NV_BOOLEAN, _NV_UINT64, _NV_STRING, _NV_UINT64_ARRAY, _NV_BOOLEAN_VALUE = 1, 8, 9, 16, 21
@@ -276,7 +275,7 @@ def decode_resume_token(token: str) -> dict[str, int | str | bool | list[int]]:
     which snapshot a token sends before it lets ``zfs send -t`` run, without asking that
     zfs: so the nvlist is read here, strictly. Anything but one flat list of the types
     tokens use, each name once, raises ValueError; ZFS checks the checksum itself."""
-    match = _TOKEN_RE.fullmatch(token)
+    match = re.fullmatch(_TOKEN, token)
     if match is None:
         raise ValueError("not a version 1 resume token")
     size = int(match["size"], 16)
