@@ -3,12 +3,13 @@ mean, from what OpenSSH really prints."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from zettabee.errors import TransportError
-from zettabee.host import SshHost, SshTarget, ssh_failure
+from zettabee.host import SshHost, SshTarget, is_local_host, ssh_failure
 
 TARGET = SshTarget("backup1", 22, "root", "/etc/zettabee/id", "/etc/zettabee/known_hosts")
 
@@ -76,3 +77,16 @@ def test_a_missing_known_hosts_file_fails_before_any_connection(tmp_path: Path) 
         host.connect()
     assert not exc.value.transient and host.connections == 0
     host.close()
+
+
+def test_an_address_is_judged_without_the_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination given as an address is this host when it can be bound here; asking
+    the resolver for this host's names first would make a check wait on a slow DNS."""
+
+    def no_resolver(*_: object, **__: object) -> str:
+        raise AssertionError("the resolver was asked")
+
+    for name in ("getfqdn", "gethostname", "getaddrinfo", "gethostbyaddr"):
+        monkeypatch.setattr(socket, name, no_resolver)
+    assert is_local_host("127.0.0.2") and is_local_host("[::1]") and is_local_host("::1")
+    assert not is_local_host("192.0.2.1")  # TEST-NET-1: nobody's address here
