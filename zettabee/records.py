@@ -75,6 +75,9 @@ class Record:
 
     def __init_subclass__(cls, frozen: bool = False, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        inherited = next((base for base in cls.__mro__[1:] if base.__dict__.get("_names")), None)
+        if inherited is not None:  # its fields would be lost: only cls's own are read
+            raise TypeError(f"{cls.__name__}: a record cannot extend {inherited.__name__}")
         cls._names = tuple(cls.__dict__.get("__annotations__", {}))
         cls._defaults, cls._factories, unhashed = {}, {}, set()
         for name in cls._names:

@@ -56,3 +56,12 @@ def test_replace_asdict_fields() -> None:
     assert changed.line == 7 and changed.source == pair().source
     assert records.fields(Endpoint) == ("host", "fs")
     assert records.asdict(Endpoint("h", "p/f")) == {"host": "h", "fs": "p/f"}
+
+
+def test_a_record_cannot_inherit_fields() -> None:
+    """A subclass would see only its own annotations and drop its base's fields in
+    silence: refused where it is written."""
+    with pytest.raises(TypeError, match="Wider.*Endpoint"):
+
+        class Wider(Endpoint):
+            port: int = 22
