@@ -134,6 +134,8 @@ class Capabilities:
     # nothing without them).
     send_props: bool = False
     receive_exclude: bool = False
+    # zfs receive -u: what is received is not mounted (OpenZFS; zfs-fuse's has no -u)
+    receive_unmounted: bool = False
     pool_version: int | None = None
     note: str = ""
     pool_guid: str = ""
@@ -292,6 +294,7 @@ def capabilities(host: str, tool: ZfsTool, pool: PoolFeatures) -> Capabilities:
         compressed=tool.has(send, "c"),
         send_props=tool.has(send, "p"),
         receive_exclude=tool.has(recv, "x"),
+        receive_unmounted=tool.has(recv, "u"),
         pool_version=version,
         note=pool.error,
         pool_guid=pool.guid,
@@ -429,6 +432,10 @@ class PairFeatures:
     raw: bool = False
     bookmark: bool = False
     props: bool = False
+    # A child of a recursive line is received unmounted where the destination can
+    # (``zfs receive -u``): its parent's replica, read-only, may hold no directory to
+    # mount it on (a source parent with canmount=off or mountpoint=none holds none).
+    unmounted: bool = False
     problems: tuple[str, ...] = ()
 
     def kept_local(self, volume: bool) -> tuple[str, ...]:
@@ -455,6 +462,7 @@ class PairFeatures:
             ("raw send", self.raw),
             ("bookmarks", self.bookmark),
             ("the source's properties", self.props),
+            ("received unmounted", self.unmounted),
         ):
             if on:
                 used.append(label)
@@ -500,8 +508,10 @@ def plan_features(
     bookmark: bool = False,
     raw: bool = False,
     props: bool = False,
+    child: bool = False,
 ) -> PairFeatures:
-    """Which capabilities a pair uses, from its options (``PairOptions`` fields)."""
+    """Which capabilities a pair uses, from its options (``PairOptions`` fields) and
+    whether it is a recursive line's ``child``."""
     problems = []
     if props and not (src.send_props and dst.receive_exclude):
         side, caps, lacks = (
@@ -540,5 +550,6 @@ def plan_features(
         raw=raw and src.raw and dst.raw,
         bookmark=bookmark and src.bookmarks,
         props=props and src.send_props and dst.receive_exclude,
+        unmounted=child and dst.receive_unmounted,
         problems=tuple(problems),
     )

@@ -52,6 +52,7 @@ class Hosts:
             bookmark=opts.bookmark,
             raw=opts.raw,
             props=opts.props,
+            child=pair.is_child,
         )
 
     def forget_probes(self, pair: Pair) -> None:

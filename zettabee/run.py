@@ -158,9 +158,11 @@ class PairRun:
 
     def receive_argv(self, volume: bool, force: bool = False, resumable: bool = False) -> list[str]:
         """The pair's ``zfs receive`` into its destination (``volume``: the stream is
-        a volume's)."""
-        fs = self.pair.destination.fs
-        return zfs.recv(fs, force, resumable, exclude=self.feats.kept_local(volume))
+        a volume's); a child received unmounted where the destination can."""
+        fs, feats = self.pair.destination.fs, self.feats
+        return zfs.recv(
+            fs, force, resumable, exclude=feats.kept_local(volume), unmounted=feats.unmounted
+        )
 
     def progress(self, total: int | None = None) -> ProgressFn:
         return progress_writer(self.engine.store, self.pair, total)

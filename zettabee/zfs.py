@@ -116,15 +116,22 @@ def send_resume(token: str, estimate: bool = False) -> list[str]:
 
 
 def recv(
-    fs: str, force: bool = False, resumable: bool = False, exclude: Sequence[str] = ()
+    fs: str,
+    force: bool = False,
+    resumable: bool = False,
+    exclude: Sequence[str] = (),
+    unmounted: bool = False,
 ) -> list[str]:
     """``zfs receive``; ``exclude``: properties of the stream it leaves out (``-x``), so
-    that the received file system inherits them here."""
+    that the received file system inherits them here; ``unmounted``: not mounted once
+    received (``-u``)."""
     argv = ["zfs", "receive"]
     if force:
         argv.append("-F")
     if resumable:
         argv.append("-s")
+    if unmounted:
+        argv.append("-u")
     for prop in exclude:
         argv += ["-x", prop]
     return [*argv, fs]

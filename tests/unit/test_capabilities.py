@@ -384,6 +384,16 @@ def test_a_probe_refused_by_another_zettabee_source_version_says_to_enroll(
     assert "enroll" not in caplog.text
 
 
+def test_a_child_is_received_unmounted_where_the_destination_s_receive_has_u() -> None:
+    modern, dst = caps(OPENZFS_PROBE, "gsrc", "src"), caps(OPENZFS_PROBE, "gsrc", "dst")
+    fuse = caps(FUSE_PROBE, "tdstpool", "backup1")
+    assert dst.receive_unmounted and not fuse.receive_unmounted
+    assert plan_features(modern, dst, child=True).unmounted
+    assert "received unmounted" in plan_features(modern, dst, child=True).uses()
+    assert not plan_features(modern, dst).unmounted  # a line's own file system: mounted
+    assert not plan_features(fuse, fuse, child=True).unmounted
+
+
 def test_props_need_send_p_and_receive_x_and_leave_the_mount_out() -> None:
     """props=yes: the source's properties in the stream, but never where the source's
     host mounts or shares the file system (a replica mounted over this host's /var/lib/

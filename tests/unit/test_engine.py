@@ -56,6 +56,9 @@ def test_send_argv() -> None:
 def test_recv_get_destroy_argv() -> None:
     assert zfs.recv("d/fs") == ["zfs", "receive", "d/fs"]
     assert zfs.recv("d/fs", force=True, resumable=True) == ["zfs", "receive", "-F", "-s", "d/fs"]
+    assert zfs.recv("d/fs", resumable=True, unmounted=True) == [
+        "zfs", "receive", "-s", "-u", "d/fs",
+    ]  # fmt: skip
     assert zfs.get(["a", "b"], ["guid", "creation"], depth=1) == [
         "zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", "guid,creation", "--", "a", "b",
     ]  # fmt: skip

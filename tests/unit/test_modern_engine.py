@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.tokens import encode
-from zettabee import checks, fastpath
+from zettabee import checks, fastpath, tree
 from zettabee.errors import CommandError, StateError, TransportError, ZettabeeError
 from zettabee.health import SYNCHRONIZED, Health
 from zettabee.host import Result, error_for
@@ -422,6 +422,31 @@ def test_a_props_pair_sends_the_properties_but_never_the_mount(tmp_path: Path, k
     assert send[:3] == ["zfs", "send", "-p"]
     kept = ["-x", "mountpoint", "-x", "sharenfs", "-x", "sharesmb"] if kind == "filesystem" else []
     assert recv == ["zfs", "receive", "-s", *kept, DST_FS]  # 2.1 refuses -x on a volume
+
+
+@pytest.mark.parametrize("probe", ["openzfs", "zfs-fuse"])
+def test_a_recursive_line_s_child_is_received_unmounted_where_the_receive_can(
+    tmp_path: Path, probe: str
+) -> None:
+    """A child's parent replica is read-only and may hold no directory to mount the child
+    on (the source parent canmount=off): OpenZFS's receive leaves the child unmounted
+    (``-u``, in its usage text); zfs-fuse's has no ``-u``. The line's own file system is
+    received as any pair's."""
+    text = OPENZFS_PROBE if probe == "openzfs" else FUSE_PROBE
+    line = make_pair(recursive=True)
+    for pair in (line, tree.child(line, "a")):
+        lab = Lab(tmp_path / pair.fingerprint, text, text)
+        base = named(pair.fingerprint, 2)
+        lab.src.on(["zfs", "get"], listing(pair.source.fs, [(base, 1, 1)], owner=None))
+        dest = listing(pair.destination.fs, [(base, 1, 1)], owner=pair.fingerprint)
+        lab.dst.on(["zfs", "get"], dest)
+        lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+        lab.replicator.update(pair)
+        [(_, recv, _)] = lab.streams
+        unmounted = pair.is_child and probe == "openzfs"
+        assert recv[-1] == pair.destination.fs and ("-u" in recv) == unmounted, recv
+        uses = lab.status(pair).extra["features"]["uses"]
+        assert ("received unmounted" in uses) == unmounted
 
 
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
