@@ -24,7 +24,8 @@ def initialize(run: PairRun, force: bool = False) -> RunReport:
         done = resume.resume(run, zfs.resume_token(view.props.get(zfs.PROP_RESUME_TOKEN)) or "")
         if done is not None:
             # The interrupted run may have died before its hold: held here.
-            return finish(run, *done, hold_source=feats.hold_source)
+            volume = _source_is_volume(run)
+            return finish(run, *done, hold_source=feats.hold_source, volume=volume)
         view = dest_view(pair, run.dst, feats.destination)
     if view is not None:
         _destroy_for_force(run, view, force)
@@ -46,15 +47,21 @@ def initialize(run: PairRun, force: bool = False) -> RunReport:
 
 
 def _source_is_volume(run: PairRun) -> bool:
-    """Is the source a volume? Asked only of a pair that sends the source's properties,
-    the one whose receive differs for a volume (PairFeatures.kept_local)."""
-    if not run.feats.props:
+    """Is the source a volume? Asked only of a pair whose receive or record differs for
+    a volume: one that sends the source's properties (PairFeatures.kept_local), a child
+    received unmounted (a volume has no ``canmount``: see :func:`_noauto`)."""
+    if not (run.feats.props or run.feats.unmounted):
         return False
     fs = run.pair.source.fs
     result = run.src.run(zfs.get([fs], ["type"]), check=False)
     if result.returncode != 0:
         raise result.error("zfs get")
     return zfs.parse_get(result.stdout).get(fs, {}).get("type") == "volume"
+
+
+def _noauto(run: PairRun, volume: bool) -> bool:
+    """Is the replica a file system received unmounted, to keep unmounted at boot?"""
+    return run.feats.unmounted and not volume
 
 
 def _interrupted(run: PairRun, view: DestView, force: bool) -> bool:
@@ -98,11 +105,12 @@ def step_by_step(run: PairRun) -> None:
             snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
     send = run.send_argv(f"{pair.source.fs}@{snap}")
     estimate = run.send_argv(f"{pair.source.fs}@{snap}", estimate=True)
-    recv = run.receive_argv(_source_is_volume(run), resumable=feats.resume)
+    volume = _source_is_volume(run)
+    recv = run.receive_argv(volume, resumable=feats.resume)
     with clock("stream"):
         stream = resume.transfer(run, send, recv, snap, estimate)
     with clock("record"):
-        finish(run, snap, stream)
+        finish(run, snap, stream, volume=volume)
 
 
 def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
@@ -113,19 +121,20 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
     pair, feats, clock, dst = run.pair, run.feats, run.clock, run.dst
     snap = snapshots.fresh_name(run.replica, ())
     target = f"{pair.source.fs}@{snap}"
+    volume = _source_is_volume(run)
     plan = fastpath.Plan(
         pair.source.fs,
         None,
         snap,
         run.send_argv(target),
-        run.receive_argv(_source_is_volume(run), resumable=feats.resume),
+        run.receive_argv(volume, resumable=feats.resume),
         hold=run.replica.tag if feats.hold_source else None,
         estimate=run.send_argv(target, estimate=True) if feats.estimate else None,
     )
 
     def received() -> None:
         with clock("record"):
-            snapshots.record(pair, dst, snap, first=True)
+            snapshots.record(pair, dst, snap, first=True, noauto=_noauto(run, volume))
             if feats.hold_destination:
                 snapshots.hold(pair, dst, f"{pair.destination.fs}@{snap}")
 
@@ -152,7 +161,8 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
     if feats.hold_source:
         first.append(zfs.hold(run.replica.tag, target))
     send = run.send_argv(target)
-    recv = run.receive_argv(_source_is_volume(run))
+    volume = _source_is_volume(run)
+    recv = run.receive_argv(volume)
     with clock("stream"):
         try:
             stream = run.stream(send, recv, first=first)
@@ -164,7 +174,8 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
         except TransportError as exc:
             raise divergence.explain_receive(pair, exc) from exc
     with clock("record"):
-        calls = [Background(functools.partial(snapshots.record, pair, dst, snap, True))]
+        noauto = _noauto(run, volume)
+        calls = [Background(functools.partial(snapshots.record, pair, dst, snap, True, noauto))]
         if feats.hold_destination:
             dst_snap = f"{pair.destination.fs}@{snap}"
             calls.append(Background(functools.partial(snapshots.hold, pair, dst, dst_snap)))
@@ -172,12 +183,14 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
     return snap, stream
 
 
-def finish(run: PairRun, snap: str, stream: StreamResult, hold_source: bool = False) -> RunReport:
+def finish(
+    run: PairRun, snap: str, stream: StreamResult, hold_source: bool = False, volume: bool = False
+) -> RunReport:
     """Record the pair and hold what it received. The source's snapshot was held
     before it travelled; ``hold_source`` holds it here (a resumed receive, whose run
     may have died before its hold)."""
     pair, feats, src, dst = run.pair, run.feats, run.src, run.dst
-    snapshots.record(pair, dst, snap, first=True)
+    snapshots.record(pair, dst, snap, first=True, noauto=_noauto(run, volume))
     if hold_source:
         snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
     if feats.hold_destination:

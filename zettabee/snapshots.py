@@ -45,12 +45,19 @@ def new_snapshot(pair: Pair, replica: Replica, src: Host, existing: list[zfs.Sna
     return name
 
 
-def record(pair: Pair, dst: Host, snap: str, first: bool) -> None:
-    """Record ``snap`` as the destination's newest (``first``: and claim it for the pair)."""
+def record(pair: Pair, dst: Host, snap: str, first: bool, noauto: bool = False) -> None:
+    """Record ``snap`` as the destination's newest (``first``: and claim it for the pair).
+
+    ``noauto``: a file system received unmounted stays so when the host boots
+    (``canmount=noauto``: ``zfs mount -a`` leaves it, and never fails for a directory its
+    parent's replica lacks); ``zfs mount`` still mounts it. Set once, by the first
+    record: an admin's ``canmount`` later stays."""
     fs = pair.destination.fs
     props = [(zfs.PROP_LASTSNAP, snap)]
     if first:
         props += [(zfs.PROP_SOURCE, str(pair.source)), ("readonly", "on")]
+    if first and noauto:
+        props.append(("canmount", "noauto"))
     # One property per zfs set (zfs-fuse takes no more), all at once.
     wait_all([Background(functools.partial(dst.run, zfs.set_prop(fs, *p))) for p in props])
     if first:

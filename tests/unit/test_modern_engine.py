@@ -449,6 +449,25 @@ def test_a_recursive_line_s_child_is_received_unmounted_where_the_receive_can(
         assert ("received unmounted" in uses) == unmounted
 
 
+@pytest.mark.parametrize("kind", ["filesystem", "volume"])
+def test_a_child_received_unmounted_is_kept_unmounted_at_boot(tmp_path: Path, kind: str) -> None:
+    """``canmount=noauto`` on a file system child received unmounted (``zfs mount -a`` at
+    boot would mount it, or fail where its parent's replica has no directory for it),
+    once, by its initialize; a volume has no canmount, the line's own file system keeps
+    the one it has."""
+    line = make_pair(recursive=True)
+    for pair in (line, tree.child(line, "a")):
+        lab = Lab(tmp_path / pair.fingerprint)
+        typed = f"{pair.source.fs}\ttype\t{kind}\n"
+        lab.src.on(["zfs", "get"], listing(pair.source.fs, [], owner=None) + typed)
+        missing = f"cannot open '{pair.destination.fs}': dataset does not exist"
+        lab.dst.on(["zfs", "get"], "", missing, rc=1)
+        lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+        lab.replicator.initialize(pair)
+        noauto = ["zfs", "set", "canmount=noauto", pair.destination.fs]
+        assert (noauto in lab.dst.calls("zfs", "set")) == (pair.is_child and kind == "filesystem")
+
+
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
     lab = Lab(tmp_path, OPENZFS_PROBE, FUSE_PROBE)
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 0)]))
