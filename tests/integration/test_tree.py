@@ -45,7 +45,7 @@ def add_child(zb: Zb, relative: str, mb: int = 1) -> None:
 
 
 def assert_same_child(zb: Zb, relative: str) -> None:
-    mount_replica(zb, relative)
+    mount_replicas(zb, [relative])
     src = own_files(zb.srcside.checksums(zb.src_dir() / relative))
     dst = own_files(zb.dstside.checksums(zb.dst_dir() / relative))
     assert src and dst == src, relative
@@ -61,14 +61,44 @@ def receives_unmounted(zb: Zb) -> bool:
     return zb.backend.modern
 
 
-def mount_replica(zb: Zb, relative: str) -> None:
-    """Mount a child's replica (its parents' first) where a receive left it unmounted, as
-    an admin who looks into a backup would: ``zfs mount``, at its inherited mountpoint."""
-    parts = relative.split("/") if relative else []
-    for depth in range(1, len(parts) + 1):
-        fs = f"{zb.dst_fs()}/{'/'.join(parts[:depth])}"
-        if zb.dstside.zget(fs, "mounted") == "no":
-            zb.dstside.run("zfs", "mount", fs)
+def mount_replicas(zb: Zb, relatives: list[str]) -> None:
+    """Mount the replicas of children (and their parents, first) that a receive left
+    unmounted, as an admin who looks into a backup would: ``zfs mount``, each at its
+    inherited mountpoint (one shell on the backup host)."""
+    names = set()
+    for relative in relatives:
+        parts = relative.split("/") if relative else []
+        names.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    quoted = [shlex.quote(replica(zb, r)) for r in sorted(names, key=lambda r: r.count("/"))]
+    if quoted:
+        zb.dstside.sh(
+            " && ".join(f'{{ [ "$(zfs get -H -o value mounted {q})" = yes ] || zfs mount {q}; }}'
+                        for q in quoted)
+        )  # fmt: skip
+
+
+def below(side: Side, fs: str, props: str) -> dict[str, dict[str, str]]:
+    """``fs`` and everything below it, snapshots too, by name relative to ``fs`` (``""``,
+    ``a/b``, ``a/b@snap``, ``@snap``): ``{property: value}`` (one ``zfs get -r``)."""
+    out = side.run("zfs", "get", "-Hp", "-r", "-o", "name,property,value,source", props, fs)
+    rows: dict[str, dict[str, str]] = {}
+    for line in out.stdout.splitlines():
+        name, prop, value, origin = line.split("\t")
+        relative = name[len(fs) :].removeprefix("/")
+        rows.setdefault(relative, {})[prop] = value
+        rows[relative][f"{prop}:source"] = origin
+    return rows
+
+
+def assert_same_newest(zb: Zb, members: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Each member's newest snapshot on the destination (its ``zettabee:lastsnap``) is the
+    source's (its guid); the destination's listing, for more."""
+    dst = below(zb.dstside, zb.dst_fs(), "guid,zettabee:lastsnap,mounted,canmount,type")
+    src = below(zb.srcside, zb.src_fs(), "guid")
+    for relative in members:
+        newest = f"{relative}@{dst[relative]['zettabee:lastsnap']}"
+        assert dst[newest]["guid"] == src[newest]["guid"], relative
+    return dst
 
 
 def add_volume(zb: Zb, relative: str) -> bool:
@@ -122,29 +152,28 @@ def test_a_tree_three_levels_deep_initializes_and_updates_child_by_child(zb: Zb)
     assert out.returncode == 0, out.stderr
     fps = {d["child"]: d["fingerprint"] for d in status(zb)}
     assert set(fps) == set(members) and len(set(fps.values())) == len(members)
-    assert fps[""] == zb.fingerprint()  # the line keeps its own fingerprint
-    for relative in members[1:]:  # each child its own pair: its own property, snapshot, log
-        dest = f"{zb.dst_fs()}/{relative}"
-        assert zb.dstside.zget(dest, "zettabee:fingerprint") == fps[relative]
-        assert zb.dstside.snapshots(dest)[0].startswith(f"zettabee.{fps[relative]}.")
-        log = zb.run("logfile", dest).stdout.strip()
-        assert log.endswith(f"{fps[relative]}.log")
-        assert zb.run("fingerprint", dest).stdout.split()[-1] == fps[relative]
+    dst = assert_same_newest(zb, members)
+    unmounted = receives_unmounted(zb)
     for relative in TREE:
         # a plain send carries no properties: the child's mountpoint is below the line's
         # replica, never one of the backup host's own paths
-        dest = f"{zb.dst_fs()}/{relative}"
-        where = zb.dstside.run("zfs", "get", "-H", "-o", "value,source", "mountpoint", dest)
-        mountpoint, _, origin = where.stdout.strip().partition("\t")
-        assert mountpoint == f"{zb.dst_dir()}/{relative}" and origin.startswith("inherited")
-        # received unmounted where the receive can (-u), mounted there where it cannot
-        assert zb.dstside.zget(dest, "mounted") == ("no" if receives_unmounted(zb) else "yes")
-    for relative in ("", *TREE):
-        assert_same_child(zb, relative)  # mounted first where it was not
-        intruder = zb.dstside.sh(f"echo x >{zb.dst_dir()}/{relative}/intruder", check=False)
-        assert intruder.returncode != 0 and "Read-only" in intruder.stderr
+        mount = below(zb.dstside, replica(zb, relative), "mountpoint")[""]
+        assert mount["mountpoint"] == f"{zb.dst_dir()}/{relative}"
+        assert mount["mountpoint:source"].startswith("inherited")
+        # received unmounted where the receive can (-u), and kept so at boot; mounted
+        # when received where it cannot
+        assert dst[relative]["mounted"] == ("no" if unmounted else "yes")
+        assert dst[relative]["canmount"] == ("noauto" if unmounted else "on")
+    assert dst[""]["mounted"] == "yes" and dst[""]["canmount"] == "on"  # the line's: as ever
+    mount_replicas(zb, list(TREE))  # as an admin would, to look
+    zb.assert_same_data()  # every file of every child, each in its place
+    intruders = " ; ".join(
+        f"echo x >{shlex.quote(str(zb.dst_dir() / r / 'intruder'))}" for r in ("", *TREE)
+    )
+    refused = zb.dstside.sh(intruders, check=False).stderr
+    assert refused.count("Read-only file system") == 5, refused
     if volume:
-        assert zb.dstside.zget(f"{zb.dst_fs()}/a/vol", "type") == "volume"
+        assert dst["a/vol"]["type"] == "volume" and dst["a/vol"]["canmount"] == "-"
         assert volume_digest(zb, "a/vol", dest=True) == volume_digest(zb, "a/vol", dest=False)
         write_volume(zb, "a/vol", 8, 1)
     zb.srcside.write_random(zb.src_dir() / "a/b/c/more.bin", 1)
@@ -152,14 +181,30 @@ def test_a_tree_three_levels_deep_initializes_and_updates_child_by_child(zb: Zb)
     out = zb.run("update", zb.dst_fs())
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
-    for relative in ("", *TREE):  # into the mounted replicas: still mounted
-        assert zb.dstside.zget(replica(zb, relative), "mounted") == "yes"
-        assert_same_child(zb, relative)
+    dst = assert_same_newest(zb, members)
+    assert {dst[r]["mounted"] for r in ("", *TREE)} == {"yes"}  # a mounted child stays so
+    zb.assert_same_data()
     if volume:
         assert volume_digest(zb, "a/vol", dest=True) == volume_digest(zb, "a/vol", dest=False)
     assert {d["state"] for d in status(zb)} == {"Synchronized"}
+
+
+@pytest.mark.zfs_independent
+def test_each_child_is_a_pair_of_its_own(zb: Zb) -> None:
+    """Its own fingerprint (on its replica), snapshots, log and status line, found by
+    its destination; the line keeps its own fingerprint."""
+    initialized_tree(zb)
+    fps = {d["child"]: d["fingerprint"] for d in status(zb)}
+    assert fps[""] == zb.fingerprint()
+    for relative in TREE:
+        dest = f"{zb.dst_fs()}/{relative}"
+        assert zb.dstside.zget(dest, "zettabee:fingerprint") == fps[relative]
+        assert zb.dstside.snapshots(dest)[0].startswith(f"zettabee.{fps[relative]}.")
+        log = zb.run("logfile", dest).stdout.strip()
+        assert log.endswith(f"{fps[relative]}.log")
+        assert zb.run("fingerprint", dest).stdout.split()[-1] == fps[relative]
     text = zb.run("status").stdout
-    assert f"recursive: {len(members) - 1} child(ren)" in text and f"{zb.dst_fs()}/a/b/c" in text
+    assert "recursive: 4 child(ren)" in text and f"{zb.dst_fs()}/a/b/c" in text
 
 
 @pytest.mark.zfs_independent
@@ -184,7 +229,7 @@ def exists(zb: Zb, relative: str) -> bool:
     return zb.dstside.run("zfs", "list", "-H", "-o", "name", fs, check=False).returncode == 0
 
 
-@pytest.mark.one_openzfs
+@pytest.mark.zfs_independent
 def test_a_child_added_is_initialized_and_one_destroyed_keeps_its_replica(zb: Zb) -> None:
     initialized_tree(zb, ("a", "d"))
     add_child(zb, "a/new")
@@ -363,15 +408,8 @@ def test_a_child_its_parents_replica_has_no_directory_for_is_received_unmounted(
     zb.srcside.write_random(zb.src_dir() / "a/b/more.bin", 1)
     out = zb.run("update", zb.dst_fs())
     assert out.returncode == 0, out.stderr
-    for relative in ("", "a", "a/b", "a/new"):
-        src, dst = f"{root}/{relative}" if relative else root, replica(zb, relative)
-        newest = zb.dstside.snapshots(dst)[-1]
-        guids = [
-            side.zget(f"{fs}@{newest}", "guid")
-            for side, fs in ((zb.srcside, src), (zb.dstside, dst))
-        ]
-        assert guids[0] == guids[1], relative
-        assert zb.dstside.zget(dst, "mounted") == ("yes" if relative == "" else "no")
+    dst = assert_same_newest(zb, ("", "a", "a/b", "a/new"))
+    assert [dst[r]["mounted"] for r in ("", "a", "a/b", "a/new")] == ["yes", "no", "no", "no"]
 
 
 PASSPHRASE = "correct horse battery staple"
@@ -380,9 +418,13 @@ PASSPHRASE = "correct horse battery staple"
 @OPENZFS
 def test_an_encrypted_child_sent_raw_keeps_its_encryption_root(zb: Zb) -> None:
     """``raw=yes``: a child that is an encryption root on the source (``vault``) is one
-    on the backup host, its key never there; its data is the source's once loaded."""
+    on the backup host, its key never there, and its data is the source's once loaded.
+    A child that inherits its key on the source (``vault/inner``) is an encryption root
+    of its own on the backup host (each child is a raw stream of one file system, not
+    ``zfs send -R``, and OpenZFS makes such a receive a root), which the same passphrase
+    loads."""
     secret = shlex.quote(PASSPHRASE)
-    make_tree(zb, ("plain",))
+    zb.make_source(mb=1)
     vault = f"{zb.src_fs()}/vault"
     zb.srcside.sh(
         f"printf '%s\\n' {secret} | zfs create -o encryption=on -o keyformat=passphrase "
@@ -396,19 +438,16 @@ def test_an_encrypted_child_sent_raw_keeps_its_encryption_root(zb: Zb) -> None:
     zb.srcside.write_random(zb.src_dir() / "vault/inner/more.bin", 1)
     out = zb.run("update", zb.dst_fs())
     assert out.returncode == 0, out.stderr
-    dst = zb.dstside
-    for relative in ("", "plain", "vault", "vault/inner"):
-        src_fs = f"{zb.src_fs()}/{relative}" if relative else zb.src_fs()
-        newest = dst.snapshots(replica(zb, relative))[-1]
-        same = zb.srcside.zget(f"{src_fs}@{newest}", "guid")
-        assert dst.zget(f"{replica(zb, relative)}@{newest}", "guid") == same, relative
-    assert dst.zget(replica(zb, "plain"), "encryption") == "off"
-    vault_replica = replica(zb, "vault")
-    assert dst.zget(vault_replica, "encryptionroot") == vault_replica
-    print("inner encryptionroot:", dst.zget(replica(zb, "vault/inner"), "encryptionroot"))
+    dst = assert_same_newest(zb, ("", "vault", "vault/inner"))
+    crypt = below(zb.dstside, zb.dst_fs(), "encryption,encryptionroot,keystatus")
+    assert crypt[""]["encryption"] == "off"
     for relative in ("vault", "vault/inner"):
-        assert dst.zget(replica(zb, relative), "encryption") == "aes-256-gcm"
-        assert dst.zget(replica(zb, relative), "keystatus") == "unavailable"
-        assert dst.zget(replica(zb, relative), "mounted") == "no"
-    dst.sh(f"printf '%s\\n' {secret} | zfs load-key {vault_replica}")
-    assert_same_child(zb, "vault")  # the key opens exactly the source's data
+        assert crypt[relative]["encryption"] == "aes-256-gcm"
+        assert crypt[relative]["keystatus"] == "unavailable"  # the key never travelled
+        assert crypt[relative]["encryptionroot"] == replica(zb, relative)
+        assert dst[relative]["mounted"] == "no"
+    assert zb.srcside.zget(f"{vault}/inner", "encryptionroot") == vault
+    for relative in ("vault", "vault/inner"):
+        zb.dstside.sh(f"printf '%s\\n' {secret} | zfs load-key {replica(zb, relative)}")
+    for relative in ("vault", "vault/inner"):
+        assert_same_child(zb, relative)  # the key opens exactly the source's data
