@@ -447,6 +447,11 @@ class PairFeatures:
         none of them, and OpenZFS 2.1 refuses ``-x mountpoint`` on one."""
         return () if not self.props or volume else KEPT_LOCAL
 
+    def noauto(self, volume: bool) -> bool:
+        """Is a replica received unmounted kept so at boot (``canmount=noauto``, see
+        :func:`zettabee.snapshots.record`)? A volume has no ``canmount``."""
+        return self.unmounted and not volume
+
     def uses(self) -> list[str]:
         used = []
         sides = [

@@ -34,8 +34,9 @@ def check_identity(pair: Pair, props: dict[str, str], dsnaps: list[zfs.Snapshot]
     return False
 
 
-def adopt(pair: Pair, dst: Host, common: zfs.Snapshot | None) -> None:
-    """Record the pair on a destination its own initialize received but never marked.
+def adopt(pair: Pair, dst: Host, common: zfs.Snapshot | None, noauto: bool = False) -> None:
+    """Record the pair on a destination its own initialize received but never marked
+    (``noauto``: as the initialize would have, see :func:`zettabee.snapshots.record`).
 
     Safe only when the newest snapshot both sides share is one of this pair's (its
     name carries the fingerprint, its guid is the source's): then nobody else can
@@ -52,7 +53,7 @@ def adopt(pair: Pair, dst: Host, common: zfs.Snapshot | None) -> None:
         "%s, which the source also holds; recording the pair instead of sending it again",
         pair.name, fs, common.name,
     )  # fmt: skip
-    snapshots.record(pair, dst, common.name, first=True)
+    snapshots.record(pair, dst, common.name, first=True, noauto=noauto)
 
 
 def roll_back_newer(

@@ -49,7 +49,7 @@ def initialize(run: PairRun, force: bool = False) -> RunReport:
 def _source_is_volume(run: PairRun) -> bool:
     """Is the source a volume? Asked only of a pair whose receive or record differs for
     a volume: one that sends the source's properties (PairFeatures.kept_local), a child
-    received unmounted (a volume has no ``canmount``: see :func:`_noauto`)."""
+    received unmounted (a volume has no ``canmount``: PairFeatures.noauto)."""
     if not (run.feats.props or run.feats.unmounted):
         return False
     fs = run.pair.source.fs
@@ -57,11 +57,6 @@ def _source_is_volume(run: PairRun) -> bool:
     if result.returncode != 0:
         raise result.error("zfs get")
     return zfs.parse_get(result.stdout).get(fs, {}).get("type") == "volume"
-
-
-def _noauto(run: PairRun, volume: bool) -> bool:
-    """Is the replica a file system received unmounted, to keep unmounted at boot?"""
-    return run.feats.unmounted and not volume
 
 
 def _interrupted(run: PairRun, view: DestView, force: bool) -> bool:
@@ -134,7 +129,7 @@ def in_one_round_trip(run: PairRun) -> tuple[str, StreamResult] | None:
 
     def received() -> None:
         with clock("record"):
-            snapshots.record(pair, dst, snap, first=True, noauto=_noauto(run, volume))
+            snapshots.record(pair, dst, snap, first=True, noauto=run.feats.noauto(volume))
             if feats.hold_destination:
                 snapshots.hold(pair, dst, f"{pair.destination.fs}@{snap}")
 
@@ -174,7 +169,7 @@ def over_mbuffer(run: PairRun) -> tuple[str, StreamResult] | None:
         except TransportError as exc:
             raise divergence.explain_receive(pair, exc) from exc
     with clock("record"):
-        noauto = _noauto(run, volume)
+        noauto = run.feats.noauto(volume)
         calls = [Background(functools.partial(snapshots.record, pair, dst, snap, True, noauto))]
         if feats.hold_destination:
             dst_snap = f"{pair.destination.fs}@{snap}"
@@ -190,7 +185,7 @@ def finish(
     before it travelled; ``hold_source`` holds it here (a resumed receive, whose run
     may have died before its hold)."""
     pair, feats, src, dst = run.pair, run.feats, run.src, run.dst
-    snapshots.record(pair, dst, snap, first=True, noauto=_noauto(run, volume))
+    snapshots.record(pair, dst, snap, first=True, noauto=run.feats.noauto(volume))
     if hold_source:
         snapshots.hold(pair, src, f"{pair.source.fs}@{snap}")
     if feats.hold_destination:

@@ -323,7 +323,8 @@ def step_by_step(
         dsnaps = _resume_first(run, token, dsnaps)
     found = zfs.common_base(ssnaps, marks, dsnaps)
     if adopt:
-        divergence.adopt(pair, run.dst, found[0] if found else None)
+        noauto = feats.noauto(run.view is not None and run.view.volume)
+        divergence.adopt(pair, run.dst, found[0] if found else None, noauto)
     if found is None:
         raise StateError(divergence.no_common_message(pair, ssnaps, dsnaps))
     common, source_base = found

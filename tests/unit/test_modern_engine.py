@@ -468,6 +468,24 @@ def test_a_child_received_unmounted_is_kept_unmounted_at_boot(tmp_path: Path, ki
         assert (noauto in lab.dst.calls("zfs", "set")) == (pair.is_child and kind == "filesystem")
 
 
+def test_a_child_adopted_after_a_killed_initialize_is_kept_unmounted_at_boot(
+    tmp_path: Path,
+) -> None:
+    """An initialize killed between its receive and its record leaves the replica to the
+    next update, which records it: canmount=noauto then, as the initialize would have."""
+    pair = tree.child(make_pair(recursive=True), "a")
+    lab = Lab(tmp_path)
+    base = named(pair.fingerprint, 2)
+    lab.src.on(["zfs", "get"], listing(pair.source.fs, [(base, 1, 1)], owner=None))
+    received = listing(pair.destination.fs, [(base, 1, 1)], owner=None)
+    lab.dst.on(["zfs", "get"], received + f"{pair.destination.fs}\ttype\tfilesystem\n")
+    lab.src.on(["zfs", "send", "-nvP"], ESTIMATE)
+    lab.replicator.update(pair)
+    sets = lab.dst.calls("zfs", "set")
+    assert ["zfs", "set", f"zettabee:fingerprint={pair.fingerprint}", pair.destination.fs] in sets
+    assert ["zfs", "set", "canmount=noauto", pair.destination.fs] in sets
+
+
 def test_raw_is_refused_before_anything_happens_where_a_side_lacks_it(tmp_path: Path) -> None:
     lab = Lab(tmp_path, OPENZFS_PROBE, FUSE_PROBE)
     lab.dst.on(["zfs", "get"], listing(DST_FS, [(S1, 1, 0)]))
