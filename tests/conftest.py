@@ -89,7 +89,10 @@ def pytest_sessionfinish() -> None:
 
 def guest_rank(item: pytest.Item) -> int:
     """0: no guest; 1: the OpenZFS 2.1 guest; 2: the 2.3 one (a back end named by any of
-    the test's parameters, ``zb`` or a module's own guest fixture, or a guest fixture)."""
+    the test's parameters, ``zb`` or a module's own guest fixture, or a guest fixture).
+    A unit test is never on a guest, whatever its parameters are called."""
+    if "integration" not in item.path.parts:
+        return 0
     callspec = getattr(item, "callspec", None)
     params = {str(v) for v in callspec.params.values()} if callspec is not None else set()
     fixtures = getattr(item, "fixturenames", ())
