@@ -194,6 +194,7 @@ class StderrMeter:
         self.parse = parse
         self.count = 0
         self.started = time.monotonic()
+        self.moved = self.started  # when the count last changed: the stall watch's clock
         self._offset = 0
         self._tail = ""
         self._done = threading.Event()
@@ -211,8 +212,9 @@ class StderrMeter:
                 self._offset += len(chunk)
                 self._tail = (self._tail + chunk.decode(errors="replace"))[-4096:]
         found = self.parse(self._tail)
-        if found is not None:
+        if found is not None and found != self.count:
             self.count = found
+            self.moved = time.monotonic()
 
     def _watch(self) -> None:
         while not self._done.wait(1.0):
@@ -229,6 +231,23 @@ class StderrMeter:
             self.count = found
         if self.progress:
             self.progress(self.count, time.monotonic() - self.started)
+
+
+def finish_metered(stage: Stage, meter: StderrMeter, stall: int) -> None:
+    """Wait for a stage whose stream only its meter sees (a pipeline run as one command
+    on another host), while the meter's count moves: one whose count has not moved for
+    ``stall`` seconds is stuck (a zfs process stopped, or hung on a busy pool, there)
+    and is stopped, marked ``overdue``, never waited for without limit."""
+    assert stage.proc is not None
+    while stall and stage.proc.poll() is None:
+        idle = time.monotonic() - meter.moved
+        if idle >= stall:
+            stage.overdue = float(stall)
+            stage.kill()
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stage.proc.wait(timeout=min(1.0, stall - idle))
+    stage.finish()
 
 
 def _grow_pipe(fd: int) -> None:

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Sequence
 
-from zettabee.errors import StateError
+from zettabee.errors import StateError, TransportError
 from zettabee.host import Host, SshHost
 from zettabee.mbuffer import stream_via_mbuffer
 from zettabee.pair import Pair
@@ -31,8 +31,10 @@ from zettabee.relay import (
     StderrMeter,
     StreamResult,
     describe_failure,
+    finish_metered,
     finish_stages,
     name_ssh_failure,
+    overdue_message,
     parse_pipeline_stderr,
     pipeline_script,
     relay_stages,
@@ -115,7 +117,10 @@ def stream_on_host(
 
     ``dd status=progress`` (GNU and FreeBSD dd) writes its count every second to the
     client's stderr: that is the progress here, and the write that fails when this side
-    goes away is what stops the remote pipeline instead of leaving it running."""
+    goes away is what stops the remote pipeline instead of leaving it running. That
+    count is the stall watch too: a command whose count has not moved for ``stall``
+    seconds (a zfs send stopped, a receive stuck committing) is stopped, never waited
+    for without limit."""
     started = time.monotonic()
     count = ["dd", "bs=1048576", "status=progress"]
     script = pipeline_script([send_argv, count, recv_argv], live=1)
@@ -123,8 +128,10 @@ def stream_on_host(
     spawn(runner, None, None)
     meter = StderrMeter(runner, progress, dd_bytes)
     meter.start()
-    runner.finish()
+    finish_metered(runner, meter, stall)
     meter.stop()
+    if runner.overdue:
+        raise TransportError(stuck_on_host(runner, meter.count))
     stages = [
         Stage("zfs send", host.name, list(send_argv)),
         Stage("dd", host.name, count),
@@ -143,6 +150,23 @@ def stream_on_host(
     if any(s.failed for s in stages):
         raise describe_failure(stages, None)
     return result
+
+
+def stuck_on_host(runner: Stage, count: int) -> str:
+    """What a run says of the one command of ``local`` on a remote host, stopped for a
+    count that did not move: after the whole stream (dd's summary says it passed), the
+    pipeline did not exit; before, no data came."""
+    if "records out" not in runner.stderr:
+        host, seconds = runner.host, runner.overdue
+        after = f" after {count} bytes" if count else ""  # dd counts each second, or at its end
+        return (
+            f"{runner.label} on {host} made no progress for {seconds:.0f} s{after} "
+            f"(stall={seconds:.0f}); it was stopped. The replica may hold the new snapshot "
+            f"already: the next run records it. Look on {host} for a zfs process that is "
+            "stopped or hung (ps -o pid,stat,cmd -C zfs) and for a busy or suspended pool "
+            "(zpool status)."
+        )
+    return overdue_message(runner)
 
 
 def _classify_ssh(stage: Stage, host: Host) -> None:

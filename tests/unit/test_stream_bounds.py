@@ -18,7 +18,7 @@ from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
 from zettabee.relay import STAGE_MARK, Stage, describe_failure, name_ssh_failure, start_pipe
-from zettabee.transport import stream_via_processes
+from zettabee.transport import stream_on_host, stream_via_processes
 
 HOST = LocalHost("backup1")
 NEVER = 60.0  # a run still going after this has hung: the test fails, it does not wait
@@ -255,9 +255,9 @@ def test_a_stopped_listening_mbuffer_fails_within_the_stall_limit(tmp_path: Path
 
 
 class DestinationThere(SshHost):
-    """A remote destination of an mbuffer stream, on this machine: its ``mbuffer -I |
-    zfs receive`` (the script the OpenSSH client would run there), and the commands run
-    there, run in a local ``sh``."""
+    """A remote host, on this machine: the script the OpenSSH client would run there (an
+    mbuffer stream's ``mbuffer -I | zfs receive``, the ``zfs send | dd | zfs receive`` of
+    ``transport=local``), and the commands run there, run in a local ``sh``."""
 
     def __init__(self, name: str) -> None:
         super().__init__(SshTarget(name))
@@ -312,6 +312,76 @@ def test_an_mbuffer_send_into_a_remote_destination_that_never_exits_fails_within
     assert "zfs send | mbuffer -O on source1 did not exit within 2 s" in message, message
     assert "Then mbuffer -I on backup2: " in message, message  # the cut stream, after
     assert left == [], f"the source's pipeline was left running: {left}"
+
+
+# -- transport=local on a remote host ---------------------------------------------------
+
+
+def on_host_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
+    """The outcome of ``send | dd | recv`` run as one command on a remote host (its error,
+    or None), or a test failure if it hangs."""
+    outcome: list[BaseException | None] = []
+
+    def stream() -> None:
+        try:
+            stream_on_host(DESTINATION, send, recv, stall)
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is judged by the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    worker.join(NEVER)
+    assert outcome, f"the stream on one host still waits after {NEVER:.0f} s (stall={stall})"
+    return outcome[0]
+
+
+def test_a_stream_on_one_remote_host_that_ends_well_is_not_hurried(tmp_path: Path) -> None:
+    got = tmp_path / "got"
+    send = ["sh", "-c", "head -c 200000 /dev/zero; sleep 0.5"]
+    recv = ["sh", "-c", f"cat >{got}; sleep 0.5"]
+    assert on_host_bounded(send, recv, stall=2) is None
+    assert got.stat().st_size == 200000
+
+
+def test_a_stopped_send_on_one_remote_host_fails_within_the_stall_limit(tmp_path: Path) -> None:
+    """A zfs send stopped with its stream's pipe open (zfs-fuse's daemon writes the
+    stream): dd's count stops, and the one command on that host never ends. It was
+    waited for without limit; now the count that has not moved for the stall limit
+    stops it, and the run names the host and what to look for there."""
+    pid = tmp_path / "pid"
+    got = tmp_path / "got"
+    send = ["sh", "-c", f"head -c 200000 /dev/zero; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = on_host_bounded(send, ["sh", "-c", f"cat >{got}"], stall=2)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert "zfs send | zfs receive on backup2 made no progress for 2 s" in message, message
+    assert "ps -o pid,stat,cmd -C zfs" in message  # what to look for
+    assert got.stat().st_size == 200000
+
+
+def test_a_receive_stuck_committing_on_one_remote_host_fails_within_the_stall_limit(
+    tmp_path: Path,
+) -> None:
+    """The whole stream passed dd (its summary says so), and the receive never exits."""
+    pid = tmp_path / "pid"
+    got = tmp_path / "got"
+    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = on_host_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert (
+        "zfs send | zfs receive on backup2 did not exit within 2 s of the end of its stream"
+        in message
+    ), message
+    assert "The replica may hold the new snapshot already" in message
+    assert got.stat().st_size == 200000
 
 
 # -- a stage sent SIGTERM ------------------------------------------------------------------
