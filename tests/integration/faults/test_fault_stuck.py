@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -107,5 +108,45 @@ def test_a_stopped_zfs_send_fails_its_pair_and_replicate_reports_every_pair(
         f"exit 1, {took:.0f} s after the stop: 'zfs send | mbuffer -O on SOURCE did not exit "
         f"within {STALL} s of the end of its stream ... Then mbuffer -I ...'; lag OK; runtime "
         "CRITICAL; the other pair updated; 4 passive results (the stuck pair's CRITICAL)"
+    )
+    faults.recovers(stuck)  # the zfs send continued, as the block above ended
+
+
+def test_a_stopped_zfs_send_on_one_remote_host_fails_within_the_stall_limit(
+    faults: Faults,
+) -> None:
+    """``transport=local`` on a remote host: ``zfs send | dd | zfs receive`` runs there as
+    one command, and only dd's count says how it goes. With its zfs send stopped (whose
+    pipe zfs-fuse's daemon fills, and the stopped process keeps open), that command
+    never ended, and the update was waited for without limit."""
+    zb = faults.zb
+    remote = zb.srcside.address  # the source's host serves the destination pool too
+    stuck = faults.replica("stuck", mb=1, options=f"transport=local,stall={STALL}", host=remote)
+    stuck.grow(20)
+    faults.expect(
+        "source zfs send stopped (SIGSTOP) mid-stream, transport=local on a remote host",
+        f"fails within its stall={STALL}s naming the host and what to look for there; "
+        "runtime CRITICAL; recovers once continued",
+    )
+    run = faults.popen("zettabee", "update", stuck.fs)
+    wait_until("the source's zfs send", lambda: source_sends(faults, zb.src_fs("stuck")))
+    sends = source_sends(faults, zb.src_fs("stuck"))
+    with stopped_later(sends):
+        for pid in sends:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        # before the fix: no end until the zfs send was continued (the test's limit)
+        outcome = faults.finish(run, timeout=120)
+        took = time.monotonic() - stopped  # for the table: no assert on a duration
+    says = rf"zfs send \| zfs receive on \S+ made no progress for {STALL} s"
+    shown = rf"zfs send / zfs receive on \S+ made no progress for {STALL} s"
+    faults.check(stuck, outcome, code=1, lag=0, runtime=2, says=says, plugin_says=shown)
+    assert "ps -o pid,stat,cmd -C zfs" in outcome.stderr, outcome.stderr
+    assert faults.row is not None
+    after = re.search(r"made no progress for \d+ s( after \d+ bytes)?", outcome.stderr)
+    faults.row.observed = (
+        f"exit 1, {took:.0f} s after the stop: 'zfs send | zfs receive on SOURCE "
+        f"{after.group(0) if after else '?'} (stall={STALL}); it was stopped ... Look on "
+        "SOURCE for a zfs process that is stopped or hung'; lag OK; runtime CRITICAL"
     )
     faults.recovers(stuck)  # the zfs send continued, as the block above ended
