@@ -35,7 +35,9 @@ the common snapshot too (unless a broken stream would leave a resume token that 
 from it: then it is held before it is sent, step ``hold``). So the script reads one line from its stdin after the send,
 and runs those commands only if it says ``received``, which this side writes once the
 receive has succeeded. A run killed before that closes the connection, the script reads
-the end of its input instead, and the old base stays, held.
+the end of its input instead, and the old base stays, held. The steps after the stream
+get :data:`relay.LINGER_LIMIT` seconds: one stuck on a busy pool (a destroy) is stopped,
+and the run fails naming it (:func:`lingered_message`).
 """
 
 from __future__ import annotations
@@ -286,8 +288,10 @@ def update(
     sender.feed = bool(plan.then) or not plan.listing
     sender.lingers = True  # its listing tells a base gone from a broken stream
     receiver = relay.Stage("zfs receive", dst.name, relay.remote_argv(dst, plan.recv, stall))
+    through = False  # the stream went through: the send said it ended, the receive too
 
     def received() -> None:
+        nonlocal through
         # The whole stream is in: a send that does not say it ended within the stall
         # limit is stuck (a zfs process stopped or hung on the source), never waited for.
         step = _await_step(sender, "send", timeout=stall or None)
@@ -296,6 +300,7 @@ def update(
             sender.kill()
         if step is None or step.status != 0:
             return
+        through = True
         if sender.feed:
             relay.answer(sender, f"{RECEIVED}\n")
         if on_received is not None:
@@ -305,10 +310,34 @@ def update(
     piped = relay.relay_stages(sender, receiver, stall, meter, received)
     if sender.overdue:
         raise ZettabeeError(relay.overdue_message(sender))
+    if sender.lingered:
+        raise ZettabeeError(lingered_message(plan, sender, through))
     outcome = _judge(src, plan, sender, receiver, piped)
     if outcome is not None:
         outcome.stream.seconds = time.monotonic() - started
     return outcome
+
+
+def lingered_message(plan: Plan, sender: relay.Stage, through: bool) -> str:
+    """What a run says of a script stopped in its steps after the stream (``lingered``):
+    the step it had not reported, in the order the script runs them (``through``: the
+    stream went through, and a fed script heard it and ran the plan's steps after it)."""
+    reported = parse(sender.stderr).steps
+    told = through and sender.feed
+    steps = [*plan.then] if told else []
+    if plan.listing or not told:
+        steps.append(("listing", zfs.list_snapshots(plan.fs, holds=plan.holds)))
+    stuck = next((argv for name, argv in steps if name not in reported), None)
+    host, limit = sender.host, sender.lingered
+    what = " ".join(stuck[:2]) if stuck else "the update's script"
+    command = f" ({shlex.join(stuck)})" if stuck else ""
+    return (
+        f"{what} on {host}{command} did not end within {limit:.0f} s, the limit of the "
+        "update's steps on the source after its stream; it was stopped."
+        + (" The replica has the new snapshot." if through else "")
+        + f" Look on {host} for a zfs process that is stopped or hung (ps -o pid,stat,cmd "
+        "-C zfs) and for a busy or suspended pool (zpool status)."
+    )
 
 
 def _judge(

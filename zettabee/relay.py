@@ -38,6 +38,11 @@ ProgressFn = Callable[[int, float], None]
 
 # Seconds a stream's process has between SIGTERM and SIGKILL.
 KILL_GRACE = 5.0
+# Seconds the update script has for its steps on the source once its stream is in (the
+# new snapshot's hold, the old base's release and destroy, the listing): zfs commands
+# that each run alone would have COMMAND_TIMEOUT (300 s). One stuck on a busy or
+# suspended pool is stopped, not waited for.
+LINGER_LIMIT = 300.0
 
 
 @dataclass
@@ -60,6 +65,9 @@ class Stage:
     # Seconds it was given to exit once its stream had ended, when it did not (and was
     # stopped): a zfs process stopped or hung on its host.
     overdue: float = 0.0
+    # Seconds a sender that ``lingers`` was given for its steps after its stream
+    # (:data:`LINGER_LIMIT`), when they did not end (and it was stopped).
+    lingered: float = 0.0
 
     def finish(self, timeout: float | None = None) -> None:
         """Wait for the process, ``timeout`` seconds at most (then it is stopped). One
@@ -529,11 +537,14 @@ def relay_stages(
         answer(sender, "")  # a sender still waiting for a line reads the end of its input
         # A sender still writing after its receiver left would wait forever; so would
         # one that never exits once its whole stream is out (a zfs send stopped or hung
-        # on its host): both get the stall limit. The update script (``lingers``) has
-        # steps to run after its stream, and bounds its send itself (fastpath).
+        # on its host): both get the stall limit. The update script (``lingers``) bounds
+        # its send itself (fastpath), and has steps to run after its stream, whose end
+        # its receiver does not wait for: they get LINGER_LIMIT.
         cut_off = relay.receiver_left or receiver.failed
-        if sender.lingers and not (cut_off or sender.killed):
-            sender.finish(timeout=None)
+        if sender.lingers and not (receiver.failed or sender.killed):
+            sender.finish(timeout=LINGER_LIMIT)
+            if sender.killed:
+                sender.lingered = LINGER_LIMIT
         else:
             killed_before = sender.killed  # by a stall, a failed receiver, the caller
             sender.finish(timeout=stall or None)

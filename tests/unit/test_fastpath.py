@@ -28,6 +28,7 @@ case "$1" in
   get) if [ "$3" = -d ]; then cat "$FAKE/listing"
        else for last; do :; done; grep "^$last	guid	" "$FAKE/listing" || exit 1; fi ;;
   snapshot) [ -e "$FAKE/snapshot-fails" ] && { echo "cannot create snapshot: out of space" >&2; exit 1; }; exit 0 ;;
+  destroy) [ -e "$FAKE/destroy-hangs" ] && { echo $$ >"$FAKE/pid"; kill -STOP $$; }; exit 0 ;;
   hold) [ -e "$FAKE/hold-fails" ] && { echo "cannot hold snapshot: pool is full" >&2; exit 1; }; exit 0 ;;
   send) if [ "$2" = -nvP ]; then
          [ -e "$FAKE/estimate-fails" ] && { echo "cannot estimate: busy" >&2; exit 1; }
@@ -372,3 +373,55 @@ def test_a_send_the_refusing_receive_broke_is_not_named_for_its_failure(fake: Pa
     message = str(caught.value)
     assert message.startswith("zfs receive on backup1 failed"), message
     assert "out of space" in message
+
+
+def test_a_step_after_the_stream_that_never_ends_fails_within_its_own_limit(
+    fake: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zfs destroy of the old base stuck on the source (a busy or suspended pool)
+    once the stream is in: the script never ended, and the update was waited for
+    without limit. It gets the limit of the steps after a stream, is stopped, and the
+    run names the step, its host and that limit, not the stall limit."""
+    import signal
+    import threading
+
+    from zettabee.errors import ZettabeeError
+    from zettabee.host import LocalHost
+
+    monkeypatch.setattr(relay, "LINGER_LIMIT", 2.0)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(fake))
+    (fake / "destroy-hangs").touch()
+    send = zfs.send(f"{FS}@{SNAP}", base=f"{FS}@{BASE.name}")
+    # a receive that leaves on the stream's last record, as zfs receive does
+    plan = fastpath.Plan(FS, BASE, SNAP, send, ["head", "-c", "6"], then=LET_GO)
+    recorded: list[bool] = []
+    outcome: list[BaseException | None] = []
+
+    def update() -> None:
+        try:
+            src, dst = LocalHost("source1"), LocalHost("backup1")
+            fastpath.update(src, dst, plan, 30, on_received=lambda: recorded.append(True))
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is judged by the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=update, daemon=True)
+    worker.start()
+    try:
+        worker.join(60)
+    finally:
+        if (fake / "pid").exists():
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(int((fake / "pid").read_text()), sig)
+                except ProcessLookupError:
+                    break
+    assert outcome, "the update still waits for the stuck zfs destroy after 60 s"
+    assert isinstance(outcome[0], ZettabeeError), outcome
+    message = str(outcome[0])
+    assert message.startswith("zfs destroy on source1 "), message
+    assert "did not end within 2 s" in message, message  # the limit's, named
+    assert "stall" not in message, message  # not the stall limit's (30)
+    assert "ps -o pid,stat,cmd -C zfs" in message, message
+    assert recorded == [True]  # the destination had its part first
