@@ -68,6 +68,9 @@ class Stage:
     # Seconds a sender that ``lingers`` was given for its steps after its stream
     # (:data:`LINGER_LIMIT`), when they did not end (and it was stopped).
     lingered: float = 0.0
+    # It did not exit after SIGKILL either (a zfs in the kernel, on a suspended pool):
+    # it was given up, left behind, and its run says so.
+    abandoned: bool = False
 
     def finish(self, timeout: float | None = None) -> None:
         """Wait for the process, ``timeout`` seconds at most (then it is stopped). One
@@ -92,14 +95,21 @@ class Stage:
     def reap(self) -> int:
         """The exit status of a process sent SIGTERM: SIGKILL after :data:`KILL_GRACE`
         seconds, for a process that ignores it or is stopped (it would hold SIGTERM
-        pending until someone continued it)."""
+        pending until someone continued it). One that outlives SIGKILL by as long is in
+        the kernel (uninterruptible sleep: zfs on a suspended pool), where nothing ends
+        it until the kernel lets go: it is given up (``abandoned``), never waited for."""
         assert self.proc is not None
         try:
             return self.proc.wait(timeout=KILL_GRACE)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-            return self.proc.wait()
+        try:
+            return self.proc.wait(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            log.debug("%s on %s (pid %s) outlived SIGKILL", self.label, self.host, self.proc.pid)
+            self.abandoned = True
+            return -signal.SIGKILL
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -405,6 +415,9 @@ def remote_argv(host: Host, argv: Sequence[str], stall: int) -> list[str]:
 
 def describe_failure(stages: Sequence[Stage], relay: Relay | None) -> TransportError | CommandError:
     """One error naming the stage that failed first, quoting what the tools said."""
+    abandoned = [s for s in stages if s.abandoned]
+    if abandoned:  # whatever else failed, this one needs the admin on its host
+        return TransportError(abandoned_message(abandoned[0]), transient=False)
     if relay is not None and relay.stalled:
         return TransportError(
             f"the stream stalled: no data for {relay.stall:.0f}s after {relay.count} bytes; "
@@ -465,6 +478,17 @@ def overdue_message(stage: Stage) -> str:
         f"stream (stall={stage.overdue:.0f}); it was stopped. The replica may hold the new "
         f"snapshot already: the next run records it. Look on {host} for a zfs process "
         "that is stopped or hung (ps -o pid,stat,cmd -C zfs) and for a busy pool."
+    )
+
+
+def abandoned_message(stage: Stage) -> str:
+    """What a run says of a stage that SIGKILL did not end (``abandoned``)."""
+    what, host = stage.label.split(" (")[0], stage.host
+    return (
+        f"{what} on {host} did not exit after SIGKILL: stuck in the kernel; it was left "
+        f"behind. Check zpool status on {host} for a suspended pool (zpool clear once its "
+        "devices are back) and ps -o pid,stat,cmd -C zfs for a zfs in state D; the next "
+        "run may find the dataset busy until it ends."
     )
 
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from zettabee import relay
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
@@ -424,3 +428,46 @@ def test_an_overdue_stage_over_ssh_keeps_its_name() -> None:
     name_ssh_failure(sender)
     message = str(describe_failure([sender], None))
     assert message.startswith("zfs send | mbuffer -O on source1 did not exit within 5 s"), message
+
+
+# -- a stage that SIGKILL does not end ------------------------------------------------------
+
+
+class InTheKernel(subprocess.Popen):  # type: ignore[type-arg]
+    """A zfs receive in uninterruptible sleep (in the kernel, on a suspended pool): no
+    signal ends it, and a wait without limit never returns (here it fails the test
+    instead: a process SIGKILL cannot end cannot be made from userspace)."""
+
+    def send_signal(self, sig: int) -> None:  # kill() and terminate() come here
+        pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert timeout is not None, "waited without limit for a process SIGKILL cannot end"
+        return super().wait(timeout)
+
+
+def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive took the whole stream and never exits, nor on SIGTERM, nor on SIGKILL:
+    it was waited for without limit after the SIGKILL; now for the grace seconds, and
+    the run says where it is stuck and what to check."""
+    pid = tmp_path / "pid"
+    recv = ["sh", "-c", f"cat >/dev/null; echo $$ >{pid}; exec sleep 60"]
+    real = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return (InTheKernel if argv[-1] == recv[-1] else real)(argv, **kw)
+
+    monkeypatch.setattr(relay, "KILL_GRACE", 0.5)
+    monkeypatch.setattr(relay.subprocess, "Popen", popen)
+    try:
+        error = run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=1)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert message.startswith(
+        "zfs receive on backup1 did not exit after SIGKILL: stuck in the kernel"
+    ), message
+    assert "zpool status" in message, message
