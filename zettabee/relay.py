@@ -31,6 +31,7 @@ log = logging.getLogger("zettabee.transport")
 
 CHUNK = 1 << 20
 F_SETPIPE_SZ = 1031
+SPLICE_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 STAGE_MARK = "@@zettabee-stage"
 
 ProgressFn = Callable[[int, float], None]
@@ -310,6 +311,9 @@ class Relay:
         fin, fout = self.src.fileno(), self.dst.fileno()
         _grow_pipe(fin)
         _grow_pipe(fout)
+        # Never blocked writing: a receiver that stops reading and cannot be killed (a zfs
+        # receive in the kernel, on a suspended pool) would hold a blocking write for ever.
+        os.set_blocking(fout, False)
         use_splice = hasattr(os, "splice")
         poller = select.poll()
         poller.register(fin, select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -331,13 +335,21 @@ class Relay:
                 return
             try:
                 if use_splice:
-                    moved = os.splice(fin, fout, CHUNK)
+                    moved = os.splice(fin, fout, CHUNK, flags=SPLICE_NONBLOCK)
                 else:
                     data = os.read(fin, CHUNK)
                     moved = len(data)
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fout, view) :]
+                        try:
+                            view = view[os.write(fout, view) :]
+                        except BlockingIOError:
+                            if not self._writable(fout):
+                                return
+            except BlockingIOError:  # the receiver's pipe is full
+                if not self._writable(fout):
+                    return
+                continue
             except BrokenPipeError:
                 # The receiver went away. zfs receive leaves on the stream's last record,
                 # often before the sender's end-of-file (and splice(2) then says EPIPE
@@ -357,6 +369,18 @@ class Relay:
                 return
             self.count += moved
             self.last_move = time.monotonic()
+
+    def _writable(self, fout: int) -> bool:
+        """Wait until the receiver's pipe takes data again (or the receiver has gone);
+        False once the stream has stalled: the watchdog stopped its processes, and a
+        receiver that still holds its pipe full is stuck where no signal reaches it."""
+        poller = select.poll()
+        poller.register(fout, select.POLLOUT)
+        while not poller.poll(500):
+            if self.stalled:
+                self.error = "aborted: the stream stalled"
+                return False
+        return True
 
     @staticmethod
     def _pending(fd: int) -> bool:

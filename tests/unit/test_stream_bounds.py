@@ -471,3 +471,30 @@ def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
         "zfs receive on backup1 did not exit after SIGKILL: stuck in the kernel"
     ), message
     assert "zpool status" in message, message
+
+
+def test_a_receive_that_stops_reading_and_outlives_sigkill_does_not_hold_the_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive stops reading mid-stream and sleeps in the kernel (seen on OpenZFS
+    with its pool's disk suspended): its pipe fills, the stream stalls, and killing it
+    does not free the pipe. The relay was blocked for ever writing into it (the run in
+    pipe_wait_writable until the disk came back); now the stall ends it all the same."""
+    pid = tmp_path / "pid"
+    recv = ["sh", "-c", f"echo $$ >{pid}; exec sleep 60"]
+    real = subprocess.Popen
+
+    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        return (InTheKernel if argv[-1] == recv[-1] else real)(argv, **kw)
+
+    monkeypatch.setattr(relay, "KILL_GRACE", 0.5)
+    monkeypatch.setattr(relay.subprocess, "Popen", popen)
+    try:
+        error = run_bounded(["head", "-c", "8000000", "/dev/zero"], recv, stall=1)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    message = str(error)
+    assert message.startswith(
+        "zfs receive on backup1 did not exit after SIGKILL: stuck in the kernel"
+    ), message
