@@ -36,6 +36,8 @@ SSH_FAILED = 255
 
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 300.0
+# Seconds a command killed for its timeout has to exit after SIGKILL.
+KILL_GRACE = 5.0
 
 
 class Result(Record, frozen=True):
@@ -75,6 +77,33 @@ def tied_to_us(argv: list[str]) -> list[str]:
     if setpriv is None or shutil.which(argv[0]) is None:
         return argv
     return [setpriv, "--pdeathsig", "TERM", "--", *argv]
+
+
+_ABANDONED = "abandoned"  # the output of the TimeoutExpired of a command SIGKILL did not end
+
+
+def _run_bounded(argv: list[str], input: str | None, timeout: float | None) -> tuple[int, str, str]:
+    """``subprocess.run``'s exit status, stdout and stderr, but a command killed for its
+    timeout is waited for :data:`KILL_GRACE` seconds, never without limit as
+    ``subprocess.run`` does after its SIGKILL: a zfs asleep in the kernel (on a suspended
+    pool) does not exit. TimeoutExpired says so by its output :data:`_ABANDONED`."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        try:
+            proc.communicate(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            exc.output = _ABANDONED
+        raise exc from None
+    return proc.returncode, stdout, stderr
 
 
 class Host(Protocol):
@@ -121,17 +150,22 @@ class LocalHost:
         log.debug("run on %s: %s", self.name, shlex.join(argv))
         started = time.monotonic()
         try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, input=input, timeout=timeout, check=False
-            )
+            returncode, stdout, stderr = _run_bounded(argv, input, timeout)
         except FileNotFoundError as exc:
             raise CommandError(argv, self.name, 127, f"{argv[0]}: command not found") from exc
         except subprocess.TimeoutExpired as exc:
-            raise CommandError(argv, self.name, -1, f"timed out after {timeout:.0f}s") from exc
-        log.debug("  exit %d in %.3fs", proc.returncode, time.monotonic() - started)
-        result = Result(argv, self.name, proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise error_for(argv, self.name, proc.returncode, proc.stderr)
+            said = f"timed out after {timeout:.0f}s"
+            if exc.output == _ABANDONED:
+                said += (
+                    ", and did not exit after SIGKILL: stuck in the kernel; it was left "
+                    f"behind. Check zpool status on {self.name} for a suspended pool and "
+                    "ps -o pid,stat,cmd -C zfs for a zfs in state D"
+                )
+            raise CommandError(argv, self.name, -1, said) from exc
+        log.debug("  exit %d in %.3fs", returncode, time.monotonic() - started)
+        result = Result(argv, self.name, returncode, stdout, stderr)
+        if check and returncode != 0:
+            raise error_for(argv, self.name, returncode, stderr)
         return result
 
     def start(self) -> None:

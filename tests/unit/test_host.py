@@ -90,3 +90,48 @@ def test_an_address_is_judged_without_the_resolver(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(socket, name, no_resolver)
     assert is_local_host("127.0.0.2") and is_local_host("[::1]") and is_local_host("::1")
     assert not is_local_host("192.0.2.1")  # TEST-NET-1: nobody's address here
+
+
+def test_a_command_that_outlives_sigkill_after_its_timeout_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zfs command on a suspended pool times out, is sent SIGKILL and sleeps on in the
+    kernel: it was waited for without limit after the SIGKILL (subprocess.run does);
+    now for a grace, then the run fails saying where it is stuck."""
+    import os
+    import signal
+    import subprocess
+    from typing import Any
+
+    from zettabee import host
+    from zettabee.errors import CommandError
+    from zettabee.host import LocalHost
+
+    class InTheKernel(subprocess.Popen):  # type: ignore[type-arg]
+        """No signal ends it; a wait without limit fails the test instead of hanging."""
+
+        def send_signal(self, sig: int) -> None:
+            pass
+
+        def wait(self, timeout: float | None = None) -> int:
+            assert timeout is not None, "waited without limit for a process SIGKILL cannot end"
+            return super().wait(timeout)
+
+    started: list[InTheKernel] = []
+
+    def popen(*args: Any, **kw: Any) -> InTheKernel:
+        started.append(InTheKernel(*args, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(host, "KILL_GRACE", 0.2)
+    monkeypatch.setattr(host.subprocess, "Popen", popen)
+    try:
+        with pytest.raises(CommandError) as caught:
+            LocalHost("backup1").run(["sleep", "60"], timeout=0.5)
+    finally:
+        for proc in started:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=5)
+    message = str(caught.value)
+    assert "did not exit after SIGKILL: stuck in the kernel" in message, message
+    assert "zpool status" in message, message
