@@ -749,6 +749,28 @@ class Gate:
         (self.dir / "go").write_text("run")
 
 
+def stuck_send(where: Path) -> Path:
+    """A ``zfs`` in front of the real one whose ``zfs send`` stops itself (SIGSTOP) once
+    its whole stream is out, holding the stream's pipe open: a send that never exits
+    (once ``armed`` exists in ``where``)."""
+    real = shutil.which("zfs", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    assert real, "zfs not found"
+    where.mkdir(parents=True, exist_ok=True)
+    os.chmod(where, 0o755)
+    wrapper = where / "zfs"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'  send) {shlex.quote(real)} "$@"; s=$?\n'
+        f"        [ -e {shlex.quote(str(where / 'armed'))} ] || exit $s\n"
+        f"        echo $$ > {shlex.quote(str(where / 'pid'))}; kill -STOP $$; exit $s ;;\n"
+        "esac\n"
+        f'exec {shlex.quote(real)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return where
+
+
 # -- a second sshd on the source host ---------------------------------------------------
 
 

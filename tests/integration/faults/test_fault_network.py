@@ -7,11 +7,7 @@ and a next update that simply works once the fault is gone.
 
 from __future__ import annotations
 
-import os
-import shlex
-import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +18,7 @@ from tests.integration.faults.conftest import (
     every_backend,
     in_netns,
     kill,
+    stuck_send,
 )
 
 pytestmark = pytest.mark.integration
@@ -126,28 +123,6 @@ def test_mbuffer_killed_mid_transfer(faults: Faults, side: str, says: str) -> No
     outcome = faults.finish(run)
     faults.failed(replica, outcome, says)
     faults.recovers(replica)
-
-
-def stuck_send(where: Path) -> Path:
-    """A ``zfs`` in front of the real one whose ``zfs send`` stops itself (SIGSTOP) once
-    its whole stream is out, holding the stream's pipe open: a send that never exits
-    (once ``armed`` exists in ``where``)."""
-    real = shutil.which("zfs", path="/usr/sbin:/usr/bin:/sbin:/bin")
-    assert real, "zfs not found"
-    where.mkdir(parents=True, exist_ok=True)
-    os.chmod(where, 0o755)
-    wrapper = where / "zfs"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'case "$1" in\n'
-        f'  send) {shlex.quote(real)} "$@"; s=$?\n'
-        f"        [ -e {shlex.quote(str(where / 'armed'))} ] || exit $s\n"
-        f"        echo $$ > {shlex.quote(str(where / 'pid'))}; kill -STOP $$; exit $s ;;\n"
-        "esac\n"
-        f'exec {shlex.quote(real)} "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    return where
 
 
 def test_a_source_zfs_send_that_never_exits(faults: Faults, sshd: Sshd) -> None:
