@@ -77,10 +77,12 @@ class GuestBench:
     def timed(self, command: str) -> float:
         """Seconds ``command`` took on the backup host, measured there."""
         script = (
-            f"sync; t0=$(date +%s%N); {command} >/dev/null 2>&1 || exit 9; "
-            't1=$(date +%s%N); echo "$((t1 - t0))"'
+            f"sync; t0=$(date +%s%N); {command} >/dev/null 2>/tmp/zb-bench.err || "
+            '{ tail -c 2000 /tmp/zb-bench.err; exit 9; }; t1=$(date +%s%N); echo "$((t1 - t0))"'
         )
-        proc = self.zb.dstside.sh(script)
+        proc = self.zb.dstside.sh(script, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{command}: exit {proc.returncode}: {proc.stdout.strip()}")
         return int(proc.stdout.split()[-1]) / 1e9
 
     def raw_snapshot(self) -> str:
