@@ -446,14 +446,14 @@ class InTheKernel(subprocess.Popen):  # type: ignore[type-arg]
         return super().wait(timeout)
 
 
-def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The receive took the whole stream and never exits, nor on SIGTERM, nor on SIGKILL:
-    it was waited for without limit after the SIGKILL; now for the grace seconds, and
-    the run says where it is stuck and what to check."""
+def unkillable_receive_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recv_script: str, size: int
+) -> str:
+    """The error of a bounded stream of ``size`` bytes into a receive (``recv_script``,
+    given ``$PID_FILE``) that no signal ends, as a zfs in the kernel; it must be one that
+    names it so."""
     pid = tmp_path / "pid"
-    recv = ["sh", "-c", f"cat >/dev/null; echo $$ >{pid}; exec sleep 60"]
+    recv = ["sh", "-c", recv_script.replace("$PID_FILE", str(pid))]
     real = subprocess.Popen
 
     def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -462,7 +462,7 @@ def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
     monkeypatch.setattr(relay, "KILL_GRACE", 0.5)
     monkeypatch.setattr(relay.subprocess, "Popen", popen)
     try:
-        error = run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=1)
+        error = run_bounded(["head", "-c", str(size), "/dev/zero"], recv, stall=1)
     finally:
         end_stopped(pid)
     assert isinstance(error, ZettabeeError), error
@@ -470,6 +470,17 @@ def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
     assert message.startswith(
         "zfs receive on backup1 did not exit after SIGKILL: stuck in the kernel"
     ), message
+    return message
+
+
+def test_a_receive_that_sigkill_does_not_end_is_given_up_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive took the whole stream and never exits, nor on SIGTERM, nor on SIGKILL:
+    it was waited for without limit after the SIGKILL; now for the grace seconds, and
+    the run says where it is stuck and what to check."""
+    script = "cat >/dev/null; echo $$ >$PID_FILE; exec sleep 60"
+    message = unkillable_receive_error(tmp_path, monkeypatch, script, 200000)
     assert "zpool status" in message, message
 
 
@@ -480,21 +491,4 @@ def test_a_receive_that_stops_reading_and_outlives_sigkill_does_not_hold_the_rel
     with its pool's disk suspended): its pipe fills, the stream stalls, and killing it
     does not free the pipe. The relay was blocked for ever writing into it (the run in
     pipe_wait_writable until the disk came back); now the stall ends it all the same."""
-    pid = tmp_path / "pid"
-    recv = ["sh", "-c", f"echo $$ >{pid}; exec sleep 60"]
-    real = subprocess.Popen
-
-    def popen(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
-        return (InTheKernel if argv[-1] == recv[-1] else real)(argv, **kw)
-
-    monkeypatch.setattr(relay, "KILL_GRACE", 0.5)
-    monkeypatch.setattr(relay.subprocess, "Popen", popen)
-    try:
-        error = run_bounded(["head", "-c", "8000000", "/dev/zero"], recv, stall=1)
-    finally:
-        end_stopped(pid)
-    assert isinstance(error, ZettabeeError), error
-    message = str(error)
-    assert message.startswith(
-        "zfs receive on backup1 did not exit after SIGKILL: stuck in the kernel"
-    ), message
+    unkillable_receive_error(tmp_path, monkeypatch, "echo $$ >$PID_FILE; exec sleep 60", 8000000)
