@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.bench_update import MBUFFER_PORT, alternate, summary, verdicts  # noqa: E402
+from bench.bench_update import MBUFFER_PORT, alternate, full_rows, verdicts  # noqa: E402
 from bench.record import append, guest_installed, load, machine  # noqa: E402
 from lab.zfslab import test_lab_name  # noqa: E402
 from zettabee import zfs  # noqa: E402
@@ -137,25 +137,7 @@ class GuestBench:
                 status = self.status(dfs)
                 size = int(status["bytes"])
                 cols["stream"].append(float(status["seconds"]))
-        result = {}
-        for label, cols in rows.items():
-            row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)
-            raw_s, zb_s = float(row.pop("raw")), float(row.pop("zettabee"))  # type: ignore[arg-type]
-            stream_s = statistics.median(cols["stream"])
-            mib = size / 2**20
-            del row["ratio"]
-            row.update(
-                raw=round(raw_s, 3),
-                zettabee=round(zb_s, 3),
-                bytes=size,
-                raw_mib_s=round(mib / raw_s, 1),
-                zettabee_mib_s=round(mib / zb_s, 1),
-                stream_mib_s=round(mib / stream_s, 1),
-                throughput_ratio=round(raw_s / zb_s, 3),
-                stream_throughput_ratio=round(raw_s / stream_s, 3),
-            )
-            result[label] = row
-        return result
+        return full_rows(rows, size, repeats)
 
     def raw_full(self, snap: str, kind: str) -> float:
         send = f"zfs send {snap}"

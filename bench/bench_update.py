@@ -252,23 +252,7 @@ class Bench:
                 status = self.status(self.dfs[kind])
                 size = int(str(status["bytes"]))
                 rows[label]["stream"].append(float(str(status["seconds"])))
-        result = {}
-        for label, cols in rows.items():
-            row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)
-            mib = size / 2**20
-            raw_s, zb_s = float(row["raw"]), float(row["zettabee"])  # type: ignore[arg-type]
-            stream_s = statistics.median(cols["stream"])
-            row.update(
-                bytes=size,
-                raw_mib_s=round(mib / raw_s, 1),
-                zettabee_mib_s=round(mib / zb_s, 1),
-                stream_mib_s=round(mib / stream_s, 1),
-                throughput_ratio=round(raw_s / zb_s, 3),
-                stream_throughput_ratio=round(raw_s / stream_s, 3),
-            )
-            del row["ratio"]
-            result[label] = row
-        return result
+        return full_rows(rows, size, repeats)
 
     def status(self, dfs: str) -> dict[str, object]:
         fp = subprocess.run([self.zettabee, "fingerprint", dfs], env=self.env, capture_output=True,
@@ -317,6 +301,30 @@ def summary(cols: dict[str, list[float]], repeats: int) -> dict[str, object]:
         "raw_all": [round(x, 3) for x in cols["raw"]],
         "zettabee_all": [round(x, 3) for x in cols["zettabee"]],
     }
+
+
+def full_rows(
+    rows: dict[str, dict[str, list[float]]], size: int, repeats: int
+) -> dict[str, dict[str, object]]:
+    """The full sends' figures: each case's medians (``raw``, ``zettabee`` and the
+    stream's own seconds, ``size`` bytes each run) as throughputs and ratios."""
+    result = {}
+    for label, cols in rows.items():
+        row = summary({"raw": cols["raw"], "zettabee": cols["zettabee"]}, repeats)
+        mib = size / 2**20
+        raw_s, zb_s = float(row["raw"]), float(row["zettabee"])  # type: ignore[arg-type]
+        stream_s = statistics.median(cols["stream"])
+        row.update(
+            bytes=size,
+            raw_mib_s=round(mib / raw_s, 1),
+            zettabee_mib_s=round(mib / zb_s, 1),
+            stream_mib_s=round(mib / stream_s, 1),
+            throughput_ratio=round(raw_s / zb_s, 3),
+            stream_throughput_ratio=round(raw_s / stream_s, 3),
+        )
+        del row["ratio"]
+        result[label] = row
+    return result
 
 
 def verdicts(result: dict[str, dict[str, object]]) -> dict[str, str]:
