@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +29,31 @@ HOST = LocalHost("backup1")
 NEVER = 60.0  # a run still going after this has hung: the test fails, it does not wait
 
 
-def run_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
-    """The stream's outcome (its error, or None), or a test failure if it hangs."""
+def outcome_within(what: str, stream: Callable[[], object]) -> BaseException | None:
+    """The outcome of ``stream()`` (its error, or None), or a test failure naming
+    ``what`` if it still runs after :data:`NEVER` seconds."""
     outcome: list[BaseException | None] = []
 
-    def stream() -> None:
+    def run() -> None:
         try:
-            stream_via_processes(HOST, HOST, send, recv, stall)
+            stream()
             outcome.append(None)
         except BaseException as exc:  # the outcome is judged by the test
             outcome.append(exc)
 
-    worker = threading.Thread(target=stream, daemon=True)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join(NEVER)
-    assert outcome, f"the stream still waits after {NEVER:.0f} s (stall={stall})"
+    assert outcome, f"{what} still waits after {NEVER:.0f} s"
     return outcome[0]
+
+
+def run_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
+    """The stream's outcome (its error, or None), or a test failure if it hangs."""
+    return outcome_within(
+        f"the stream (stall={stall})",
+        lambda: stream_via_processes(HOST, HOST, send, recv, stall),
+    )
 
 
 def end_stopped(pid: Path) -> None:
@@ -135,21 +145,11 @@ def mbuffer_bounded(
 ) -> BaseException | None:
     """The outcome of an mbuffer stream into ``dest`` (its error, or None), or a test
     failure if it hangs."""
-    outcome: list[BaseException | None] = []
-
-    def stream() -> None:
-        try:
-            source: SshHost = SOURCE  # type: ignore[assignment]
-            stream_via_mbuffer(source, dest, send, recv, stall, None, "127.0.0.1")
-            outcome.append(None)
-        except BaseException as exc:  # the outcome is judged by the test
-            outcome.append(exc)
-
-    worker = threading.Thread(target=stream, daemon=True)
-    worker.start()
-    worker.join(NEVER)
-    assert outcome, f"the mbuffer stream still waits after {NEVER:.0f} s (stall={stall})"
-    return outcome[0]
+    source: SshHost = SOURCE  # type: ignore[assignment]
+    return outcome_within(
+        f"the mbuffer stream (stall={stall})",
+        lambda: stream_via_mbuffer(source, dest, send, recv, stall, None, "127.0.0.1"),
+    )
 
 
 def test_an_mbuffer_stream_that_ends_well_is_not_hurried(tmp_path: Path) -> None:
@@ -324,20 +324,10 @@ def test_an_mbuffer_send_into_a_remote_destination_that_never_exits_fails_within
 def on_host_bounded(send: list[str], recv: list[str], stall: int) -> BaseException | None:
     """The outcome of ``send | dd | recv`` run as one command on a remote host (its error,
     or None), or a test failure if it hangs."""
-    outcome: list[BaseException | None] = []
-
-    def stream() -> None:
-        try:
-            stream_on_host(DESTINATION, send, recv, stall)
-            outcome.append(None)
-        except BaseException as exc:  # the outcome is judged by the test
-            outcome.append(exc)
-
-    worker = threading.Thread(target=stream, daemon=True)
-    worker.start()
-    worker.join(NEVER)
-    assert outcome, f"the stream on one host still waits after {NEVER:.0f} s (stall={stall})"
-    return outcome[0]
+    return outcome_within(
+        f"the stream on one host (stall={stall})",
+        lambda: stream_on_host(DESTINATION, send, recv, stall),
+    )
 
 
 def test_a_stream_on_one_remote_host_that_ends_well_is_not_hurried(tmp_path: Path) -> None:
