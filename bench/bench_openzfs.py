@@ -154,7 +154,13 @@ class GuestBench:
         )
 
     def destroy(self, fs: str) -> None:
-        self.zb.dstside.sh(f"zfs destroy -r {fs} 2>/dev/null || true")
+        """``fs`` gone, if it was there: zettabee's holds released first (a held
+        snapshot survives ``destroy -r``)."""
+        self.zb.dstside.sh(
+            f"zfs list -H -o name -t snapshot -r {fs} 2>/dev/null | while read -r snap; do "
+            'zfs holds -H "$snap" | while read -r _ tag _; do zfs release "$tag" "$snap"; '
+            f"done; done; zfs destroy -r {fs} 2>/dev/null; ! zfs list {fs} >/dev/null 2>&1"
+        )
 
     def status(self, dfs: str) -> dict[str, Any]:
         proc = self.zb.dstside.sh(f"{self.zettabee} fingerprint {dfs}")
