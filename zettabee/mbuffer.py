@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from zettabee.errors import TransportError
 from zettabee.host import Host, SshHost
 from zettabee.names import validate_host
+from zettabee.pipeline import STAGE_MARK, parse_pipeline_stderr, pipeline_script
 from zettabee.relay import (
-    STAGE_MARK,
     ProgressFn,
     Relay,
     Stage,
@@ -34,8 +34,6 @@ from zettabee.relay import (
     describe_failure,
     kill_all,
     name_ssh_failure,
-    parse_pipeline_stderr,
-    pipeline_script,
     spawn,
     start_pipe,
 )

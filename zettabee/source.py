@@ -72,7 +72,7 @@ from typing import IO
 from zettabee import __version__
 from zettabee.host import LIFELINE
 from zettabee.names import validate_dataset, validate_host
-from zettabee.relay import STAGE_MARK, pipeline_script
+from zettabee.pipeline import STAGE_MARK, pipeline_script
 from zettabee.sourcerules import (
     PAIR_WORD,
     Policy,

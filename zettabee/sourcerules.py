@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from zettabee import __version__, fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT
 from zettabee.pair import child_fingerprint, parse_snapshot_name, tag_of
-from zettabee.relay import pipeline_script
+from zettabee.pipeline import pipeline_script
 
 # What a refused probe tells the destination: both hosts need the same zettabee version.
 VERSION_ADVICE = "run `zettabee enroll HOST` on the destination to install its version here"

@@ -24,8 +24,8 @@ from zettabee.errors import StateError, TransportError
 from zettabee.host import Host, SshHost
 from zettabee.mbuffer import stream_via_mbuffer
 from zettabee.pair import Pair
+from zettabee.pipeline import STAGE_MARK, parse_pipeline_stderr, pipeline_script
 from zettabee.relay import (
-    STAGE_MARK,
     ProgressFn,
     Stage,
     StderrMeter,
@@ -35,8 +35,6 @@ from zettabee.relay import (
     finish_stages,
     name_ssh_failure,
     overdue_message,
-    parse_pipeline_stderr,
-    pipeline_script,
     relay_stages,
     remote_argv,
     spawn,

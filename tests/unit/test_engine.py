@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from zettabee import mbuffer, relay, transport, zfs
+from zettabee import mbuffer, pipeline, relay, transport, zfs
 from zettabee.errors import LockHeld
 from zettabee.health import INCONSISTENT, SYNCHRONIZED, UNINITIALIZED, read_health
 from zettabee.host import Result, SshTarget, error_for
@@ -219,13 +219,13 @@ def test_plan_prune_takes_the_names_from_before_the_replica_id_once() -> None:
 
 
 def test_pipeline_script_reports_each_stage(tmp_path: Path) -> None:
-    script = relay.pipeline_script(
+    script = pipeline.pipeline_script(
         [["sh", "-c", "echo data; echo send-broke >&2; exit 3"], ["cat"]]
     )
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 3
     assert proc.stdout == "data\n"
-    codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 2)
+    codes, errs, _ = pipeline.parse_pipeline_stderr(proc.stderr, 2)
     assert codes == [3, 0]
     assert errs == ["send-broke", ""]
 
@@ -233,7 +233,7 @@ def test_pipeline_script_reports_each_stage(tmp_path: Path) -> None:
 def test_pipeline_script_quotes_hostile_arguments(tmp_path: Path) -> None:
     target = tmp_path / "pwned"
     hostile = f"x; touch {target}; $(touch {target}) `touch {target}` 'q\" \n"
-    script = relay.pipeline_script([["printf", "%s", hostile], ["cat"]])
+    script = pipeline.pipeline_script([["printf", "%s", hostile], ["cat"]])
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.stdout == hostile
     assert not target.exists()
@@ -455,12 +455,12 @@ def test_a_lone_uninitialized_pair_is_not_an_unreadable_zfs(tmp_path: Path) -> N
 def test_pipeline_script_live_stage_speaks_while_it_runs() -> None:
     """The live stage's stderr comes before the report (read as it is written); the
     report still carries every stage's exit status."""
-    script = relay.pipeline_script(
+    script = pipeline.pipeline_script(
         [["sh", "-c", "echo 5 bytes >&2; printf abc"], ["sh", "-c", "cat; exit 4"]], live=0
     )
     proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True)
     assert proc.returncode == 4 and proc.stdout == "abc"
-    codes, errs, head = relay.parse_pipeline_stderr(proc.stderr, 2)
+    codes, errs, head = pipeline.parse_pipeline_stderr(proc.stderr, 2)
     assert codes == [0, 4]
     assert head == "5 bytes" and errs == ["", ""]
 

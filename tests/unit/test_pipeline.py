@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from zettabee import relay
+from zettabee import pipeline
 
 
 def run(script: str) -> subprocess.CompletedProcess[str]:
@@ -12,17 +12,17 @@ def run(script: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_first_runs_before_the_pipeline_and_is_stage_zero() -> None:
-    proc = run(relay.pipeline_script([["echo", "data"], ["cat"]], first=[["true"]]))
+    proc = run(pipeline.pipeline_script([["echo", "data"], ["cat"]], first=[["true"]]))
     assert (proc.returncode, proc.stdout) == (0, "data\n")
-    codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 3)
+    codes, errs, _ = pipeline.parse_pipeline_stderr(proc.stderr, 3)
     assert codes == [0, 0, 0] and errs == ["", "", ""]
 
 
 def test_a_failing_first_keeps_the_pipeline_from_running() -> None:
     first = [["sh", "-c", "echo 'cannot create snapshot: dataset already exists' >&2; exit 1"]]
-    proc = run(relay.pipeline_script([["echo", "data"], ["cat"]], first=first))
+    proc = run(pipeline.pipeline_script([["echo", "data"], ["cat"]], first=first))
     assert proc.returncode != 0 and proc.stdout == ""
-    codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 3)
+    codes, errs, _ = pipeline.parse_pipeline_stderr(proc.stderr, 3)
     assert codes[0] == 1 and errs[0] == "cannot create snapshot: dataset already exists"
     assert codes[1:] == [255, 255]
 
@@ -32,9 +32,9 @@ def test_commands_before_the_pipeline_run_in_order_each_after_the_last_succeeded
         ["echo", "snapshot taken"],
         ["sh", "-c", "echo 'cannot hold: pool is full' >&2; exit 1"],
     ]
-    proc = run(relay.pipeline_script([["echo", "data"], ["cat"]], first=first))
+    proc = run(pipeline.pipeline_script([["echo", "data"], ["cat"]], first=first))
     assert proc.returncode != 0 and proc.stdout == ""  # the stream is the pipeline's alone
-    codes, errs, _ = relay.parse_pipeline_stderr(proc.stderr, 4)
+    codes, errs, _ = pipeline.parse_pipeline_stderr(proc.stderr, 4)
     assert codes == [0, 1, 255, 255]
     assert errs == ["snapshot taken", "cannot hold: pool is full", "", ""]
 

@@ -20,7 +20,7 @@ from tests.tokens import encode, nvpair, token
 from zettabee import fastpath, zfs
 from zettabee.capabilities import PROBE_SCRIPT, pool_argv, probe_argv
 from zettabee.pair import hold_tag, snapshot_name
-from zettabee.relay import parse_pipeline_stderr, pipeline_script
+from zettabee.pipeline import parse_pipeline_stderr, pipeline_script
 from zettabee.source import (
     MAX_REQUEST,
     REFUSED,

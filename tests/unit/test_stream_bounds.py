@@ -22,7 +22,8 @@ from zettabee import relay
 from zettabee.errors import ZettabeeError
 from zettabee.host import Host, LocalHost, Result, SshHost, SshTarget
 from zettabee.mbuffer import stream_via_mbuffer
-from zettabee.relay import STAGE_MARK, Stage, describe_failure, name_ssh_failure, start_pipe
+from zettabee.pipeline import STAGE_MARK
+from zettabee.relay import Stage, describe_failure, name_ssh_failure, start_pipe
 from zettabee.transport import stream_on_host, stream_via_processes
 
 HOST = LocalHost("backup1")

@@ -44,7 +44,7 @@ from tests.integration.faults.conftest import (
 from zettabee import fastpath, zfs
 from zettabee.host import SshTarget
 from zettabee.pair import parse_snapshot_name, replica_id, snapshot_name, tag_of
-from zettabee.relay import pipeline_script
+from zettabee.pipeline import pipeline_script
 
 pytestmark = pytest.mark.integration
 
