@@ -68,6 +68,23 @@ def end_stopped(pid: Path) -> None:
             return
 
 
+def stopped_receive_error(
+    tmp_path: Path, bounded: Callable[[list[str], list[str], int], BaseException | None]
+) -> str:
+    """The error of a 200,000-byte stream run by ``bounded`` (stall=2) whose receive reads
+    it all and then stops, as a zfs receive stuck committing; every byte reached it."""
+    pid = tmp_path / "pid"
+    got = tmp_path / "got"
+    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
+    try:
+        error = bounded(["head", "-c", "200000", "/dev/zero"], recv, 2)
+    finally:
+        end_stopped(pid)
+    assert isinstance(error, ZettabeeError), error
+    assert got.stat().st_size == 200000
+    return str(error)
+
+
 def test_a_send_that_never_exits_after_its_stream_fails_within_the_stall_limit(
     tmp_path: Path,
 ) -> None:
@@ -96,19 +113,9 @@ def test_a_send_that_exits_at_once_is_not_hurried(tmp_path: Path) -> None:
 def test_a_receive_that_never_exits_after_its_stream_fails_within_the_stall_limit(
     tmp_path: Path,
 ) -> None:
-    pid = tmp_path / "pid"
-    got = tmp_path / "got"
-    # the whole stream read, then stopped: as a zfs receive stuck committing
-    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
-    try:
-        error = run_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
-    finally:
-        end_stopped(pid)
-    assert isinstance(error, ZettabeeError), error
-    message = str(error)
+    message = stopped_receive_error(tmp_path, run_bounded)
     assert "zfs receive on backup1 did not exit within 2 s of the end of its stream" in message
     assert "The replica may hold the new snapshot already" in message
-    assert got.stat().st_size == 200000
 
 
 def test_a_receive_that_takes_a_moment_to_commit_is_not_hurried(tmp_path: Path) -> None:
@@ -203,17 +210,8 @@ def pipelines_of_ours() -> list[int]:
 def test_an_mbuffer_receive_that_never_exits_after_its_stream_fails_within_the_stall_limit(
     tmp_path: Path,
 ) -> None:
-    pid = tmp_path / "pid"
-    got = tmp_path / "got"
-    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
-    try:
-        error = mbuffer_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
-    finally:
-        end_stopped(pid)
-    assert isinstance(error, ZettabeeError), error
-    message = str(error)
+    message = stopped_receive_error(tmp_path, mbuffer_bounded)
     assert "zfs receive on backup1 did not exit within 2 s of the end of its stream" in message
-    assert got.stat().st_size == 200000
 
 
 def test_a_stopped_listening_mbuffer_fails_within_the_stall_limit(tmp_path: Path) -> None:
@@ -362,21 +360,12 @@ def test_a_receive_stuck_committing_on_one_remote_host_fails_within_the_stall_li
     tmp_path: Path,
 ) -> None:
     """The whole stream passed dd (its summary says so), and the receive never exits."""
-    pid = tmp_path / "pid"
-    got = tmp_path / "got"
-    recv = ["sh", "-c", f"cat >{got}; echo $$ >{pid}; kill -STOP $$"]
-    try:
-        error = on_host_bounded(["head", "-c", "200000", "/dev/zero"], recv, stall=2)
-    finally:
-        end_stopped(pid)
-    assert isinstance(error, ZettabeeError), error
-    message = str(error)
+    message = stopped_receive_error(tmp_path, on_host_bounded)
     assert (
         "zfs send | zfs receive on backup2 did not exit within 2 s of the end of its stream"
         in message
     ), message
     assert "The replica may hold the new snapshot already" in message
-    assert got.stat().st_size == 200000
 
 
 # -- a stage sent SIGTERM ------------------------------------------------------------------
