@@ -54,6 +54,7 @@ from bench.record import (  # noqa: E402
     lab_held,
     load,
     machine,
+    torn_down_after,
 )
 from lab.guest import BACKUP_ADDRESS, Guest  # noqa: E402
 from lab.zfslab import ZfsLab, test_lab_name  # noqa: E402
@@ -233,14 +234,8 @@ def zfs_fuse_fleet(args: argparse.Namespace) -> Iterator[Fleet]:
     """The fleet on this host's zfs-fuse lab, torn down at the end unless ``--keep``."""
     with lab_held(keep=args.keep, name=args.lab) as lab:
         fleet = Fleet(lab, args.fleet, args.options)
-        try:
+        with torn_down_after(fleet.tear_down, args.keep):
             yield fleet
-        finally:
-            if not args.keep:
-                try:
-                    fleet.tear_down()
-                except RuntimeError as exc:  # the figures are taken: report them anyway
-                    print(f"warning: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager

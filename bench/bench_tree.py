@@ -30,7 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.bench_update import destroy, destroy_on  # noqa: E402
-from bench.record import append, compile_package, lab_held, load, machine  # noqa: E402
+from bench.record import (  # noqa: E402
+    append,
+    compile_package,
+    lab_held,
+    load,
+    machine,
+    torn_down_after,
+)
 from lab.zfslab import ZfsLab  # noqa: E402
 
 TARGET = 1.2
@@ -103,19 +110,13 @@ def main() -> int:
     times: dict[str, list[float]] = {"tree": [], "lines": []}
     with lab_held(keep=args.keep) as lab:
         trees = Trees(lab, args.children)
-        try:
+        with torn_down_after(trees.tear_down, args.keep):
             setup_s = trees.set_up()
             for _ in range(args.rounds):
                 for case, path in (("tree", trees.tree_file), ("lines", trees.flat_file)):
                     time.sleep(1.0)  # zettabee names snapshots by the second
                     argv = ["--all", "--jobs", str(args.jobs), "-c", str(path), "--no-passive"]
                     times[case].append(trees.timed(trees.bin["replicate"], *argv))
-        finally:
-            if not args.keep:
-                try:
-                    trees.tear_down()
-                except RuntimeError as exc:  # the figures are taken: report them anyway
-                    print(f"warning: {exc}", file=sys.stderr)
     load_after = load()
     med = {case: statistics.median(values) for case, values in times.items()}
     ratio = round(med["tree"] / med["lines"], 2)

@@ -11,8 +11,9 @@ import importlib
 import json
 import os
 import platform
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from lab.guest import Guest
@@ -100,3 +101,17 @@ def guest_installed(lab: str, zfs: str, prefix: str) -> Iterator[tuple[Guest, Pa
             yield vm, share
         finally:
             vm.down()
+
+
+@contextlib.contextmanager
+def torn_down_after(tear_down: Callable[[], None], keep: bool) -> Iterator[None]:
+    """Runs the block, then ``tear_down`` unless ``keep``; a tear-down that fails is a
+    warning, not a failure: the figures are taken by then."""
+    try:
+        yield
+    finally:
+        if not keep:
+            try:
+                tear_down()
+            except RuntimeError as exc:
+                print(f"warning: {exc}", file=sys.stderr)
